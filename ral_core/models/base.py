@@ -1,0 +1,269 @@
+"""What every model family provides: loading, chat-format inputs, where the visual tokens are, and the
+exact visual-token → image-rectangle geometry."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ral_core.errors import RALError
+
+
+@dataclass
+class TokenGeometry:
+    """Where each visual token of one image looks, in original-image pixels.
+
+    `boxes[k]` is (x0, y0, x1, y1) of the k-th visual token in sequence order. `groups` lists the token
+    blocks (one for Qwen/LLaVA; one per tile plus the global image for Idefics3) with their grid shape.
+    """
+
+    image_size: tuple[int, int]
+    boxes: np.ndarray
+    groups: list[dict] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.boxes))
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.image_size), "boxes": np.asarray(self.boxes, float).tolist(),
+                "groups": self.groups}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenGeometry":
+        return cls(tuple(d["image_size"]), np.asarray(d["boxes"], dtype=np.float64), list(d["groups"]))
+
+    def token_at(self, x: float, y: float, group: int = 0) -> int:
+        """Index of the token of `group` whose rectangle contains the point (x, y)."""
+        g = self.groups[group]
+        b = self.boxes[g["start"]:g["start"] + g["rows"] * g["cols"]]
+        hit = np.flatnonzero((b[:, 0] <= x) & (x < b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 3]))
+        if len(hit) == 0:
+            raise ValueError(f"point ({x}, {y}) is outside every token of group {group}")
+        return int(g["start"] + hit[0])
+
+    def box_overlap(self, box) -> np.ndarray:
+        """Fraction of each token's rectangle that lies inside `box` (x0, y0, x1, y1)."""
+        b = self.boxes
+        ix = np.clip(np.minimum(b[:, 2], box[2]) - np.maximum(b[:, 0], box[0]), 0, None)
+        iy = np.clip(np.minimum(b[:, 3], box[3]) - np.maximum(b[:, 1], box[1]), 0, None)
+        area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9)
+        return ix * iy / area
+
+
+def grid_boxes(rows: int, cols: int, sx: float, sy: float, ox: float = 0.0, oy: float = 0.0,
+               clip: tuple[float, float] | None = None) -> np.ndarray:
+    """Row-major boxes of a rows×cols grid of cells sx×sy starting at (ox, oy), optionally clipped."""
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    x0, y0 = ox + c.ravel() * sx, oy + r.ravel() * sy
+    boxes = np.stack([x0, y0, x0 + sx, y0 + sy], axis=1).astype(np.float64)
+    if clip is not None:
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, clip[0])
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, clip[1])
+    return boxes
+
+
+class VLMAdapter:
+    """Base adapter. Subclasses set `family`, `model_types`, and implement the image-specific parts."""
+
+    family = "base"
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model, tokenizer, image_processor, name: str = ""):
+        self.model, self.tokenizer, self.image_processor, self.name = model, tokenizer, image_processor, name
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # ---- family-specific -------------------------------------------------------------------------
+    def prompt_ids(self, n_image_tokens, question: str, extra=None) -> list[int]:
+        raise NotImplementedError
+
+    def process_images(self, images) -> dict:
+        """Pixel tensors for the model plus per-image bookkeeping (`n_tokens`, `meta`)."""
+        raise NotImplementedError
+
+    def geometry_from_meta(self, image_size, meta) -> TokenGeometry:
+        raise NotImplementedError
+
+    def extra_model_inputs(self, input_ids: torch.Tensor) -> dict:
+        return {}
+
+    # ---- shared ------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.model.config
+        tid = getattr(cfg, "image_token_id", None)
+        if tid is None:
+            tid = getattr(cfg, "image_token_index", None)
+        return int(tid)
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        e = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif e:
+            ids.update(e)
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def suppress_token_ids(self) -> list[int]:
+        """Structural tokens a model must never sample (image/vision/pad markers)."""
+        tok = self.tokenizer
+        ids = {self.image_token_id}
+        for name in getattr(tok, "all_special_tokens", []):
+            if any(s in name for s in ("image", "vision", "video", "pad", "fake_token", "global-img", "row_")):
+                ids.add(tok.convert_tokens_to_ids(name))
+        ids.discard(None)
+        for e in self.eos_token_ids:
+            ids.discard(e)
+        return sorted(int(i) for i in ids if int(i) < self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def geometry(self, image) -> TokenGeometry:
+        proc = self.process_images([image])
+        return self.geometry_from_meta(image.size, proc["meta"][0])
+
+    def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return ids + ([self.tokenizer.eos_token_id] if eos else [])
+
+    def build_inputs(self, images, questions, answers=None, add_eos: bool = True) -> dict:
+        """Left-padded model inputs for (image, question[, answer]) triples.
+
+        Returns the model kwargs plus `prompt_lens` (tokens before the answer, per row, unpadded),
+        `response_mask` ([B, L] bool, answer tokens incl. EOS) when answers are given, and `geometry`.
+        """
+        if len(images) != len(questions):
+            raise RALError("give one question per image")
+        proc = self.process_images(images)
+        seqs, prompt_lens, resp_lens = [], [], []
+        for i, q in enumerate(questions):
+            p = self.prompt_ids(proc["n_tokens"][i], q, proc["meta"][i])
+            a = self.encode_answer(answers[i], eos=add_eos) if answers is not None else []
+            seqs.append(p + a)
+            prompt_lens.append(len(p))
+            resp_lens.append(len(a))
+        L = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        resp = torch.zeros((len(seqs), L), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            input_ids[i, L - len(s):] = torch.tensor(s)
+            attn[i, L - len(s):] = 1
+            if resp_lens[i]:
+                resp[i, L - resp_lens[i]:] = True
+        out = {"input_ids": input_ids, "attention_mask": attn, **proc["tensors"]}
+        out.update(self.extra_model_inputs(input_ids))
+        dev = self.device
+        out = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in out.items()}
+        if "pixel_values" in out and out["pixel_values"].is_floating_point():
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        return {"model_inputs": out, "prompt_lens": prompt_lens, "response_mask": resp.to(dev),
+                "geometry": [self.geometry_from_meta(im.size, m) for im, m in zip(images, proc["meta"])]}
+
+    def extend_inputs(self, model_inputs: dict, new_ids: torch.Tensor, new_mask: torch.Tensor) -> dict:
+        """Model inputs for the prompt followed by generated tokens (teacher-forced re-scoring)."""
+        ids = torch.cat([model_inputs["input_ids"], new_ids], dim=1)
+        out = dict(model_inputs)
+        out["input_ids"] = ids
+        out["attention_mask"] = torch.cat([model_inputs["attention_mask"], new_mask.long()], dim=1)
+        out.update({k: v.to(ids.device) for k, v in self.extra_model_inputs(ids.cpu()).items()})
+        return out
+
+
+# ---- registry and loading -------------------------------------------------------------------------
+_REGISTRY: dict[str, type[VLMAdapter]] = {}
+
+
+def register(cls):
+    for mt in cls.model_types:
+        _REGISTRY[mt] = cls
+    return cls
+
+
+def adapter_for_model_type(model_type: str) -> type[VLMAdapter]:
+    from ral_core import models  # noqa: F401  (imports register every family)
+    if model_type not in _REGISTRY:
+        raise RALError(f"unsupported model family '{model_type}'; supported: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[model_type]
+
+
+def supported_model_types() -> list[str]:
+    from ral_core import models  # noqa: F401
+    return sorted(_REGISTRY)
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "default_model"
+
+
+def resolve_model_path(spec: str | os.PathLike) -> str:
+    """'default' → the embedded model; an existing directory → itself; else a hub id, which must already be
+    in the local cache because this tool never downloads."""
+    spec = str(spec)
+    if spec in ("", "default"):
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise RALError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR}; run `make default-model`")
+        return str(DEFAULT_MODEL_DIR)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise RALError(f"'{spec}' is not a model directory (no config.json inside); pass a directory saved "
+                           "with save_pretrained, or 'default'")
+        return str(p)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise RALError(f"model path '{spec}' does not exist; pass an existing model directory or 'default'")
+    return spec
+
+
+def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype | None = None) -> VLMAdapter:
+    """Load a model by 'default', local directory or hub id (offline: only from the local cache)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise RALError(f"could not read the model config in '{path}': {str(e).splitlines()[0]}") from None
+        raise RALError(f"model '{spec}' is neither a local directory nor in the local Hugging Face cache, and the "
+                       "hub is unreachable from here (offline); download it elsewhere and pass its local "
+                       "directory with --model DIR") from None
+    cls = adapter_for_model_type(config.model_type)
+    adapter = cls.load(path, config)
+    adapter.name = str(spec)
+    if dtype is not None:
+        adapter.model.to(dtype)
+    if device is not None:
+        adapter.model.to(device)
+    adapter.model.eval()
+    return adapter
