@@ -1,0 +1,52 @@
+# One-command set-up: `make demo` and `make test` create .venv and install everything on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train evidence clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's Chromium for the browser tests (never `playwright install`: it downloads its own browser).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; browser tests will be skipped"
+
+demo: install
+	$(BIN)/python -m app
+
+test: install chromium
+	$(BIN)/python -m pytest tests
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow and not browser"
+
+# Rebuild the embedded default model from a fixed seed (supervised, CPU).
+default-model: install
+	$(BIN)/python scripts/train_default_model.py --out assets/default_model
+
+bench-capture: install
+	$(BIN)/python bench/capture_bench.py --out bench/results/capture.md
+
+bench-train: install
+	$(BIN)/python bench/train_bench.py --out bench/results/train.md
+
+bench: bench-capture bench-train
+
+evidence: install
+	$(BIN)/python bench/evidence.py --out docs/results.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,169 @@
+"""Attention capture that keeps SDPA.
+
+One attention function is registered with transformers under the name ``ral_capture``. It runs the normal
+SDPA kernel for every layer, and for the layers being captured it also computes softmax(QKᵀ·scale + mask)
+for the requested query rows only, in fp32 and with gradients. The query/key it receives are after RoPE /
+M-RoPE and q/k norms, so it is family-agnostic. No L×L matrix is materialised for any layer.
+
+It can also add a bias to the attention logits of chosen layers (steering / exploration); the bias then
+changes the forward pass itself, not only the captured rows.
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+IMPL = "ral_capture"
+
+
+@dataclass
+class _State:
+    layers: dict[int, int]                   # id(attention module) -> layer index
+    rows: torch.Tensor | None                # [B, R] absolute query positions, None = every row
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> additive logits bias
+    bias_layers: dict[int, int] = field(default_factory=dict)
+
+
+_STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("ral_capture_state", default=None)
+
+
+def _keep_mask(attention_mask, rows, q_len, k_len, batch, device):
+    """Boolean [B, 1|H, R, Lk] 'may attend' mask for the chosen rows."""
+    if attention_mask is None:
+        # sdpa_mask returns None when the pattern is purely causal: rebuild it for our rows.
+        q_pos = rows + (k_len - q_len)
+        return (torch.arange(k_len, device=device)[None, None, :] <= q_pos[:, :, None])[:, None]
+    m = attention_mask
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    m = m.expand(batch, m.shape[1], q_len, k_len) if m.shape[2] == q_len else m.expand(batch, m.shape[1], q_len, k_len)
+    idx = rows[:, None, :, None].expand(batch, m.shape[1], rows.shape[1], k_len)
+    return m.gather(2, idx)
+
+
+def _row_probs(module, query, key, attention_mask, scaling, rows, bias):
+    B, H, Lq, D = query.shape
+    k_len = key.shape[2]
+    if rows is None:
+        rows = torch.arange(Lq, device=query.device)[None].expand(B, Lq)
+    rows = rows.to(query.device)
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))
+    k = repeat_kv(key, H // key.shape[1])
+    scale = scaling if scaling is not None else D ** -0.5
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        b = bias.expand(B, H, Lq, k_len) if bias.shape[2] == Lq else bias.expand(B, H, 1, k_len)
+        if b.shape[2] == Lq:
+            b = b.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], k_len))
+        scores = scores + b.float()
+    keep = _keep_mask(attention_mask, rows, Lq, k_len, B, query.device)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1)  # [B, H, R, Lk] fp32
+
+
+def _biased_mask(attention_mask, bias, query, key):
+    """Fold an additive logits bias into the SDPA mask (building the causal part when HF passed None)."""
+    B, H, Lq, _ = query.shape
+    Lk = key.shape[2]
+    dtype = query.dtype
+    if attention_mask is None:
+        pos = torch.arange(Lq, device=query.device) + (Lk - Lq)
+        keep = torch.arange(Lk, device=query.device)[None, :] <= pos[:, None]
+        attention_mask = keep[None, None]
+    if attention_mask.dtype == torch.bool:
+        add = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)
+        add = add.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    else:
+        add = attention_mask.to(dtype)
+    return add + bias.to(dtype)
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    st = _STATE.get()
+    if st is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    mid = id(module)
+    layer = st.layers.get(mid, st.bias_layers.get(mid))
+    bias = st.bias.get(layer) if layer is not None and mid in st.bias_layers else None
+    sdpa_mask_in = attention_mask
+    if bias is not None:
+        sdpa_mask_in = _biased_mask(attention_mask, bias, query, key)
+        kwargs = {**kwargs, "is_causal": False}
+    out = sdpa_attention_forward(module, query, key, value, sdpa_mask_in, scaling=scaling, dropout=dropout, **kwargs)
+    if mid in st.layers:
+        st.maps[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, bias)
+    return out
+
+
+AttentionInterface.register(IMPL, capture_attention_forward)
+AttentionMaskInterface.register(IMPL, sdpa_mask)
+
+
+def decoder_attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every language-model decoder layer, in layer order."""
+    lm = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("language_model", "text_model"):
+        if hasattr(lm, attr):
+            lm = getattr(lm, attr)
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+    return [layer.self_attn for layer in layers]
+
+
+def enable_capture(model) -> None:
+    """Switch the language model to the capture-capable SDPA function (the vision tower keeps its own)."""
+    text_cfg = model.config.get_text_config()
+    if getattr(text_cfg, "_attn_implementation", None) == IMPL:
+        return
+    try:
+        model.set_attn_implementation({"text_config": IMPL})
+    except (TypeError, ValueError, KeyError):
+        model.set_attn_implementation(IMPL)
+
+
+def resolve_layers(spec, n_layers: int) -> list[int]:
+    """'all' | 'last' | int | list of ints (negative counts from the end) → sorted layer indices."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if spec == "last":
+        return [n_layers - 1]
+    if isinstance(spec, int):
+        spec = [spec]
+    out = []
+    for s in spec:
+        i = int(s)
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ValueError(f"layer {i} is out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})")
+        out.append(j)
+    return sorted(set(out))
+
+
+@contextmanager
+def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[int, torch.Tensor] | None = None):
+    """Capture attention rows of chosen decoder layers during the forward passes inside the block.
+
+    `rows` is a [B, R] LongTensor of absolute query positions (None: every row — only for short inputs).
+    `bias` maps layer → additive logits bias broadcastable to [B, H, Lq, Lk]; it alters the forward.
+    Yields a dict layer → [B, H, R, Lk] fp32 probabilities that keep the autograd graph.
+    """
+    enable_capture(model)
+    mods = decoder_attention_modules(model)
+    idx = resolve_layers(layers, len(mods))
+    bias = bias or {}
+    st = _State(layers={id(mods[i]): i for i in idx}, rows=rows, bias=bias,
+                bias_layers={id(mods[i]): i for i in bias})
+    token = _STATE.set(st)
+    try:
+        yield st.maps
+    finally:
+        _STATE.reset(token)
