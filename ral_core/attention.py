@@ -48,6 +48,13 @@ def _keep_mask(attention_mask, rows, q_len, k_len, batch, device):
     return m.gather(2, idx)
 
 
+def _fit_bias(bias, k_len):
+    """A bias over the first keys (e.g. the prompt) applies unchanged as the sequence grows."""
+    if bias.shape[-1] < k_len:
+        bias = torch.nn.functional.pad(bias, (0, k_len - bias.shape[-1]))
+    return bias[..., :k_len]
+
+
 def _row_probs(module, query, key, attention_mask, scaling, rows, bias):
     B, H, Lq, D = query.shape
     k_len = key.shape[2]
@@ -59,6 +66,7 @@ def _row_probs(module, query, key, attention_mask, scaling, rows, bias):
     scale = scaling if scaling is not None else D ** -0.5
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
+        bias = _fit_bias(bias, k_len)
         b = bias.expand(B, H, Lq, k_len) if bias.shape[2] == Lq else bias.expand(B, H, 1, k_len)
         if b.shape[2] == Lq:
             b = b.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], k_len))
@@ -82,7 +90,7 @@ def _biased_mask(attention_mask, bias, query, key):
         add = add.masked_fill(~attention_mask, torch.finfo(dtype).min)
     else:
         add = attention_mask.to(dtype)
-    return add + bias.to(dtype)
+    return add + _fit_bias(bias, Lk).to(dtype)
 
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -1,6 +1,6 @@
 """Model adapters, one file per family. Importing this package registers every family."""
 from ral_core.models.base import (TokenGeometry, VLMAdapter, load_adapter, resolve_model_path,
                                   supported_model_types)
-from ral_core.models import qwen2_vl  # noqa: F401
+from ral_core.models import idefics3, llava, qwen2_vl  # noqa: F401
 
 __all__ = ["TokenGeometry", "VLMAdapter", "load_adapter", "resolve_model_path", "supported_model_types"]

@@ -248,7 +248,9 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
 def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype | None = None) -> VLMAdapter:
     """Load a model by 'default', local directory or hub id (offline: only from the local cache)."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keeps CLI/app output to our own lines
     path = resolve_model_path(spec)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -259,7 +261,10 @@ def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype |
                        "hub is unreachable from here (offline); download it elsewhere and pass its local "
                        "directory with --model DIR") from None
     cls = adapter_for_model_type(config.model_type)
-    adapter = cls.load(path, config)
+    try:
+        adapter = cls.load(path, config)
+    except (OSError, ValueError, KeyError) as e:
+        raise RALError(f"could not load the {cls.family} model in '{path}': {str(e).splitlines()[0]}") from None
     adapter.name = str(spec)
     if dtype is not None:
         adapter.model.to(dtype)

@@ -87,3 +87,83 @@ def tiny_qwen2_vl(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, visi
     ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     del f
     return Qwen2VLAdapter(model.eval(), tok, ip, name=f"tiny-{variant}")
+
+
+LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
+IDEFICS3_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                      "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
+
+
+def _llama_text(tok, hidden, layers, heads, kv_heads, eos, pad, bos=None):
+    ids = {s: tok.convert_tokens_to_ids(s) for s in (eos, pad)}
+    return dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                bos_token_id=tok.convert_tokens_to_ids(bos) if bos else None, eos_token_id=ids[eos],
+                pad_token_id=ids[pad], tie_word_embeddings=True)
+
+
+def tiny_llava(hidden=64, layers=2, heads=4, kv_heads=2, vision_layers=2, vision_dim=32, patch=8, crop=64,
+               shortest_edge=72, do_pad=False, attn="sdpa", seed=0, tokenizer=None):
+    """A tiny random LLaVA-1.5 (CLIP tower, Llama LM with GQA, `default` strategy) and its adapter. The image
+    processor resizes the shortest edge to `shortest_edge` and center-crops `crop`² (or pads to square first)."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from ral_core.models.llava import LlavaAdapter
+
+    tok = tokenizer or build_tokenizer(LLAVA_SPECIALS, eos="</s>", pad="<pad>")
+    tok.bos_token = "<s>"
+    vis = dict(model_type="clip_vision_model", hidden_size=vision_dim, intermediate_size=vision_dim * 2,
+               num_hidden_layers=vision_layers, num_attention_heads=2, patch_size=patch, image_size=crop,
+               projection_dim=vision_dim)
+    cfg = LlavaConfig(vision_config=vis, text_config=_llama_text(tok, hidden, layers, heads, kv_heads, "</s>", "<pad>", "<s>"),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=(crop // patch) ** 2,
+                      vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    ip = LlavaImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop},
+                                do_pad=do_pad)
+    return LlavaAdapter(model.eval(), tok, ip, name="tiny-llava")
+
+
+def tiny_idefics3(hidden=64, layers=2, heads=4, kv_heads=2, vision_layers=1, vision_dim=32, patch=8, tile=64,
+                  scale_factor=2, longest_edge=128, attn="sdpa", seed=0, tokenizer=None):
+    """A tiny random Idefics3 (SigLIP-like tower, pixel shuffle, Llama LM with GQA) and its adapter. Images are
+    resized to `longest_edge`, split into `tile`² tiles plus a global image; (tile/patch/scale)² tokens each."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from ral_core.models.idefics3 import Idefics3Adapter
+
+    tok = tokenizer or build_tokenizer(IDEFICS3_SPECIALS, eos="<end_of_utterance>", pad="<|endoftext|>")
+    tok.bos_token = "<|im_start|>"
+    vis = dict(hidden_size=vision_dim, intermediate_size=vision_dim * 2, num_hidden_layers=vision_layers,
+               num_attention_heads=2, patch_size=patch, image_size=tile)
+    text = _llama_text(tok, hidden, layers, heads, kv_heads, "<end_of_utterance>", "<|endoftext|>", "<|im_start|>")
+    cfg = Idefics3Config(vision_config=vis, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         scale_factor=scale_factor, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile})
+    return Idefics3Adapter(model.eval(), tok, ip, name="tiny-idefics3")
+
+
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3")
+
+
+def tiny_adapter(family: str, **kwargs):
+    """A tiny adapter of any supported family, by name (one of `TINY_FAMILIES`)."""
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return tiny_qwen2_vl(variant=family, **kwargs)
+    if family == "llava":
+        return tiny_llava(**kwargs)
+    if family == "idefics3":
+        return tiny_idefics3(**kwargs)
+    raise ValueError(f"unknown tiny family '{family}'; choose one of {', '.join(TINY_FAMILIES)}")

@@ -1,0 +1,196 @@
+"""One inspection: the answer to (image, question) and where the model looked while producing it.
+
+`inspect()` generates (SDPA, no capture), then runs one teacher-forced pass under capture for the rows
+P-1 … P+T-1 (P = prompt length, T = answer tokens). Row j is the query that *predicts* answer token j;
+row j+1 is token j's *own* row (the paper's RAL policy row). The typed `InspectionResult` keeps, per layer
+and head, those rows' attention to every visual token plus the mass on image / prompt text / answer, so it
+can be saved, aggregated and rendered without re-running the model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ral_core.attention import capture, resolve_layers
+from ral_core.errors import RALError
+from ral_core.models.base import TokenGeometry
+
+ROWS = ("predicts", "own")
+MASS_PARTS = ("image", "prompt_text", "answer")
+
+
+@dataclass
+class InspectionResult:
+    model_name: str
+    question: str
+    answer: str
+    answer_tokens: list[str]
+    answer_ids: list[int]
+    prompt_tokens: list[str]
+    layers: list[int]
+    num_heads: int
+    visual: np.ndarray   # [n_layers, H, T+1, Nv] attention of rows P-1..P+T-1 to each visual token
+    mass: np.ndarray     # [n_layers, H, T+1, 3] attention mass on image / prompt text / answer so far
+    image: Image.Image
+    geometry: TokenGeometry
+    meta: dict = field(default_factory=dict)
+
+    # ---- selection and aggregation (no model needed) ----------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return len(self.answer_tokens)
+
+    def _rows(self, token, row: str):
+        if row not in ROWS:
+            raise ValueError(f"row must be one of {ROWS}")
+        off = 0 if row == "predicts" else 1
+        if token is None or token == "mean":
+            return slice(off, off + self.n_tokens)
+        t = int(token)
+        if not 0 <= t < self.n_tokens:
+            raise ValueError(f"token {t} out of range: the answer has {self.n_tokens} token(s)")
+        return slice(t + off, t + off + 1)
+
+    def _layer_idx(self, layer):
+        if layer is None or layer == "mean":
+            return slice(None)
+        layer = int(layer)
+        if layer < 0:
+            layer = self.layers[layer] if -len(self.layers) <= layer else layer
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        i = self.layers.index(layer)
+        return slice(i, i + 1)
+
+    def _select(self, arr, layer, head, token, row):
+        a = arr[self._layer_idx(layer)]
+        if head is not None and head != "mean":
+            h = int(head)
+            if not 0 <= h < self.num_heads:
+                raise ValueError(f"head {h} out of range: the model has {self.num_heads} heads")
+            a = a[:, h:h + 1]
+        return a[:, :, self._rows(token, row)]
+
+    def visual_map(self, layer="mean", head="mean", token="mean", row="predicts") -> np.ndarray:
+        """Attention to each visual token [Nv], averaged over the unselected layers/heads/tokens."""
+        return self._select(self.visual, layer, head, token, row).mean(axis=(0, 1, 2))
+
+    def head_maps(self, layer, token="mean", row="predicts") -> np.ndarray:
+        """[H, Nv] per-head maps for one layer."""
+        return self._select(self.visual, layer, None, token, row)[0].mean(axis=1)
+
+    def mass_split(self, layer="mean", head="mean", token="mean", row="predicts") -> dict[str, float]:
+        m = self._select(self.mass, layer, head, token, row).mean(axis=(0, 1, 2))
+        return {k: float(v) for k, v in zip(MASS_PARTS, m)}
+
+    def target_mass(self, box, **sel) -> float:
+        """Attention mass on visual tokens inside `box`, weighting each token by its overlap."""
+        return float((self.visual_map(**sel) * self.geometry.box_overlap(box)).sum())
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def save(self, out_dir) -> Path:
+        from safetensors.numpy import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"visual": np.ascontiguousarray(self.visual, np.float32),
+                   "mass": np.ascontiguousarray(self.mass, np.float32)}, str(out / "attention.safetensors"))
+        self.image.save(out / "image.png")
+        meta = {k: getattr(self, k) for k in ("model_name", "question", "answer", "answer_tokens", "answer_ids",
+                                              "prompt_tokens", "layers", "num_heads", "meta")}
+        meta["geometry"] = self.geometry.to_dict()
+        meta["format"] = "ral-inspection/1"
+        (out / "result.json").write_text(json.dumps(meta, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, out_dir) -> "InspectionResult":
+        from safetensors.numpy import load_file
+
+        d = Path(out_dir)
+        try:
+            meta = json.loads((d / "result.json").read_text())
+            arrays = load_file(str(d / "attention.safetensors"))
+            image = Image.open(d / "image.png").convert("RGB")
+        except (OSError, ValueError, KeyError) as e:
+            raise RALError(f"'{out_dir}' is not a saved inspection result ({e})") from None
+        geometry = TokenGeometry.from_dict(meta.pop("geometry"))
+        meta.pop("format", None)
+        return cls(visual=arrays["visual"], mass=arrays["mass"], image=image, geometry=geometry, **meta)
+
+
+def generate_answer(adapter, model_inputs, max_new_tokens=16, do_sample=False, temperature=1.0, top_p=1.0,
+                    num_return_sequences=1):
+    """Generate with structural tokens suppressed; returns [N, T] new token ids (EOS/pad after the end)."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=adapter.suppress_token_ids,
+              eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.tokenizer.pad_token_id,
+              num_return_sequences=num_return_sequences)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    with torch.no_grad():
+        out = adapter.model.generate(**model_inputs, **kw)
+    return out[:, model_inputs["input_ids"].shape[1]:]
+
+
+def _strip(ids: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i] if i > 0 else ids[:1]  # keep a lone EOS so an empty answer still has a row
+    return ids
+
+
+def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16, layers="all",
+            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+            forced_answer: str | None = None, bias: dict | None = None) -> InspectionResult:
+    """Answer `question` about `image` and capture the answer tokens' attention at `layers`.
+
+    `forced_answer` scores a given answer instead of generating (used to compare two models on the same
+    tokens). `bias` (layer → logits bias) steers attention during both generation and capture.
+    """
+    if not question or not question.strip():
+        raise RALError("the question is empty; type a question about the image")
+    layer_idx = resolve_layers(layers, adapter.num_layers)
+    b = adapter.build_inputs([image], [question.strip()])
+    mi = b["model_inputs"]
+    P = mi["input_ids"].shape[1]
+    eos = set(adapter.eos_token_ids)
+    if forced_answer is not None:
+        ids = adapter.encode_answer(forced_answer, eos=False)
+        if not ids:
+            raise RALError("the forced answer is empty; give at least one token")
+    else:
+        torch.manual_seed(seed)
+        if bias:
+            with capture(adapter.model, layers=[], bias=bias):
+                gen = generate_answer(adapter, mi, max_new_tokens, do_sample, temperature, top_p)
+        else:
+            gen = generate_answer(adapter, mi, max_new_tokens, do_sample, temperature, top_p)
+        ids = _strip(gen[0].tolist(), eos)
+    T = len(ids)
+    new = torch.tensor([ids], device=mi["input_ids"].device)
+    full = adapter.extend_inputs(mi, new, torch.ones_like(new))
+    rows = torch.arange(P - 1, P + T, device=new.device)[None]
+    with torch.no_grad(), capture(adapter.model, layers=layer_idx, rows=rows, bias=bias) as maps:
+        adapter.model(**full)
+    vis_pos = adapter.visual_mask(full["input_ids"][0])
+    ans_pos = torch.zeros_like(vis_pos)
+    ans_pos[P:] = True
+    text_pos = ~vis_pos & ~ans_pos
+    visual, mass = [], []
+    for layer in layer_idx:
+        a = maps[layer][0]  # [H, T+1, L]
+        visual.append(a[:, :, vis_pos])
+        mass.append(torch.stack([a[:, :, vis_pos].sum(-1), a[:, :, text_pos].sum(-1), a[:, :, ans_pos].sum(-1)], -1))
+    tok = adapter.tokenizer
+    return InspectionResult(
+        model_name=adapter.name, question=question.strip(), answer=tok.decode(ids, skip_special_tokens=True).strip(),
+        answer_tokens=[tok.decode([i]) for i in ids], answer_ids=[int(i) for i in ids],
+        prompt_tokens=[tok.decode([i]) for i in mi["input_ids"][0].tolist()], layers=layer_idx,
+        num_heads=adapter.num_heads, visual=torch.stack(visual).float().cpu().numpy(),
+        mass=torch.stack(mass).float().cpu().numpy(), image=image.convert("RGB"), geometry=b["geometry"][0],
+        meta={"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed})

@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two cores shared with other processes: one thread per process is the fast setting here (DESIGN.md §1).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    from ral_core.models.tiny import tiny_qwen2_vl
+    return tiny_qwen2_vl(layers=3)
+
+
+@pytest.fixture(scope="session")
+def task():
+    from ral_core.data import GroundingTask
+    return GroundingTask(kinds=("cell", "where", "count", "row", "compare"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_qwen):
+    """A tiny Qwen2-VL saved like a user's local model directory."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    tiny_qwen.model.save_pretrained(d)
+    tiny_qwen.tokenizer.save_pretrained(d)
+    tiny_qwen.image_processor.save_pretrained(d)
+    return d

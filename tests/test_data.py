@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from ral_core.data import GroundingTask
+from ral_core.data.grounding import _load_digits, split_indices
+
+
+def test_split_is_by_digit_sample_and_disjoint():
+    images, labels = _load_digits()
+    sp = split_indices(len(labels))
+    assert len(set(sp["train"]) & set(sp["test"])) == 0
+    assert len(sp["train"]) + len(sp["test"]) == len(labels) == 1797
+    # test grids draw only test handwriting
+    test = GroundingTask(split="test")
+    assert len(test._imgs) == len(sp["test"])
+    assert np.array_equal(test._imgs, images[sp["test"]])
+
+
+def test_deterministic_and_split_dependent():
+    a, b = GroundingTask(seed=3).sample(5), GroundingTask(seed=3).sample(5)
+    assert a.question == b.question and a.answer == b.answer
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    c = GroundingTask(seed=3, split="test").sample(5)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+@pytest.mark.parametrize("kind", ["cell", "where", "count", "row", "compare"])
+def test_answers_match_the_grid_and_boxes_hold_the_answer(kind):
+    t = GroundingTask(rows=3, cols=4, kinds=(kind,))
+    assert t.size == (4 * 28, 3 * 28)
+    for i in range(20):
+        s = t.sample(i)
+        grid = np.array(s.meta["grid"])
+        assert s.image.size == t.size and s.boxes
+        cells = [(b[1] // 28, b[0] // 28) for b in s.boxes]
+        if kind == "cell":
+            assert s.answer == str(grid[cells[0]])
+        elif kind == "row":
+            assert s.answer == " ".join(str(grid[c]) for c in cells)
+        elif kind == "count":
+            d = int(s.question.split()[2][:-1])
+            assert int(s.answer) == (grid == d).sum() == len(cells)
+        elif kind == "where":
+            d = int(s.question.split()[-1].rstrip("?"))
+            assert all(grid[c] == d for c in cells)
+        elif kind == "compare":
+            a, b = grid[cells[0]], grid[cells[1]]
+            assert s.answer == ("same" if a == b else "first" if a > b else "second")
+        for (x0, y0, x1, y1) in s.boxes:  # the target cell holds ink
+            assert np.asarray(s.image)[y0:y1, x0:x1].max() > 100
+
+
+def test_bigger_grid_gives_bigger_image_and_bad_args_are_refused():
+    assert GroundingTask(rows=5, cols=5).sample(0).image.size == (140, 140)
+    with pytest.raises(ValueError, match="unknown task kind"):
+        GroundingTask(kinds=("nope",))
