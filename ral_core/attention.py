@@ -115,8 +115,18 @@ AttentionInterface.register(IMPL, capture_attention_forward)
 AttentionMaskInterface.register(IMPL, sdpa_mask)
 
 
+def unwrap(model):
+    """The transformers model under DDP / accelerate / peft wrappers (module identity is what capture keys on)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
 def decoder_attention_modules(model) -> list[torch.nn.Module]:
     """The self-attention module of every language-model decoder layer, in layer order."""
+    model = unwrap(model)
     lm = model.get_decoder() if hasattr(model, "get_decoder") else model
     for attr in ("language_model", "text_model"):
         if hasattr(lm, attr):
@@ -129,6 +139,7 @@ def decoder_attention_modules(model) -> list[torch.nn.Module]:
 
 def enable_capture(model) -> None:
     """Switch the language model to the capture-capable SDPA function (the vision tower keeps its own)."""
+    model = unwrap(model)
     text_cfg = model.config.get_text_config()
     if getattr(text_cfg, "_attn_implementation", None) == IMPL:
         return

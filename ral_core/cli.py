@@ -78,7 +78,85 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []
+def _add_train(sub):
+    p = sub.add_parser("train", help="GRPO / RAL / OPAD fine-tuning from a YAML recipe plus key=value overrides")
+    p.add_argument("--config", default="ral", help="recipe file or name in assets/recipes (grpo, ral, opad)")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=20 lambda_attn=5")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    from tqdm import tqdm
+
+    from ral_core.config import build_config
+    from ral_core.trainer import Trainer
+
+    cfg = build_config(a.config, a.overrides)
+    trainer = Trainer(cfg)
+    main_proc = trainer.acc.is_main_process
+    bar = tqdm(total=cfg.steps, initial=0, desc="train", disable=not main_proc, dynamic_ncols=True)
+
+    def progress(t, m):
+        bar.n = t.step
+        bar.set_postfix(reward=f"{m['reward']:.3f}", jsd=f"{m.get('attn_jsd_after_update', 0):.2e}")
+        bar.refresh()
+    trainer.callbacks.append(progress)
+    try:
+        res = trainer.train(resume=a.resume)
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        print(f"interrupted at step {trainer.step}; checkpoint saved in {cfg.output_dir}/checkpoints "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    if main_proc:
+        f = res["final"]
+        print(f"{res['status']}: {res['step']} steps · reward {f.get('reward', float('nan')):.3f} · "
+              f"checkpoint {trainer.latest_checkpoint()} · metrics {cfg.output_dir}/metrics.jsonl")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="held-out accuracy and where the model looks on the grounding task")
+    p.add_argument("--model", default="default", help="'default', a model directory or a checkpoint directory")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=200, help="number of samples")
+    p.add_argument("--kinds", default="cell,row,where", help="question kinds, comma separated")
+    p.add_argument("--grid", default="3x3", help="grid size ROWSxCOLS")
+    p.add_argument("--layer", type=int, default=-1, help="decoder layer for the attention metrics")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from ral_core.data import GroundingTask
+    from ral_core.errors import RALError
+    from ral_core.evaluate import evaluate
+    from ral_core.models import load_adapter
+
+    try:
+        rows, cols = (int(x) for x in a.grid.lower().split("x"))
+        task = GroundingTask(rows=rows, cols=cols, kinds=tuple(k.strip() for k in a.kinds.split(",")), split=a.split)
+    except ValueError as e:
+        raise RALError(f"bad --grid/--kinds: {e}") from None
+    if not 1 <= a.n <= 100_000:
+        raise RALError("--n must be between 1 and 100000")
+    adapter = load_adapter(a.model)
+    res = evaluate(adapter, task, a.n, layer=a.layer)
+    print(f"{'metric':<22}{'value':>10}")
+    for k in ("accuracy", "target_mass", "target_share", "pointing_hit", "entropy", "image_mass"):
+        print(f"{k:<22}{res[k]:>10.3f}")
+    for k, v in res["per_kind"].items():
+        print(f"{'accuracy/' + k:<22}{v:>10.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return 0
+
+
+_EXTRA_COMMANDS: list = [_add_train, _add_eval]
 
 
 def main(argv=None) -> int:

@@ -47,3 +47,58 @@ def accuracy(adapter, task: GroundingTask, n: int, batch_size: int = 32) -> dict
     return {"accuracy": total / max(n, 1), "n": n,
             "per_kind": {k: hits[k] / counts[k] for k in sorted(counts)},
             "per_kind_n": {k: counts[k] for k in sorted(counts)}}
+
+
+@torch.no_grad()
+def attention_metrics(adapter, samples, answers, layer: int = -1, batch_size: int = 32) -> dict:
+    """Where the model looks while producing `answers` (teacher-forced): rows that predict each answer token,
+    one layer, head mean. Target = the sample's boxes. Means over samples; `*_first` use only the row that
+    decides the first answer token."""
+    import numpy as np
+
+    from ral_core.attention import capture, resolve_layers
+    from ral_core.rollout import max_overlap
+
+    layer = resolve_layers([layer], adapter.num_layers)[0]
+    acc = defaultdict(list)
+    for i in range(0, len(samples), batch_size):
+        chunk, ans = samples[i:i + batch_size], answers[i:i + batch_size]
+        ans = [a if a.strip() else " " for a in ans]
+        b = adapter.build_inputs([s.image for s in chunk], [s.question for s in chunk], ans, add_eos=False)
+        mi, resp = b["model_inputs"], b["response_mask"]
+        L = resp.shape[1]
+        n_ans = resp.sum(1)
+        R = int(n_ans.max())
+        j = torch.arange(R)[None]
+        rows = (L - n_ans[:, None] - 1 + torch.minimum(j, n_ans[:, None] - 1)).to(mi["input_ids"].device)
+        with capture(adapter.model, layers=[layer], rows=rows) as maps:
+            adapter.model(**mi)
+        a = maps[layer].mean(1)  # [B, R, L] head mean
+        vis = adapter.visual_mask(mi["input_ids"])
+        for k, s in enumerate(chunk):
+            v = a[k][:, vis[k]].cpu().numpy()[: int(n_ans[k])]  # [A, Nv]
+            img = v.sum(-1)
+            share = v / np.maximum(img[:, None], 1e-12)
+            ov = max_overlap(b["geometry"][k], s.boxes) if s.boxes else np.zeros(v.shape[1])
+            tgt = (v * ov).sum(-1)
+            ent = -(share * np.log(np.maximum(share, 1e-12))).sum(-1)
+            hit = ov[share.argmax(-1)] > 0.5
+            for name, val in (("target_mass", tgt), ("target_share", tgt / np.maximum(img, 1e-12)),
+                              ("pointing_hit", hit.astype(float)), ("entropy", ent), ("image_mass", img)):
+                acc[name].append(float(val.mean()))
+                acc[name + "_first"].append(float(val[0]))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def evaluate(adapter, task: GroundingTask, n: int, layer: int = -1, batch_size: int = 32) -> dict:
+    """Accuracy (greedy, exact match) plus attention metrics on the model's own answers."""
+    samples = task.samples(n)
+    preds = greedy_answers(adapter, [s.image for s in samples], [s.question for s in samples], batch_size=batch_size)
+    hits, counts = defaultdict(int), defaultdict(int)
+    for s, p in zip(samples, preds):
+        counts[s.kind] += 1
+        hits[s.kind] += normalize(p) == normalize(s.answer)
+    out = {"accuracy": sum(hits.values()) / max(n, 1), "n": n,
+           "per_kind": {k: hits[k] / counts[k] for k in sorted(counts)}, "layer": layer}
+    out.update(attention_metrics(adapter, samples, preds, layer=layer, batch_size=batch_size))
+    return out

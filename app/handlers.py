@@ -1,0 +1,313 @@
+"""Event handlers of the app, callable without a browser (tests pass a stand-in request with `session_hash`).
+
+No tensor math here: models run through `ral_core.inspection` / `ral_core.compare`, pictures come from
+`ral_core.render`. Changing the layer, token or row re-renders from the stored result (gr.State) and never
+re-runs a model. Every user-facing failure becomes one readable line in the status box (plus a toast).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import html
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gradio as gr
+
+from ral_core import render
+from ral_core.compare import compare, comparison_figure
+from ral_core.errors import RALError
+from ral_core.images import check_image, load_image
+from ral_core.inspection import ROWS, inspect
+
+from app import registry, sessions
+
+log = logging.getLogger("ral.app")
+MEAN = "mean"
+RENDER_LOCK = threading.Lock()  # pyplot's figure registry is global state, not thread-safe
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+
+
+# ---- examples ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def examples() -> list[dict]:
+    """Bundled examples with an absolute `path` and a pixel hash (to recognise them after upload)."""
+    try:
+        items = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for it in items:
+        p = EXAMPLES_DIR / it["image"]
+        if p.is_file():
+            out.append(dict(it, path=str(p), digest=_digest(load_image(p))))
+    return out
+
+
+def _digest(image) -> str:
+    return hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()
+
+
+def _example_for(image) -> dict | None:
+    d = _digest(image)
+    return next((e for e in examples() if e["digest"] == d), None)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def _guard(n_out: int):
+    """Turn any failure into (status message, no change for the other n_out-1 outputs)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                out = fn(*args, **kwargs)
+            except (RALError, ValueError) as e:  # ValueError: a selection the stored result does not have
+                msg = str(e)
+            except Exception as e:  # noqa: BLE001 — last resort: the trace goes to the log, not the page
+                log.exception("handler %s failed", fn.__name__)
+                msg = f"unexpected error ({type(e).__name__}); the details are in the server log"
+            else:
+                return out
+            gr.Warning(html.escape(msg))
+            return (f"⚠️ {msg}",) + tuple(gr.update() for _ in range(n_out - 1))
+        return wrapper
+    return deco
+
+
+def _image_from_upload(value) -> Any:
+    """gr.Image payload (dict, preprocess off) or a path → a checked RGB image. Messages name the upload,
+    never the server's temp path."""
+    if value is None or value == "":
+        raise RALError("no image: upload one or pick an example")
+    if hasattr(value, "size") and hasattr(value, "convert"):
+        return check_image(value)
+    if isinstance(value, dict):
+        path, name = value.get("path"), value.get("orig_name") or "the uploaded file"
+    else:
+        path, name = str(value), Path(str(value)).name
+    if not path:
+        raise RALError("the upload did not arrive; upload the image again")
+    try:
+        return load_image(path)
+    except RALError as e:
+        raise RALError(str(e).replace(f"'{path}'", f"'{name}'").replace(str(path), name)) from None
+
+
+def _gen_options(max_new_tokens, do_sample, temperature) -> dict:
+    n = int(max_new_tokens)
+    if not 1 <= n <= 64:
+        raise RALError("max new tokens must be between 1 and 64")
+    t = float(temperature)
+    if do_sample and not 0.05 <= t <= 2.0:
+        raise RALError("temperature must be between 0.05 and 2")
+    return dict(max_new_tokens=n, do_sample=bool(do_sample), temperature=t if do_sample else 1.0)
+
+
+def _question(q) -> str:
+    if not q or not str(q).strip():
+        raise RALError("the question is empty; type a question about the image")
+    return str(q).strip()
+
+
+def _shown(tok: str) -> str:
+    return tok.replace(" ", "␣").replace("\n", "⏎") or "∅"
+
+
+def token_choices(tokens: list[str]) -> list[tuple[str, str]]:
+    return [("all tokens (mean)", MEAN)] + [(f"{i + 1}: {_shown(t)}", str(i)) for i, t in enumerate(tokens)]
+
+
+LAST = "last"
+
+
+def layer_choices(layers: list[int]) -> list[tuple[str, str]]:
+    return [("last layer", LAST), ("mean over layers", MEAN)] + [(f"layer {x}", str(x)) for x in layers]
+
+
+def _sel(layers, layer, token, row):
+    """UI values → selection for ral_core ('mean' or int)."""
+    if row not in ROWS:
+        raise RALError(f"row must be one of {ROWS}")
+    lay = layers[-1] if layer in (None, "", LAST) else MEAN if layer == MEAN else int(layer)
+    tok = MEAN if token in (None, "", MEAN) else int(token)
+    return lay, tok, row
+
+
+def _save(fig, stem: Path) -> list[str]:
+    """PNG (shown and downloadable) and SVG of one figure."""
+    fig.savefig(stem.with_suffix(".svg"), bbox_inches="tight")
+    return [str(render.save_figure(fig, stem.with_suffix(".png"))), str(stem.with_suffix(".svg"))]
+
+
+def _zip(src: Path, dest_stem: Path) -> str:
+    return shutil.make_archive(str(dest_stem), "zip", root_dir=src)
+
+
+def _check_state(state, request, key):
+    if not state or key not in state:
+        raise RALError("nothing to show yet: run it first")
+    if not sessions.owns(request, state["dir"]):  # state is per session; this guards against reuse after cleanup
+        raise RALError("this result belongs to an ended session; run it again")
+    Path(state["dir"]).mkdir(parents=True, exist_ok=True)
+    return state
+
+
+def model_choices(request: gr.Request = None):
+    """Refresh the model lists (listed names plus this session's checkpoints)."""
+    c = registry.model_choices(request)
+    return tuple(gr.update(choices=c) for _ in range(3))
+
+
+# ---- Inspect -------------------------------------------------------------------------------------------
+class InspectView(NamedTuple):
+    status: str
+    overlay: Any   # PNG path
+    heads: Any     # PNG path
+    mass: Any      # {part: share} for gr.Label
+    files: Any     # download paths
+
+
+class InspectOut(NamedTuple):
+    status: str
+    answer: Any    # Markdown
+    tokens: Any    # update for the token Radio
+    layer: Any     # update for the layer Dropdown
+    overlay: Any
+    heads: Any
+    mass: Any
+    files: Any
+    state: Any     # {"result": InspectionResult, "dir": str, "boxes": list, "zip": str}
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with RENDER_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_locked
+def _inspect_view(state, layer, token, row) -> InspectView:
+    res, d = state["result"], Path(state["dir"])
+    lay, tok, row = _sel(res.layers, layer, token, row)
+    grid_layer = res.layers[-1] if lay == MEAN else lay  # heads of different layers are unrelated: no mean grid
+    tag = f"L{lay}_T{tok}_{row}"
+    over = _save(render.inspection_overlay(res, layer=lay, token=tok, row=row, boxes=state["boxes"]),
+                 d / f"attention_{tag}")
+    heads = _save(render.head_grid(res, grid_layer, token=tok, row=row), d / f"heads_L{grid_layer}_T{tok}_{row}")
+    m = res.mass_split(layer=lay, token=tok, row=row)
+    mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
+    return InspectView("", over[0], heads[0], mass, over + heads + [state["zip"]])
+
+
+@_guard(len(InspectOut._fields))
+def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temperature=1.0, layer=LAST,
+                row="predicts", request: gr.Request = None) -> InspectOut:
+    """Answer + capture once, store the result in the session, render the chosen view."""
+    img = _image_from_upload(image)
+    q = _question(question)
+    opts = _gen_options(max_new_tokens, do_sample, temperature)
+    with registry.MODEL_LOCK:
+        adapter = registry.get_adapter(model, request)
+        res = inspect(adapter, img, q, **opts)
+    d = sessions.new_work_dir(request, "inspections")
+    res.save(d / "result")
+    ex = _example_for(img)
+    state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []),
+             "zip": _zip(d / "result", d / "inspection_result")}
+    # keep the user's layer choice across runs when this model has that layer
+    lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in res.layers) else LAST
+    view = _inspect_view(state, lay, MEAN, row)
+    answer = f"**Answer:** `{res.answer or '(empty)'}` · {res.n_tokens} token(s) · model `{adapter.name}`"
+    if ex:
+        answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
+    return InspectOut(view.status, answer,
+                      gr.update(choices=token_choices(res.answer_tokens), value=MEAN),
+                      gr.update(choices=layer_choices(res.layers), value=lay),
+                      view.overlay, view.heads, view.mass, view.files, state)
+
+
+@_guard(len(InspectView._fields))
+def inspect_view(state, layer, token, row="predicts", request: gr.Request = None) -> InspectView:
+    """Re-render for another layer / token / row from the stored result (no model call)."""
+    return _inspect_view(_check_state(state, request, "result"), layer, token, row)
+
+
+# ---- Compare -------------------------------------------------------------------------------------------
+class CompareView(NamedTuple):
+    status: str
+    figure: Any    # PNG path: A | B | B − A
+    ranking: Any   # rows for the head table
+    files: Any
+
+
+class CompareOut(NamedTuple):
+    status: str
+    answers: Any
+    tokens: Any
+    layer: Any
+    figure: Any
+    ranking: Any
+    files: Any
+    state: Any     # {"cmp": Comparison, "dir": str, "zip": str}
+
+
+RANK_HEADERS = ["rank", "head", "JSD between A and B", "A: image share", "B: image share"]
+
+
+@_locked
+def _compare_view(state, layer, token, row) -> CompareView:
+    cmp, d = state["cmp"], Path(state["dir"])
+    lay, tok, row = _sel(cmp.layers, layer, token, row)
+    rank_layer = cmp.layers[-1] if lay == MEAN else lay  # per-head ranking needs one layer
+    files = _save(comparison_figure(cmp, layer=lay, token=tok, row=row), d / f"compare_L{lay}_T{tok}_{row}")
+    rows = []
+    for i, (h, v) in enumerate(cmp.ranked_heads(rank_layer, token=tok, row=row)):
+        ma = cmp.a.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
+        mb = cmp.b.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
+        rows.append([i + 1, f"layer {rank_layer} head {h}", round(v, 4), round(ma, 3), round(mb, 3)])
+    return CompareView("", files[0], rows, files + [state["zip"]])
+
+
+@_guard(len(CompareOut._fields))
+def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=False, temperature=1.0,
+                layer=LAST, row="predicts", request: gr.Request = None) -> CompareOut:
+    """A answers; A and B are both scored teacher-forced on A's answer; each model's free answer is shown."""
+    img = _image_from_upload(image)
+    q = _question(question)
+    opts = _gen_options(max_new_tokens, do_sample, temperature)
+    with registry.MODEL_LOCK:
+        a = registry.get_adapter(model_a, request)
+        # Same name twice shares one adapter object; compare() only reads it, so that is fine.
+        b = registry.get_adapter(model_b, request)
+        a.name, b.name = model_a, model_b
+        cmp = compare(a, b, img, q, **opts)
+    d = sessions.new_work_dir(request, "compare")
+    cmp.a.save(d / "results" / "model_a")
+    cmp.b.save(d / "results" / "model_b")
+    state = {"cmp": cmp, "dir": str(d), "zip": _zip(d / "results", d / "comparison_results")}
+    lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in cmp.layers) else LAST
+    view = _compare_view(state, lay, MEAN, row)
+    answers = (f"**A (`{model_a}`) answers:** `{cmp.free_answer_a or '(empty)'}`  \n"
+               f"**B (`{model_b}`) answers:** `{cmp.free_answer_b or '(empty)'}`  \n"
+               f"Both maps are measured on A's answer tokens: `{cmp.a.answer}`")
+    if not cmp.same_tokens:
+        answers += "  \n(B's tokeniser splits that answer differently: only 'all tokens (mean)' is comparable.)"
+    return CompareOut(view.status, answers, gr.update(choices=token_choices(cmp.a.answer_tokens), value=MEAN),
+                      gr.update(choices=layer_choices(cmp.layers), value=lay),
+                      view.figure, view.ranking, view.files, state)
+
+
+@_guard(len(CompareView._fields))
+def compare_view(state, layer, token, row="predicts", request: gr.Request = None) -> CompareView:
+    """Re-render the comparison for another layer / token / row (no model call)."""
+    return _compare_view(_check_state(state, request, "cmp"), layer, token, row)
+
+
+def end_session(request: gr.Request = None):
+    sessions.cleanup(request)

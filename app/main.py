@@ -1,0 +1,171 @@
+"""The Gradio front end: `build_app()` returns the Blocks, `launch()` serves it (RAL_HOST / RAL_PORT).
+
+Tabs: Inspect (one model, where it looked), Compare (two models on the same answer tokens), Train (coming).
+All work happens in `app.handlers`; this file is layout and wiring only.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside hosts
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import gradio as gr  # noqa: E402
+
+from app import handlers, registry  # noqa: E402
+from app.handlers import LAST, MEAN, RANK_HEADERS  # noqa: E402
+
+CSS = """
+.explain { font-size: 0.9em; opacity: 0.85; }
+#i-status p, #c-status p { color: #b45309; font-weight: 600; }
+"""
+
+INTRO = ("# RAL workbench\nSee where a vision-language model looks while it answers. *Attention* is how much "
+         "each generated word draws on each earlier input — here, on each patch of the image. Reinforced "
+         "Attention Learning (RAL) treats that attention as something to train; this page lets you look at it.")
+ROW_CHOICES = [("query that predicts the token", "predicts"), ("the token's own position (RAL policy row)", "own")]
+ROW_INFO = "'predicts': what the model looked at while choosing this token. 'own': the row RAL trains."
+LAYER_INFO = "The model reads in layers; early ones often look broadly, later ones more selectively."
+TOKENS_INFO = "The answer as the model generated it, token by token. Pick one, or the mean over all."
+EXPLAIN_OVERLAY = ("Brighter = more of the model's attention went to that patch of the image while it produced the "
+                   "chosen token, averaged over all attention heads. The colour bar is the share of the whole "
+                   "attention row (image, text and answer together sum to 1).")
+EXPLAIN_MASS = ("Of all the attention at this point, the share that went to the image, to the question and "
+                "system text, and to the answer tokens written so far.")
+EXPLAIN_HEADS = ("Each layer has several attention heads that look independently; one map per head, on one shared "
+                 "colour scale. With 'mean over layers' this shows the last layer (heads of different layers are "
+                 "unrelated, so they are not averaged).")
+EXPLAIN_COMPARE = ("Model A answers; then both models are fed A's answer token by token, so both maps describe "
+                   "exactly the same words. Left and middle share one colour scale. Right: the signed difference "
+                   "B − A — red where B looks more than A, blue where less.")
+EXPLAIN_RANK = ("Heads whose spread of attention over the image moved most between A and B (Jensen–Shannon "
+                "divergence, 0 = identical, ln 2 ≈ 0.69 = no overlap), with the share of attention each head "
+                "puts on the image. 'mean over layers' ranks the last layer's heads.")
+TRAIN_NOTE = ("### Training is coming\nTraining from the browser (GRPO with the RAL attention loss, and on-policy "
+              "attention distillation) is being built on the training engine, which is not finished yet, so this "
+              "tab does nothing today. When it lands, runs and checkpoints will live in your private session "
+              "folder and the checkpoints will appear as `session: …` models in Inspect and Compare.")
+
+
+def _explain(text):
+    return gr.Markdown(text, elem_classes=["explain"])
+
+
+def _inputs(prefix: str, choices: list[str], two_models: bool):
+    """Model picker(s), image, question, generation options, run button, status, examples."""
+    if two_models:
+        models = [gr.Dropdown(choices, value="default", label="Model A (answers)", elem_id=f"{prefix}-model-a"),
+                  gr.Dropdown(choices, value=choices[-1], label="Model B (scored on A's answer)",
+                              elem_id=f"{prefix}-model-b")]
+    else:
+        models = [gr.Dropdown(choices, value="default", label="Model", elem_id=f"{prefix}-model")]
+    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=230,
+                     elem_id=f"{prefix}-image")
+    question = gr.Textbox(label="Question", placeholder="e.g. What digit is in row 2 column 1?",
+                          elem_id=f"{prefix}-question")
+    with gr.Accordion("Generation options", open=False):
+        max_new = gr.Slider(1, 64, value=16, step=1, label="max new tokens")
+        sample = gr.Checkbox(False, label="sample instead of greedy decoding")
+        temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
+    run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
+    status = gr.Markdown(elem_id=f"{prefix}-status")
+    ex = handlers.examples()
+    if ex:
+        gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
+    return models, image, question, max_new, sample, temp, run, status
+
+
+def _selectors(prefix: str):
+    tokens = gr.Radio([("all tokens (mean)", MEAN)], value=MEAN, label="Answer tokens", info=TOKENS_INFO,
+                      elem_id=f"{prefix}-tokens")
+    with gr.Row():
+        layer = gr.Dropdown(handlers.layer_choices([]), value=LAST, label="Layer", info=LAYER_INFO,
+                            elem_id=f"{prefix}-layer")
+        row = gr.Radio(ROW_CHOICES, value="predicts", label="Attention row", info=ROW_INFO)
+    return tokens, layer, row
+
+
+def build_app() -> gr.Blocks:
+    choices = registry.model_choices()
+    with gr.Blocks(title="RAL workbench", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("Inspect", id="inspect"):
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=300):
+                        (i_model,), i_image, i_q, i_max, i_sample, i_temp, i_run, i_status = _inputs("i", choices, False)
+                    with gr.Column(scale=5):
+                        i_answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.")
+                        i_tokens, i_layer, i_row = _selectors("i")
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                i_overlay = gr.Image(label="Where the model looked", format="png", interactive=False,
+                                                     height=380, elem_id="i-overlay")
+                                _explain(EXPLAIN_OVERLAY)
+                            with gr.Column(scale=2):
+                                i_mass = gr.Label(label="Where the attention went", num_top_classes=3)
+                                _explain(EXPLAIN_MASS)
+                        i_heads = gr.Image(label="Per-head maps (this layer)", format="png", interactive=False,
+                                           elem_id="i-heads")
+                        _explain(EXPLAIN_HEADS)
+                        i_files = gr.File(label="Downloads: figures (PNG, SVG) and the raw result (zip)",
+                                          file_count="multiple", interactive=False)
+                i_state = gr.State()
+
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=300):
+                        (c_a, c_b), c_image, c_q, c_max, c_sample, c_temp, c_run, c_status = _inputs("c", choices, True)
+                    with gr.Column(scale=5):
+                        c_answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.")
+                        c_tokens, c_layer, c_row = _selectors("c")
+                        c_figure = gr.Image(label="A | B | B − A", format="png", interactive=False, elem_id="c-figure")
+                        _explain(EXPLAIN_COMPARE)
+                        c_rank = gr.Dataframe(headers=RANK_HEADERS, label="Heads ranked by how far their attention "
+                                              "moved", interactive=False, wrap=True)
+                        _explain(EXPLAIN_RANK)
+                        c_files = gr.File(label="Downloads: figure (PNG, SVG) and both raw results (zip)",
+                                          file_count="multiple", interactive=False)
+                c_state = gr.State()
+
+            with gr.Tab("Train", id="train"):
+                gr.Markdown(TRAIN_NOTE)
+
+        # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets
+        # a clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
+        i_out = [i_status, i_answer, i_tokens, i_layer, i_overlay, i_heads, i_mass, i_files, i_state]
+        i_in = [i_model, i_image, i_q, i_max, i_sample, i_temp, i_layer, i_row]
+        i_run.click(handlers.run_inspect, i_in, i_out, api_name="inspect", preprocess=False)
+        i_q.submit(handlers.run_inspect, i_in, i_out, api_visibility="private", preprocess=False)
+        gr.on([i_tokens.input, i_layer.input, i_row.input], handlers.inspect_view, [i_state, i_layer, i_tokens, i_row],
+              [i_status, i_overlay, i_heads, i_mass, i_files], api_name="inspect_view", show_progress="minimal")
+
+        c_out = [c_status, c_answers, c_tokens, c_layer, c_figure, c_rank, c_files, c_state]
+        c_in = [c_a, c_b, c_image, c_q, c_max, c_sample, c_temp, c_layer, c_row]
+        c_run.click(handlers.run_compare, c_in, c_out, api_name="compare", preprocess=False)
+        c_q.submit(handlers.run_compare, c_in, c_out, api_visibility="private", preprocess=False)
+        gr.on([c_tokens.input, c_layer.input, c_row.input], handlers.compare_view, [c_state, c_layer, c_tokens, c_row],
+              [c_status, c_figure, c_rank, c_files], api_name="compare_view", show_progress="minimal")
+
+        # session checkpoints (written by training) join the model lists; the folder goes when the tab closes
+        demo.load(handlers.model_choices, None, [i_model, c_a, c_b], api_visibility="private")
+        demo.unload(handlers.end_session)
+    return demo
+
+
+def launch_kwargs() -> dict:
+    """Server settings: RAL_HOST / RAL_PORT (then Gradio's own env, e.g. on Spaces), CSS, examples readable."""
+    return dict(server_name=os.environ.get("RAL_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                server_port=int(os.environ.get("RAL_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                allowed_paths=[str(handlers.EXAMPLES_DIR)], css=CSS, footer_links=["api"])
+
+
+def launch(**overrides):
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RAL_THREADS", min(4, os.cpu_count() or 1))))
+    demo = build_app()
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(**{**launch_kwargs(), **overrides})

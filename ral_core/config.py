@@ -1,0 +1,200 @@
+"""Training configuration: one dataclass, YAML recipes, `key=value` overrides, validation with messages
+that say what to fix (including the zero-gradient trap of the attention term)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ral_core.errors import RALError
+
+RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    # model and output
+    model: str = "default"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda
+    threads: int = 1                     # torch threads per process on CPU
+    # data: 'grounding' (bundled digit grids) or a JSONL file (image, question, answer[, boxes])
+    dataset: str = "grounding"
+    task_kinds: list = field(default_factory=lambda: ["cell", "row", "where"])
+    grid_rows: int = 3
+    grid_cols: int = 3
+    data_seed: int = 0
+    # rollouts
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    advantage_scale: str = "std"         # std | none
+    reward_weights: dict = field(default_factory=lambda: {"exact_match": 1.0})
+    # optimisation
+    steps: int = 50
+    epochs: int = 2                      # passes over each rollout batch
+    minibatch_size: int = 32             # sequences per backward pass
+    grad_accum: int = 1                  # backward passes per optimizer update
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"           # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_norm: str = "token"             # token | sequence | dr_grpo
+    beta: float = 0.0                    # k3 KL to the frozen reference
+    # attention terms
+    lambda_attn: float = 0.0             # RAL: A · JSD(p_θ ‖ sg(p_old))
+    gamma_opad: float = 0.0              # OPAD: JSD(p_student ‖ p_teacher)
+    lambda_token_kl: float = 0.0         # token-level reverse KL to the teacher
+    teacher: str = ""
+    attn_layers: typing.Any = "last"     # last | all | int | list of ints
+    attn_row: str = "own"                # own (paper) | predicts
+    attn_support: str = "all"            # all | visual
+    attn_per_head: bool = False
+    # what is trained
+    lora_r: int = 0                      # 0 = full fine-tuning of the language model
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    freeze_vision: bool = True           # vision tower and projector
+    # bookkeeping
+    save_every: int = 0                  # 0: only at the end (and on cancel)
+    keep_checkpoints: int = 2
+    snapshot_every: int = 0              # attention snapshots of probe samples
+    probe_samples: int = 2
+    eval_every: int = 0
+    eval_samples: int = 64
+    log_tensorboard: bool = False
+    log_attention: bool = True           # capture the policy rows for metrics even when no term uses them
+
+    # ---- derived ------------------------------------------------------------------------------------
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def updates_per_step(self) -> int:
+        micro = -(-self.rollouts_per_step // self.minibatch_size)
+        return self.epochs * -(-micro // self.grad_accum)
+
+    @property
+    def uses_policy_attention(self) -> bool:
+        return self.lambda_attn > 0 or self.gamma_opad > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        def need(cond, msg):
+            if not cond:
+                raise RALError(msg)
+        need(self.group_size >= 2, f"group_size must be ≥ 2 (got {self.group_size}): advantages compare rollouts "
+             "of the same prompt")
+        need(self.prompts_per_step >= 1, "prompts_per_step must be ≥ 1")
+        need(self.steps >= 1, "steps must be ≥ 1")
+        need(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        need(self.epochs >= 1 and self.minibatch_size >= 1 and self.grad_accum >= 1,
+             "epochs, minibatch_size and grad_accum must be ≥ 1")
+        for k in ("lambda_attn", "gamma_opad", "lambda_token_kl", "beta", "weight_decay", "max_grad_norm"):
+            need(getattr(self, k) >= 0, f"{k} must be ≥ 0 (got {getattr(self, k)})")
+        need(self.temperature > 0, "temperature must be > 0")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(1 <= self.max_new_tokens <= 512, "max_new_tokens must be between 1 and 512")
+        need(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low must be in [0, 1) and clip_high ≥ 0")
+        need(self.loss_norm in ("token", "sequence", "dr_grpo"), "loss_norm must be token, sequence or dr_grpo")
+        need(self.attn_row in ("own", "predicts"), "attn_row must be 'own' (paper) or 'predicts'")
+        need(self.attn_support in ("all", "visual"), "attn_support must be 'all' or 'visual'")
+        need(self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine")
+        need(self.advantage_scale in ("std", "none"), "advantage_scale must be std or none")
+        need(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+        need(self.lora_r >= 0, "lora_r must be ≥ 0 (0 = full fine-tuning)")
+        if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:
+            raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")
+        if self.lambda_attn > 0 and self.updates_per_step < 2:
+            raise RALError(
+                f"lambda_attn > 0 with {self.updates_per_step} optimizer update per rollout batch: the RAL attention "
+                "term's gradient is exactly zero on the first update after a rollout (JSD'(p‖q) = 0 at p = q), so it "
+                "would never act. Use ≥ 2 updates per batch: epochs ≥ 2, or minibatch_size < "
+                f"{self.rollouts_per_step} (prompts_per_step × group_size)")
+        return self
+
+
+def _coerce(name: str, value, hint):
+    """Check/convert a value against the dataclass annotation, with a clear message."""
+    hint = str(hint)
+    try:
+        if hint in ("int", "<class 'int'>"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint in ("float", "<class 'float'>"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint in ("bool", "<class 'bool'>"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint in ("str", "<class 'str'>"):
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return "" if value is None else str(value)
+        if hint in ("list", "<class 'list'>"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return value
+        if hint in ("dict", "<class 'dict'>"):
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise RALError(f"config key '{name}' expects {hint.replace('<class ', '').strip('>').strip(chr(39))}, "
+                       f"got {value!r}") from None
+    return value
+
+
+def build_config(path: str | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """A recipe YAML (path or recipe name such as 'ral') plus `key=value` overrides → validated config."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists() and (RECIPES / f"{path}.yaml").exists():
+            p = RECIPES / f"{path}.yaml"
+        if not p.exists():
+            raise RALError(f"config file '{path}' does not exist; recipes: {', '.join(sorted(x.stem for x in RECIPES.glob('*.yaml')))}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RALError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise RALError(f"config file '{path}' must be a mapping of key: value")
+    if isinstance(overrides, dict):
+        data.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise RALError(f"override '{item}' must look like key=value")
+            k, v = item.split("=", 1)
+            try:
+                data[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+            except yaml.YAMLError:
+                data[k.strip()] = v
+    hints = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in hints:
+            close = difflib.get_close_matches(k, hints, n=1)
+            raise RALError(f"unknown config key '{k}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        kwargs[k] = _coerce(k, v, hints[k])
+    return TrainConfig(**kwargs).validate()

@@ -1,0 +1,214 @@
+"""Group rollouts: G samples per prompt, rewards, group-normalised advantages, and the rollout policy's
+token log-probs and attention from one no-grad teacher-forced pass under capture (never from generate())."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ral_core.attention import capture
+from ral_core.inspection import generate_answer
+from ral_core.losses import attention_policy, entropy
+
+
+@dataclass
+class PolicySpec:
+    """Which attention rows form the policy (DESIGN.md §1)."""
+
+    layers: list[int]
+    row: str = "own"         # own: the query at token t (paper) · predicts: the query that predicts t (t−1)
+    support: str = "all"     # all earlier positions · visual: visual tokens only, renormalised
+    per_head: bool = False
+
+
+@dataclass
+class Rollouts:
+    inputs: dict                 # model inputs of prompt + completion, [N, P+T]
+    P: int
+    completion: torch.Tensor     # [N, T]
+    mask: torch.Tensor           # [N, T] response tokens (through the first EOS)
+    texts: list[str]
+    group: torch.Tensor          # [N] prompt index
+    samples: list[dict]          # one per prompt
+    rewards: torch.Tensor = None
+    sub_rewards: dict = field(default_factory=dict)
+    advantages: torch.Tensor = None
+    old_logp: torch.Tensor = None
+    old_attn: list = field(default_factory=list)
+    ref_logp: torch.Tensor = None
+    teacher_attn: list = field(default_factory=list)
+    teacher_logits: torch.Tensor = None
+    key_valid: torch.Tensor = None   # [N, T, K]
+    visual_keys: torch.Tensor = None  # [N, K]
+    shared_rows: torch.Tensor = None  # [N, T]
+    target_keys: torch.Tensor = None  # [N, K] overlap of each key with the sample's target boxes
+    zero_var_groups: int = 0
+
+    def select(self, idx: torch.Tensor) -> "Rollouts":
+        """A mini-batch of sequences (all tensors indexed on dim 0)."""
+        def pick(v):
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(self.group):
+                return v[idx]
+            if isinstance(v, list) and v and torch.is_tensor(v[0]):
+                return [x[idx] for x in v]
+            return v
+        inputs = {k: pick(v) for k, v in self.inputs.items()}
+        inputs.update(_select_images(self.inputs, idx))
+        fields = {k: pick(getattr(self, k)) for k in self.__dataclass_fields__ if k != "inputs"}
+        fields["texts"] = [self.texts[i] for i in idx.tolist()]
+        return Rollouts(inputs=inputs, **fields)
+
+
+def _select_images(inputs: dict, idx: torch.Tensor) -> dict:
+    """Qwen packs every image's patches into one [sum patches, D] tensor: select per sequence."""
+    if "image_grid_thw" not in inputs:
+        return {}
+    counts = inputs["image_grid_thw"].prod(-1)
+    starts = torch.cumsum(counts, 0) - counts
+    pv = torch.cat([inputs["pixel_values"][starts[i]:starts[i] + counts[i]] for i in idx.tolist()])
+    return {"pixel_values": pv, "image_grid_thw": inputs["image_grid_thw"][idx]}
+
+
+def target_key_weights(visual: torch.Tensor, geometries, samples) -> torch.Tensor | None:
+    """[N, K]: for visual keys, the fraction of the token's rectangle inside any target box; else 0."""
+    if not any(s.get("boxes") for s in samples):
+        return None
+    w = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+    for i, (geo, s) in enumerate(zip(geometries, samples)):
+        if not s.get("boxes"):
+            continue
+        ov = torch.tensor(max_overlap(geo, s["boxes"]), dtype=torch.float32, device=visual.device)
+        w[i, visual[i]] = ov
+    return w
+
+
+def max_overlap(geometry, boxes):
+    import numpy as np
+    return np.max([geometry.box_overlap(b) for b in boxes], axis=0)
+
+
+def policy_rows(P: int, T: int, N: int, row: str, device) -> torch.Tensor:
+    off = 0 if row == "own" else -1
+    return (torch.arange(T, device=device) + P + off)[None].expand(N, T)
+
+
+def key_validity(inputs: dict, visual: torch.Tensor, rows: torch.Tensor, support: str) -> torch.Tensor:
+    """[N, T, K] keys each policy row may put mass on: real (not pad), strictly earlier (self removed)."""
+    K = inputs["input_ids"].shape[1]
+    earlier = torch.arange(K, device=rows.device)[None, None, :] < rows[:, :, None]
+    valid = earlier & inputs["attention_mask"].bool()[:, None, :]
+    if support == "visual":
+        valid = valid & visual[:, None, :]
+    return valid
+
+
+def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logits: bool = False):
+    """Teacher-forced pass: log-probs of the sampled tokens [N, T], attention policies (per layer
+    [N, H|1, T, K]) and optionally the logits [N, T, V]. Gradients flow unless called under no_grad."""
+    N, T = rollouts.completion.shape
+    P = rollouts.P
+    rows = policy_rows(P, T, N, spec.row, rollouts.completion.device) if spec else None
+    layers = spec.layers if spec else []
+    with capture(model, layers=layers, rows=rows) as maps:
+        out = model(**rollouts.inputs, logits_to_keep=T + 1)
+    logits = out.logits[:, :T].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, rollouts.completion[..., None]).squeeze(-1)
+    attn = [attention_policy(maps[layer], rollouts.key_valid, spec.per_head) for layer in layers] if spec else []
+    return logp, attn, (logits if need_logits else None)
+
+
+def shared_row_mask(completion: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, row: str) -> torch.Tensor:
+    """True where a response row is identical for another rollout of the same group (same prompt and the
+    same prefix the row depends on) — there the advantage-weighted attention terms cancel."""
+    N, T = completion.shape
+    off = 1 if row == "own" else 0  # own row of token t sees tokens ≤ t; the predicting row sees < t
+    seqs = completion.tolist()
+    lens = mask.sum(1).tolist()
+    counts: dict = {}
+    keys = []
+    for i in range(N):
+        ks = [(int(group[i]), tuple(seqs[i][:t + off])) for t in range(int(lens[i]))]
+        keys.append(ks)
+        for k in ks:
+            counts[k] = counts.get(k, 0) + 1
+    out = torch.zeros(N, T, dtype=torch.bool)
+    for i, ks in enumerate(keys):
+        for t, k in enumerate(ks):
+            out[i, t] = counts[k] > 1
+    return out.to(completion.device)
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "std", eps: float = 1e-4):
+    """(r − mean_g) / (std_g + eps); groups with zero reward variance get 0. Returns (A, n_zero_var_groups)."""
+    A = torch.zeros_like(rewards)
+    zero = 0
+    for g in group.unique():
+        m = group == g
+        r = rewards[m]
+        std = r.std() if r.numel() > 1 else torch.tensor(0.0)
+        if float(std) < 1e-8:
+            zero += 1
+            continue
+        A[m] = (r - r.mean()) / (std + eps) if scale == "std" else r - r.mean()
+    return A, zero
+
+
+@torch.no_grad()
+def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, spec: PolicySpec | None,
+                  max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                  adv_scale: str = "std", gen_model=None) -> Rollouts:
+    """Sample G completions per prompt and score them; fill old log-probs/attention under capture."""
+    G = group_size
+    images = [s["image"] for s in samples for _ in range(G)]
+    questions = [s["question"] for s in samples for _ in range(G)]
+    b = adapter.build_inputs(images, questions)
+    mi = b["model_inputs"]
+    P = mi["input_ids"].shape[1]
+    gm = gen_model if gen_model is not None else adapter.model
+    was_training = gm.training
+    gm.eval()
+    comp = generate_answer(adapter, mi, max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+    eos = torch.tensor(adapter.eos_token_ids, device=comp.device)
+    is_eos = torch.isin(comp, eos)
+    # through the first EOS; everything after it is padding
+    after = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0
+    mask = ~after
+    comp = comp.masked_fill(after, adapter.tokenizer.pad_token_id)
+    tok = adapter.tokenizer
+    texts = [tok.decode(c[m].tolist(), skip_special_tokens=True).strip() for c, m in zip(comp, mask)]
+    group = torch.arange(len(samples), device=comp.device).repeat_interleave(G)
+    inputs = adapter.extend_inputs(mi, comp, mask)
+    ro = Rollouts(inputs=inputs, P=P, completion=comp, mask=mask, texts=texts, group=group, samples=samples)
+    scores = [reward_model(t, samples[int(g)]) for t, g in zip(texts, group.tolist())]
+    ro.rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32)
+    ro.sub_rewards = {k: torch.tensor([s[1][k] for s in scores]) for k in scores[0][1]}
+    ro.advantages, ro.zero_var_groups = group_advantages(ro.rewards, group.cpu(), adv_scale)
+    ro.advantages = ro.advantages.to(comp.device)
+    ro.visual_keys = adapter.visual_mask(inputs["input_ids"])
+    ro.target_keys = target_key_weights(ro.visual_keys, b["geometry"], [samples[int(g)] for g in group.tolist()])
+    T = comp.shape[1]
+    if spec is not None:
+        rows = policy_rows(P, T, len(texts), spec.row, comp.device)
+        ro.key_valid = key_validity(inputs, ro.visual_keys, rows, spec.support)
+        ro.shared_rows = shared_row_mask(comp, mask, group, spec.row)
+    ro.old_logp, ro.old_attn, _ = policy_forward(gm, ro, spec)
+    gm.train(was_training)
+    return ro
+
+
+def attention_stats(attn: list[torch.Tensor], ro: Rollouts) -> dict:
+    """Entropy, visual mass and (with target masks) on-target mass of the policy rows, over response tokens."""
+    if not attn:
+        return {}
+    m = ro.mask.float()
+    p = torch.stack([a.mean(1) for a in attn]).mean(0)  # [N, T, K]
+    ent = entropy(p)
+    vis = (p * ro.visual_keys[:, None, :].float()).sum(-1)
+    out = {"attn_entropy": float((ent * m).sum() / m.sum().clamp_min(1)),
+           "attn_visual_mass": float((vis * m).sum() / m.sum().clamp_min(1))}
+    if ro.target_keys is not None:
+        tgt = (p * ro.target_keys[:, None, :]).sum(-1)
+        out["attn_target_mass"] = float((tgt * m).sum() / m.sum().clamp_min(1))
+    if ro.shared_rows is not None:
+        out["shared_row_frac"] = float((ro.shared_rows.float() * m).sum() / m.sum().clamp_min(1))
+    return out

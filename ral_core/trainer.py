@@ -1,0 +1,393 @@
+"""The update loop (GRPO / RAL / OPAD / token distillation) on accelerate: rollouts → several optimizer
+updates per rollout batch → metrics, checkpoints, snapshots. Readable in one sitting on purpose."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from ral_core.attention import resolve_layers, unwrap
+from ral_core.config import TrainConfig
+from ral_core.errors import RALError
+from ral_core.losses import LOSSES, LossContext
+from ral_core.rewards import RewardModel
+from ral_core.rollout import PolicySpec, attention_stats, make_rollouts, policy_forward
+
+VISION_PREFIXES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "merger")
+
+
+def dataset_for(cfg: TrainConfig, split: str = "train"):
+    """Sample source with `.sample(i) -> dict(image, question, answer, boxes)`."""
+    if cfg.dataset == "grounding":
+        from ral_core.data import GroundingTask
+        task = GroundingTask(rows=cfg.grid_rows, cols=cfg.grid_cols, kinds=tuple(cfg.task_kinds), split=split,
+                             seed=cfg.data_seed)
+
+        class _Src:
+            def sample(self, i):
+                s = task.sample(i)
+                return {"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes,
+                        "kind": s.kind}
+        return _Src()
+    from ral_core.data.jsonl import JsonlDataset
+    return JsonlDataset(cfg.dataset)
+
+
+def is_vision_param(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in VISION_PREFIXES for p in parts)
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict
+
+
+class Trainer:
+    """`Trainer(cfg).train()` runs the loop. Callbacks get (trainer, metrics) after every step; set
+    `trainer.cancel` (a threading.Event) to stop at the next step boundary with a checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: list[Callable] | None = None, adapter=None,
+                 accelerator=None):
+        from accelerate import Accelerator
+
+        from ral_core.models import load_adapter
+
+        self.cfg = cfg.validate()
+        self.callbacks = list(callbacks or [])
+        self.cancel = threading.Event()
+        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RALError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+        self.acc = accelerator or Accelerator(cpu=use_cpu)
+        if use_cpu:
+            torch.set_num_threads(max(1, cfg.threads))
+        self.out = Path(cfg.output_dir)
+        self._seed_all(cfg.seed + self.acc.process_index)
+        self.adapter = adapter or load_adapter(cfg.model, device=str(self.acc.device))
+        model = self.adapter.model
+        for n, p in model.named_parameters():
+            p.requires_grad_(not (cfg.freeze_vision and is_vision_param(n)))
+        self.ref_model = None
+        if cfg.lora_r > 0:
+            model = self._add_lora(model)
+        elif cfg.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.teacher = None
+        if cfg.teacher and (cfg.gamma_opad > 0 or cfg.lambda_token_kl > 0):
+            self.teacher = load_adapter(cfg.teacher, device=str(self.acc.device))
+            self.teacher.model.requires_grad_(False)
+            if len(self.teacher.tokenizer) != len(self.adapter.tokenizer):
+                raise RALError("the teacher must share the student's tokenizer (same vocabulary) for OPAD")
+        self.adapter.model = model
+        n_layers = self.adapter.num_layers
+        self.spec = None
+        if cfg.uses_policy_attention or cfg.log_attention:
+            self.spec = PolicySpec(resolve_layers(cfg.attn_layers, n_layers), cfg.attn_row, cfg.attn_support,
+                                   cfg.attn_per_head)
+        self.rewarder = RewardModel(cfg.reward_weights)
+        self.data = dataset_for(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total_updates = cfg.steps * cfg.updates_per_step
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda(total_updates))
+        self.model, self.opt = self.acc.prepare(model, self.opt)
+        self.step = 0
+        self.history: list[dict] = []
+        self.status = "ready"
+
+    # ---- setup helpers --------------------------------------------------------------------------------
+    def _add_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and not is_vision_param(n) and n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        lcfg = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                          target_modules=targets)
+        return get_peft_model(model, lcfg)
+
+    def _lr_lambda(self, total):
+        cfg = self.cfg
+
+        def f(u):
+            if cfg.warmup_steps and u < cfg.warmup_steps * cfg.updates_per_step:
+                return (u + 1) / (cfg.warmup_steps * cfg.updates_per_step)
+            frac = u / max(1, total)
+            if cfg.schedule == "linear":
+                return max(0.0, 1 - frac)
+            if cfg.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            return 1.0
+        return f
+
+    @staticmethod
+    def _seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def _prompts(self, step: int) -> list[dict]:
+        n, world, rank = self.cfg.prompts_per_step, self.acc.num_processes, self.acc.process_index
+        base = step * n * world + rank * n
+        return [self.data.sample(base + i) for i in range(n)]
+
+    def _loss(self, mb) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        need_logits = cfg.lambda_token_kl > 0
+        logp, attn, logits = policy_forward(self.model, mb, self.spec, need_logits=need_logits)
+        ctx = LossContext(mask=mb.mask, logp=logp, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                          advantages=mb.advantages, attn=attn, attn_old=mb.old_attn, attn_teacher=mb.teacher_attn,
+                          logits=logits, teacher_logits=mb.teacher_logits, norm=cfg.loss_norm,
+                          clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+        terms = {"grpo": 1.0, "kl": cfg.beta, "ral_attn": cfg.lambda_attn, "opad_attn": cfg.gamma_opad,
+                 "token_rkl": cfg.lambda_token_kl}
+        total, metrics = 0.0, {}
+        for name, w in terms.items():
+            if w == 0:
+                continue
+            val, m = LOSSES[name](ctx)
+            total = total + w * val
+            metrics[f"loss_{name}"] = float(val.detach())
+            metrics.update(m)
+        return total, metrics
+
+    @torch.no_grad()
+    def _fill_references(self, ro):
+        if self.ref_model is not None:
+            ro.ref_logp, _, _ = policy_forward(self.ref_model, ro, None)
+        elif self.cfg.beta > 0 and self.cfg.lora_r > 0:
+            with unwrap_peft(self.model).disable_adapter():
+                ro.ref_logp, _, _ = policy_forward(self.model, ro, None)
+        if self.teacher is not None:
+            _, ro.teacher_attn, ro.teacher_logits = policy_forward(self.teacher.model, ro, self.spec,
+                                                                   need_logits=self.cfg.lambda_token_kl > 0)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        gen_model = self.acc.unwrap_model(self.model)
+        ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
+                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale, gen_model=gen_model)
+        self._fill_references(ro)
+        t_roll = time.perf_counter() - t0
+        self.model.train()
+        N = len(ro.texts)
+        agg: dict[str, list] = {}
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        n_updates, grad_norms = 0, []
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(N, generator=g)
+            chunks = list(perm.split(cfg.minibatch_size))
+            for i, idx in enumerate(chunks):
+                mb = ro.select(idx.to(ro.completion.device))
+                loss, m = self._loss(mb)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+                self.acc.backward(loss / cfg.grad_accum)
+                for k, v in m.items():
+                    agg.setdefault(k, []).append(v)
+                if (i + 1) % cfg.grad_accum == 0 or i == len(chunks) - 1:
+                    if cfg.max_grad_norm > 0:
+                        gn = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                      cfg.max_grad_norm)
+                        grad_norms.append(float(gn))
+                    self.opt.step()
+                    self.sched.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    n_updates += 1
+        # attention of the updated policy on the same rows: how far the updates moved it
+        metrics = {"step": self.step, "reward": float(ro.rewards.mean()),
+                   "accuracy": float(ro.sub_rewards.get("exact_match", ro.rewards).mean()),
+                   "reward_std": float(ro.rewards.std()), "adv_abs_mean": float(ro.advantages.abs().mean()),
+                   "zero_var_groups": ro.zero_var_groups, "groups": cfg.prompts_per_step,
+                   "response_len": float(ro.mask.float().sum(1).mean()), "updates": n_updates,
+                   "lr": float(self.sched.get_last_lr()[0])}
+        metrics.update({f"reward_{k}": float(v.mean()) for k, v in ro.sub_rewards.items()})
+        metrics.update({k: float(np.mean(v)) for k, v in agg.items()})
+        if grad_norms:
+            metrics["grad_norm"] = float(np.mean(grad_norms))
+        if self.spec is not None:
+            with torch.no_grad():
+                _, attn_new, _ = policy_forward(self.model, ro, self.spec)
+            from ral_core.losses import aggregate, jsd
+            d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
+            metrics["attn_jsd_after_update"] = float(aggregate(d, ro.mask, "token"))
+            metrics.update(attention_stats(attn_new, ro))
+        metrics["rollout_time"] = t_roll
+        metrics["step_time"] = time.perf_counter() - t0
+        self.last_rollouts = ro
+        return metrics
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        main = self.acc.is_main_process
+        if resume:
+            self.load_checkpoint()
+        elif main and (self.out / "checkpoints").exists() and any((self.out / "checkpoints").iterdir()):
+            raise RALError(f"'{self.out}' already holds checkpoints of another run; pass resume (ral train --resume) "
+                           "or choose a new output_dir — nothing was overwritten")
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tb = self._tensorboard() if (main and cfg.log_tensorboard) else None
+        self.status = "running"
+        last_good = None
+        try:
+            while self.step < cfg.steps:
+                if self.cancel.is_set():
+                    self.status = "cancelled"
+                    break
+                try:
+                    m = self.train_step()
+                except FloatingPointError as e:
+                    self.status = "nan"
+                    self._restore_last_good(last_good)
+                    raise RALError(f"training stopped: {e}. The last good checkpoint is kept in "
+                                   f"'{self.out / 'checkpoints'}'; lower lr or check the data") from None
+                self.step += 1
+                m["step"] = self.step
+                self.history.append(m)
+                if main:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    if tb:
+                        for k, v in m.items():
+                            if isinstance(v, (int, float)):
+                                tb.add_scalar(k, v, self.step)
+                if cfg.snapshot_every and self.step % cfg.snapshot_every == 0 and main:
+                    self.snapshot()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    last_good = self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, m)
+            if self.status == "running":
+                self.status = "done"
+            self.save_checkpoint()
+        finally:
+            if tb:
+                tb.close()
+        return {"status": self.status, "step": self.step, "output_dir": str(self.out),
+                "final": self.history[-1] if self.history else {}}
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    def _restore_last_good(self, path):
+        if path is not None:
+            self.load_checkpoint(path)
+
+    # ---- snapshots --------------------------------------------------------------------------------------
+    def probe_samples(self) -> list[dict]:
+        src = dataset_for(self.cfg, split="test") if self.cfg.dataset == "grounding" else self.data
+        return [src.sample(i) for i in range(self.cfg.probe_samples)]
+
+    def snapshot(self):
+        """Attention of fixed probe samples (greedy answer, all layers) saved under snapshots/step-N/."""
+        from ral_core.inspection import inspect
+        was = self.model.training
+        self.model.eval()
+        for i, s in enumerate(self.probe_samples()):
+            inspect(self.adapter_for_inference(), s["image"], s["question"], self.cfg.max_new_tokens).save(
+                self.out / "snapshots" / f"step-{self.step:05d}" / f"probe-{i}")
+        self.model.train(was)
+
+    def adapter_for_inference(self):
+        a = copy.copy(self.adapter)
+        a.model = self.acc.unwrap_model(self.model)
+        return a
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write checkpoints/step-N (weights loadable by load_adapter + trainer state)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        ck_root = self.out / "checkpoints"
+        ck_root.mkdir(parents=True, exist_ok=True)
+        final = ck_root / f"step-{self.step:05d}"
+        tmp = ck_root / f".tmp-step-{self.step:05d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.acc.unwrap_model(self.model)
+        model.save_pretrained(tmp)
+        self.adapter.tokenizer.save_pretrained(tmp)
+        self.adapter.image_processor.save_pretrained(tmp)
+        if self.cfg.lora_r > 0:
+            (tmp / "ral_base_model.txt").write_text(str(self.cfg.model))
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "history_len": len(self.history)}, tmp / "trainer_state.pt")
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = ck_root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, ck_root / "latest")
+        kept = sorted(p for p in ck_root.glob("step-*") if p.is_dir())
+        for old in kept[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        f = self.out / "checkpoints" / "latest"
+        return (self.out / "checkpoints" / f.read_text().strip()) if f.exists() else None
+
+    def load_checkpoint(self, path: Path | None = None):
+        path = path or self.latest_checkpoint()
+        if path is None or not path.exists():
+            raise RALError(f"no checkpoint to resume from in '{self.out / 'checkpoints'}'")
+        from safetensors.torch import load_file
+        model = self.acc.unwrap_model(self.model)
+        if self.cfg.lora_r > 0:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        else:
+            state = {}
+            for f in sorted(path.glob("model*.safetensors")):
+                state.update(load_file(str(f)))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise RALError(f"checkpoint '{path}' does not match the model (unexpected keys {unexpected[:3]})")
+        st = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if st["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.step = int(st["step"])
+        mfile = self.out / "metrics.jsonl"
+        if mfile.exists() and self.acc.is_main_process:
+            # drop metric lines written after this checkpoint (an interrupted step), so the log stays exact
+            lines = [ln for ln in mfile.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+            mfile.write_text("".join(ln + "\n" for ln in keep))
+            self.history = [json.loads(ln) for ln in keep]
+        self.status = "resumed"
+
+
+def unwrap_peft(model):
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
