@@ -58,8 +58,8 @@ def _example_for(image) -> dict | None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-def _guard(n_out: int):
-    """Turn any failure into (status message, no change for the other n_out-1 outputs)."""
+def _guard(out_cls):
+    """Turn any failure into out_cls(status message, no change for every other output)."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -72,8 +72,8 @@ def _guard(n_out: int):
                 msg = f"unexpected error ({type(e).__name__}); the details are in the server log"
             else:
                 return out
-            gr.Warning(html.escape(msg))
-            return (f"⚠️ {msg}",) + tuple(gr.update() for _ in range(n_out - 1))
+            gr.Warning(html.escape(msg, quote=False))
+            return out_cls(f"⚠️ {msg}", *(gr.update() for _ in out_cls._fields[1:]))
         return wrapper
     return deco
 
@@ -205,7 +205,7 @@ def _inspect_view(state, layer, token, row) -> InspectView:
     return InspectView("", over[0], heads[0], mass, over + heads + [state["zip"]])
 
 
-@_guard(len(InspectOut._fields))
+@_guard(InspectOut)
 def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temperature=1.0, layer=LAST,
                 row="predicts", request: gr.Request = None) -> InspectOut:
     """Answer + capture once, store the result in the session, render the chosen view."""
@@ -223,7 +223,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     # keep the user's layer choice across runs when this model has that layer
     lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in res.layers) else LAST
     view = _inspect_view(state, lay, MEAN, row)
-    answer = f"**Answer:** `{res.answer or '(empty)'}` · {res.n_tokens} token(s) · model `{adapter.name}`"
+    answer = f"**Answer:** `{res.answer or '(empty or whitespace only)'}` · {res.n_tokens} token(s) · model `{adapter.name}`"
     if ex:
         answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,
@@ -232,7 +232,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
                       view.overlay, view.heads, view.mass, view.files, state)
 
 
-@_guard(len(InspectView._fields))
+@_guard(InspectView)
 def inspect_view(state, layer, token, row="predicts", request: gr.Request = None) -> InspectView:
     """Re-render for another layer / token / row from the stored result (no model call)."""
     return _inspect_view(_check_state(state, request, "result"), layer, token, row)
@@ -274,7 +274,7 @@ def _compare_view(state, layer, token, row) -> CompareView:
     return CompareView("", files[0], rows, files + [state["zip"]])
 
 
-@_guard(len(CompareOut._fields))
+@_guard(CompareOut)
 def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=False, temperature=1.0,
                 layer=LAST, row="predicts", request: gr.Request = None) -> CompareOut:
     """A answers; A and B are both scored teacher-forced on A's answer; each model's free answer is shown."""
@@ -303,7 +303,7 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
                       view.figure, view.ranking, view.files, state)
 
 
-@_guard(len(CompareView._fields))
+@_guard(CompareView)
 def compare_view(state, layer, token, row="predicts", request: gr.Request = None) -> CompareView:
     """Re-render the comparison for another layer / token / row (no model call)."""
     return _compare_view(_check_state(state, request, "cmp"), layer, token, row)

@@ -55,12 +55,14 @@ def _explain(text):
 
 def _inputs(prefix: str, choices: list[str], two_models: bool):
     """Model picker(s), image, question, generation options, run button, status, examples."""
+    first = registry.initial_model()
     if two_models:
-        models = [gr.Dropdown(choices, value="default", label="Model A (answers)", elem_id=f"{prefix}-model-a"),
-                  gr.Dropdown(choices, value=choices[-1], label="Model B (scored on A's answer)",
+        second = next((c for c in choices if c != first), first)
+        models = [gr.Dropdown(choices, value=first, label="Model A (answers)", elem_id=f"{prefix}-model-a"),
+                  gr.Dropdown(choices, value=second, label="Model B (scored on A's answer)",
                               elem_id=f"{prefix}-model-b")]
     else:
-        models = [gr.Dropdown(choices, value="default", label="Model", elem_id=f"{prefix}-model")]
+        models = [gr.Dropdown(choices, value=first, label="Model", elem_id=f"{prefix}-model")]
     image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=230,
                      elem_id=f"{prefix}-image")
     question = gr.Textbox(label="Question", placeholder="e.g. What digit is in row 2 column 1?",
@@ -70,7 +72,7 @@ def _inputs(prefix: str, choices: list[str], two_models: bool):
         sample = gr.Checkbox(False, label="sample instead of greedy decoding")
         temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
     run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
-    status = gr.Markdown(elem_id=f"{prefix}-status")
+    status = gr.Markdown(label="status", elem_id=f"{prefix}-status")
     ex = handlers.examples()
     if ex:
         gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
@@ -97,7 +99,8 @@ def build_app() -> gr.Blocks:
                     with gr.Column(scale=2, min_width=300):
                         (i_model,), i_image, i_q, i_max, i_sample, i_temp, i_run, i_status = _inputs("i", choices, False)
                     with gr.Column(scale=5):
-                        i_answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.")
+                        i_answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.",
+                                               label="answer")
                         i_tokens, i_layer, i_row = _selectors("i")
                         with gr.Row():
                             with gr.Column(scale=3):
@@ -119,7 +122,8 @@ def build_app() -> gr.Blocks:
                     with gr.Column(scale=2, min_width=300):
                         (c_a, c_b), c_image, c_q, c_max, c_sample, c_temp, c_run, c_status = _inputs("c", choices, True)
                     with gr.Column(scale=5):
-                        c_answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.")
+                        c_answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.",
+                                                label="answers")
                         c_tokens, c_layer, c_row = _selectors("c")
                         c_figure = gr.Image(label="A | B | B − A", format="png", interactive=False, elem_id="c-figure")
                         _explain(EXPLAIN_COMPARE)

@@ -25,7 +25,7 @@ def config_path() -> Path:
 
 
 def configured_models() -> dict[str, str]:
-    """name → spec for load_adapter; 'default' is always first."""
+    """name → spec for load_adapter, in file order; 'default' is put first when the file does not list it."""
     path = config_path()
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -33,13 +33,18 @@ def configured_models() -> dict[str, str]:
         raise RALError(f"cannot read the model list '{path}': {e}") from None
     if not isinstance(raw, dict):
         raise RALError(f"the model list '{path}' must map names to paths")
-    out = {"default": "default"}
+    out = {} if "default" in raw else {"default": "default"}
     for name, spec in raw.items():
         spec = str(spec)
         if spec != "default" and not Path(spec).is_absolute() and (path.parent / spec).exists():
             spec = str((path.parent / spec).resolve())
         out[str(name)] = spec
     return out
+
+
+def initial_model() -> str:
+    """The preselected model: the first one listed."""
+    return next(iter(configured_models()))
 
 
 def model_choices(request=None) -> list[str]:

@@ -381,6 +381,9 @@ def report(res, command) -> str:
     Lmax = lengths[-1]
     w("## Targets")
     w("")
+    if a["smoke"]:
+        w("(Smoke run: small model and short input; these verdicts only show that the report works.)")
+        w("")
     verdicts = []
     if has("capture", "eager"):
         r = ext[Lmax]["capture"] / ext[Lmax]["eager"]

@@ -81,13 +81,15 @@ def compare(adapter_a, adapter_b, image, question: str, max_new_tokens: int = 16
     """A generates; A and B are scored teacher-forced on A's answer; B's own free answer is kept too."""
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
     free_a = inspect(adapter_a, image, question, layers="last", **gen)
-    if not free_a.answer.strip():
+    # unstripped text, so a whitespace-only answer is still compared on the tokens A produced
+    text = adapter_a.tokenizer.decode(free_a.answer_ids, skip_special_tokens=True)
+    if not text:
         raise RALError("model A gave an empty answer, so there are no answer tokens to compare on; "
                        "try another question or more new tokens")
     free_b = inspect(adapter_b, image, question, layers="last", **gen)
     # Both re-scored from the same answer text, so equal tokenisers give identical token ids.
-    a = inspect(adapter_a, image, question, layers=layers, forced_answer=free_a.answer)
-    b = inspect(adapter_b, image, question, layers=layers, forced_answer=free_a.answer)
+    a = inspect(adapter_a, image, question, layers=layers, forced_answer=text)
+    b = inspect(adapter_b, image, question, layers=layers, forced_answer=text)
     return Comparison(a=a, b=b, free_answer_a=free_a.answer, free_answer_b=free_b.answer)
 
 

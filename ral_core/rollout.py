@@ -159,19 +159,32 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
                   adv_scale: str = "std", gen_model=None) -> Rollouts:
     """Sample G completions per prompt and score them; fill old log-probs/attention under capture."""
     G = group_size
-    images = [s["image"] for s in samples for _ in range(G)]
-    questions = [s["question"] for s in samples for _ in range(G)]
-    b = adapter.build_inputs(images, questions)
-    mi = b["model_inputs"]
-    P = mi["input_ids"].shape[1]
+    b = adapter.build_inputs([s["image"] for s in samples for _ in range(G)],
+                             [s["question"] for s in samples for _ in range(G)])
     gm = gen_model if gen_model is not None else adapter.model
     was_training = gm.training
     gm.eval()
-    comp = generate_answer(adapter, mi, max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+    comp = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=True, temperature=temperature,
+                           top_p=top_p)
+    ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b)
+    gm.train(was_training)
+    return ro
+
+
+@torch.no_grad()
+def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, reward_model, spec,
+                              adv_scale: str = "std", model=None, built=None) -> Rollouts:
+    """Everything after sampling: mask through the first EOS, rewards, advantages, old log-probs and the old
+    attention policy from one teacher-forced pass. `comp` is [N, T] with N = len(samples) · group_size."""
+    G = group_size
+    b = built or adapter.build_inputs([s["image"] for s in samples for _ in range(G)],
+                                      [s["question"] for s in samples for _ in range(G)])
+    mi = b["model_inputs"]
+    P = mi["input_ids"].shape[1]
+    model = model if model is not None else adapter.model
     eos = torch.tensor(adapter.eos_token_ids, device=comp.device)
     is_eos = torch.isin(comp, eos)
-    # through the first EOS; everything after it is padding
-    after = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0
+    after = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0  # strictly after the first EOS
     mask = ~after
     comp = comp.masked_fill(after, adapter.tokenizer.pad_token_id)
     tok = adapter.tokenizer
@@ -179,20 +192,21 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
     group = torch.arange(len(samples), device=comp.device).repeat_interleave(G)
     inputs = adapter.extend_inputs(mi, comp, mask)
     ro = Rollouts(inputs=inputs, P=P, completion=comp, mask=mask, texts=texts, group=group, samples=samples)
-    scores = [reward_model(t, samples[int(g)]) for t, g in zip(texts, group.tolist())]
-    ro.rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32)
-    ro.sub_rewards = {k: torch.tensor([s[1][k] for s in scores]) for k in scores[0][1]}
-    ro.advantages, ro.zero_var_groups = group_advantages(ro.rewards, group.cpu(), adv_scale)
-    ro.advantages = ro.advantages.to(comp.device)
+    if reward_model is not None:
+        scores = [reward_model(t, samples[int(g)]) for t, g in zip(texts, group.tolist())]
+        ro.rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32)
+        ro.sub_rewards = {k: torch.tensor([s[1][k] for s in scores]) for k in scores[0][1]}
+    else:
+        ro.rewards = torch.zeros(len(texts))
+    A, ro.zero_var_groups = group_advantages(ro.rewards, group.cpu(), adv_scale)
+    ro.advantages = A.to(comp.device)
     ro.visual_keys = adapter.visual_mask(inputs["input_ids"])
     ro.target_keys = target_key_weights(ro.visual_keys, b["geometry"], [samples[int(g)] for g in group.tolist()])
-    T = comp.shape[1]
     if spec is not None:
-        rows = policy_rows(P, T, len(texts), spec.row, comp.device)
+        rows = policy_rows(P, comp.shape[1], len(texts), spec.row, comp.device)
         ro.key_valid = key_validity(inputs, ro.visual_keys, rows, spec.support)
         ro.shared_rows = shared_row_mask(comp, mask, group, spec.row)
-    ro.old_logp, ro.old_attn, _ = policy_forward(gm, ro, spec)
-    gm.train(was_training)
+    ro.old_logp, ro.old_attn, _ = policy_forward(model, ro, spec)
     return ro
 
 

@@ -109,6 +109,34 @@ def test_content_seen_by_its_token(name, size, filt):
         assert r[others].max() <= 0.25 * r[toks].min()
 
 
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_token_box_is_exact(name, size):
+    """Fill each token's box (rounded inward to whole pixels; half a pixel more for Idefics3's chained resizes): the
+    token sees it, and no token whose box misses the filled rectangle sees anything. Catches ~1-pixel errors."""
+    a = copy.copy(_adapter(name))
+    a.image_processor = copy.deepcopy(a.image_processor)
+    a.image_processor.resample = PILImageResampling.NEAREST  # see test_content_seen_by_its_token
+    blank = Image.new("RGB", size, 0)
+    geo = a.geometry(blank)
+    B = geo.boxes
+    base = a.process_images([blank])["tensors"]
+    m = 0.5 if a.family == "idefics3" else 0.0  # one NEAREST resize maps pixel centres exactly; chains round
+    checked = 0
+    for t in range(geo.n_tokens):
+        x0, y0 = (int(np.ceil(v + m)) for v in B[t, :2])
+        x1, y1 = (int(np.floor(v - m)) for v in B[t, 2:])
+        if x1 <= x0 or y1 <= y0:
+            continue
+        img = blank.copy()
+        ImageDraw.Draw(img).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+        hits = set(torch.nonzero(token_response(a, base, a.process_images([img])["tensors"]) > 0).flatten().tolist())
+        touching = (np.minimum(B[:, 2], x1) > np.maximum(B[:, 0], x0)) & (np.minimum(B[:, 3], y1) > np.maximum(B[:, 1], y0))
+        assert t in hits and hits <= set(np.flatnonzero(touching).tolist()), (t, sorted(hits))
+        checked += 1
+    assert checked >= geo.n_tokens // 2
+
+
 def _tiles(boxes, W, H):
     """Boxes (zero-area ones ignored) inside the image, pairwise disjoint and covering it."""
     b = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
