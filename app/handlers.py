@@ -223,7 +223,8 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     # keep the user's layer choice across runs when this model has that layer
     lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in res.layers) else LAST
     view = _inspect_view(state, lay, MEAN, row)
-    answer = f"**Answer:** `{res.answer or '(empty or whitespace only)'}` · {res.n_tokens} token(s) · model `{adapter.name}`"
+    shown = res.answer or "(empty or whitespace only)"
+    answer = f"**Answer:** `{shown}` · {res.n_tokens} token(s) · model `{adapter.name}`"
     if ex:
         answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,

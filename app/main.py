@@ -29,17 +29,17 @@ ROW_CHOICES = [("query that predicts the token", "predicts"), ("the token's own 
 ROW_INFO = "'predicts': what the model looked at while choosing this token. 'own': the row RAL trains."
 LAYER_INFO = "The model reads in layers; early ones often look broadly, later ones more selectively."
 TOKENS_INFO = "The answer as the model generated it, token by token. Pick one, or the mean over all."
-EXPLAIN_OVERLAY = ("Brighter = more of the model's attention went to that patch of the image while it produced the "
-                   "chosen token, averaged over all attention heads. The colour bar is the share of the whole "
-                   "attention row (image, text and answer together sum to 1).")
-EXPLAIN_MASS = ("Of all the attention at this point, the share that went to the image, to the question and "
-                "system text, and to the answer tokens written so far.")
-EXPLAIN_HEADS = ("Each layer has several attention heads that look independently; one map per head, on one shared "
-                 "colour scale. With 'mean over layers' this shows the last layer (heads of different layers are "
-                 "unrelated, so they are not averaged).")
-EXPLAIN_COMPARE = ("Model A answers; then both models are fed A's answer token by token, so both maps describe "
-                   "exactly the same words. Left and middle share one colour scale. Right: the signed difference "
-                   "B − A — red where B looks more than A, blue where less.")
+EXPLAIN_OVERLAY = ("**Where the model looked.** Brighter = more of the model's attention went to that patch of "
+                   "the image while it produced the chosen token, averaged over all attention heads. The colour "
+                   "bar is the share of the whole attention row (image, text and answer together sum to 1).")
+EXPLAIN_MASS = ("**Where the attention went.** Of all the attention at this point, the share that went to the "
+                "image, to the question and system text, and to the answer tokens written so far.")
+EXPLAIN_HEADS = ("**Per-head maps.** Each layer has several attention heads that look independently; one map per "
+                 "head, on one shared colour scale. With 'mean over layers' this shows the last layer (heads of "
+                 "different layers are unrelated, so they are not averaged).")
+EXPLAIN_COMPARE = ("**A | B | B − A.** Model A answers; then both models are fed A's answer token by token, so "
+                   "both maps describe exactly the same words. Left and middle share one colour scale. Right: the "
+                   "signed difference B − A — red where B looks more than A, blue where less.")
 EXPLAIN_RANK = ("Heads whose spread of attention over the image moved most between A and B (Jensen–Shannon "
                 "divergence, 0 = identical, ln 2 ≈ 0.69 = no overlap), with the share of attention each head "
                 "puts on the image. 'mean over layers' ranks the last layer's heads.")
@@ -89,70 +89,75 @@ def _selectors(prefix: str):
     return tokens, layer, row
 
 
+def _inspect_tab(choices):
+    with gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            (model,), image, q, max_new, sample, temp, run, status = _inputs("i", choices, False)
+        with gr.Column(scale=5):
+            answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.", label="answer")
+            tokens, layer, row = _selectors("i")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    overlay = gr.Image(label="Where the model looked", show_label=False, format="png",
+                                       interactive=False, height=380, elem_id="i-overlay")
+                    _explain(EXPLAIN_OVERLAY)
+                with gr.Column(scale=2):
+                    mass = gr.Label(label="Where the attention went", num_top_classes=3, show_heading=False)
+                    _explain(EXPLAIN_MASS)
+            heads = gr.Image(label="Per-head maps", show_label=False, format="png", interactive=False,
+                             elem_id="i-heads")
+            _explain(EXPLAIN_HEADS)
+            files = gr.File(label="Downloads: figures (PNG, SVG) and the raw result (zip)", file_count="multiple",
+                            interactive=False)
+    state = gr.State()
+    # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
+    # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
+    outs = [status, answer, tokens, layer, overlay, heads, mass, files, state]
+    ins = [model, image, q, max_new, sample, temp, layer, row]
+    run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False)
+    q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)
+    gr.on([tokens.input, layer.input, row.input], handlers.inspect_view, [state, layer, tokens, row],
+          [status, overlay, heads, mass, files], api_name="inspect_view", show_progress="minimal")
+    return model
+
+
+def _compare_tab(choices):
+    with gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            (model_a, model_b), image, q, max_new, sample, temp, run, status = _inputs("c", choices, True)
+        with gr.Column(scale=5):
+            answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.",
+                                  label="answers")
+            tokens, layer, row = _selectors("c")
+            figure = gr.Image(label="A | B | B − A", show_label=False, format="png", interactive=False,
+                              elem_id="c-figure")
+            _explain(EXPLAIN_COMPARE)
+            rank = gr.Dataframe(headers=RANK_HEADERS, label="Heads ranked by how far their attention moved",
+                                interactive=False, wrap=True)
+            _explain(EXPLAIN_RANK)
+            files = gr.File(label="Downloads: figure (PNG, SVG) and both raw results (zip)", file_count="multiple",
+                            interactive=False)
+    state = gr.State()
+    outs = [status, answers, tokens, layer, figure, rank, files, state]
+    ins = [model_a, model_b, image, q, max_new, sample, temp, layer, row]
+    run.click(handlers.run_compare, ins, outs, api_name="compare", preprocess=False)
+    q.submit(handlers.run_compare, ins, outs, api_visibility="private", preprocess=False)
+    gr.on([tokens.input, layer.input, row.input], handlers.compare_view, [state, layer, tokens, row],
+          [status, figure, rank, files], api_name="compare_view", show_progress="minimal")
+    return model_a, model_b
+
+
 def build_app() -> gr.Blocks:
     choices = registry.model_choices()
     with gr.Blocks(title="RAL workbench", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Inspect", id="inspect"):
-                with gr.Row():
-                    with gr.Column(scale=2, min_width=300):
-                        (i_model,), i_image, i_q, i_max, i_sample, i_temp, i_run, i_status = _inputs("i", choices, False)
-                    with gr.Column(scale=5):
-                        i_answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.",
-                                               label="answer")
-                        i_tokens, i_layer, i_row = _selectors("i")
-                        with gr.Row():
-                            with gr.Column(scale=3):
-                                i_overlay = gr.Image(label="Where the model looked", format="png", interactive=False,
-                                                     height=380, elem_id="i-overlay")
-                                _explain(EXPLAIN_OVERLAY)
-                            with gr.Column(scale=2):
-                                i_mass = gr.Label(label="Where the attention went", num_top_classes=3)
-                                _explain(EXPLAIN_MASS)
-                        i_heads = gr.Image(label="Per-head maps (this layer)", format="png", interactive=False,
-                                           elem_id="i-heads")
-                        _explain(EXPLAIN_HEADS)
-                        i_files = gr.File(label="Downloads: figures (PNG, SVG) and the raw result (zip)",
-                                          file_count="multiple", interactive=False)
-                i_state = gr.State()
-
+                i_model = _inspect_tab(choices)
             with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    with gr.Column(scale=2, min_width=300):
-                        (c_a, c_b), c_image, c_q, c_max, c_sample, c_temp, c_run, c_status = _inputs("c", choices, True)
-                    with gr.Column(scale=5):
-                        c_answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.",
-                                                label="answers")
-                        c_tokens, c_layer, c_row = _selectors("c")
-                        c_figure = gr.Image(label="A | B | B − A", format="png", interactive=False, elem_id="c-figure")
-                        _explain(EXPLAIN_COMPARE)
-                        c_rank = gr.Dataframe(headers=RANK_HEADERS, label="Heads ranked by how far their attention "
-                                              "moved", interactive=False, wrap=True)
-                        _explain(EXPLAIN_RANK)
-                        c_files = gr.File(label="Downloads: figure (PNG, SVG) and both raw results (zip)",
-                                          file_count="multiple", interactive=False)
-                c_state = gr.State()
-
+                c_a, c_b = _compare_tab(choices)
             with gr.Tab("Train", id="train"):
                 gr.Markdown(TRAIN_NOTE)
-
-        # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets
-        # a clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
-        i_out = [i_status, i_answer, i_tokens, i_layer, i_overlay, i_heads, i_mass, i_files, i_state]
-        i_in = [i_model, i_image, i_q, i_max, i_sample, i_temp, i_layer, i_row]
-        i_run.click(handlers.run_inspect, i_in, i_out, api_name="inspect", preprocess=False)
-        i_q.submit(handlers.run_inspect, i_in, i_out, api_visibility="private", preprocess=False)
-        gr.on([i_tokens.input, i_layer.input, i_row.input], handlers.inspect_view, [i_state, i_layer, i_tokens, i_row],
-              [i_status, i_overlay, i_heads, i_mass, i_files], api_name="inspect_view", show_progress="minimal")
-
-        c_out = [c_status, c_answers, c_tokens, c_layer, c_figure, c_rank, c_files, c_state]
-        c_in = [c_a, c_b, c_image, c_q, c_max, c_sample, c_temp, c_layer, c_row]
-        c_run.click(handlers.run_compare, c_in, c_out, api_name="compare", preprocess=False)
-        c_q.submit(handlers.run_compare, c_in, c_out, api_visibility="private", preprocess=False)
-        gr.on([c_tokens.input, c_layer.input, c_row.input], handlers.compare_view, [c_state, c_layer, c_tokens, c_row],
-              [c_status, c_figure, c_rank, c_files], api_name="compare_view", show_progress="minimal")
-
         # session checkpoints (written by training) join the model lists; the folder goes when the tab closes
         demo.load(handlers.model_choices, None, [i_model, c_a, c_b], api_visibility="private")
         demo.unload(handlers.end_session)

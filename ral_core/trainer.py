@@ -179,8 +179,14 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         gen_model = self.acc.unwrap_model(self.model)
-        ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
-                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale, gen_model=gen_model)
+        try:
+            ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
+                               cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale,
+                               gen_model=gen_model)
+        except RuntimeError as e:
+            if "inf" in str(e) or "nan" in str(e):  # sampling from non-finite probabilities
+                raise FloatingPointError(f"non-finite model outputs while sampling at step {self.step}") from None
+            raise
         self._fill_references(ro)
         t_roll = time.perf_counter() - t0
         self.model.train()
@@ -204,6 +210,8 @@ class Trainer:
                         gn = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                       cfg.max_grad_norm)
                         grad_norms.append(float(gn))
+                        if not math.isfinite(float(gn)):
+                            raise FloatingPointError(f"non-finite gradient norm at step {self.step}")
                     self.opt.step()
                     self.sched.step()
                     self.opt.zero_grad(set_to_none=True)
@@ -254,8 +262,8 @@ class Trainer:
                 try:
                     m = self.train_step()
                 except FloatingPointError as e:
-                    self.status = "nan"
                     self._restore_last_good(last_good)
+                    self.status = "nan"
                     raise RALError(f"training stopped: {e}. The last good checkpoint is kept in "
                                    f"'{self.out / 'checkpoints'}'; lower lr or check the data") from None
                 self.step += 1
@@ -362,12 +370,13 @@ class Trainer:
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         else:
-            state = {}
-            for f in sorted(path.glob("model*.safetensors")):
-                state.update(load_file(str(f)))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise RALError(f"checkpoint '{path}' does not match the model (unexpected keys {unexpected[:3]})")
+            # from_pretrained maps the on-disk key names (which v5 may convert) back to the module's names
+            saved = type(model).from_pretrained(path)
+            try:
+                model.load_state_dict(saved.state_dict())
+            except RuntimeError as e:
+                raise RALError(f"checkpoint '{path}' does not match the model: {str(e).splitlines()[0]}") from None
+            del saved
         st = torch.load(path / "trainer_state.pt", weights_only=False)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
