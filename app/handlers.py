@@ -27,7 +27,7 @@ from ral_core.inspection import ROWS, inspect
 from app import registry, sessions
 
 log = logging.getLogger("ral.app")
-MEAN = "mean"
+MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
 RENDER_LOCK = threading.Lock()  # pyplot's figure registry is global state, not thread-safe
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 
@@ -98,10 +98,12 @@ def _image_from_upload(value) -> Any:
 
 
 def _gen_options(max_new_tokens, do_sample, temperature) -> dict:
-    n = int(max_new_tokens)
+    try:
+        n, t = int(max_new_tokens), float(temperature)
+    except (TypeError, ValueError):
+        raise RALError("max new tokens and temperature must be numbers") from None
     if not 1 <= n <= 64:
         raise RALError("max new tokens must be between 1 and 64")
-    t = float(temperature)
     if do_sample and not 0.05 <= t <= 2.0:
         raise RALError("temperature must be between 0.05 and 2")
     return dict(max_new_tokens=n, do_sample=bool(do_sample), temperature=t if do_sample else 1.0)
@@ -121,11 +123,17 @@ def token_choices(tokens: list[str]) -> list[tuple[str, str]]:
     return [("all tokens (mean)", MEAN)] + [(f"{i + 1}: {_shown(t)}", str(i)) for i, t in enumerate(tokens)]
 
 
-LAST = "last"
-
-
 def layer_choices(layers: list[int]) -> list[tuple[str, str]]:
     return [("last layer", LAST), ("mean over layers", MEAN)] + [(f"layer {x}", str(x)) for x in layers]
+
+
+def _keep_layer(layer, layers) -> str:
+    """The user's layer choice, kept across runs when the new result has that layer."""
+    return layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in layers) else LAST
+
+
+def _answer_text(answer: str) -> str:
+    return f"`{answer}`" if answer else "(empty or whitespace only)"
 
 
 def _sel(layers, layer, token, row):
@@ -145,6 +153,10 @@ def _save(fig, stem: Path) -> list[str]:
 
 def _zip(src: Path, dest_stem: Path) -> str:
     return shutil.make_archive(str(dest_stem), "zip", root_dir=src)
+
+
+def _existing(*paths) -> list[str]:
+    return [p for p in paths if Path(p).is_file()]
 
 
 def _check_state(state, request, key):
@@ -202,7 +214,7 @@ def _inspect_view(state, layer, token, row) -> InspectView:
     heads = _save(render.head_grid(res, grid_layer, token=tok, row=row), d / f"heads_L{grid_layer}_T{tok}_{row}")
     m = res.mass_split(layer=lay, token=tok, row=row)
     mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
-    return InspectView("", over[0], heads[0], mass, over + heads + [state["zip"]])
+    return InspectView("", over[0], heads[0], mass, over + heads + _existing(state["zip"]))
 
 
 @_guard(InspectOut)
@@ -220,11 +232,9 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     ex = _example_for(img)
     state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []),
              "zip": _zip(d / "result", d / "inspection_result")}
-    # keep the user's layer choice across runs when this model has that layer
-    lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in res.layers) else LAST
+    lay = _keep_layer(layer, res.layers)
     view = _inspect_view(state, lay, MEAN, row)
-    shown = res.answer or "(empty or whitespace only)"
-    answer = f"**Answer:** `{shown}` · {res.n_tokens} token(s) · model `{adapter.name}`"
+    answer = f"**Answer:** {_answer_text(res.answer)} · {res.n_tokens} token(s) · model `{adapter.name}`"
     if ex:
         answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,
@@ -272,7 +282,7 @@ def _compare_view(state, layer, token, row) -> CompareView:
         ma = cmp.a.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
         mb = cmp.b.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
         rows.append([i + 1, f"layer {rank_layer} head {h}", round(v, 4), round(ma, 3), round(mb, 3)])
-    return CompareView("", files[0], rows, files + [state["zip"]])
+    return CompareView("", files[0], rows, files + _existing(state["zip"]))
 
 
 @_guard(CompareOut)
@@ -284,19 +294,17 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
     opts = _gen_options(max_new_tokens, do_sample, temperature)
     with registry.MODEL_LOCK:
         a = registry.get_adapter(model_a, request)
-        # Same name twice shares one adapter object; compare() only reads it, so that is fine.
-        b = registry.get_adapter(model_b, request)
-        a.name, b.name = model_a, model_b
+        b = registry.get_adapter(model_b, request)  # the same model twice is one object; compare() only reads it
         cmp = compare(a, b, img, q, **opts)
     d = sessions.new_work_dir(request, "compare")
     cmp.a.save(d / "results" / "model_a")
     cmp.b.save(d / "results" / "model_b")
     state = {"cmp": cmp, "dir": str(d), "zip": _zip(d / "results", d / "comparison_results")}
-    lay = layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in cmp.layers) else LAST
+    lay = _keep_layer(layer, cmp.layers)
     view = _compare_view(state, lay, MEAN, row)
-    answers = (f"**A (`{model_a}`) answers:** `{cmp.free_answer_a or '(empty)'}`  \n"
-               f"**B (`{model_b}`) answers:** `{cmp.free_answer_b or '(empty)'}`  \n"
-               f"Both maps are measured on A's answer tokens: `{cmp.a.answer}`")
+    answers = (f"**A (`{model_a}`) answers:** {_answer_text(cmp.free_answer_a)}  \n"
+               f"**B (`{model_b}`) answers:** {_answer_text(cmp.free_answer_b)}  \n"
+               f"Both maps below are measured on A's answer tokens, fed to both models.")
     if not cmp.same_tokens:
         answers += "  \n(B's tokeniser splits that answer differently: only 'all tokens (mean)' is comparable.)"
     return CompareOut(view.status, answers, gr.update(choices=token_choices(cmp.a.answer_tokens), value=MEAN),

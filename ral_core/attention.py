@@ -22,13 +22,19 @@ from transformers.masking_utils import sdpa_mask
 IMPL = "ral_capture"
 
 
+class _Maps(dict):
+    """layer → captured rows; `.natural` holds the bias-free rows of biased layers."""
+    natural: dict
+
+
 @dataclass
 class _State:
     layers: dict[int, int]                   # id(attention module) -> layer index
     rows: torch.Tensor | None                # [B, R] absolute query positions, None = every row
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    maps: "_Maps" = field(default_factory=lambda: _Maps())
     bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> additive logits bias
     bias_layers: dict[int, int] = field(default_factory=dict)
+    natural: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows without the bias
 
 
 _STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("ral_capture_state", default=None)
@@ -108,6 +114,9 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     out = sdpa_attention_forward(module, query, key, value, sdpa_mask_in, scaling=scaling, dropout=dropout, **kwargs)
     if mid in st.layers:
         st.maps[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, bias)
+        if bias is not None:
+            # the unperturbed attention of the same layer inputs (what exploration pulls toward its targets)
+            st.natural[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, None)
     return out
 
 
@@ -173,7 +182,8 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
 
     `rows` is a [B, R] LongTensor of absolute query positions (None: every row — only for short inputs).
     `bias` maps layer → additive logits bias broadcastable to [B, H, Lq, Lk]; it alters the forward.
-    Yields a dict layer → [B, H, R, Lk] fp32 probabilities that keep the autograd graph.
+    Yields a dict layer → [B, H, R, Lk] fp32 probabilities that keep the autograd graph; for biased
+    layers the unbiased rows of the same pass are in `maps.natural[layer]`.
     """
     enable_capture(model)
     mods = decoder_attention_modules(model)
@@ -183,6 +193,7 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
                 bias_layers={id(mods[i]): i for i in bias})
     token = _STATE.set(st)
     try:
+        st.maps.natural = st.natural
         yield st.maps
     finally:
         _STATE.reset(token)

@@ -60,6 +60,16 @@ class TrainConfig:
     attn_row: str = "own"                # own (paper) | predicts
     attn_support: str = "all"            # all | visual
     attn_per_head: bool = False
+    # attention exploration (DESIGN.md §1: the remedy for the silent decisive row)
+    explore: bool = False                # perturb attention during rollouts and learn from it
+    explore_sigma: float = 1.0           # std of the per-rollout attention-logit bias (0: inert)
+    explore_weight: float = 1.0          # weight of the exploration term (0 = noise-only control)
+    explore_layers: typing.Any = "levers"  # levers (top of the causal-lever map) | last | all | int | list
+    explore_top_k: int = 2
+    explore_per_head: bool = False
+    explore_keys: str = "visual"         # visual | all
+    explore_row: str = "predicts"        # predicts (includes the first-token decision row) | own
+    explore_schedule: str = "constant"   # constant | linear (σ decays to 0 by the last step)
     # what is trained
     lora_r: int = 0                      # 0 = full fine-tuning of the language model
     lora_alpha: int = 16
@@ -116,6 +126,11 @@ class TrainConfig:
         need(self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine")
         need(self.advantage_scale in ("std", "none"), "advantage_scale must be std or none")
         need(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+        need(self.explore_sigma >= 0 and self.explore_weight >= 0, "explore_sigma and explore_weight must be ≥ 0")
+        need(self.explore_keys in ("visual", "all"), "explore_keys must be visual or all")
+        need(self.explore_row in ("own", "predicts"), "explore_row must be own or predicts")
+        need(self.explore_schedule in ("constant", "linear"), "explore_schedule must be constant or linear")
+        need(self.explore_top_k >= 1, "explore_top_k must be ≥ 1")
         need(self.lora_r >= 0, "lora_r must be ≥ 0 (0 = full fine-tuning)")
         if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:
             raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")

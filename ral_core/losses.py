@@ -85,6 +85,8 @@ class LossContext:
     attn: list[torch.Tensor] = field(default_factory=list)          # per layer [N, H|1, T, K] current policy
     attn_old: list[torch.Tensor] = field(default_factory=list)      # same, from the rollout policy
     attn_teacher: list[torch.Tensor] = field(default_factory=list)  # same, from a frozen teacher
+    attn_natural: list[torch.Tensor] = field(default_factory=list)   # exploration: unperturbed current rows
+    attn_explored: list[torch.Tensor] = field(default_factory=list)  # exploration: behaviour rows p̃_i
     logits: torch.Tensor | None = None          # [N, T, V] (token-level distillation only)
     teacher_logits: torch.Tensor | None = None
     norm: str = "token"
@@ -156,3 +158,13 @@ def token_reverse_kl(ctx: LossContext):
     kl = (ls.exp() * (ls - lt)).sum(-1)
     val = aggregate(kl, ctx.mask, ctx.norm)
     return val, {"token_rkl": float(val.detach())}
+
+
+@register_loss("explore")
+def explore_attention(ctx: LossContext):
+    """Attention exploration: mean_t Σ_i A_i · JSD(p_θ^t ‖ sg(p̃_i^t)), p_θ the unperturbed attention on the same
+    sequence and p̃_i the rollout's explored (biased) attention. The targets differ across a group, so the term
+    does not cancel on shared rows and acts from the first update, on the decisive row too."""
+    d = _per_token_jsd(ctx.attn_natural, [q.detach() for q in ctx.attn_explored])
+    val = aggregate(ctx.advantages[:, None] * d, ctx.mask, ctx.norm)
+    return val, {"explore_jsd": float(aggregate(d.detach(), ctx.mask, "token"))}

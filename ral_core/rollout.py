@@ -22,6 +22,32 @@ class PolicySpec:
 
 
 @dataclass
+class ExploreSpec:
+    """Attention exploration: per rollout, a bias b ~ N(0, σ²) on the attention logits of `layers` toward the
+    visual keys (or all prompt keys), shared across heads or per head, added to every generated row."""
+
+    layers: list[int]
+    sigma: float = 1.0
+    per_head: bool = False
+    keys: str = "visual"     # visual | all
+    row: str = "predicts"    # rows the exploration term acts on (predicts includes the first-token decision)
+    support: str = "all"
+
+    def sample_bias(self, visual: torch.Tensor, prompt_mask: torch.Tensor, n_heads: int, generator=None) -> dict:
+        """layer → [N, H|1, 1, P] bias over prompt keys (zero on pads and, with keys=visual, on text)."""
+        if self.sigma <= 0:
+            return {}  # inert: no bias and no random draws, so σ = 0 is exactly the run without exploration
+        N, P = visual.shape
+        allowed = (visual if self.keys == "visual" else prompt_mask.bool()).float()
+        out = {}
+        for layer in self.layers:
+            h = n_heads if self.per_head else 1
+            b = torch.randn((N, h, 1, P), generator=generator) * self.sigma
+            out[layer] = b.to(visual.device) * allowed[:, None, None, :]
+        return out
+
+
+@dataclass
 class Rollouts:
     inputs: dict                 # model inputs of prompt + completion, [N, P+T]
     P: int
@@ -42,6 +68,9 @@ class Rollouts:
     visual_keys: torch.Tensor = None  # [N, K]
     shared_rows: torch.Tensor = None  # [N, T]
     target_keys: torch.Tensor = None  # [N, K] overlap of each key with the sample's target boxes
+    explore_bias: dict = field(default_factory=dict)  # layer -> [N, H|1, 1, P] (the sampled perturbation)
+    explored_attn: list = field(default_factory=list)  # behaviour attention p̃ at the explore layers
+    natural_attn_old: list = field(default_factory=list)  # the same rows without the bias
     zero_var_groups: int = 0
 
     def select(self, idx: torch.Tensor) -> "Rollouts":
@@ -51,6 +80,8 @@ class Rollouts:
                 return v[idx]
             if isinstance(v, list) and v and torch.is_tensor(v[0]):
                 return [x[idx] for x in v]
+            if isinstance(v, dict) and v and all(torch.is_tensor(x) for x in v.values()):
+                return {k: x[idx] for k, x in v.items()}
             return v
         inputs = {k: pick(v) for k, v in self.inputs.items()}
         inputs.update(_select_images(self.inputs, idx))
@@ -102,19 +133,38 @@ def key_validity(inputs: dict, visual: torch.Tensor, rows: torch.Tensor, support
     return valid
 
 
-def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logits: bool = False):
-    """Teacher-forced pass: log-probs of the sampled tokens [N, T], attention policies (per layer
-    [N, H|1, T, K]) and optionally the logits [N, T, V]. Gradients flow unless called under no_grad."""
-    N, T = rollouts.completion.shape
-    P = rollouts.P
-    rows = policy_rows(P, T, N, spec.row, rollouts.completion.device) if spec else None
-    layers = spec.layers if spec else []
-    with capture(model, layers=layers, rows=rows) as maps:
-        out = model(**rollouts.inputs, logits_to_keep=T + 1)
+def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "ExploreSpec | None" = None,
+                     need_logits: bool = False, use_bias: bool = True) -> dict:
+    """One teacher-forced pass over prompt + completion. Captures rows P−1 … P+T−1 of every needed layer once
+    and derives: `logp` [N, T] of the sampled tokens, `attn` (the RAL/OPAD policy per spec layer), and with
+    exploration `explored` (rows under the rollout's bias) and `natural` (the same rows without it)."""
+    N, T = ro.completion.shape
+    P = ro.P
+    rows = torch.arange(P - 1, P + T, device=ro.completion.device)[None].expand(N, T + 1)
+    layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
+    bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
+    with capture(model, layers=layers, rows=rows, bias=bias) as maps:
+        out = model(**ro.inputs, logits_to_keep=T + 1)
     logits = out.logits[:, :T].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, rollouts.completion[..., None]).squeeze(-1)
-    attn = [attention_policy(maps[layer], rollouts.key_valid, spec.per_head) for layer in layers] if spec else []
-    return logp, attn, (logits if need_logits else None)
+    res = {"logp": torch.log_softmax(logits, -1).gather(-1, ro.completion[..., None]).squeeze(-1),
+           "logits": logits if need_logits else None, "attn": [], "explored": [], "natural": []}
+
+    def policy(m, s):
+        sel = m[:, :, 1:] if s.row == "own" else m[:, :, :-1]
+        kv = key_validity(ro.inputs, ro.visual_keys, policy_rows(P, T, N, s.row, rows.device), s.support)
+        return attention_policy(sel, kv, s.per_head)
+    if spec is not None:
+        res["attn"] = [policy(maps[layer], spec) for layer in spec.layers]
+    if explore is not None:
+        res["explored"] = [policy(maps[layer], explore) for layer in explore.layers]
+        res["natural"] = [policy(maps.natural.get(layer, maps[layer]), explore) for layer in explore.layers]
+    return res
+
+
+def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logits: bool = False):
+    """(log-probs [N, T], attention policy per spec layer [N, H|1, T, K], logits [N, T, V] or None)."""
+    r = forward_policies(model, rollouts, spec, need_logits=need_logits)
+    return r["logp"], r["attn"], r["logits"]
 
 
 def shared_row_mask(completion: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, row: str) -> torch.Tensor:
@@ -156,24 +206,32 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "s
 @torch.no_grad()
 def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, spec: PolicySpec | None,
                   max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                  adv_scale: str = "std", gen_model=None) -> Rollouts:
-    """Sample G completions per prompt and score them; fill old log-probs/attention under capture."""
+                  adv_scale: str = "std", gen_model=None, explore: ExploreSpec | None = None) -> Rollouts:
+    """Sample G completions per prompt and score them; fill old log-probs/attention under capture. With
+    `explore`, each rollout samples under its own attention bias, which stays part of its state."""
     G = group_size
     b = adapter.build_inputs([s["image"] for s in samples for _ in range(G)],
                              [s["question"] for s in samples for _ in range(G)])
     gm = gen_model if gen_model is not None else adapter.model
     was_training = gm.training
     gm.eval()
-    comp = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=True, temperature=temperature,
-                           top_p=top_p)
-    ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b)
+    bias = {}
+    if explore is not None:
+        mi = b["model_inputs"]
+        bias = explore.sample_bias(adapter.visual_mask(mi["input_ids"]), mi["attention_mask"], adapter.num_heads)
+    with capture(gm, layers=[], bias=bias):
+        comp = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=True, temperature=temperature,
+                               top_p=top_p)
+    ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b,
+                                   explore=explore, explore_bias=bias)
     gm.train(was_training)
     return ro
 
 
 @torch.no_grad()
 def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, reward_model, spec,
-                              adv_scale: str = "std", model=None, built=None) -> Rollouts:
+                              adv_scale: str = "std", model=None, built=None, explore: ExploreSpec | None = None,
+                              explore_bias: dict | None = None) -> Rollouts:
     """Everything after sampling: mask through the first EOS, rewards, advantages, old log-probs and the old
     attention policy from one teacher-forced pass. `comp` is [N, T] with N = len(samples) · group_size."""
     G = group_size
@@ -206,7 +264,10 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
         rows = policy_rows(P, comp.shape[1], len(texts), spec.row, comp.device)
         ro.key_valid = key_validity(inputs, ro.visual_keys, rows, spec.support)
         ro.shared_rows = shared_row_mask(comp, mask, group, spec.row)
-    ro.old_logp, ro.old_attn, _ = policy_forward(model, ro, spec)
+    ro.explore_bias = explore_bias or {}
+    r = forward_policies(model, ro, spec, explore)
+    ro.old_logp, ro.old_attn = r["logp"], r["attn"]
+    ro.explored_attn, ro.natural_attn_old = r["explored"], r["natural"]
     return ro
 
 

@@ -23,7 +23,8 @@ from ral_core.config import TrainConfig
 from ral_core.errors import RALError
 from ral_core.losses import LOSSES, LossContext
 from ral_core.rewards import RewardModel
-from ral_core.rollout import PolicySpec, attention_stats, make_rollouts, policy_forward
+from ral_core.rollout import (ExploreSpec, PolicySpec, attention_stats, forward_policies, make_rollouts,
+                              policy_forward)
 
 VISION_PREFIXES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "merger")
 
@@ -100,6 +101,10 @@ class Trainer:
                                    cfg.attn_per_head)
         self.rewarder = RewardModel(cfg.reward_weights)
         self.data = dataset_for(cfg)
+        self.explore = None
+        if cfg.explore:
+            self.explore = ExploreSpec(self._explore_layers(), cfg.explore_sigma, cfg.explore_per_head,
+                                       cfg.explore_keys, cfg.explore_row)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total_updates = cfg.steps * cfg.updates_per_step
@@ -117,6 +122,16 @@ class Trainer:
         lcfg = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                           target_modules=targets)
         return get_peft_model(model, lcfg)
+
+    def _explore_layers(self) -> list[int]:
+        """'levers': the layers whose attention moves the answer most on a few training samples."""
+        spec = self.cfg.explore_layers
+        if spec != "levers":
+            return resolve_layers(spec, self.adapter.num_layers)
+        from ral_core.levers import lever_map
+        probe = [self.data.sample(10_000 + i) for i in range(8)]
+        self.levers = lever_map(self.adapter, probe)
+        return self.levers.top(min(self.cfg.explore_top_k, self.adapter.num_layers))
 
     def _lr_lambda(self, total):
         cfg = self.cfg
@@ -147,13 +162,14 @@ class Trainer:
     def _loss(self, mb) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         need_logits = cfg.lambda_token_kl > 0
-        logp, attn, logits = policy_forward(self.model, mb, self.spec, need_logits=need_logits)
-        ctx = LossContext(mask=mb.mask, logp=logp, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
-                          advantages=mb.advantages, attn=attn, attn_old=mb.old_attn, attn_teacher=mb.teacher_attn,
-                          logits=logits, teacher_logits=mb.teacher_logits, norm=cfg.loss_norm,
+        r = forward_policies(self.model, mb, self.spec, self.explore, need_logits=need_logits)
+        ctx = LossContext(mask=mb.mask, logp=r["logp"], old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                          advantages=mb.advantages, attn=r["attn"], attn_old=mb.old_attn,
+                          attn_teacher=mb.teacher_attn, attn_natural=r["natural"], attn_explored=mb.explored_attn,
+                          logits=r["logits"], teacher_logits=mb.teacher_logits, norm=cfg.loss_norm,
                           clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         terms = {"grpo": 1.0, "kl": cfg.beta, "ral_attn": cfg.lambda_attn, "opad_attn": cfg.gamma_opad,
-                 "token_rkl": cfg.lambda_token_kl}
+                 "token_rkl": cfg.lambda_token_kl, "explore": cfg.explore_weight if mb.explore_bias else 0.0}
         total, metrics = 0.0, {}
         for name, w in terms.items():
             if w == 0:
@@ -179,10 +195,12 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         gen_model = self.acc.unwrap_model(self.model)
+        if self.explore is not None and cfg.explore_schedule == "linear":
+            self.explore.sigma = cfg.explore_sigma * (1 - self.step / cfg.steps)
         try:
             ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
                                cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale,
-                               gen_model=gen_model)
+                               gen_model=gen_model, explore=self.explore)
         except RuntimeError as e:
             if "inf" in str(e) or "nan" in str(e):  # sampling from non-finite probabilities
                 raise FloatingPointError(f"non-finite model outputs while sampling at step {self.step}") from None
@@ -227,9 +245,11 @@ class Trainer:
         metrics.update({k: float(np.mean(v)) for k, v in agg.items()})
         if grad_norms:
             metrics["grad_norm"] = float(np.mean(grad_norms))
+        if self.explore is not None:
+            metrics.update(explore_stats(ro, self.explore))
         if self.spec is not None:
             with torch.no_grad():
-                _, attn_new, _ = policy_forward(self.model, ro, self.spec)
+                attn_new = forward_policies(self.model, ro, self.spec, self.explore)["attn"]
             from ral_core.losses import aggregate, jsd
             d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
             metrics["attn_jsd_after_update"] = float(aggregate(d, ro.mask, "token"))
@@ -400,3 +420,25 @@ def unwrap_peft(model):
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
+
+
+def explore_stats(ro, spec: ExploreSpec) -> dict:
+    """σ, mean |b| on perturbed keys, JSD(explored ‖ natural) at rollout time, natural on-target mass at the
+    decisive row and the correlation of explored on-target mass with reward."""
+    from ral_core.losses import aggregate, jsd
+    out = {"explore_sigma": spec.sigma}
+    if ro.explore_bias:
+        b = torch.stack([v.abs().mean(dim=(1, 2)) for v in ro.explore_bias.values()]).mean(0)  # [N, P]
+        nz = torch.stack([(v != 0).float().mean(dim=(1, 2)) for v in ro.explore_bias.values()]).mean(0)
+        out["explore_bias_abs"] = float(b.sum() / nz.sum().clamp_min(1))
+    if ro.explored_attn:
+        d = torch.stack([jsd(a, n).mean(1) for a, n in zip(ro.explored_attn, ro.natural_attn_old)]).mean(0)
+        out["explore_jsd_natural"] = float(aggregate(d, ro.mask, "token"))
+        if ro.target_keys is not None:
+            ex = torch.stack([a.mean(1)[:, 0] for a in ro.explored_attn]).mean(0)  # decisive row [N, K]
+            nat = torch.stack([a.mean(1)[:, 0] for a in ro.natural_attn_old]).mean(0)
+            tm_ex = (ex * ro.target_keys).sum(-1)
+            out["natural_target_mass_decisive"] = float((nat * ro.target_keys).sum(-1).mean())
+            if tm_ex.std() > 1e-12 and ro.rewards.std() > 1e-12:
+                out["explore_target_reward_corr"] = float(torch.corrcoef(torch.stack([tm_ex.cpu(), ro.rewards]))[0, 1])
+    return out

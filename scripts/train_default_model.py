@@ -81,6 +81,9 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vision-lr", type=float, default=2e-4)
     p.add_argument("--aux-weight", type=float, default=0.1, help="keep the digit head's loss during stage 2")
+    p.add_argument("--feat-l2", type=float, default=0.0, help="stage-1 penalty on visual feature size")
+    p.add_argument("--cell-first", type=int, default=0, help="stage-2 steps on 'cell' questions only")
+    p.add_argument("--pos-aux", type=float, default=0.0, help="weight of a row/col probe on LM layer-1 visual states")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--n-eval", type=int, default=400)
@@ -100,11 +103,14 @@ def main():
 
     torch.manual_seed(args.seed + 1)
     head = torch.nn.Linear(args.hidden, 10)
+    pos_head = torch.nn.Linear(args.hidden, 9)
     captured = {}
     visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("v", o))
 
-    def batch(step):
-        ss = train.samples(B, start=step * B)
+    cells = GroundingTask(3, 3, 28, kinds=("cell",), split="train", seed=args.seed)
+
+    def batch(step, task=train):
+        ss = task.samples(B, start=step * B)
         labels = torch.tensor([d for s in ss for row in s.meta["grid"] for d in row])
         return ss, labels
 
@@ -116,6 +122,8 @@ def main():
         feats = visual(proc["pixel_values"], grid_thw=proc["image_grid_thw"]).pooler_output
         logits = head(feats)
         loss = F.cross_entropy(logits, labels)
+        if args.feat_l2:
+            loss = loss + args.feat_l2 * feats.pow(2).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -127,7 +135,8 @@ def main():
     # ---- stage 2: answer supervision ---------------------------------------------------------------
     vis_ids = {id(p) for p in visual.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in vis_ids], "lr": args.lr},
-              {"params": list(visual.parameters()) + list(head.parameters()), "lr": args.vision_lr}]
+              {"params": list(visual.parameters()) + list(head.parameters()), "lr": args.vision_lr},
+              {"params": list(pos_head.parameters()), "lr": args.lr}]
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
@@ -138,13 +147,17 @@ def main():
             break
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, args.steps, args.warmup)
-        ss, labels = batch(step)
+        ss, labels = batch(step, cells if step < args.cell_first else train)
         b = a.build_inputs([s.image for s in ss], [s.question for s in ss], [s.answer for s in ss])
         mi = b["model_inputs"]
-        logits = model(**mi).logits[:, :-1]
+        o = model(**mi, output_hidden_states=bool(args.pos_aux))
+        logits = o.logits[:, :-1]
         mask = b["response_mask"][:, 1:]
         loss = F.cross_entropy(logits[mask].float(), mi["input_ids"][:, 1:][mask])
         total = loss + (args.aux_weight * F.cross_entropy(head(captured["v"]), labels) if args.aux_weight else 0)
+        if args.pos_aux:
+            h1 = o.hidden_states[1][a.visual_mask(mi["input_ids"])]
+            total = total + args.pos_aux * F.cross_entropy(pos_head(h1), torch.arange(9).repeat(B))
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

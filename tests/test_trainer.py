@@ -183,3 +183,19 @@ def test_train_on_user_jsonl(tmp_path, tiny_model_dir, task):
     t = Trainer(_cfg(tmp_path, "user", "steps=1", f"dataset={tmp_path / 'data.jsonl'}", model=tiny_model_dir))
     assert t.train()["status"] == "done"
     assert "attn_target_mass" in t.history[0]
+
+
+def test_lora_training_saves_an_adapter_that_loads(tmp_path, tiny_model_dir, task):
+    from ral_core.inspection import inspect
+    from ral_core.models import load_adapter
+    t = Trainer(_cfg(tmp_path, "lora", "steps=2", "lora_r=4", "lambda_attn=1", "epochs=2", "beta=0.04",
+                     model=tiny_model_dir))
+    base_before = {n: p.detach().clone() for n, p in t.acc.unwrap_model(t.model).named_parameters() if "lora_" not in n}
+    t.train()
+    after = dict(t.acc.unwrap_model(t.model).named_parameters())
+    assert all(torch.equal(v, after[n]) for n, v in base_before.items())  # only LoRA weights train
+    ck = t.latest_checkpoint()
+    assert (ck / "adapter_model.safetensors").exists()
+    merged = load_adapter(ck)
+    assert inspect(merged, task.sample(0).image, "What digit is in row 1 column 1?", max_new_tokens=2).n_tokens >= 1
+    assert "kl" in t.history[-1]

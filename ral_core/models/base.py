@@ -236,7 +236,7 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
         return str(DEFAULT_MODEL_DIR)
     p = Path(spec).expanduser()
     if p.exists():
-        if not p.is_dir() or not (p / "config.json").exists():
+        if not p.is_dir() or not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
             raise RALError(f"'{spec}' is not a model directory (no config.json inside); pass a directory saved "
                            "with save_pretrained, or 'default'")
         return str(p)
@@ -252,6 +252,8 @@ def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype |
 
     hf_logging.disable_progress_bar()  # keeps CLI/app output to our own lines
     path = resolve_model_path(spec)
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
+        return _load_lora(path, spec, device, dtype)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -271,4 +273,19 @@ def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype |
     if device is not None:
         adapter.model.to(device)
     adapter.model.eval()
+    return adapter
+
+
+def _load_lora(path, spec, device, dtype) -> VLMAdapter:
+    """A LoRA checkpoint: load its base model, apply the adapter and merge it (inference only)."""
+    import json
+
+    from peft import PeftModel
+
+    p = Path(path)
+    base = (p / "ral_base_model.txt").read_text().strip() if (p / "ral_base_model.txt").exists() else \
+        json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or "default"
+    adapter = load_adapter(base, device=device, dtype=dtype)
+    adapter.model = PeftModel.from_pretrained(adapter.model, str(p)).merge_and_unload().eval()
+    adapter.name = str(spec)
     return adapter

@@ -1,0 +1,82 @@
+"""The app served in-process on a free local port, driven by gradio_client through its api_names."""
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's queue
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("client_app")
+    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
+        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+        from app.main import build_app
+
+        demo = build_app().queue()
+        port = free_port()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    from gradio_client import Client
+    return Client(url, verbose=False)
+
+
+def png_ok(path):
+    with Image.open(path) as im:
+        return im.width > 100 and im.height > 100
+
+
+def test_endpoints_are_named(client):
+    names = set(client.view_api(return_format="dict")["named_endpoints"])
+    assert {"/inspect", "/inspect_view", "/compare", "/compare_view"} <= names
+
+
+def test_inspect_then_view(client):
+    from gradio_client import handle_file
+
+    status, answer, tokens, layer, overlay, heads, mass, files = client.predict(
+        "tiny-a", handle_file(EXAMPLE), "What digit is in row 2 column 1?", 3, False, 1.0, "last", "predicts",
+        api_name="/inspect")
+    assert status == "" and "Answer:" in answer and png_ok(overlay) and png_ok(heads)
+    assert {c["label"] for c in mass["confidences"]} >= {"image"} and len(files) == 5
+    # the stored result lives in this client's session: re-render without re-running
+    status, overlay2, heads2, mass2, _ = client.predict("mean", "0", "own", api_name="/inspect_view")
+    assert status == "" and png_ok(overlay2) and Path(overlay2).read_bytes() != Path(overlay).read_bytes()
+
+
+def test_compare_returns_images(client):
+    from gradio_client import handle_file
+
+    out = client.predict("tiny-a", "tiny-a", handle_file(EXAMPLE), "Read row 1.", 3, False, 1.0, "last", "predicts",
+                         api_name="/compare")
+    status, answers, tokens, layer, figure, ranking, files = out
+    assert status == "" and "tiny-a" in answers and png_ok(figure) and len(ranking["data"]) >= 1
+    status, figure2, ranking2, files2 = client.predict("0", "mean", "predicts", api_name="/compare_view")
+    assert status == "" and png_ok(figure2)
+
+
+def test_bad_upload_is_a_message(client, tmp_path):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    out = client.predict("tiny-a", handle_file(bad), "q", 3, False, 1.0, "last", "predicts", api_name="/inspect")
+    assert out[0].startswith("⚠️") and "notes.txt" in out[0] and "not an image" in out[0]

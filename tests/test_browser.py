@@ -1,0 +1,80 @@
+"""A real headless Chromium (Debian's /usr/bin/chromium, never `playwright install`) drives the Inspect tab."""
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_where.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`"),
+              pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
+
+IMG_LOADED = """sel => { const i = document.querySelector(sel);
+    return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("browser_app")
+    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
+        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+        from app.main import build_app
+
+        demo = build_app().queue()
+        port = free_port()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium_profile")),
+                                                   executable_path=CHROMIUM, args=ARGS,
+                                                   viewport={"width": 1280, "height": 800})
+        pg = ctx.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(url, wait_until="load")  # not "networkidle": Gradio keeps a connection open
+        pg.wait_for_selector("#i-run")
+        yield pg
+        ctx.close()
+
+
+def test_inspect_upload_run_change_layer(page, tmp_path):
+    page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
+    page.fill("#i-question textarea", "Where is the 2?")
+    page.click("#i-run")
+    src = page.wait_for_function(IMG_LOADED, arg="#i-overlay img").json_value()
+    heads = page.wait_for_function(IMG_LOADED, arg="#i-heads img").json_value()
+    assert "Answer:" in page.inner_text("body") and "⚠️" not in page.inner_text("#i-status")
+
+    page.click("#i-layer input")
+    page.click('#i-layer li[aria-label="layer 0"]')
+    for sel, old in (("#i-overlay img", src), ("#i-heads img", heads)):  # both re-rendered for layer 0
+        page.wait_for_function(f"sel => {{ const s = ({IMG_LOADED})(sel); return s && s !== {old!r} }}", arg=sel)
+    assert page.input_value("#i-layer input") == "layer 0"
+
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("L"), np.float32)
+    assert shot.shape == (800, 1280) and shot.std() > 20  # not a blank page
+    over = np.asarray(Image.open(io.BytesIO(page.locator("#i-overlay img").screenshot())).convert("L"), np.float32)
+    assert over.shape[0] > 150 and over.std() > 20  # the overlay image really rendered
