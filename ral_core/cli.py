@@ -156,7 +156,63 @@ def cmd_eval(a) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list = [_add_train, _add_eval]
+def _add_levers(sub):
+    p = sub.add_parser("levers", help="causal-lever map: which layers' attention moves the answer")
+    p.add_argument("--model", default="default")
+    p.add_argument("--image", default=None, help="one image (else task samples from the grounding test split)")
+    p.add_argument("--question", default=None)
+    p.add_argument("--answer", default=None, help="answer to score (default: the model's greedy answer)")
+    p.add_argument("--box", default=None, help="target region x0,y0,x1,y1 (default: scan image regions)")
+    p.add_argument("--n", type=int, default=16, help="task samples when no --image is given")
+    p.add_argument("--kinds", default="cell", help="task kinds for the samples")
+    p.add_argument("--strength", type=float, default=3.0, help="logit bias added toward / away from the region")
+    p.add_argument("--per-head", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_levers)
+
+
+def cmd_levers(a) -> int:
+    from ral_core import render
+    from ral_core.data import GroundingTask
+    from ral_core.errors import RALError
+    from ral_core.images import load_image
+    from ral_core.levers import lever_map
+    from ral_core.models import load_adapter
+
+    adapter = load_adapter(a.model)
+    if a.image:
+        if not a.question or not a.question.strip():
+            raise RALError("--question is required with --image")
+        img = load_image(a.image)
+        box = []
+        if a.box:
+            try:
+                box = [tuple(float(v) for v in a.box.split(","))]
+                assert len(box[0]) == 4
+            except (ValueError, AssertionError):
+                raise RALError("--box must be four numbers x0,y0,x1,y1") from None
+        answer = a.answer
+        if answer is None:
+            from ral_core.evaluate import greedy_answers
+            answer = greedy_answers(adapter, [img], [a.question])[0] or " "
+        samples = [{"image": img, "question": a.question, "answer": answer, "boxes": box}]
+    else:
+        task = GroundingTask(kinds=tuple(a.kinds.split(",")), split="test")
+        samples = [{"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes}
+                   for s in task.samples(a.n)]
+    m = lever_map(adapter, samples, strength=a.strength, per_head=a.per_head)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers.json").write_text(json.dumps(m.to_dict(), indent=1))
+    render.save_figure(render.lever_chart(m), out / "levers.png")
+    print(f"{'layer':>6}{'Δlogp':>10}{'±sd':>8}{'Δmass':>8}{'corr':>8}")
+    for i, layer in enumerate(m.layers):
+        print(f"{layer:>6}{m.effect[i]:>10.4f}{m.effect_sd[i]:>8.4f}{m.attn_shift[i]:>8.3f}{m.corr[i]:>8.3f}")
+    print(f"strongest levers: {m.ranked()[:3]} · wrote {out / 'levers.png'}, {out / 'levers.json'}")
+    return 0
+
+
+_EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers]
 
 
 def main(argv=None) -> int:

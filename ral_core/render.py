@@ -112,3 +112,27 @@ def figure_bytes(fig, fmt="png") -> bytes:
     fig.savefig(buf, bbox_inches="tight", format=fmt)
     plt.close(fig)
     return buf.getvalue()
+
+
+def lever_chart(lmap, title: str = "Which layers' attention moves the answer"):
+    """Layer × effect bars: Δ log p(answer) when steering toward vs away from the target (± sd over samples),
+    with the attention shift the steering caused and the natural-attention/p(answer) correlation."""
+    L = np.arange(len(lmap.layers))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), dpi=100, gridspec_kw={"width_ratios": [2, 1]})
+    ax = axes[0]
+    colors = ["#d62728" if e > 0 else "#1f77b4" for e in lmap.effect]
+    ax.bar(L, lmap.effect, yerr=lmap.effect_sd, color=colors, capsize=2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(L, [str(x) for x in lmap.layers], fontsize=7)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("Δ log p(answer)\n(toward − away)")
+    ax.set_title(f"{title} (n={lmap.n_samples}, bias ±{lmap.strength:g})", fontsize=9)
+    ax2 = axes[1]
+    ax2.plot(L, lmap.attn_shift, "o-", ms=3, label="Δ target mass (steered layer)")
+    ax2.plot(L, np.nan_to_num(lmap.corr), "s--", ms=3, label="corr(natural target mass, p)")
+    ax2.axhline(0, color="k", lw=0.6)
+    ax2.set_xticks(L, [str(x) for x in lmap.layers], fontsize=7)
+    ax2.set_xlabel("decoder layer")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
