@@ -281,7 +281,7 @@ def _compare_view(state, layer, token, row) -> CompareView:
     for i, (h, v) in enumerate(cmp.ranked_heads(rank_layer, token=tok, row=row)):
         ma = cmp.a.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
         mb = cmp.b.mass_split(layer=rank_layer, head=h, token=tok, row=row)["image"]
-        rows.append([i + 1, f"layer {rank_layer} head {h}", round(v, 4), round(ma, 3), round(mb, 3)])
+        rows.append([i + 1, f"layer {rank_layer} head {h}", float(f"{v:.3g}"), round(ma, 3), round(mb, 3)])
     return CompareView("", files[0], rows, files + _existing(state["zip"]))
 
 

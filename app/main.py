@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside hosts
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-import gradio as gr  # noqa: E402
-
-from app import handlers, registry  # noqa: E402
-from app.handlers import LAST, MEAN, RANK_HEADERS  # noqa: E402
+from app import handlers, registry
+from app.handlers import LAST, MEAN, RANK_HEADERS
 
 CSS = """
 .explain { font-size: 0.9em; opacity: 0.85; }

@@ -87,7 +87,13 @@ def owns(request, path) -> bool:
 
 
 def checkpoints_dir(request) -> Path:
+    """Where training saves this session's model folders (save_pretrained); they become `session: <name>`."""
     return kind_dir(request, "checkpoints")
+
+
+def runs_dir(request) -> Path:
+    """Where training keeps this session's run logs and metrics."""
+    return kind_dir(request, "runs")
 
 
 def list_checkpoints(request) -> list[str]:
@@ -95,7 +101,9 @@ def list_checkpoints(request) -> list[str]:
     d = session_dir(request, create=False) / "checkpoints"
     if not d.is_dir():
         return []
-    return sorted(p.name for p in d.iterdir() if _NAME.match(p.name) and (p / "config.json").is_file())
+    base = d.resolve()
+    return sorted(p.name for p in d.iterdir()
+                  if _NAME.match(p.name) and p.resolve().parent == base and (p / "config.json").is_file())
 
 
 def resolve_checkpoint(request, name: str) -> Path:

@@ -80,15 +80,16 @@ def make_adapter(kind: str):
     return tiny_qwen2_vl(**SMOKE, seed=0), "smoke (random)", ""
 
 
-def make_trainers(adapter, args, tmp):
+def make_trainers(adapter, args, tmp, prompts):
     from accelerate import Accelerator
 
     from ral_core.config import build_config
     from ral_core.trainer import Trainer
 
     common = {"device": "cpu", "threads": 1, "seed": 0, "steps": 1000, "save_every": 0, "snapshot_every": 0,
-              "eval_every": 0, "prompts_per_step": args.prompts, "group_size": args.group,
-              "max_new_tokens": args.new_tokens, "epochs": args.epochs, "minibatch_size": args.minibatch}
+              "eval_every": 0, "prompts_per_step": prompts, "group_size": args.group,
+              "max_new_tokens": args.new_tokens, "epochs": args.epochs,
+              "minibatch_size": max(1, prompts * args.group // args.minibatches)}
     cfgs = {
         "grpo": build_config("grpo", {**common, "log_attention": False, "output_dir": os.path.join(tmp, "g")}),
         "ral": build_config("ral", {**common, "output_dir": os.path.join(tmp, "r")}),
@@ -195,7 +196,8 @@ def bench_model(kind: str, args) -> dict:
     arch = (f"hidden {text_cfg.hidden_size}, {text_cfg.num_hidden_layers} layers, {text_cfg.num_attention_heads} "
             f"heads / {text_cfg.num_key_value_heads} KV")
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = make_trainers(adapter, args, tmp)
+        prompts = args.medium_prompts if kind == "medium" else args.prompts
+        trainers = make_trainers(adapter, args, tmp, prompts)
         del adapter, model
         ro_g, ro_r = fixed_batches(trainers)
         L = int(ro_r.inputs["input_ids"].shape[1])
@@ -204,7 +206,8 @@ def bench_model(kind: str, args) -> dict:
                 "visual": int(ro_r.visual_keys[0].sum()), "N": len(ro_r.texts),
                 "resp_len": float(ro_r.mask.float().sum(1).mean()),
                 "adv_nonzero": float((ro_r.advantages != 0).float().mean()),
-                "updates": trainers["ral"].cfg.updates_per_step}
+                "updates": trainers["ral"].cfg.updates_per_step, "prompts": prompts,
+                "minibatch": trainers["ral"].cfg.minibatch_size}
         log(f"{label}: {n_params / 1e6:.2f}M params, L={L} (P={ro_r.P}, T={info['T']}), N={info['N']}, "
             f"{info['updates']} updates/batch")
 
@@ -271,9 +274,11 @@ def report(results, meta, command, args, wall_total, busy_before, busy_after) ->
     L.append(f"Date: {meta['date']} · machine: {meta['nproc']} CPUs, {meta['cpu']} · Python {meta['python']}, "
              f"torch {meta['torch']}, transformers {meta['transformers']} · one torch thread · fp32 · "
              f"total run {wall_total / 60:.1f} min\n")
-    L.append(f"Batch: recipes `grpo` / `ral` — {args.prompts} prompts × {args.group} rollouts, {args.new_tokens} new "
-             f"tokens, {args.epochs} epochs × mini-batches of {args.minibatch} → "
-             f"{results[0]['updates']} optimizer updates per rollout batch; bundled grounding task. GRPO: "
+    L.append("Batch: recipes `grpo` / `ral` (bundled grounding task, " + f"{args.group} rollouts per prompt, "
+             f"{args.new_tokens} new tokens max, {args.epochs} epochs) with, per model, "
+             + "; ".join(f"{r['label']}: {r['prompts']} prompts × {args.group} = {r['N']} rollouts in mini-batches "
+                         f"of {r['minibatch']} → {r['updates']} optimizer updates per rollout batch" for r in results)
+             + ". GRPO: "
              "`lambda_attn=0 log_attention=false` (no capture at all). RAL: `lambda_attn=1`, last layer, head mean, "
              "all earlier positions, own row (paper).\n")
     L.append("## Main table (medians; ratio = RAL / GRPO from this run, on process CPU time)\n")
@@ -364,18 +369,20 @@ def main():
     ap.add_argument("--out", help="markdown report path (default: print only)")
     ap.add_argument("--smoke", action="store_true", help="tiny models, small batch, one repeat; prints")
     ap.add_argument("--models", default="default,medium")
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch (recipe value)")
+    ap.add_argument("--medium-prompts", type=int, default=4, help="prompts per batch for the medium model "
+                    "(half the recipe, to keep the run under ~8 min on this CPU)")
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--minibatch", type=int, default=32)
+    ap.add_argument("--minibatches", type=int, default=2, help="mini-batches per epoch (recipe: 64 / 32 = 2)")
     ap.add_argument("--repeats", type=int, default=9, help="max interleaved update-phase pairs per model")
     ap.add_argument("--step-repeats", type=int, default=5, help="max interleaved full-step rounds per model")
     ap.add_argument("--budget-update", type=float, default=90.0, help="s per model for update-phase repeats")
     ap.add_argument("--budget-step", type=float, default=90.0, help="s per model for full-step repeats")
     args = ap.parse_args()
     if args.smoke:
-        args.models, args.prompts, args.group, args.minibatch = "smoke", 2, 4, 4
+        args.models, args.prompts, args.group = "smoke", 2, 4
         args.repeats = args.step_repeats = 1
     args.notes_md = NOTES
     torch.set_num_threads(1)

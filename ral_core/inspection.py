@@ -81,7 +81,9 @@ class InspectionResult:
         return self._select(self.visual, layer, head, token, row).mean(axis=(0, 1, 2))
 
     def head_maps(self, layer, token="mean", row="predicts") -> np.ndarray:
-        """[H, Nv] per-head maps for one layer."""
+        """[H, Nv] per-head maps for one layer (heads of different layers are unrelated: no layer mean)."""
+        if layer is None or layer == "mean":
+            raise ValueError("per-head maps need one layer, not the mean over layers")
         return self._select(self.visual, layer, None, token, row)[0].mean(axis=1)
 
     def mass_split(self, layer="mean", head="mean", token="mean", row="predicts") -> dict[str, float]:
@@ -194,3 +196,19 @@ def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16
         num_heads=adapter.num_heads, visual=torch.stack(visual).float().cpu().numpy(),
         mass=torch.stack(mass).float().cpu().numpy(), image=image.convert("RGB"), geometry=b["geometry"][0],
         meta={"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed})
+
+
+def inspect_explored(adapter, image: Image.Image, question: str, layers="last", sigma: float = 2.0, seed: int = 0,
+                     max_new_tokens: int = 16, per_head: bool = False) -> tuple[InspectionResult, InspectionResult]:
+    """The natural inspection and one explored rollout: a bias b ~ N(0, σ²) on the attention logits toward the
+    visual keys at `layers` (as attention exploration samples it during training), greedy answer under it."""
+    from ral_core.rollout import ExploreSpec
+
+    natural = inspect(adapter, image, question, max_new_tokens=max_new_tokens)
+    b = adapter.build_inputs([image], [question.strip()])["model_inputs"]
+    spec = ExploreSpec(resolve_layers(layers, adapter.num_layers), sigma=sigma, per_head=per_head)
+    g = torch.Generator().manual_seed(seed)
+    bias = spec.sample_bias(adapter.visual_mask(b["input_ids"]), b["attention_mask"], adapter.num_heads, generator=g)
+    explored = inspect(adapter, image, question, max_new_tokens=max_new_tokens, bias=bias)
+    explored.meta.update({"explore_layers": spec.layers, "explore_sigma": sigma, "explore_seed": seed})
+    return natural, explored

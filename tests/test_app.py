@@ -145,6 +145,7 @@ def test_sessions_are_private(app_env, tiny_model_dir):
     (s.checkpoints_dir(b) / "link").symlink_to(ck)  # a link into another session is not bob's checkpoint
     with pytest.raises(RALError):
         s.resolve_checkpoint(b, "link")
+    assert s.list_checkpoints(b) == []
     assert s.owns(a, ck / "config.json") and not s.owns(b, ck / "config.json")
 
     # the session's checkpoints are models for that session only
