@@ -347,12 +347,10 @@ def report(res, command) -> str:
     w(f"- Date: {info['date']}; total run time {info['elapsed_s']:.0f} s")
     w(f"- Machine: nproc {info['nproc']}, CPU `{info['cpu']}`; Python {info['python']}, torch {info['torch']}, "
       f"transformers {info['transformers']}; load average before {info['loadavg']}, after {info['loadavg_after']}")
-    n_params = None
     w(f"- Model: `Qwen2VLForConditionalGeneration`, random weights, fp32 CPU, batch 1: hidden {cfg['hidden']}, "
       f"{cfg['layers']} decoder layers, {cfg['heads']} heads ({cfg['kv_heads']} KV heads), vision tower depth "
       f"{cfg['vision_depth']} dim {cfg['vision_dim']} (kept small so the shared vision cost does not dilute the "
       f"decoder-attention comparison). Capture: all {cfg['layers']} layers, last {a['rows']} query rows.")
-    del n_params
     w(f"- One torch thread per worker (`torch.set_num_threads(1)`, OMP/MKL = 1). Times: median of {a['repeats']} "
       f"forward calls ({a['bwd_repeats']} for forward+backward) after one warm-up, modes interleaved in rotated "
       f"order within each length (ABC, BCA, CAB, …), each mode in its own persistent worker process.")
@@ -433,7 +431,7 @@ def report(res, command) -> str:
             else:
                 verdict = "inconclusive: the CPU-time estimators disagree under contention"
             w(f"- Capture time ≤ 1.10× plain SDPA at {toks[L]['L']} tokens: wall median {rw:.3f}×, CPU median "
-              f"{rc:.3f}×, CPU min {rm:.3f}× (+{med_c[L]['capture'] - med_c[L]['sdpa']:.0f} ms CPU) → **{verdict}**.")
+              f"{rc:.3f}×, CPU min {rm:.3f}× ({med_c[L]['capture'] - med_c[L]['sdpa']:+.0f} ms CPU) → **{verdict}**.")
         w("- Capture's own work, timed inside the call (process CPU time spent computing the captured rows, "
           "forward only, all layers; median): " + "; ".join(
               f"{toks[L]['L']}: {C.median([x['rows_cpu'] for x in timing[L]['capture']]) * 1e3:.1f} ms = "
@@ -544,7 +542,7 @@ def report(res, command) -> str:
         if parts:
             w(f"- {toks[L]['L']} tokens — " + "; ".join(parts))
     w("")
-    w("## Raw medians")
+    w("## Raw data")
     w("")
     w("| tokens | mode | wall ms (median) | CPU ms (median) | wall ms (all) | extra MB (all measured) |")
     w("|---:|---|---:|---:|---|---|")
