@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train evidence clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train evidence evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,7 +45,12 @@ bench-train: install
 
 bench: bench-capture bench-train
 
-evidence: install
+# OPAD / distillation teacher: a larger model trained longer on the same task (same tokenizer/processor).
+evidence-teacher: install
+	test -f bench/_work/teacher/config.json || $(BIN)/python scripts/train_default_model.py \
+	  --out bench/_work/teacher --hidden 192 --layers 6 --steps 4000 --minutes 60
+
+evidence: install evidence-teacher
 	$(BIN)/python bench/evidence.py --out docs/results.md
 
 clean:

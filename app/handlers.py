@@ -22,9 +22,10 @@ from ral_core import render
 from ral_core.compare import compare, comparison_figure
 from ral_core.errors import RALError
 from ral_core.images import check_image, load_image
-from ral_core.inspection import ROWS, inspect
+from ral_core.inspection import ROWS, inspect, inspect_explored
+from ral_core.levers import lever_map
 
-from app import registry, sessions
+from app import figures, registry, sessions
 
 log = logging.getLogger("ral.app")
 MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
@@ -168,10 +169,13 @@ def _check_state(state, request, key):
     return state
 
 
+N_MODEL_LISTS = 5  # Inspect, Compare A, Compare B, Train model, Train teacher
+
+
 def model_choices(request: gr.Request = None):
     """Refresh the model lists (listed names plus this session's checkpoints)."""
     c = registry.model_choices(request)
-    return tuple(gr.update(choices=c) for _ in range(3))
+    return tuple(gr.update(choices=c) for _ in range(N_MODEL_LISTS))
 
 
 # ---- Inspect -------------------------------------------------------------------------------------------
@@ -230,7 +234,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     d = sessions.new_work_dir(request, "inspections")
     res.save(d / "result")
     ex = _example_for(img)
-    state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []),
+    state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []), "model": model,
              "zip": _zip(d / "result", d / "inspection_result")}
     lay = _keep_layer(layer, res.layers)
     view = _inspect_view(state, lay, MEAN, row)
@@ -247,6 +251,132 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
 def inspect_view(state, layer, token, row="predicts", request: gr.Request = None) -> InspectView:
     """Re-render for another layer / token / row from the stored result (no model call)."""
     return _inspect_view(_check_state(state, request, "result"), layer, token, row)
+
+
+# ---- Inspect: causal levers ----------------------------------------------------------------------------
+class LeverOut(NamedTuple):
+    status: str
+    chart: Any     # PNG path
+    summary: Any   # Markdown
+
+
+def _box(text, image) -> list[tuple[float, float, float, float]]:
+    """'x0,y0,x1,y1' in image pixels → one box (empty text → no box)."""
+    if text is None or not str(text).strip():
+        return []
+    W, H = image.size
+    msg = f"the target box must be four numbers x0,y0,x1,y1 in pixels of the {W}×{H} image (e.g. 0,0,{W // 3},{H // 3})"
+    try:
+        vals = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise RALError(msg) from None
+    if len(vals) != 4:
+        raise RALError(msg)
+    x0, y0, x1, y1 = vals
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise RALError(msg + "; it must lie inside the image with x0 < x1 and y0 < y1")
+    return [(x0, y0, x1, y1)]
+
+
+def _model_of(state) -> str:
+    return state.get("model") or state["result"].model_name
+
+
+@_guard(LeverOut)
+def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = None) -> LeverOut:
+    """Steer each layer's attention toward / away from the target region and measure the answer's log-prob."""
+    st = _check_state(state, request, "result")
+    res = st["result"]
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise RALError("the nudge strength must be a number") from None
+    if not 0.5 <= s <= 10:
+        raise RALError("the nudge strength must be between 0.5 and 10")
+    ans = str(answer or "").strip() or res.answer
+    if not ans:
+        raise RALError("the model's answer is empty, so there is nothing to score; type an answer to score")
+    boxes = _box(box, res.image)
+    where = "the box you typed"
+    if not boxes and st.get("boxes"):
+        boxes, where = [tuple(b) for b in st["boxes"]], "the example's known answer region (cyan box)"
+    elif not boxes:
+        where = "the ninth of the image where steering mattered most (no target box given)"
+    sample = {"image": res.image, "question": res.question, "answer": ans, "boxes": boxes}
+    with registry.MODEL_LOCK:
+        adapter = registry.get_adapter(_model_of(st), request)
+        lmap = lever_map(adapter, [sample], layers="all", strength=s)
+    d = Path(st["dir"])
+    with RENDER_LOCK:
+        png = str(render.save_figure(render.lever_chart(lmap), d / f"levers_{len(list(d.glob('levers_*')))}.png"))
+    top = lmap.ranked()[0]
+    i = lmap.layers.index(top)
+    weakest = lmap.ranked()[-1]
+    sign = "more" if lmap.effect[i] > 0 else "less"
+    summary = (f"Scoring the answer `{ans}`, steering toward {where}. **Layer {top} is the strongest lever:** "
+               f"pushing its attention toward the target instead of away makes the answer {sign} likely "
+               f"(log-probability {lmap.effect[i]:+.2f}, probability {lmap.prob_effect[i]:+.3f}). "
+               f"Layer {weakest} matters least ({lmap.effect[lmap.layers.index(weakest)]:+.2f}). "
+               "One image only, so the correlation line is not defined (it needs ≥ 3 samples; `ral levers` "
+               "measures many).")
+    if abs(lmap.effect[i]) < 0.05:
+        summary += " All effects are tiny: where this model looks hardly changes this answer."
+    return LeverOut("", png, summary)
+
+
+# ---- Inspect: an explored rollout ------------------------------------------------------------------------
+class ExploreOut(NamedTuple):
+    status: str
+    figure: Any    # PNG path: natural | explored
+    answers: Any   # Markdown
+
+
+def explore_layer_choices(state):
+    """Layer choices for the explored rollout, after an inspection."""
+    layers = state["result"].layers if state and "result" in state else []
+    return gr.update(choices=[("last layer", LAST), ("all layers", "all")] + [(f"layer {x}", str(x)) for x in layers])
+
+
+@_guard(ExploreOut)
+def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, request: gr.Request = None) -> ExploreOut:
+    """The model's own greedy answer next to one answer with a random attention bias (as exploration samples)."""
+    st = _check_state(state, request, "result")
+    res = st["result"]
+    try:
+        sg, sd = float(sigma), int(float(seed))
+    except (TypeError, ValueError):
+        raise RALError("σ and the seed must be numbers") from None
+    if not 0 < sg <= 5:
+        raise RALError("σ must be above 0 and at most 5")
+    n = _gen_options(max_new_tokens, False, 1.0)["max_new_tokens"]
+    if layers in (None, "", LAST):
+        lay = "last"
+    elif layers == "all":
+        lay = "all"
+    elif str(layers).isdigit() and int(layers) in res.layers:
+        lay = [int(layers)]
+    else:
+        raise RALError(f"layer must be 'last', 'all' or one of {res.layers}")
+    with registry.MODEL_LOCK:
+        adapter = registry.get_adapter(_model_of(st), request)
+        nat, exp = inspect_explored(adapter, res.image, res.question, layers=lay, sigma=sg, seed=sd,
+                                    max_new_tokens=n)
+    ex_layers = exp.meta["explore_layers"]
+    show = ex_layers[0] if len(ex_layers) == 1 else MEAN
+    shown = f"layer {show}" if show != MEAN else "mean over layers"
+    d = Path(st["dir"])
+    with RENDER_LOCK:
+        fig = figures.pair_overlay(nat, exp, f"natural: answers {nat.answer!r}\n{shown}, mean over heads & tokens",
+                                   f"explored (σ={sg:g}, seed {sd}): answers {exp.answer!r}\n{shown}, same colour scale",
+                                   layer=show, boxes=st.get("boxes", []))
+        png = str(render.save_figure(fig, d / f"explored_{len(list(d.glob('explored_*')))}.png"))
+    where = "all layers" if len(ex_layers) > 1 else f"layer {ex_layers[0]}"
+    changed = nat.answer != exp.answer
+    answers = (f"**Natural answer:** {_answer_text(nat.answer)} · **explored answer:** {_answer_text(exp.answer)} "
+               f"(random bias on the image attention at {where}, σ = {sg:g}, seed {sd}). " +
+               ("The nudge **changed the answer**: this layer's attention is a lever here." if changed else
+                "Same answer: the nudge moved where the model looked but not what it said."))
+    return ExploreOut("", png, answers)
 
 
 # ---- Compare -------------------------------------------------------------------------------------------
@@ -319,4 +449,5 @@ def compare_view(state, layer, token, row="predicts", request: gr.Request = None
 
 
 def end_session(request: gr.Request = None):
+    """Delete the session folder (the app wires `training.end_session`, which also stops a running run)."""
     sessions.cleanup(request)

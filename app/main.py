@@ -1,7 +1,9 @@
 """The Gradio front end: `build_app()` returns the Blocks, `launch()` serves it (RAL_HOST / RAL_PORT).
 
-Tabs: Inspect (one model, where it looked), Compare (two models on the same answer tokens), Train (coming).
-All work happens in `app.handlers`; this file is layout and wiring only.
+Tabs: Inspect (one model, where it looked; which layers' attention moves the answer; an explored rollout),
+Compare (two models on the same answer tokens), Train (GRPO / RAL / OPAD / RAL + exploration in a background
+thread, live curves and probe snapshots). All work happens in `app.handlers` and `app.training`; this file is
+layout and wiring only.
 """
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import os
 
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-from app import handlers, registry
+from app import handlers, registry, training
 from app.handlers import LAST, MEAN, RANK_HEADERS
+from app.uploads import MAX_ZIP_BYTES
 
 CSS = """
 .explain { font-size: 0.9em; opacity: 0.85; }
-#i-status p, #c-status p { color: #b45309; font-weight: 600; }
+#i-status p, #c-status p, #t-status p { color: #b45309; font-weight: 600; }
+.ral-progress p { font-size: 0.95em; }
 """
 
 INTRO = ("# RAL workbench\nSee where a vision-language model looks while it answers. *Attention* is how much "
@@ -38,10 +42,38 @@ EXPLAIN_COMPARE = ("**A | B | B − A.** Model A answers; then both models are f
 EXPLAIN_RANK = ("Heads whose spread of attention over the image moved most between A and B (Jensen–Shannon "
                 "divergence, 0 = identical, ln 2 ≈ 0.69 = no overlap), with the share of attention each head "
                 "puts on the image. 'mean over layers' ranks the last layer's heads.")
-TRAIN_NOTE = ("### Training is coming\nTraining from the browser (GRPO with the RAL attention loss, and on-policy "
-              "attention distillation) is being built on the training engine, which is not finished yet, so this "
-              "tab does nothing today. When it lands, runs and checkpoints will live in your private session "
-              "folder and the checkpoints will appear as `session: …` models in Inspect and Compare.")
+EXPLAIN_LEVERS = ("**Which layers' attention moves the answer?** The model reads the picture in several layers. For "
+                  "each layer on its own, we nudge where it looks — once *toward* the target region, once *away* "
+                  "from it (±strength added to its attention scores while it writes the answer) — and measure how "
+                  "much more likely the answer becomes. A tall bar: that layer's attention is a lever on the answer "
+                  "(red: looking at the target helps, blue: it hurts). A bar near zero: where that layer looks "
+                  "hardly matters, so training its attention (RAL) or exploring there will not change answers. "
+                  "Right panel: how much the nudge really moved that layer's attention onto the target.")
+EXPLAIN_EXPLORED = ("**An explored rollout.** RAL + exploration gives each training rollout a random nudge to where "
+                    "the model looks (a bias of spread σ on its attention scores toward the image, at the chosen "
+                    "layers), so rollouts of one question differ in *where they look*, and training can reward the "
+                    "looks that led to right answers. Left: the model's own greedy answer and attention; right: the "
+                    "same question under one random nudge. Both share one colour scale. Different seeds draw "
+                    "different nudges.")
+TRAIN_INTRO = ("**Train a model here.** The model answers each training question several times (a *group*), every "
+               "answer is scored, and the model is pushed toward the better-than-average answers (GRPO). **RAL** "
+               "also treats *where it looked* as something to train: attention that led to good answers is "
+               "reinforced. The run is private to this browser tab and ends when you close it; its final "
+               "checkpoint appears as `session: <name>` in Inspect and Compare.")
+ALGO_INFO = ("GRPO: reward only. RAL: plus the attention term (weight λ). RAL image-only: the attention policy "
+             "counts only image patches. OPAD: copy a teacher model's attention (weight γ), no reward needed for "
+             "that term. RAL + exploration: random nudges to attention during rollouts (spread σ).")
+UPLOAD_INFO = (f"A .zip (≤ {MAX_ZIP_BYTES // 2**20} MB) holding one `.jsonl` file, one sample per line: "
+               '`{"image": "img/1.png", "question": "…", "answer": "…", "boxes": [[x0, y0, x1, y1]]}` '
+               "(image paths relative to the JSONL file, `boxes` optional: where the answer is in the image, "
+               "used for the on-target curve), plus the images.")
+EXPLAIN_CURVES = ("**Live curves.** Reward and accuracy: how often the sampled answers were right. Attention JSD: "
+                  "how far each step's updates moved the attention (0 = not at all). On-target mass: the share of "
+                  "attention on the region that holds the answer. Shared rows: answer positions where all answers "
+                  "of a group are still identical — there the RAL term cancels out, so it can only act after the "
+                  "answers diverge.")
+EXPLAIN_SNAPSHOT = ("**Probe snapshot.** One held-out image, answered greedily before training and every few steps "
+                    "(\"snapshot every\"). Watch the bright region move as training changes where the model looks.")
 
 
 def _explain(text):
@@ -104,15 +136,43 @@ def _inspect_tab(choices):
             _explain(EXPLAIN_HEADS)
             files = gr.File(label="Downloads: figures (PNG, SVG) and the raw result (zip)", file_count="multiple",
                             interactive=False)
+            with gr.Accordion("Which layers' attention moves the answer? (causal levers)", open=False,
+                              elem_id="i-levers-section"):
+                _explain(EXPLAIN_LEVERS)
+                with gr.Row():
+                    lv_box = gr.Textbox(label="target box x0,y0,x1,y1 in pixels (optional)",
+                                        placeholder="empty: the example's box, else each ninth of the image")
+                    lv_answer = gr.Textbox(label="answer to score (optional)", placeholder="empty: the model's answer")
+                    lv_strength = gr.Slider(0.5, 10, value=3.0, step=0.5, label="nudge strength")
+                lv_run = gr.Button("Find the levers", elem_id="i-levers-run")
+                lv_chart = gr.Image(label="Levers", show_label=False, format="png", interactive=False,
+                                    elem_id="i-levers")
+                lv_summary = gr.Markdown()
+            with gr.Accordion("Show an explored rollout", open=False, elem_id="i-explore-section"):
+                _explain(EXPLAIN_EXPLORED)
+                with gr.Row():
+                    ex_sigma = gr.Slider(0.1, 5, value=2.0, step=0.1, label="σ (spread of the random nudge)")
+                    ex_layer = gr.Dropdown([("last layer", LAST), ("all layers", "all")], value=LAST,
+                                           label="nudged layers")
+                    ex_seed = gr.Number(0, precision=0, label="seed", minimum=0)
+                ex_run = gr.Button("Show an explored rollout", elem_id="i-explore-run")
+                ex_fig = gr.Image(label="natural | explored", show_label=False, format="png", interactive=False,
+                                  elem_id="i-explored")
+                ex_answers = gr.Markdown()
     state = gr.State()
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
     # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
     outs = [status, answer, tokens, layer, overlay, heads, mass, files, state]
     ins = [model, image, q, max_new, sample, temp, layer, row]
-    run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False)
-    q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)
+    for ev in (run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False),
+               q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
+        ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
     gr.on([tokens.input, layer.input, row.input], handlers.inspect_view, [state, layer, tokens, row],
           [status, overlay, heads, mass, files], api_name="inspect_view", show_progress="minimal")
+    lv_run.click(handlers.run_levers, [state, lv_box, lv_answer, lv_strength], [status, lv_chart, lv_summary],
+                 api_name="levers", preprocess=False)
+    ex_run.click(handlers.run_explored, [state, ex_sigma, ex_layer, ex_seed, max_new], [status, ex_fig, ex_answers],
+                 api_name="explored", preprocess=False)
     return model
 
 
@@ -142,6 +202,63 @@ def _compare_tab(choices):
     return model_a, model_b
 
 
+def _train_tab(choices):
+    first = registry.initial_model()
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            _explain(TRAIN_INTRO)
+            data = gr.Radio([("bundled digit-grid task", training.BUNDLED), ("my data (zip upload)", training.UPLOAD)],
+                            value=training.BUNDLED, label="Data set", elem_id="t-data")
+            upload = gr.File(label="Data set zip", file_types=[".zip"], file_count="single", visible=False,
+                             elem_id="t-upload")
+            upload_info = gr.Markdown(UPLOAD_INFO, visible=False, elem_classes=["explain"])
+            algo = gr.Radio([(v[0], k) for k, v in training.ALGORITHMS.items()], value="ral", label="Algorithm",
+                            info=ALGO_INFO, elem_id="t-algo")
+            model = gr.Dropdown(choices, value=first, label="Model to train", elem_id="t-model")
+            teacher = gr.Dropdown(choices, value=next((c for c in choices if c != first), first),
+                                  label="Teacher (OPAD copies its attention; same tokenizer needed)", visible=False,
+                                  elem_id="t-teacher")
+            steps = gr.Slider(1, 500, value=20, step=1, label="steps", info="rollout batches, each followed by 2 "
+                              "passes of updates", elem_id="t-steps")
+            weight = gr.Slider(0, 10, value=1.0, step=0.1, label="attention weight λ_attn",
+                               info="paper: 0.5 – 5", elem_id="t-weight")
+            with gr.Row():
+                sigma = gr.Slider(0, 5, value=1.0, step=0.1, label="exploration σ", visible=False)
+                explore_layers = gr.Dropdown(training.EXPLORE_LAYERS, value="levers", label="explored layers",
+                                             visible=False)
+            with gr.Accordion("More settings", open=False):
+                lr = gr.Number(1e-4, label="learning rate (1e-7 – 1e-2)", elem_id="t-lr")
+                group = gr.Slider(2, 16, value=8, step=1, label="group size (answers per question)")
+                prompts = gr.Slider(1, 16, value=4, step=1, label="questions per step")
+                temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="sampling temperature")
+                max_new = gr.Slider(1, 32, value=12, step=1, label="max new tokens")
+                snap = gr.Slider(1, 100, value=5, step=1, label="snapshot every (steps)")
+                seed = gr.Number(0, precision=0, label="seed", minimum=0)
+                name = gr.Textbox(label="checkpoint name (optional)", placeholder="e.g. ral-digits; empty: automatic")
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="t-start")
+                cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="t-cancel")
+            status = gr.Markdown(elem_id="t-status")
+        with gr.Column(scale=5):
+            progress = gr.HTML(training.IDLE, elem_id="t-progress")
+            curves = gr.Image(label="Live curves", show_label=False, format="png", interactive=False,
+                              elem_id="t-curves")
+            _explain(EXPLAIN_CURVES)
+            snapshot = gr.Image(label="Probe snapshot", show_label=False, format="png", interactive=False,
+                                elem_id="t-snapshot")
+            note = gr.Markdown(elem_id="t-note")
+            _explain(EXPLAIN_SNAPSHOT)
+    timer = gr.Timer(1.0, active=False)
+    algo.change(training.algorithm_changed, algo, [teacher, sigma, explore_layers, weight], api_visibility="private",
+                show_progress="hidden")
+    data.change(lambda k: (training.dataset_changed(k),) * 2, data, [upload, upload_info], api_visibility="private",
+                show_progress="hidden")
+    return dict(ins=[data, upload, algo, model, teacher, steps, lr, weight, group, prompts, temp, sigma,
+                     explore_layers, max_new, snap, seed, name],
+                outs=[status, progress, curves, snapshot, note, timer, start, cancel],
+                start=start, cancel=cancel, timer=timer, model=model, teacher=teacher)
+
+
 def build_app() -> gr.Blocks:
     choices = registry.model_choices()
     with gr.Blocks(title="RAL workbench", delete_cache=(3600, 24 * 3600)) as demo:
@@ -152,10 +269,17 @@ def build_app() -> gr.Blocks:
             with gr.Tab("Compare", id="compare"):
                 c_a, c_b = _compare_tab(choices)
             with gr.Tab("Train", id="train"):
-                gr.Markdown(TRAIN_NOTE)
-        # session checkpoints (written by training) join the model lists; the folder goes when the tab closes
-        demo.load(handlers.model_choices, None, [i_model, c_a, c_b], api_visibility="private")
-        demo.unload(handlers.end_session)
+                t = _train_tab(choices)
+        lists = [i_model, c_a, c_b, t["model"], t["teacher"]]  # handlers.N_MODEL_LISTS, in this order
+        outs = t["outs"] + lists
+        t["start"].click(training.train_start, t["ins"], outs, api_name="train_start", preprocess=False)
+        t["timer"].tick(training.train_poll, None, outs, api_name="train_poll", show_progress="hidden",
+                        concurrency_limit=None)
+        t["cancel"].click(training.train_cancel, None, outs, api_name="train_cancel", concurrency_limit=None)
+        # session checkpoints (written by training) join the model lists; the folder goes when the tab closes,
+        # after a running training run of that session has stopped
+        demo.load(handlers.model_choices, None, lists, api_visibility="private")
+        demo.unload(training.end_session)
     return demo
 
 
@@ -163,7 +287,8 @@ def launch_kwargs() -> dict:
     """Server settings: RAL_HOST / RAL_PORT (then Gradio's own env, e.g. on Spaces), CSS, examples readable."""
     return dict(server_name=os.environ.get("RAL_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                 server_port=int(os.environ.get("RAL_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
-                allowed_paths=[str(handlers.EXAMPLES_DIR)], css=CSS, footer_links=["api"])
+                allowed_paths=[str(handlers.EXAMPLES_DIR)], css=CSS, footer_links=["api"],
+                max_file_size=MAX_ZIP_BYTES)
 
 
 def launch(**overrides):

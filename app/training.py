@@ -1,0 +1,522 @@
+"""Training from the browser: a server-wide FIFO queue of runs (at most RAL_MAX_RUNS at once, default 1), each
+run in a background thread calling `ral_core.trainer.Trainer`, and the Train tab's handlers.
+
+A run lives in the session's private `runs/<n>/` folder (config, metrics, snapshots, the trainer's own
+checkpoints, an uploaded data set). When it ends (done, or cancelled after ≥ 1 step) its last checkpoint is
+copied — weights, tokenizer, processor, no optimizer state — into the session's `checkpoints/<name>/`, where it
+is listed as the model `session: <name>` in Inspect, Compare and Train. No tensor math here.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import itertools
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gradio as gr
+
+from ral_core.config import build_config
+from ral_core.errors import RALError
+from ral_core.inspection import InspectionResult
+
+from app import figures, registry, sessions
+from app.handlers import N_MODEL_LISTS, RENDER_LOCK
+
+log = logging.getLogger("ral.app.train")
+
+ALGORITHMS = {  # value → (label, recipe, extra overrides, what the weight slider sets)
+    "grpo": ("GRPO — reward only", "grpo", {}, None),
+    "ral": ("RAL — GRPO + attention term", "ral", {}, "lambda_attn"),
+    "ral_visual": ("RAL, image tokens only", "ral", {"attn_support": "visual"}, "lambda_attn"),
+    "opad": ("OPAD — copy a teacher's attention", "opad", {}, "gamma_opad"),
+    "ral_explore": ("RAL + attention exploration", "ral", {"explore": True}, "lambda_attn"),
+}
+EXPLORE_LAYERS = [("strongest levers (measured first)", "levers"), ("last layer", "last"), ("all layers", "all")]
+# (min, max, type) for every number the page sends; the recipes' other keys stay as they are
+RANGES = {"steps": (1, 500, int), "lr": (1e-7, 1e-2, float), "weight": (0.0, 10.0, float),
+          "group_size": (2, 16, int), "prompts_per_step": (1, 16, int), "temperature": (0.1, 2.0, float),
+          "sigma": (0.0, 5.0, float), "max_new_tokens": (1, 32, int), "snapshot_every": (1, 100, int),
+          "seed": (0, 2**31 - 1, int)}
+LABELS = {"steps": "steps", "lr": "learning rate", "weight": "attention weight", "group_size": "group size",
+          "prompts_per_step": "prompts per step", "temperature": "temperature", "sigma": "exploration σ",
+          "max_new_tokens": "max new tokens", "snapshot_every": "snapshot every", "seed": "seed"}
+BUNDLED, UPLOAD = "grounding", "upload"
+ACTIVE_STATES = ("queued", "loading", "running")
+
+
+def max_runs() -> int:
+    try:
+        return max(1, int(os.environ.get("RAL_MAX_RUNS", "1")))
+    except ValueError:
+        return 1
+
+
+# ---- one run -------------------------------------------------------------------------------------------
+class Run:
+    _ids = itertools.count(1)
+
+    def __init__(self, session_hash: str, cfg, name: str, algorithm: str, run_dir: Path, data_note: str):
+        self.id = next(self._ids)
+        self.session_hash, self.cfg, self.name, self.algorithm = session_hash, cfg, name, algorithm
+        self.dir, self.data_note = run_dir, data_note
+        self.status, self.message = "queued", ""
+        self.trainer = None
+        self.cancel = threading.Event()
+        self.session_ended = False
+        self.checkpoint: str | None = None   # registered name once copied into checkpoints/
+        self.announced = False               # model lists refreshed after the checkpoint appeared
+        self.probe: dict = {}
+        self.queued_at, self.started_at, self.ended_at = time.time(), None, None
+        self.rendered: dict[str, tuple] = {}  # figure kind → (key, png path)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step if self.trainer is not None else 0
+
+    def history(self) -> list[dict]:
+        return list(self.trainer.history) if self.trainer is not None else []
+
+
+class RunQueue:
+    """Server-wide FIFO of training runs with a cap on how many train at once."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.waiting: deque[Run] = deque()
+        self.running: list[Run] = []
+        self.latest: dict[str, Run] = {}   # session hash → its newest run
+        self._threads_before: int | None = None
+
+    def for_session(self, session_hash: str) -> Run | None:
+        return self.latest.get(session_hash)
+
+    def submit(self, run: Run) -> None:
+        with self.lock:
+            cur = self.latest.get(run.session_hash)
+            if cur is not None and cur.active:
+                raise RALError("this session already has a training run; cancel it or wait until it ends")
+            self.latest[run.session_hash] = run
+            self.waiting.append(run)
+            self._pump()
+
+    def position(self, run: Run) -> int:
+        """1-based place in the waiting line (0 when not waiting)."""
+        with self.lock:
+            try:
+                return list(self.waiting).index(run) + 1
+            except ValueError:
+                return 0
+
+    def cancel(self, run: Run) -> None:
+        with self.lock:
+            run.cancel.set()
+            if run in self.waiting:
+                self.waiting.remove(run)
+                run.status, run.ended_at = "cancelled", time.time()
+                run.message = "cancelled while waiting in the queue; nothing was trained"
+        if run.trainer is not None:
+            run.trainer.cancel.set()
+
+    def end_session(self, session_hash: str) -> bool:
+        """Cancel the session's run; True when a thread is still finishing (it deletes the folder itself)."""
+        with self.lock:
+            run = self.latest.pop(session_hash, None)
+            if run is None:
+                return False
+            run.session_ended = True
+            self.cancel(run)
+            return run in self.running
+
+    def _pump(self) -> None:
+        with self.lock:
+            while self.waiting and len(self.running) < max_runs():
+                run = self.waiting.popleft()
+                if not self.running:
+                    import torch
+                    self._threads_before = torch.get_num_threads()
+                self.running.append(run)
+                run.status, run.started_at = "loading", time.time()
+                run.thread = threading.Thread(target=self._work, args=(run,), name=f"ral-train-{run.id}", daemon=True)
+                run.thread.start()
+
+    def _work(self, run: Run) -> None:
+        from ral_core.trainer import Trainer
+        try:
+            trainer = Trainer(run.cfg)  # loads its own copy of the model: the app's cached ones stay untouched
+            run.trainer = trainer
+            if run.cancel.is_set():
+                trainer.cancel.set()
+            try:
+                p = trainer.probe_samples()[0]
+                run.probe = {"question": p["question"], "answer": p["answer"], "boxes": list(p.get("boxes") or [])}
+            except (RALError, IndexError, KeyError):
+                run.probe = {}
+            if not trainer.cancel.is_set():
+                trainer.snapshot()  # step 0: where the probe's attention starts
+            run.status = "running"
+            res = trainer.train()
+            if trainer.step > 0 and not run.session_ended:
+                run.checkpoint = self._register(run, trainer.latest_checkpoint())
+            run.status = res["status"]
+            if run.status == "cancelled":
+                run.message = (f"cancelled after step {trainer.step}" if trainer.step else
+                               "cancelled before the first step; nothing was trained")
+        except RALError as e:
+            run.status, run.message = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 — the page gets one line, the log gets the trace
+            log.exception("training run %s failed", run.id)
+            run.status, run.message = "failed", f"unexpected error ({type(e).__name__}); the details are in the server log"
+        finally:
+            run.ended_at = time.time()
+            with self.lock:
+                if run in self.running:
+                    self.running.remove(run)
+                if not self.running and self._threads_before:
+                    import torch
+                    torch.set_num_threads(self._threads_before)  # the trainer set the process-wide count
+                self._pump()
+            if run.session_ended:
+                sessions.cleanup(run.session_hash)
+
+    @staticmethod
+    def _register(run: Run, ck: Path | None) -> str | None:
+        """Copy the final checkpoint (no optimizer state) into the session's checkpoints/<name>/."""
+        if ck is None or not (ck / "config.json").is_file():
+            return None
+        base = sessions.checkpoints_dir(run.session_hash)
+        tmp = base / f".tmp-{run.name}-{run.id}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ck, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        final = base / run.name
+        if final.exists():  # a name taken meanwhile: keep both
+            final = base / f"{run.name}-{run.id}"
+        os.replace(tmp, final)
+        return final.name
+
+
+QUEUE = RunQueue()
+
+
+# ---- inputs → config -----------------------------------------------------------------------------------
+def _number(key: str, value):
+    lo, hi, kind = RANGES[key]
+    label = LABELS[key]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise RALError(f"{label} must be a number (got {value!r})") from None
+    if v != v or not lo <= v <= hi:
+        raise RALError(f"{label} must be between {lo:g} and {hi:g} (got {value!r})")
+    if kind is int:
+        if not v.is_integer():
+            raise RALError(f"{label} must be a whole number (got {value!r})")
+        return int(v)
+    return v
+
+
+def _upload_path(value) -> tuple[str, str]:
+    """gr.File payload (preprocess off) or a path → (server path, name to show)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not value:
+        raise RALError("no data set: upload a zip with a .jsonl file and its images, or pick the bundled task")
+    if isinstance(value, dict):
+        path, name = value.get("path"), value.get("orig_name") or Path(str(value.get("path"))).name
+    else:
+        path, name = str(value), Path(str(value)).name
+    if not path:
+        raise RALError("the upload did not arrive; upload the zip again")
+    return str(path), f"'{name}'"
+
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
+
+
+def _checkpoint_name(request, wanted: str, algorithm: str) -> str:
+    taken = set(sessions.list_checkpoints(request))
+    wanted = (wanted or "").strip()
+    if wanted:
+        if not _NAME_OK.match(wanted) or ".." in wanted:
+            raise RALError(f"'{wanted}' cannot be a checkpoint name: use letters, digits, '.', '_', '-' "
+                           "(up to 60, starting with a letter or digit)")
+        if wanted in taken:
+            raise RALError(f"this session already has a checkpoint called '{wanted}'; choose another name")
+        return wanted
+    stem = algorithm.replace("_", "-")
+    return next(f"{stem}-{n}" for n in itertools.count(1) if f"{stem}-{n}" not in taken)
+
+
+def make_config(request, run_dir: Path, dataset_kind, upload, algorithm, model, teacher, steps, lr, weight,
+                group_size, prompts_per_step, temperature, sigma, explore_layers, max_new_tokens, snapshot_every,
+                seed):
+    """Page values → a validated TrainConfig (RALError with a clear message otherwise) and a data note."""
+    if algorithm not in ALGORITHMS:
+        raise RALError(f"unknown algorithm '{algorithm}'; choose one of: {', '.join(ALGORITHMS)}")
+    label, recipe, extra, weight_key = ALGORITHMS[algorithm]
+    nums = {k: _number(k, v) for k, v in dict(steps=steps, lr=lr, weight=weight, group_size=group_size,
+                                                prompts_per_step=prompts_per_step, temperature=temperature,
+                                                sigma=sigma, max_new_tokens=max_new_tokens,
+                                                snapshot_every=snapshot_every, seed=seed).items()}
+    over = dict(extra, model=registry.resolve(model, request), output_dir=str(run_dir / "run"),
+                steps=nums["steps"], lr=nums["lr"], group_size=nums["group_size"],
+                prompts_per_step=nums["prompts_per_step"], temperature=nums["temperature"],
+                max_new_tokens=nums["max_new_tokens"], snapshot_every=nums["snapshot_every"], seed=nums["seed"],
+                probe_samples=1, save_every=0, keep_checkpoints=1, threads=1, log_tensorboard=False)
+    if weight_key:
+        if nums["weight"] <= 0:
+            raise RALError(f"{label} needs an attention weight above 0 (0 would be plain GRPO)")
+        over[weight_key] = nums["weight"]
+    if algorithm == "opad":
+        if not teacher:
+            raise RALError("OPAD needs a teacher: pick one from the model list")
+        over["teacher"] = registry.resolve(teacher, request)
+    if algorithm == "ral_explore":
+        if nums["sigma"] <= 0:
+            raise RALError("exploration needs σ above 0 (σ = 0 perturbs nothing)")
+        if explore_layers not in {v for _, v in EXPLORE_LAYERS}:
+            raise RALError("exploration layers must be 'levers', 'last' or 'all'")
+        over.update(explore_sigma=nums["sigma"], explore_layers=explore_layers)
+    if dataset_kind == UPLOAD:
+        from app.uploads import dataset_from_zip
+        path, shown = _upload_path(upload)
+        jsonl, n = dataset_from_zip(path, run_dir / "data", shown_name=shown)
+        over["dataset"] = str(jsonl)
+        note = f"your data set {shown} ({n} samples)"
+    elif dataset_kind in (BUNDLED, None, ""):
+        over["dataset"] = "grounding"
+        note = "the bundled digit-grid task"
+    else:
+        raise RALError("data set must be the bundled task or an uploaded zip")
+    return build_config(recipe, over), note
+
+
+# ---- the Train tab's handlers ----------------------------------------------------------------------------
+class TrainView(NamedTuple):
+    status: str
+    progress: Any   # HTML
+    curves: Any     # PNG path
+    snapshot: Any   # PNG path
+    note: Any       # Markdown under the snapshot
+    timer: Any      # gr.Timer update (polls while a run is queued or running)
+    start: Any      # Start button update
+    cancel: Any     # Cancel button update
+    models: Any     # model lists (Inspect, Compare A, Compare B, Train model, Train teacher)
+    models_a: Any
+    models_b: Any
+    models_t: Any
+    models_teacher: Any
+
+
+IDLE = ("<div class='ral-progress'><p>No run yet. Choose the settings on the left and press <b>Start training</b>."
+        "</p></div>")
+
+
+def _bar(frac: float, text: str) -> str:
+    pct = max(0.0, min(1.0, frac)) * 100
+    return ("<div class='ral-progress' id='t-progress-bar'>"
+            "<div style='background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden'>"
+            f"<div style='width:{pct:.1f}%;background:#f97316;height:14px'></div></div>"
+            f"<p style='margin:4px 0 0 0'>{text}</p></div>")
+
+
+def _progress(run: Run) -> str:
+    total = run.cfg.steps
+    if run.status == "queued":
+        pos = QUEUE.position(run)
+        cap = max_runs()
+        return _bar(0, f"⏳ waiting in the queue: position <b>{pos}</b> "
+                       f"(this server trains {cap} run{'s' if cap > 1 else ''} at a time)")
+    if run.status == "loading":
+        return _bar(0, "loading the model and preparing the data…")
+    step = run.step
+    hist = run.history()
+    pace = ""
+    if hist:
+        per = sum(m.get("step_time", 0.0) for m in hist[-5:]) / len(hist[-5:])
+        pace = f" · {per:.2f} s/step"
+        if run.status == "running":
+            pace += f" · about {per * (total - step):.0f} s left"
+    if run.status == "running":
+        stop = " · stopping after this step…" if run.cancel.is_set() else ""
+        return _bar(step / total, f"training: step <b>{step}</b> / {total}{pace}{stop}")
+    where = (f" Checkpoint kept as <b>session: {html.escape(run.checkpoint)}</b> — pick it in Inspect or Compare."
+             if run.checkpoint else "")
+    if run.status == "done":
+        return _bar(1.0, f"✅ done: {step} / {total} steps{pace}.{where}")
+    if run.status == "cancelled":
+        return _bar(step / total, f"⏹ {html.escape(run.message)}.{where}")
+    return _bar(step / total, f"⚠️ stopped at step {step}: see the message above.{where}")
+
+
+def _render(run: Run, kind: str, key, draw) -> str | None:
+    """Re-render one figure only when its key (e.g. the number of logged steps) changed."""
+    old = run.rendered.get(kind)
+    if old and old[0] == key:
+        return old[1]
+    from ral_core import render
+    with RENDER_LOCK:
+        fig = draw()
+        path = run.dir / f"{kind}-{run.id}-{time.monotonic_ns()}.png"
+        render.save_figure(fig, path)
+    if old:
+        Path(old[1]).unlink(missing_ok=True)
+    run.rendered[kind] = (key, str(path))
+    return str(path)
+
+
+def _curves(run: Run):
+    hist = run.history()
+    title = f"{ALGORITHMS[run.algorithm][0]} on {run.data_note}"
+    return _render(run, "curves", len(hist), lambda: figures.training_curves(hist, run.cfg.steps, title))
+
+
+def _snapshot_dirs(run: Run) -> list[Path]:
+    root = Path(run.cfg.output_dir) / "snapshots"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.glob("step-*") if (d / "probe-0" / "result.json").is_file())
+
+
+def _snapshot(run: Run):
+    """(PNG, note): the probe's attention before training next to the newest snapshot, one colour scale."""
+    snaps = _snapshot_dirs(run)
+    if not snaps:
+        return None, "The probe's attention appears here once the model is loaded."
+    first, last = snaps[0], snaps[-1]
+    old = run.rendered.get("snapshot")
+    if old and old[0] == last.name:
+        return old[1], run.rendered["snapshot-note"][1]
+    try:
+        a = InspectionResult.load(first / "probe-0")
+        b = InspectionResult.load(last / "probe-0") if last != first else a
+    except RALError:  # a snapshot still being written: keep what is shown
+        return (old[1], run.rendered["snapshot-note"][1]) if old else (None, "")
+    s0, s1 = int(first.name.split("-")[1]), int(last.name.split("-")[1])
+    layer = a.layers[-1]
+    boxes = [tuple(x) for x in run.probe.get("boxes", [])]
+    path = _render(run, "snapshot", last.name, lambda: figures.pair_overlay(
+        a, b, f"step {s0}{' (before training)' if s0 == 0 else ''}: answers {a.answer!r}",
+        f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes))
+    q = html.escape(run.probe.get("question", a.question))
+    exp = run.probe.get("answer")
+    note = (f"**Probe image** (held out from training): *{q}*" + (f" — expected `{exp}`" if exp else "") +
+            f". Last layer ({layer}), mean over heads and answer tokens; both panels share one colour scale"
+            + (", the cyan box marks where the answer is." if boxes else "."))
+    run.rendered["snapshot-note"] = (last.name, note)
+    return path, note
+
+
+def _models_unchanged():
+    return tuple(gr.update() for _ in range(N_MODEL_LISTS))
+
+
+def _models_refresh(request):
+    c = registry.model_choices(request)
+    return tuple(gr.update(choices=c) for _ in range(N_MODEL_LISTS))
+
+
+def _view(run: Run | None, request, status: str = "") -> TrainView:
+    if run is None:
+        return TrainView(status, IDLE, None, None, "", gr.Timer(active=False), gr.update(interactive=True),
+                         gr.update(interactive=False), *_models_unchanged())
+    if run.status == "failed" and not status:
+        status = f"⚠️ {run.message}"
+    curves = _curves(run) if run.trainer is not None else None
+    snap, note = _snapshot(run) if run.trainer is not None else (None, "")
+    models = _models_unchanged()
+    if not run.active and run.checkpoint and not run.announced:
+        run.announced = True
+        models = _models_refresh(request)
+    return TrainView(status, _progress(run), curves, snap, note, gr.Timer(active=run.active),
+                     gr.update(interactive=not run.active), gr.update(interactive=run.active), *models)
+
+
+def _guarded(fn):
+    @functools.wraps(fn)  # keeps the signature: Gradio passes the request where `request` sits
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RALError as e:
+            msg = str(e)
+        except Exception as e:  # noqa: BLE001
+            log.exception("handler %s failed", fn.__name__)
+            msg = f"unexpected error ({type(e).__name__}); the details are in the server log"
+        gr.Warning(html.escape(msg, quote=False))
+        return TrainView(f"⚠️ {msg}", *(gr.update() for _ in TrainView._fields[1:]))
+    return wrapper
+
+
+@_guarded
+def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="default", teacher=None, steps=20,
+                lr=1e-4, weight=1.0, group_size=8, prompts_per_step=4, temperature=1.0, sigma=1.0,
+                explore_layers="levers", max_new_tokens=12, snapshot_every=5, seed=0, name="",
+                request: gr.Request = None) -> TrainView:
+    """Check the settings, then queue the run (it starts at once when the server has a free slot)."""
+    h = sessions._session_hash(request)
+    cur = QUEUE.for_session(h)
+    if cur is not None and cur.active:
+        raise RALError("this session already has a training run; cancel it or wait until it ends")
+    ck_name = _checkpoint_name(request, name, algorithm if algorithm in ALGORITHMS else "run")
+    run_dir = sessions.new_work_dir(request, "runs")
+    try:
+        cfg, note = make_config(request, run_dir, dataset_kind, upload, algorithm, model, teacher, steps, lr, weight,
+                                group_size, prompts_per_step, temperature, sigma, explore_layers, max_new_tokens,
+                                snapshot_every, seed)
+        run = Run(h, cfg, ck_name, algorithm, run_dir, note)
+        QUEUE.submit(run)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return _view(run, request)
+
+
+@_guarded
+def train_poll(request: gr.Request = None) -> TrainView:
+    """The newest run of this session: progress, curves, the probe snapshot (polled by a timer)."""
+    return _view(QUEUE.for_session(sessions._session_hash(request)), request)
+
+
+@_guarded
+def train_cancel(request: gr.Request = None) -> TrainView:
+    """Stop at the next step boundary; the checkpoint written there is kept."""
+    run = QUEUE.for_session(sessions._session_hash(request))
+    if run is None or not run.active:
+        raise RALError("no training run to cancel")
+    QUEUE.cancel(run)
+    return _view(run, request, "Cancelling: the run stops after the current step and keeps its checkpoint.")
+
+
+def algorithm_changed(algorithm):
+    """Show the teacher only for OPAD, σ and exploration layers only for exploration, the weight when used."""
+    wk = ALGORITHMS.get(algorithm, (None, None, None, None))[3]
+    label = {"lambda_attn": "attention weight λ_attn", "gamma_opad": "attention weight γ (OPAD)"}.get(wk, "attention weight")
+    return (gr.update(visible=algorithm == "opad"), gr.update(visible=algorithm == "ral_explore"),
+            gr.update(visible=algorithm == "ral_explore"), gr.update(visible=wk is not None, label=label))
+
+
+def dataset_changed(kind):
+    return gr.update(visible=kind == UPLOAD)
+
+
+def end_session(request: gr.Request = None) -> None:
+    """The browser session ended: cancel its run and delete its folder (at once, or by the run's thread
+    once the current step is over, so the trainer never writes into a deleted folder)."""
+    try:
+        deferred = QUEUE.end_session(sessions._session_hash(request))
+    except RALError:
+        return
+    if not deferred:
+        sessions.cleanup(request)

@@ -1,0 +1,307 @@
+"""Train tab handlers without a browser (tiny saved models, steps 2–4), the run queue and its cap, dataset zips,
+and the Inspect tab's lever and explored-rollout views."""
+import io
+import os
+import json
+import stat
+import time
+import zipfile
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from ral_core.errors import RALError
+from ral_core.rewards import reward
+
+
+@reward("test_app_has_digit")
+def _has_digit(completion, sample):
+    """Varies across random rollouts of an untrained model, so training really changes the weights."""
+    return float(any(ch.isdigit() for ch in completion))
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server is a warning
+
+FAST = dict(group_size=4, prompts_per_step=2, max_new_tokens=4, lr=1e-3, snapshot_every=2)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("train_env")
+    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
+        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+        mp.setenv("RAL_MAX_RUNS", "1")
+        from app import handlers, registry, sessions, training, uploads
+        yield SimpleNamespace(dir=d, h=handlers, reg=registry, s=sessions, t=training, up=uploads,
+                              example=handlers.examples()[0])
+        for run in list(training.QUEUE.latest.values()):
+            training.QUEUE.cancel(run)
+        registry.clear_cache()
+
+
+def req(h):
+    return SimpleNamespace(session_hash=h)
+
+
+def is_png(path):
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.width > 100
+
+
+def start(env, session, algorithm="ral", steps=4, dataset="grounding", upload=None, teacher=None, name="", **kw):
+    o = dict(FAST, **kw)
+    return env.t.train_start(dataset, upload, algorithm, "tiny-a", teacher, steps, o["lr"], o.get("weight", 1.0),
+                             o["group_size"], o["prompts_per_step"], o.get("temperature", 1.0), o.get("sigma", 1.0),
+                             o.get("explore_layers", "last"), o["max_new_tokens"], o["snapshot_every"], 0, name,
+                             request=req(session))
+
+
+def wait(env, session, until=lambda run: not run.active, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        run = env.t.QUEUE.for_session(session)
+        if run is not None and until(run):
+            return run
+        time.sleep(0.05)
+    raise AssertionError(f"run of {session} did not reach the state in {timeout} s")
+
+
+def test_run_curves_snapshot_checkpoint_then_compare(env, monkeypatch):
+    label, recipe, extra, wk = env.t.ALGORITHMS["ral"]
+    monkeypatch.setitem(env.t.ALGORITHMS, "ral", (label, recipe, dict(extra, reward_weights={"test_app_has_digit": 1.0}), wk))
+    v = start(env, "ta", steps=4, temperature=1.5)
+    assert v.status == "" and v.timer.active and v.cancel["interactive"] is True
+    run = wait(env, "ta")
+    assert run.status == "done" and run.step == 4, run.message
+    v = env.t.train_poll(request=req("ta"))
+    assert v.status == "" and "done: 4 / 4 steps" in v.progress and "session: ral-1" in v.progress
+    assert is_png(v.curves) and is_png(v.snapshot) and "Probe image" in v.note
+    assert not v.timer.active and v.start["interactive"] is True
+    assert "session: ral-1" in v.models["choices"]  # the model lists learn the new checkpoint once
+    assert env.t.train_poll(request=req("ta")).models == {"__type__": "update"}
+    # snapshots: step 0 (before training) and every 2 steps
+    snaps = sorted(p.name for p in (run.dir / "run" / "snapshots").iterdir())
+    assert snaps == ["step-00000", "step-00002", "step-00004"]
+    # the checkpoint is this session's model: weights, tokenizer, processor, no optimizer state
+    ck = env.s.resolve_checkpoint(req("ta"), "ral-1")
+    assert (ck / "config.json").is_file() and not (ck / "trainer_state.pt").exists()
+    assert env.s.list_checkpoints(req("ta")) == ["ral-1"]
+    ex = env.example
+    out = env.h.run_compare("tiny-a", "session: ral-1", ex["path"], ex["question"], 3, request=req("ta"))
+    assert out.status == "" and "session: ral-1" in out.answers and is_png(out.figure)
+    assert max(r[2] for r in out.ranking) > 0  # training moved attention somewhere
+    # another session neither lists nor loads it
+    assert "session: ral-1" not in env.reg.model_choices(req("tb"))
+    refused = env.h.run_compare("tiny-a", "session: ral-1", ex["path"], ex["question"], 3, request=req("tb"))
+    assert "no checkpoint" in refused.status
+    # a second run in the same session gets the next free name
+    v = start(env, "ta", algorithm="grpo", steps=1)
+    assert wait(env, "ta").checkpoint == "grpo-1"
+
+
+def test_cancel_stops_at_a_step_and_keeps_the_checkpoint(env):
+    start(env, "tc", steps=300, snapshot_every=100)
+    wait(env, "tc", until=lambda r: r.step >= 1)
+    v = env.t.train_cancel(request=req("tc"))
+    assert "Cancelling" in v.status
+    run = wait(env, "tc")
+    assert run.status == "cancelled" and 1 <= run.step < 300 and run.checkpoint == "ral-1"
+    assert "cancelled after step" in env.t.train_poll(request=req("tc")).progress
+    assert env.s.list_checkpoints(req("tc")) == ["ral-1"]
+    assert "no training run to cancel" in env.t.train_cancel(request=req("tc")).status
+
+
+def test_other_algorithms_run(env):
+    v = start(env, "to", algorithm="opad", teacher="tiny-a", steps=2, weight=2.0)
+    assert v.status == "", v.status
+    run = wait(env, "to")
+    assert run.status == "done" and run.cfg.gamma_opad == 2.0 and run.checkpoint == "opad-1"
+    v = start(env, "to", algorithm="ral_explore", steps=2, sigma=2.0, explore_layers="levers")
+    run = wait(env, "to")
+    assert run.status == "done" and run.cfg.explore and "explore_sigma" in run.history()[-1]
+    v = start(env, "to", algorithm="ral_visual", steps=1, name="mine.v1")
+    run = wait(env, "to")
+    assert run.cfg.attn_support == "visual" and run.checkpoint == "mine.v1"
+
+
+def test_run_cap_queues_a_second_run(env):
+    start(env, "qa", steps=300, snapshot_every=100)
+    assert "already has a training run" in start(env, "qa").status
+    wait(env, "qa", until=lambda r: r.status == "running")
+    vb = start(env, "qb", steps=1)
+    vc = start(env, "qc", steps=1)
+    assert "position <b>1</b>" in vb.progress and "position <b>2</b>" in vc.progress
+    assert "1 run at a time" in vb.progress and vb.timer.active
+    env.t.train_cancel(request=req("qc"))  # leaves the queue at once
+    c = env.t.QUEUE.for_session("qc")
+    assert c.status == "cancelled" and "while waiting" in c.message and c.checkpoint is None
+    env.t.train_cancel(request=req("qa"))
+    assert wait(env, "qb").status == "done"  # the queued run starts when the slot frees up
+    assert env.t.QUEUE.for_session("qa").status == "cancelled" and not env.t.QUEUE.running
+
+
+def test_closing_the_tab_stops_the_run_and_deletes_the_folder(env):
+    start(env, "gone", steps=300, snapshot_every=100)
+    run = wait(env, "gone", until=lambda r: r.step >= 1)
+    d = env.s.session_dir(req("gone"), create=False)
+    env.t.end_session(req("gone"))
+    run.thread.join(60)
+    assert run.status == "cancelled" and run.checkpoint is None and not d.exists()
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(steps=0), "steps must be between 1 and 500"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(lr=1.0), "learning rate must be between"),
+    (dict(lr="fast"), "learning rate must be a number"),
+    (dict(group_size=1), "group size must be between 2 and 16"),
+    (dict(temperature=9), "temperature must be between"),
+    (dict(weight=0.0), "needs an attention weight above 0"),
+    (dict(algorithm="opad"), "OPAD needs a teacher"),
+    (dict(algorithm="ral_explore", sigma=0.0), "σ above 0"),
+    (dict(algorithm="sgd"), "unknown algorithm"),
+    (dict(name="../x"), "cannot be a checkpoint name"),
+    (dict(dataset="upload"), "no data set"),
+])
+def test_bad_values_give_a_message(env, change, expect):
+    args = dict(algorithm="ral", steps=3, dataset="grounding", **FAST)
+    args.update(change)
+    v = start(env, "bad", **args)
+    assert v.status.startswith("⚠️") and expect in v.status, v.status
+    assert all(x == {"__type__": "update"} for x in v[1:])  # the page keeps what it showed
+    assert env.t.QUEUE.for_session("bad") is None
+    runs = env.s.session_dir(req("bad"), create=False) / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # nothing left behind
+
+
+def test_unknown_model_and_bad_config(env, monkeypatch):
+    v = env.t.train_start("grounding", None, "ral", "/etc", None, 3, 1e-3, 1.0, 4, 2, 1.0, 1.0, "last", 4, 2, 0, "",
+                          request=req("bad2"))
+    assert "unknown model" in v.status
+    # an error from ral_core's own validation reaches the page as its message
+    monkeypatch.setitem(env.t.ALGORITHMS, "ral", ("RAL", "ral", {"epochs": 1, "minibatch_size": 64}, "lambda_attn"))
+    v = start(env, "bad2")
+    assert "exactly zero on the first update" in v.status
+
+
+# ---- data set zips ---------------------------------------------------------------------------------------
+def png_bytes(color=128):
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (color, color, color)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_zip(path, members: dict, links=()):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, "/etc/passwd")
+    return path
+
+
+def rows(*items):
+    return "\n".join(json.dumps(r) for r in items) + "\n"
+
+
+GOOD = {"data/train.jsonl": rows({"image": "img/a.png", "question": "What digit is in row 1 column 1?", "answer": "1",
+                                  "boxes": [[0, 0, 28, 28]]},
+                                 {"image": "img/b.png", "question": "Read row 1.", "answer": "2"}),
+        "data/img/a.png": png_bytes(10), "data/img/b.png": png_bytes(200)}
+
+
+def test_uploaded_zip_trains(env, tmp_path):
+    z = make_zip(tmp_path / "mydata.zip", GOOD)
+    v = start(env, "zip", steps=2, dataset="upload", upload={"path": str(z), "orig_name": "mydata.zip"})
+    assert v.status == "", v.status
+    run = wait(env, "zip")
+    assert run.status == "done" and run.cfg.dataset.endswith("train.jsonl") and "2 samples" in run.data_note
+    assert env.s.owns(req("zip"), run.cfg.dataset)  # extracted into the session's run folder
+
+
+@pytest.mark.parametrize("members, links, expect", [
+    ({"../evil.jsonl": "{}"}, (), "points outside the folder"),
+    ({"/abs/train.jsonl": "{}"}, (), "absolute path"),
+    ({"C:/x/train.jsonl": "{}"}, (), "absolute path"),
+    ({"train.jsonl": "{}"}, ("img/link.png",), "link or special file"),
+    ({"img/a.png": png_bytes()}, (), "no .jsonl file"),
+    ({"a.jsonl": "{}", "b.jsonl": "{}"}, (), "several .jsonl files"),
+    ({"train.jsonl": rows({"image": "a.png", "question": "q", "answer": "1"}) + "not json\n", "a.png": png_bytes()},
+     (), "train.jsonl line 2: not valid JSON"),
+    ({"train.jsonl": rows({"image": "a.png", "question": "q"}), "a.png": png_bytes()}, (), "line 1: missing field"),
+    ({"train.jsonl": rows({"image": "../../../../etc/hostname", "question": "q", "answer": "1"})}, (),
+     "line 1: the image path must point to a file inside the zip"),
+    ({"train.jsonl": rows({"image": "a.png", "question": "q", "answer": "1"}), "a.png": b"not a png"}, (),
+     "line 1: 'a.png' is not an image"),
+])
+def test_bad_zips_give_a_message(env, tmp_path, members, links, expect):
+    z = make_zip(tmp_path / "up.zip", members, links)
+    v = start(env, "badzip", steps=2, dataset="upload", upload={"path": str(z), "orig_name": "up.zip"})
+    assert v.status.startswith("⚠️") and expect in v.status, v.status
+    assert str(tmp_path) not in v.status and "sessions" not in v.status  # no server paths in messages
+    assert env.t.QUEUE.for_session("badzip") is None
+    assert not (tmp_path / "evil.jsonl").exists() and not list(env.dir.rglob("evil.jsonl"))
+
+
+def test_zip_limits(env, tmp_path, monkeypatch):
+    bad = tmp_path / "notes.zip"
+    bad.write_text("this is not a zip")
+    v = start(env, "lim", dataset="upload", upload={"path": str(bad), "orig_name": "notes.zip"})
+    assert "'notes.zip' is not a valid zip file" in v.status
+    bomb = make_zip(tmp_path / "bomb.zip", {"train.jsonl": "{}", "zeros.bin": b"\0" * 200_000})
+    assert bomb.stat().st_size < 5_000
+    monkeypatch.setattr(env.up, "MAX_UNZIPPED_BYTES", 100_000)
+    v = start(env, "lim", dataset="upload", upload={"path": str(bomb), "orig_name": "bomb.zip"})
+    assert "zip-bomb guard" in v.status
+    with pytest.raises(RALError, match="zip-bomb guard"):
+        env.up.extract_zip(bomb, tmp_path / "x", max_unzipped_bytes=50_000)
+    assert not (tmp_path / "x").exists()  # nothing left behind
+    monkeypatch.setattr(env.up, "MAX_ZIP_BYTES", 1_000)
+    big = make_zip(tmp_path / "big.zip", {"train.jsonl": "{}", "r.bin": os.urandom(5000)})
+    v = start(env, "lim", dataset="upload", upload={"path": str(big), "orig_name": "big.zip"})
+    assert "'big.zip' is" in v.status and "limit; upload a smaller zip" in v.status
+
+
+# ---- Inspect: levers and explored rollout ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inspected(env):
+    ex = env.example
+    out = env.h.run_inspect("tiny-a", ex["path"], ex["question"], 3, request=req("iv"))
+    assert out.status == ""
+    return out.state
+
+
+def test_lever_view(env, inspected):
+    v = env.h.run_levers(inspected, "", "1", 3.0, request=req("iv"))
+    assert v.status == "" and is_png(v.chart)
+    assert "strongest lever" in v.summary and "example's known answer region" in v.summary
+    v2 = env.h.run_levers(inspected, "0,0,42,42", "1", 2.0, request=req("iv"))
+    assert v2.status == "" and "the box you typed" in v2.summary and v2.chart != v.chart
+    for box, strength, expect in (("1,2,3", 3, "four numbers"), ("0,0,500,500", 3, "inside the image"),
+                                  ("a,b,c,d", 3, "four numbers"), ("", 50, "between 0.5 and 10")):
+        assert expect in env.h.run_levers(inspected, box, "1", strength, request=req("iv")).status
+    assert "run it first" in env.h.run_levers(None, "", "", 3, request=req("iv")).status
+    assert "ended session" in env.h.run_levers(inspected, "", "1", 3, request=req("other")).status
+
+
+def test_explored_view(env, inspected):
+    v = env.h.run_explored(inspected, 3.0, "all", 1, 3, request=req("iv"))
+    assert v.status == "" and is_png(v.figure) and "Natural answer" in v.answers and "all layers" in v.answers
+    v = env.h.run_explored(inspected, 3.0, "1", 1, 3, request=req("iv"))
+    assert v.status == "" and "layer 1" in v.answers
+    choices = env.h.explore_layer_choices(inspected)["choices"]
+    assert ("layer 2", "2") in choices and choices[0] == ("last layer", "last")
+    assert "σ must be above 0" in env.h.run_explored(inspected, 0, "last", 0, 3, request=req("iv")).status
+    assert "layer must be" in env.h.run_explored(inspected, 1, "9", 0, 3, request=req("iv")).status
+    assert "run it first" in env.h.run_explored(None, 1, "last", 0, 3, request=req("iv")).status
+
+
+def test_app_lists_the_new_endpoints(env):
+    from app.main import build_app
+
+    names = {d.api_name for d in build_app().fns.values() if d.api_name}
+    assert {"train_start", "train_poll", "train_cancel", "levers", "explored"} <= names
