@@ -39,12 +39,16 @@ def accuracy(adapter, task: GroundingTask, n: int, batch_size: int = 32) -> dict
     """Exact-match accuracy (normalised) on samples 0..n-1 of `task`, overall and per question kind."""
     samples = task.samples(n)
     preds = greedy_answers(adapter, [s.image for s in samples], [s.question for s in samples], batch_size=batch_size)
+    return score_answers(samples, preds)
+
+
+def score_answers(samples, preds) -> dict:
+    """Exact-match accuracy of `preds` against the samples' answers, overall and per question kind."""
     hits, counts = defaultdict(int), defaultdict(int)
     for s, p in zip(samples, preds):
         counts[s.kind] += 1
         hits[s.kind] += normalize(p) == normalize(s.answer)
-    total = sum(hits.values())
-    return {"accuracy": total / max(n, 1), "n": n,
+    return {"accuracy": sum(hits.values()) / max(len(samples), 1), "n": len(samples),
             "per_kind": {k: hits[k] / counts[k] for k in sorted(counts)},
             "per_kind_n": {k: counts[k] for k in sorted(counts)}}
 
@@ -94,11 +98,6 @@ def evaluate(adapter, task: GroundingTask, n: int, layer: int = -1, batch_size: 
     """Accuracy (greedy, exact match) plus attention metrics on the model's own answers."""
     samples = task.samples(n)
     preds = greedy_answers(adapter, [s.image for s in samples], [s.question for s in samples], batch_size=batch_size)
-    hits, counts = defaultdict(int), defaultdict(int)
-    for s, p in zip(samples, preds):
-        counts[s.kind] += 1
-        hits[s.kind] += normalize(p) == normalize(s.answer)
-    out = {"accuracy": sum(hits.values()) / max(n, 1), "n": n,
-           "per_kind": {k: hits[k] / counts[k] for k in sorted(counts)}, "layer": layer}
+    out = {**score_answers(samples, preds), "layer": layer}
     out.update(attention_metrics(adapter, samples, preds, layer=layer, batch_size=batch_size))
     return out

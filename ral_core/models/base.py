@@ -78,6 +78,22 @@ class VLMAdapter:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    @classmethod
+    def load(cls, path, config):
+        """Model, tokenizer and image processor of a saved directory (or cached hub id) via the Auto classes."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        try:
+            ip = AutoImageProcessor.from_pretrained(path)
+        except (ImportError, ValueError, OSError):
+            ip = cls.fallback_image_processor(path)
+        return cls(model, AutoTokenizer.from_pretrained(path), ip)
+
+    @classmethod
+    def fallback_image_processor(cls, path):
+        raise RALError(f"no usable image processor in '{path}' (torchvision is not installed here)")
+
     # ---- family-specific -------------------------------------------------------------------------
     def prompt_ids(self, n_image_tokens, question: str, extra=None) -> list[int]:
         raise NotImplementedError

@@ -14,13 +14,6 @@ class Idefics3Adapter(VLMAdapter):
     family = "idefics3"
     model_types = ("idefics3",)
 
-    @classmethod
-    def load(cls, path, config):
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-        model = AutoModelForImageTextToText.from_pretrained(path)
-        return cls(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
-
     @property
     def tile(self) -> int:
         return int(self.image_processor.max_image_size["longest_edge"])

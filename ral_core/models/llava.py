@@ -35,13 +35,6 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
     model_types = ("llava",)
 
-    @classmethod
-    def load(cls, path, config):
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-        model = AutoModelForImageTextToText.from_pretrained(path)
-        return cls(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
-
     @property
     def patch(self) -> int:
         return int(self.model.config.vision_config.patch_size)

@@ -14,17 +14,9 @@ class Qwen2VLAdapter(VLMAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
     @classmethod
-    def load(cls, path, config):
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-        model = AutoModelForImageTextToText.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-        try:
-            ip = AutoImageProcessor.from_pretrained(path)
-        except (ImportError, ValueError, OSError):
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-            ip = Qwen2VLImageProcessorPil.from_pretrained(path)
-        return cls(model, tok, ip)
+    def fallback_image_processor(cls, path):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil.from_pretrained(path)
 
     @property
     def merge(self) -> int:
