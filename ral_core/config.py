@@ -84,6 +84,7 @@ class TrainConfig:
     eval_samples: int = 64
     log_tensorboard: bool = False
     log_attention: bool = True           # capture the policy rows for metrics even when no term uses them
+    attn_metrics_every: int = 5          # every k steps, one extra forward measures JSD(new ‖ old attention)
 
     # ---- derived ------------------------------------------------------------------------------------
     @property
@@ -130,6 +131,7 @@ class TrainConfig:
         need(self.explore_keys in ("visual", "all"), "explore_keys must be visual or all")
         need(self.explore_row in ("own", "predicts"), "explore_row must be own or predicts")
         need(self.explore_schedule in ("constant", "linear"), "explore_schedule must be constant or linear")
+        need(self.attn_metrics_every >= 0, "attn_metrics_every must be ≥ 0 (0 = never)")
         need(self.explore_top_k >= 1, "explore_top_k must be ≥ 1")
         need(self.lora_r >= 0, "lora_r must be ≥ 0 (0 = full fine-tuning)")
         if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:

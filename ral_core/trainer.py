@@ -191,6 +191,38 @@ class Trainer:
             _, ro.teacher_attn, ro.teacher_logits = policy_forward(self.teacher.model, ro, self.spec,
                                                                    need_logits=self.cfg.lambda_token_kl > 0)
 
+    def update_phase(self, ro) -> tuple[int, dict, list]:
+        """`epochs` passes of shuffled mini-batches over one rollout batch (≥ 2 optimizer updates when an
+        attention term is on). Returns (updates, per-term metric lists, grad norms)."""
+        cfg = self.cfg
+        self.model.train()
+        N = len(ro.texts)
+        agg: dict[str, list] = {}
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        n_updates, grad_norms = 0, []
+        for _ in range(cfg.epochs):
+            chunks = list(torch.randperm(N, generator=g).split(cfg.minibatch_size))
+            for i, idx in enumerate(chunks):
+                mb = ro.select(idx.to(ro.completion.device))
+                loss, m = self._loss(mb)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+                self.acc.backward(loss / cfg.grad_accum)
+                for k, v in m.items():
+                    agg.setdefault(k, []).append(v)
+                if (i + 1) % cfg.grad_accum == 0 or i == len(chunks) - 1:
+                    if cfg.max_grad_norm > 0:
+                        gn = float(self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                            cfg.max_grad_norm))
+                        grad_norms.append(gn)
+                        if not math.isfinite(gn):
+                            raise FloatingPointError(f"non-finite gradient norm at step {self.step}")
+                    self.opt.step()
+                    self.sched.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    n_updates += 1
+        return n_updates, agg, grad_norms
+
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -207,33 +239,7 @@ class Trainer:
             raise
         self._fill_references(ro)
         t_roll = time.perf_counter() - t0
-        self.model.train()
-        N = len(ro.texts)
-        agg: dict[str, list] = {}
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        n_updates, grad_norms = 0, []
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(N, generator=g)
-            chunks = list(perm.split(cfg.minibatch_size))
-            for i, idx in enumerate(chunks):
-                mb = ro.select(idx.to(ro.completion.device))
-                loss, m = self._loss(mb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
-                self.acc.backward(loss / cfg.grad_accum)
-                for k, v in m.items():
-                    agg.setdefault(k, []).append(v)
-                if (i + 1) % cfg.grad_accum == 0 or i == len(chunks) - 1:
-                    if cfg.max_grad_norm > 0:
-                        gn = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                      cfg.max_grad_norm)
-                        grad_norms.append(float(gn))
-                        if not math.isfinite(float(gn)):
-                            raise FloatingPointError(f"non-finite gradient norm at step {self.step}")
-                    self.opt.step()
-                    self.sched.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    n_updates += 1
+        n_updates, agg, grad_norms = self.update_phase(ro)
         # attention of the updated policy on the same rows: how far the updates moved it
         metrics = {"step": self.step, "reward": float(ro.rewards.mean()),
                    "accuracy": float(ro.sub_rewards.get("exact_match", ro.rewards).mean()),
@@ -248,12 +254,14 @@ class Trainer:
         if self.explore is not None:
             metrics.update(explore_stats(ro, self.explore))
         if self.spec is not None:
-            with torch.no_grad():
-                attn_new = forward_policies(self.model, ro, self.spec, self.explore)["attn"]
-            from ral_core.losses import aggregate, jsd
-            d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
-            metrics["attn_jsd_after_update"] = float(aggregate(d, ro.mask, "token"))
-            metrics.update(attention_stats(attn_new, ro))
+            metrics.update(attention_stats(ro.old_attn, ro))  # the rollout policy's attention: free
+            if cfg.attn_metrics_every and (self.step + 1) % cfg.attn_metrics_every == 0:
+                # how far this step's updates moved the attention on the same rows: one extra forward
+                with torch.no_grad():
+                    attn_new = forward_policies(self.model, ro, self.spec, self.explore)["attn"]
+                from ral_core.losses import aggregate, jsd
+                d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
+                metrics["attn_jsd_after_update"] = float(aggregate(d, ro.mask, "token"))
         metrics["rollout_time"] = t_roll
         metrics["step_time"] = time.perf_counter() - t0
         self.last_rollouts = ro

@@ -14,7 +14,7 @@ from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DIGITS_PATH = ASSETS / "digits" / "digits.npz"
-TASK_KINDS = ("cell", "where", "count", "row", "compare")
+TASK_KINDS = ("cell", "where", "count", "row", "compare", "marked")
 ORDINALS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -117,6 +117,14 @@ class GroundingTask:
         if kind == "row":
             return Sample(image, f"Read row {r + 1}.", " ".join(str(int(x)) for x in grid[r]),
                           [self.cell_box(r, k) for k in range(C)], kind, meta)
+        if kind == "marked":
+            # the target is found by what it looks like (a frame), not by its grid coordinates
+            arr = np.asarray(image).copy()
+            x0, y0, x1, y1 = self.cell_box(r, c)
+            arr[y0:y0 + 2, x0:x1] = arr[y1 - 2:y1, x0:x1] = 160
+            arr[y0:y1, x0:x0 + 2] = arr[y0:y1, x1 - 2:x1] = 160
+            return Sample(Image.fromarray(arr), "What digit is in the marked cell?", str(grid[r, c]),
+                          [self.cell_box(r, c)], kind, meta)
         if kind == "compare":
             r2, c2 = r, c
             while (r2, c2) == (r, c) and R * C > 1:
