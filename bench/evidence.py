@@ -44,8 +44,8 @@ METHODS = {
     "explore_levers_s3": {"explore": True, "explore_layers": "levers", "explore_sigma": 3.0},
     "noise_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0, "explore_weight": 0.0},
 }
-COMMON = {"prompts_per_step": 8, "group_size": 8, "epochs": 2, "minibatch_size": 32, "temperature": 1.0,
-          "lr": 1e-4, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
+COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
+          "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
 
 def run_one(job: dict) -> dict:
@@ -191,7 +191,7 @@ def main():
     p.add_argument("--model", default="default")
     p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))

@@ -101,3 +101,22 @@ def evaluate(adapter, task: GroundingTask, n: int, layer: int = -1, batch_size: 
     out = {**score_answers(samples, preds), "layer": layer}
     out.update(attention_metrics(adapter, samples, preds, layer=layer, batch_size=batch_size))
     return out
+
+
+@torch.no_grad()
+def expected_reward(adapter, samples, batch_size: int = 32) -> float:
+    """Mean p(gold answer + EOS) under the model, teacher-forced: the exact expected exact-match reward of
+    temperature-1 sampling (up to answers that differ only in case/spacing), without sampling noise."""
+    model = adapter.model
+    was = model.training
+    model.eval()
+    ps = []
+    for i in range(0, len(samples), batch_size):
+        ch = samples[i:i + batch_size]
+        b = adapter.build_inputs([s.image for s in ch], [s.question for s in ch], [s.answer for s in ch])
+        mi, resp = b["model_inputs"], b["response_mask"]
+        logp = torch.log_softmax(model(**mi).logits[:, :-1].float(), -1)
+        tok = logp.gather(-1, mi["input_ids"][:, 1:, None]).squeeze(-1)
+        ps.append((tok * resp[:, 1:]).sum(1).exp())
+    model.train(was)
+    return float(torch.cat(ps).mean())
