@@ -48,7 +48,7 @@ bench: bench-capture bench-train
 # OPAD / distillation teacher: a larger model trained longer on the same task (same tokenizer/processor).
 evidence-teacher: install
 	test -f bench/_work/teacher/config.json || $(BIN)/python scripts/train_default_model.py \
-	  --out bench/_work/teacher --hidden 192 --layers 6 --steps 4000 --minutes 60
+	  --out bench/_work/teacher --hidden 192 --mrope-section 4,10,10 --steps 3500 --minutes 60
 
 evidence: install evidence-teacher
 	$(BIN)/python bench/evidence.py --out docs/results.md

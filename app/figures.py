@@ -38,9 +38,10 @@ def training_curves(history: list[dict], total_steps: int | None = None, title: 
                 ax.plot(x, y, "o-", ms=3, lw=1.4, label=label)
                 drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, "not logged yet" if not history else "not logged for this run\n(needs target boxes)"
-                    if keys[0][0] == "attn_target_mass" else "not logged for this run",
-                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
+            why = "not logged yet" if not history else "not logged for this run"
+            if history and keys[0][0] == "attn_target_mass":
+                why += "\n(the data set has no target boxes)"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
         if len(keys) > 1 and drawn:
             ax.legend(fontsize=7, loc="best")
         ax.set_title(name, fontsize=9)
@@ -56,14 +57,17 @@ def training_curves(history: list[dict], total_steps: int | None = None, title: 
     return fig
 
 
-def pair_overlay(left, right, left_title: str, right_title: str, layer="mean", boxes=()):
-    """Two InspectionResults of the same image, each the head mean over its answer tokens at `layer`,
-    on one shared colour scale."""
+def pair_overlay(left, right, left_title: str, right_title: str, layer="mean", boxes=(), diff_title: str = ""):
+    """Two InspectionResults of the same image, each the head mean over its answer tokens at `layer`, on one
+    shared colour scale; with `diff_title` a third panel shows the signed change right − left."""
     vl = left.visual_map(layer=layer)
     vr = right.visual_map(layer=layer)
     vmax = float(max(vl.max(), vr.max())) or 1e-9
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.0), dpi=100)
+    n = 3 if diff_title else 2
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.0), dpi=100)
     render.overlay(left.image, left.geometry, vl, title=left_title, vmin=0, vmax=vmax, boxes=boxes, ax=axes[0])
     render.overlay(right.image, right.geometry, vr, title=right_title, vmin=0, vmax=vmax, boxes=boxes, ax=axes[1])
+    if diff_title:
+        render.diff_overlay(right.image, right.geometry, vl, vr, title=diff_title, ax=axes[2])
     fig.tight_layout()
     return fig

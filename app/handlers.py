@@ -235,6 +235,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     res.save(d / "result")
     ex = _example_for(img)
     state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []), "model": model,
+             "expected": (ex or {}).get("answer"),
              "zip": _zip(d / "result", d / "inspection_result")}
     lay = _keep_layer(layer, res.layers)
     view = _inspect_view(state, lay, MEAN, row)
@@ -265,7 +266,8 @@ def _box(text, image) -> list[tuple[float, float, float, float]]:
     if text is None or not str(text).strip():
         return []
     W, H = image.size
-    msg = f"the target box must be four numbers x0,y0,x1,y1 in pixels of the {W}×{H} image (e.g. 0,0,{W // 3},{H // 3})"
+    msg = (f"the target box must be four numbers x0,y0,x1,y1 in pixels of the {W}×{H} image "
+           f"(e.g. 0,0,{W // 3},{H // 3})")
     try:
         vals = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
     except ValueError:
@@ -294,8 +296,6 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
     if not 0.5 <= s <= 10:
         raise RALError("the nudge strength must be between 0.5 and 10")
     ans = str(answer or "").strip() or res.answer
-    if not ans:
-        raise RALError("the model's answer is empty, so there is nothing to score; type an answer to score")
     boxes = _box(box, res.image)
     where = "the box you typed"
     if not boxes and st.get("boxes"):
@@ -305,6 +305,10 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
     sample = {"image": res.image, "question": res.question, "answer": ans, "boxes": boxes}
     with registry.MODEL_LOCK:
         adapter = registry.get_adapter(_model_of(st), request)
+        if not ans:  # a whitespace-only answer is still the model's answer: score its tokens as generated
+            sample["answer"] = ans = adapter.tokenizer.decode(res.answer_ids, skip_special_tokens=True)
+        if not ans:
+            raise RALError("the model's answer is empty, so there is nothing to score; type an answer to score")
         lmap = lever_map(adapter, [sample], layers="all", strength=s)
     d = Path(st["dir"])
     with RENDER_LOCK:
@@ -313,7 +317,8 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
     i = lmap.layers.index(top)
     weakest = lmap.ranked()[-1]
     sign = "more" if lmap.effect[i] > 0 else "less"
-    summary = (f"Scoring the answer `{ans}`, steering toward {where}. **Layer {top} is the strongest lever:** "
+    shown = ans if ans.strip() else _shown(ans)
+    summary = (f"Scoring the answer `{shown}`, steering toward {where}. **Layer {top} is the strongest lever:** "
                f"pushing its attention toward the target instead of away makes the answer {sign} likely "
                f"(log-probability {lmap.effect[i]:+.2f}, probability {lmap.prob_effect[i]:+.3f}). "
                f"Layer {weakest} matters least ({lmap.effect[lmap.layers.index(weakest)]:+.2f}). "
@@ -321,6 +326,10 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
                "measures many).")
     if abs(lmap.effect[i]) < 0.05:
         summary += " All effects are tiny: where this model looks hardly changes this answer."
+    exp = st.get("expected")
+    if exp and not str(answer or "").strip() and ans.strip() != exp:
+        summary += (f" The model's answer is not the example's expected `{exp}`: type that into 'answer to score' "
+                    "to see which layers' attention would help the right answer.")
     return LeverOut("", png, summary)
 
 
@@ -366,9 +375,10 @@ def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, reque
     shown = f"layer {show}" if show != MEAN else "mean over layers"
     d = Path(st["dir"])
     with RENDER_LOCK:
-        fig = figures.pair_overlay(nat, exp, f"natural: answers {nat.answer!r}\n{shown}, mean over heads & tokens",
-                                   f"explored (σ={sg:g}, seed {sd}): answers {exp.answer!r}\n{shown}, same colour scale",
-                                   layer=show, boxes=st.get("boxes", []))
+        fig = figures.pair_overlay(
+            nat, exp, f"natural: answers {nat.answer!r}\n{shown}, mean over heads & tokens",
+            f"explored (σ={sg:g}, seed {sd}): answers {exp.answer!r}\n{shown}, same colour scale",
+            layer=show, boxes=st.get("boxes", []))
         png = str(render.save_figure(fig, d / f"explored_{len(list(d.glob('explored_*')))}.png"))
     where = "all layers" if len(ex_layers) > 1 else f"layer {ex_layers[0]}"
     changed = nat.answer != exp.answer

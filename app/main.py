@@ -55,14 +55,11 @@ EXPLAIN_EXPLORED = ("**An explored rollout.** RAL + exploration gives each train
                     "looks that led to right answers. Left: the model's own greedy answer and attention; right: the "
                     "same question under one random nudge. Both share one colour scale. Different seeds draw "
                     "different nudges.")
-TRAIN_INTRO = ("**Train a model here.** The model answers each training question several times (a *group*), every "
-               "answer is scored, and the model is pushed toward the better-than-average answers (GRPO). **RAL** "
-               "also treats *where it looked* as something to train: attention that led to good answers is "
-               "reinforced. The run is private to this browser tab and ends when you close it; its final "
-               "checkpoint appears as `session: <name>` in Inspect and Compare.")
-ALGO_INFO = ("GRPO: reward only. RAL: plus the attention term (weight λ). RAL image-only: the attention policy "
-             "counts only image patches. OPAD: copy a teacher model's attention (weight γ), no reward needed for "
-             "that term. RAL + exploration: random nudges to attention during rollouts (spread σ).")
+TRAIN_INTRO = ("**Train a model here.** The model answers each training question several times (a *group*); every "
+               "answer is scored and the model is pushed toward its better-than-average answers (GRPO). **RAL** also "
+               "trains *where it looked*: attention that led to good answers is reinforced. The run is private to "
+               "this browser tab and stops when you close it; its checkpoint appears as `session: <name>` in "
+               "Inspect and Compare.")
 UPLOAD_INFO = (f"A .zip (≤ {MAX_ZIP_BYTES // 2**20} MB) holding one `.jsonl` file, one sample per line: "
                '`{"image": "img/1.png", "question": "…", "answer": "…", "boxes": [[x0, y0, x1, y1]]}` '
                "(image paths relative to the JSONL file, `boxes` optional: where the answer is in the image, "
@@ -146,7 +143,7 @@ def _inspect_tab(choices):
                     lv_strength = gr.Slider(0.5, 10, value=3.0, step=0.5, label="nudge strength")
                 lv_run = gr.Button("Find the levers", elem_id="i-levers-run")
                 lv_chart = gr.Image(label="Levers", show_label=False, format="png", interactive=False,
-                                    elem_id="i-levers")
+                                    elem_id="i-levers", height=330)
                 lv_summary = gr.Markdown()
             with gr.Accordion("Show an explored rollout", open=False, elem_id="i-explore-section"):
                 _explain(EXPLAIN_EXPLORED)
@@ -157,7 +154,7 @@ def _inspect_tab(choices):
                     ex_seed = gr.Number(0, precision=0, label="seed", minimum=0)
                 ex_run = gr.Button("Show an explored rollout", elem_id="i-explore-run")
                 ex_fig = gr.Image(label="natural | explored", show_label=False, format="png", interactive=False,
-                                  elem_id="i-explored")
+                                  elem_id="i-explored", height=380)
                 ex_answers = gr.Markdown()
     state = gr.State()
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
@@ -204,53 +201,55 @@ def _compare_tab(choices):
 
 def _train_tab(choices):
     first = registry.initial_model()
+    rec = training.recipe_defaults("ral")  # the page starts from the RAL recipe's calibrated values
+    _explain(TRAIN_INTRO)
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
-            _explain(TRAIN_INTRO)
+            model = gr.Dropdown(choices, value=first, label="Model to train", elem_id="t-model")
             data = gr.Radio([("bundled digit-grid task", training.BUNDLED), ("my data (zip upload)", training.UPLOAD)],
                             value=training.BUNDLED, label="Data set", elem_id="t-data")
             upload = gr.File(label="Data set zip", file_types=[".zip"], file_count="single", visible=False,
                              elem_id="t-upload")
             upload_info = gr.Markdown(UPLOAD_INFO, visible=False, elem_classes=["explain"])
             algo = gr.Radio([(v[0], k) for k, v in training.ALGORITHMS.items()], value="ral", label="Algorithm",
-                            info=ALGO_INFO, elem_id="t-algo")
-            model = gr.Dropdown(choices, value=first, label="Model to train", elem_id="t-model")
+                            elem_id="t-algo")
+            algo_help = _explain(training.ALGO_HELP["ral"])
             teacher = gr.Dropdown(choices, value=next((c for c in choices if c != first), first),
-                                  label="Teacher (OPAD copies its attention; same tokenizer needed)", visible=False,
-                                  elem_id="t-teacher")
-            steps = gr.Slider(1, 500, value=20, step=1, label="steps", info="rollout batches, each followed by 2 "
-                              "passes of updates", elem_id="t-steps")
-            weight = gr.Slider(0, 10, value=1.0, step=0.1, label="attention weight λ_attn",
-                               info="paper: 0.5 – 5", elem_id="t-weight")
+                                  label="Teacher (OPAD copies its attention)", visible=False, elem_id="t-teacher")
+            steps = gr.Slider(1, 500, value=20, step=1, label="steps", info="each: one batch of answers, then 2 "
+                              "passes of updates over it", elem_id="t-steps")
+            weight = gr.Slider(0, 10, value=rec["lambda_attn"], step=0.1, label="attention weight λ_attn",
+                               elem_id="t-weight")
             with gr.Row():
                 sigma = gr.Slider(0, 5, value=1.0, step=0.1, label="exploration σ", visible=False)
                 explore_layers = gr.Dropdown(training.EXPLORE_LAYERS, value="levers", label="explored layers",
                                              visible=False)
             with gr.Accordion("More settings", open=False):
-                lr = gr.Number(1e-4, label="learning rate (1e-7 – 1e-2)", elem_id="t-lr")
-                group = gr.Slider(2, 16, value=8, step=1, label="group size (answers per question)")
-                prompts = gr.Slider(1, 16, value=4, step=1, label="questions per step")
-                temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="sampling temperature")
-                max_new = gr.Slider(1, 32, value=12, step=1, label="max new tokens")
-                snap = gr.Slider(1, 100, value=5, step=1, label="snapshot every (steps)")
+                lr = gr.Number(rec["lr"], label="learning rate (1e-7 – 1e-2)", elem_id="t-lr")
+                group = gr.Slider(2, 16, value=rec["group_size"], step=1, label="group size (answers per question)")
+                prompts = gr.Slider(1, 16, value=rec["prompts_per_step"], step=1, label="questions per step")
+                temp = gr.Slider(0.1, 2.0, value=rec["temperature"], step=0.05, label="sampling temperature")
+                max_new = gr.Slider(1, 32, value=rec["max_new_tokens"], step=1, label="max new tokens")
+                snap = gr.Slider(1, 100, value=5, step=1, label="snapshot every (steps)", elem_id="t-snap")
                 seed = gr.Number(0, precision=0, label="seed", minimum=0)
                 name = gr.Textbox(label="checkpoint name (optional)", placeholder="e.g. ral-digits; empty: automatic")
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="t-start")
-                cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="t-cancel")
-            status = gr.Markdown(elem_id="t-status")
         with gr.Column(scale=5):
+            with gr.Row(equal_height=True):
+                start = gr.Button("Start training", variant="primary", elem_id="t-start", scale=2)
+                cancel = gr.Button("Cancel", variant="stop", interactive=False,
+                                   elem_id="t-cancel", scale=1)
+            status = gr.Markdown(elem_id="t-status")
             progress = gr.HTML(training.IDLE, elem_id="t-progress")
             curves = gr.Image(label="Live curves", show_label=False, format="png", interactive=False,
-                              elem_id="t-curves")
+                              elem_id="t-curves", height=440)
             _explain(EXPLAIN_CURVES)
             snapshot = gr.Image(label="Probe snapshot", show_label=False, format="png", interactive=False,
                                 elem_id="t-snapshot")
             note = gr.Markdown(elem_id="t-note")
             _explain(EXPLAIN_SNAPSHOT)
     timer = gr.Timer(1.0, active=False)
-    algo.change(training.algorithm_changed, algo, [teacher, sigma, explore_layers, weight], api_visibility="private",
-                show_progress="hidden")
+    algo.change(training.algorithm_changed, algo, [teacher, sigma, explore_layers, weight, algo_help],
+                api_visibility="private", show_progress="hidden")
     data.change(lambda k: (training.dataset_changed(k),) * 2, data, [upload, upload_info], api_visibility="private",
                 show_progress="hidden")
     return dict(ins=[data, upload, algo, model, teacher, steps, lr, weight, group, prompts, temp, sigma,

@@ -1,10 +1,15 @@
 """Screenshots of the running app for the README: `python -m app.screenshots [OUT_DIR]`.
 
 Serves the app on a free local port with the configured models (RAL_MODELS_CONFIG or app/models.yaml, first
-model preselected), drives Debian's /usr/bin/chromium at 1280×800 and writes inspect.png and compare.png.
+model preselected), drives Debian's /usr/bin/chromium at 1280×800 and writes
+  inspect.png  an Inspect result (first answer token),
+  levers.png   Inspect's causal-lever chart and an explored rollout,
+  train.png    the Train tab mid-run (RAL, RAL_SHOT_STEPS steps, default 8, snapshot every 2),
+  compare.png  the first model against the checkpoint that run left (`session: ral-1`).
 """
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -49,7 +54,42 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
                 pg.wait_for_function(CHANGED.format(img=IMG, old=src), arg="#i-overlay img")
             time.sleep(1.0)  # let the head grid settle
             pg.screenshot(path=str(out / "inspect.png"), full_page=True)
+
+            pg.click("#i-levers-section button")  # open both accordions, run them
+            pg.click("#i-levers-run")
+            pg.wait_for_function(IMG, arg="#i-levers img")
+            pg.click("#i-explore-section button")
+            pg.click("#i-explore-run")
+            pg.wait_for_function(IMG, arg="#i-explored img")
+            time.sleep(1.0)
+            top = pg.locator("#i-levers-section").bounding_box()
+            bottom = pg.locator("#i-explore-section").bounding_box()
+            y0 = max(0, pg.evaluate("window.scrollY") + top["y"] - 10)
+            height = min(1700, bottom["y"] + bottom["height"] - top["y"] + 20)
+            pg.screenshot(path=str(out / "levers.png"), full_page=True,
+                          clip={"x": max(0, top["x"] - 10), "y": y0, "width": top["width"] + 20, "height": height})
+
+            steps = os.environ.get("RAL_SHOT_STEPS", "8")
+            pg.get_by_role("tab", name="Train").click()
+            pg.locator("#t-steps input[type=number]").fill(steps)
+            pg.locator("#t-steps input[type=number]").press("Tab")
+            pg.get_by_text("More settings").click()
+            pg.locator("#t-snap input[type=number]").fill("2")
+            pg.locator("#t-snap input[type=number]").press("Tab")
+            pg.get_by_text("More settings").click()
+            pg.click("#t-start")
+            pg.wait_for_function("() => /step [3-9]|step \\d\\d|done/.test("
+                                 "document.querySelector('#t-progress').innerText)", timeout=1_800_000)
+            pg.wait_for_function(IMG, arg="#t-snapshot img")
+            time.sleep(1.5)
+            pg.evaluate("window.scrollTo(0, 0)")
+            pg.screenshot(path=str(out / "train.png"), full_page=True)
+            pg.wait_for_function("() => /done|stopped|cancelled/.test(document.querySelector('#t-progress').innerText)",
+                                 timeout=1_800_000)
+
             pg.get_by_role("tab", name="Compare").click()
+            pg.click("#c-model-b input")
+            pg.click('#c-model-b li[aria-label="session: ral-1"]')
             pg.get_by_text("Read row 1.").last.click()
             pg.click("#c-run")
             pg.wait_for_function(IMG, arg="#c-figure img")
@@ -58,7 +98,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             ctx.close()
     finally:
         demo.close()
-    print(f"wrote {out / 'inspect.png'} and {out / 'compare.png'}")
+    print(f"wrote inspect.png, levers.png, train.png and compare.png in {out}")
     return 0
 
 

@@ -39,6 +39,18 @@ ALGORITHMS = {  # value → (label, recipe, extra overrides, what the weight sli
     "opad": ("OPAD — copy a teacher's attention", "opad", {}, "gamma_opad"),
     "ral_explore": ("RAL + attention exploration", "ral", {"explore": True}, "lambda_attn"),
 }
+ALGO_HELP = {
+    "grpo": "**GRPO**: only the reward trains the model; where it looks changes only as a side effect.",
+    "ral": "**RAL**: GRPO plus an attention term — the attention pattern of well-rewarded answers is reinforced, "
+           "that of poor answers pushed away (weight λ_attn; the paper used 0.5 – 5).",
+    "ral_visual": "**RAL, image tokens only**: as RAL, but the attention policy only counts the image patches "
+                  "(renormalised), so the term is purely about where in the image the model looks.",
+    "opad": "**OPAD**: the model answers, a frozen *teacher* model reads the same answers, and the model is pulled "
+            "toward the teacher's attention (weight γ). Works from the first step; the teacher must share the "
+            "tokenizer.",
+    "ral_explore": "**RAL + exploration**: each rollout gets a random nudge to its attention (spread σ) at the chosen "
+                   "layers, so a group's answers differ in where they look and RAL can learn from that.",
+}
 EXPLORE_LAYERS = [("strongest levers (measured first)", "levers"), ("last layer", "last"), ("all layers", "all")]
 # (min, max, type) for every number the page sends; the recipes' other keys stay as they are
 RANGES = {"steps": (1, 500, int), "lr": (1e-7, 1e-2, float), "weight": (0.0, 10.0, float),
@@ -50,6 +62,21 @@ LABELS = {"steps": "steps", "lr": "learning rate", "weight": "attention weight",
           "max_new_tokens": "max new tokens", "snapshot_every": "snapshot every", "seed": "seed"}
 BUNDLED, UPLOAD = "grounding", "upload"
 ACTIVE_STATES = ("queued", "loading", "running")
+
+
+def recipe_defaults(recipe: str = "ral") -> dict:
+    """The recipe's values for the page's fields, clipped into the page's ranges (fallbacks if unreadable)."""
+    out = {"lr": 5e-5, "group_size": 8, "prompts_per_step": 16, "temperature": 1.0, "max_new_tokens": 12,
+           "lambda_attn": 1.0}
+    try:
+        cfg = build_config(recipe).to_dict()
+    except RALError:
+        return out
+    key = {"lambda_attn": "weight"}
+    for k in out:
+        lo, hi, kind = RANGES[key.get(k, k)]
+        out[k] = kind(min(max(cfg[k], lo), hi))
+    return out
 
 
 def max_runs() -> int:
@@ -76,7 +103,10 @@ class Run:
         self.probe: dict = {}
         self.queued_at, self.started_at, self.ended_at = time.time(), None, None
         self.rendered: dict[str, tuple] = {}  # figure kind → (key, png path)
+        self.render_lock = threading.Lock()  # overlapping polls of one session render one at a time
         self.thread: threading.Thread | None = None
+        self.loaded = False                  # the trainer exists (model loaded, snapshots may appear)
+        self._final: tuple[int, list] | None = None  # (step, history) kept once the trainer is released
 
     @property
     def active(self) -> bool:
@@ -84,10 +114,19 @@ class Run:
 
     @property
     def step(self) -> int:
-        return self.trainer.step if self.trainer is not None else 0
+        t = self.trainer
+        return t.step if t is not None else (self._final[0] if self._final else 0)
 
     def history(self) -> list[dict]:
-        return list(self.trainer.history) if self.trainer is not None else []
+        t = self.trainer
+        return list(t.history) if t is not None else (list(self._final[1]) if self._final else [])
+
+    def release(self) -> None:
+        """Keep the numbers, drop the trainer (model, optimizer state, teacher) once the run is over."""
+        t = self.trainer
+        if t is not None:
+            self._final = (t.step, list(t.history))
+            self.trainer = None
 
 
 class RunQueue:
@@ -127,8 +166,9 @@ class RunQueue:
                 self.waiting.remove(run)
                 run.status, run.ended_at = "cancelled", time.time()
                 run.message = "cancelled while waiting in the queue; nothing was trained"
-        if run.trainer is not None:
-            run.trainer.cancel.set()
+        t = run.trainer
+        if t is not None:
+            t.cancel.set()
 
     def end_session(self, session_hash: str) -> bool:
         """Cancel the session's run; True when a thread is still finishing (it deletes the folder itself)."""
@@ -156,7 +196,7 @@ class RunQueue:
         from ral_core.trainer import Trainer
         try:
             trainer = Trainer(run.cfg)  # loads its own copy of the model: the app's cached ones stay untouched
-            run.trainer = trainer
+            run.trainer, run.loaded = trainer, True
             if run.cancel.is_set():
                 trainer.cancel.set()
             try:
@@ -178,9 +218,11 @@ class RunQueue:
             run.status, run.message = "failed", str(e)
         except Exception as e:  # noqa: BLE001 — the page gets one line, the log gets the trace
             log.exception("training run %s failed", run.id)
-            run.status, run.message = "failed", f"unexpected error ({type(e).__name__}); the details are in the server log"
+            run.status = "failed"
+            run.message = f"unexpected error ({type(e).__name__}); the details are in the server log"
         finally:
             run.ended_at = time.time()
+            run.release()
             with self.lock:
                 if run in self.running:
                     self.running.remove(run)
@@ -274,7 +316,9 @@ def make_config(request, run_dir: Path, dataset_kind, upload, algorithm, model, 
                 steps=nums["steps"], lr=nums["lr"], group_size=nums["group_size"],
                 prompts_per_step=nums["prompts_per_step"], temperature=nums["temperature"],
                 max_new_tokens=nums["max_new_tokens"], snapshot_every=nums["snapshot_every"], seed=nums["seed"],
-                probe_samples=1, save_every=0, keep_checkpoints=1, threads=1, log_tensorboard=False)
+                probe_samples=1, save_every=0, keep_checkpoints=1, threads=1, log_tensorboard=False,
+                # the attention-JSD curve costs one extra forward per measured step: every step for short runs
+                attn_metrics_every=max(1, min(5, nums["steps"] // 20)))
     if weight_key:
         if nums["weight"] <= 0:
             raise RALError(f"{label} needs an attention weight above 0 (0 would be plain GRPO)")
@@ -409,12 +453,14 @@ def _snapshot(run: Run):
     boxes = [tuple(x) for x in run.probe.get("boxes", [])]
     path = _render(run, "snapshot", last.name, lambda: figures.pair_overlay(
         a, b, f"step {s0}{' (before training)' if s0 == 0 else ''}: answers {a.answer!r}",
-        f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes))
+        f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes,
+        diff_title=f"change, step {s1} − step {s0}\n(red: looks more, blue: less)" if s1 != s0 else ""))
     q = html.escape(run.probe.get("question", a.question))
     exp = run.probe.get("answer")
     note = (f"**Probe image** (held out from training): *{q}*" + (f" — expected `{exp}`" if exp else "") +
-            f". Last layer ({layer}), mean over heads and answer tokens; both panels share one colour scale"
-            + (", the cyan box marks where the answer is." if boxes else "."))
+            f". Last layer ({layer}), mean over heads and answer tokens; the first two panels share one colour "
+            "scale, the third shows what training changed" + ("; the cyan box marks where the answer is." if boxes
+                                                               else "."))
     run.rendered["snapshot-note"] = (last.name, note)
     return path, note
 
@@ -434,8 +480,9 @@ def _view(run: Run | None, request, status: str = "") -> TrainView:
                          gr.update(interactive=False), *_models_unchanged())
     if run.status == "failed" and not status:
         status = f"⚠️ {run.message}"
-    curves = _curves(run) if run.trainer is not None else None
-    snap, note = _snapshot(run) if run.trainer is not None else (None, "")
+    with run.render_lock:
+        curves = _curves(run) if run.loaded else None
+        snap, note = _snapshot(run) if run.loaded else (None, "")
     models = _models_unchanged()
     if not run.active and run.checkpoint and not run.announced:
         run.announced = True
@@ -461,7 +508,7 @@ def _guarded(fn):
 
 @_guarded
 def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="default", teacher=None, steps=20,
-                lr=1e-4, weight=1.0, group_size=8, prompts_per_step=4, temperature=1.0, sigma=1.0,
+                lr=5e-5, weight=1.0, group_size=8, prompts_per_step=16, temperature=1.0, sigma=1.0,
                 explore_layers="levers", max_new_tokens=12, snapshot_every=5, seed=0, name="",
                 request: gr.Request = None) -> TrainView:
     """Check the settings, then queue the run (it starts at once when the server has a free slot)."""
@@ -502,9 +549,11 @@ def train_cancel(request: gr.Request = None) -> TrainView:
 def algorithm_changed(algorithm):
     """Show the teacher only for OPAD, σ and exploration layers only for exploration, the weight when used."""
     wk = ALGORITHMS.get(algorithm, (None, None, None, None))[3]
-    label = {"lambda_attn": "attention weight λ_attn", "gamma_opad": "attention weight γ (OPAD)"}.get(wk, "attention weight")
+    label = {"lambda_attn": "attention weight λ_attn",
+             "gamma_opad": "attention weight γ (OPAD)"}.get(wk, "attention weight")
     return (gr.update(visible=algorithm == "opad"), gr.update(visible=algorithm == "ral_explore"),
-            gr.update(visible=algorithm == "ral_explore"), gr.update(visible=wk is not None, label=label))
+            gr.update(visible=algorithm == "ral_explore"), gr.update(visible=wk is not None, label=label),
+            ALGO_HELP.get(algorithm, ""))
 
 
 def dataset_changed(kind):

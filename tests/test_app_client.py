@@ -16,8 +16,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, tiny_model_dir):
-    d = tmp_path_factory.mktemp("client_app")
+def app_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("client_app")
+
+
+@pytest.fixture(scope="module")
+def url(app_dir, tiny_model_dir):
+    d = app_dir
     (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
@@ -46,7 +51,8 @@ def png_ok(path):
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(return_format="dict")["named_endpoints"])
-    assert {"/inspect", "/inspect_view", "/compare", "/compare_view"} <= names
+    assert {"/inspect", "/inspect_view", "/compare", "/compare_view", "/levers", "/explored", "/train_start",
+            "/train_poll", "/train_cancel"} <= names
 
 
 def test_inspect_then_view(client):
@@ -80,3 +86,51 @@ def test_bad_upload_is_a_message(client, tmp_path):
     bad.write_text("hello")
     out = client.predict("tiny-a", handle_file(bad), "q", 3, False, 1.0, "last", "predicts", api_name="/inspect")
     assert out[0].startswith("⚠️") and "notes.txt" in out[0] and "not an image" in out[0]
+
+
+def test_training_run_then_its_checkpoint_in_compare(client, url, app_dir):
+    """A 5-step run from the API; its checkpoint is a model for this client's session only."""
+    import time
+
+    import httpx
+    from gradio_client import Client, handle_file
+
+    out = client.predict("grounding", None, "ral", "tiny-a", None, 5, 1e-3, 1.0, 4, 2, 1.0, 1.0, "last", 4, 2, 0,
+                         "api-run", api_name="/train_start")
+    assert out[0] == "", out[0]
+    t0 = time.time()
+    while "done" not in out[1]:
+        assert time.time() - t0 < 120 and not out[0], (out[0], out[1])
+        time.sleep(0.3)
+        out = client.predict(api_name="/train_poll")
+    status, progress, curves, snapshot = out[:4]
+    assert "5 / 5 steps" in progress and "session: api-run" in progress and png_ok(curves) and png_ok(snapshot)
+
+    cmp = client.predict("tiny-a", "session: api-run", handle_file(EXAMPLE), "Read row 1.", 3, False, 1.0, "last",
+                         "predicts", api_name="/compare")
+    assert cmp[0] == "" and "session: api-run" in cmp[1] and png_ok(cmp[4])
+
+    # another browser session can neither use nor download it
+    other = Client(url, verbose=False)
+    refused = other.predict("tiny-a", "session: api-run", handle_file(EXAMPLE), "Read row 1.", 3, False, 1.0,
+                            "last", "predicts", api_name="/compare")
+    assert refused[0].startswith("⚠️") and "no checkpoint" in refused[0]
+    (cfg,) = (app_dir / "sessions").glob("*/checkpoints/api-run/config.json")
+    for path in (cfg, cfg.parent / "model.safetensors"):
+        r = httpx.get(f"{url}gradio_api/file={path}")
+        assert r.status_code in (403, 404), r.status_code
+    assert "cancel" in other.predict(api_name="/train_cancel")[0]  # nothing of A's to cancel from B
+
+
+def test_uploaded_zip_is_checked(client, tmp_path):
+    """A zip uploaded through the server reaches the handler; an unsafe one is refused with a message."""
+    import zipfile
+
+    from gradio_client import handle_file
+
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("../../escape.jsonl", "{}")
+    out = client.predict("upload", handle_file(z), "grpo", "tiny-a", None, 2, 1e-3, 1.0, 4, 2, 1.0, 1.0, "last", 4, 2,
+                         0, "", api_name="/train_start")
+    assert out[0].startswith("⚠️") and "points outside the folder" in out[0] and "/tmp" not in out[0]

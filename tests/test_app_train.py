@@ -70,11 +70,14 @@ def wait(env, session, until=lambda run: not run.active, timeout=120):
 
 def test_run_curves_snapshot_checkpoint_then_compare(env, monkeypatch):
     label, recipe, extra, wk = env.t.ALGORITHMS["ral"]
-    monkeypatch.setitem(env.t.ALGORITHMS, "ral", (label, recipe, dict(extra, reward_weights={"test_app_has_digit": 1.0}), wk))
+    varied = dict(extra, reward_weights={"test_app_has_digit": 1.0})
+    monkeypatch.setitem(env.t.ALGORITHMS, "ral", (label, recipe, varied, wk))
     v = start(env, "ta", steps=4, temperature=1.5)
     assert v.status == "" and v.timer.active and v.cancel["interactive"] is True
     run = wait(env, "ta")
     assert run.status == "done" and run.step == 4, run.message
+    assert run.trainer is None and len(run.history()) == 4  # model and optimizer released, numbers kept
+    assert all("attn_jsd_after_update" in m and "attn_target_mass" in m for m in run.history())  # every curve
     v = env.t.train_poll(request=req("ta"))
     assert v.status == "" and "done: 4 / 4 steps" in v.progress and "session: ral-1" in v.progress
     assert is_png(v.curves) and is_png(v.snapshot) and "Probe image" in v.note
@@ -237,6 +240,8 @@ def test_uploaded_zip_trains(env, tmp_path):
      "line 1: the image path must point to a file inside the zip"),
     ({"train.jsonl": rows({"image": "a.png", "question": "q", "answer": "1"}), "a.png": b"not a png"}, (),
      "line 1: 'a.png' is not an image"),
+    ({"train.jsonl": rows({"image": "gone.png", "question": "q", "answer": "1"})}, (),
+     "line 1: image file 'gone.png' does not exist"),
 ])
 def test_bad_zips_give_a_message(env, tmp_path, members, links, expect):
     z = make_zip(tmp_path / "up.zip", members, links)

@@ -78,3 +78,22 @@ def test_inspect_upload_run_change_layer(page, tmp_path):
     assert shot.shape == (800, 1280) and shot.std() > 20  # not a blank page
     over = np.asarray(Image.open(io.BytesIO(page.locator("#i-overlay img").screenshot())).convert("L"), np.float32)
     assert over.shape[0] > 150 and over.std() > 20  # the overlay image really rendered
+
+
+def test_train_tab_runs_and_lists_the_checkpoint(page):
+    """Start → the timer polls → curves, probe snapshot and 'done' appear; the checkpoint joins the model list."""
+    page.get_by_role("tab", name="Train").click()
+    steps = page.locator("#t-steps input[type=number]")
+    steps.fill("3")
+    steps.press("Tab")
+    page.click("#t-start")
+    page.wait_for_function(IMG_LOADED, arg="#t-curves img")
+    page.wait_for_function("() => document.querySelector('#t-progress').innerText.includes('done: 3 / 3 steps')",
+                           timeout=120_000)
+    page.wait_for_function(IMG_LOADED, arg="#t-snapshot img")
+    assert "session: ral-1" in page.inner_text("#t-progress") and "⚠️" not in page.inner_text("#t-status")
+    assert "Probe image" in page.inner_text("#t-note")
+    page.get_by_role("tab", name="Inspect").click()
+    page.click("#i-model input")
+    page.wait_for_selector('#i-model li[aria-label="session: ral-1"]')
+    page.keyboard.press("Escape")
