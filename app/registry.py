@@ -73,7 +73,7 @@ def get_adapter(name: str, request=None):
     else:
         from ral_core.models import load_adapter
 
-        adapter = _CACHE[spec] = load_adapter(spec)
+        adapter = _CACHE[spec] = load_adapter(spec, device="auto")  # a GPU when the host (e.g. a Space) has one
         while len(_CACHE) > max(CACHE_SIZE, 1):
             _CACHE.popitem(last=False)
     adapter.name = name  # what results and titles show: the listed name, never a server path

@@ -42,7 +42,7 @@ def cmd_inspect(a) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
-    adapter = load_adapter(a.model)
+    adapter = load_adapter(a.model, device="auto")
     n = adapter.num_layers
     if not -n <= a.layer < n:
         raise RALError(f"--layer {a.layer} is out of range: the model has {n} decoder layers (0..{n - 1} or -1)")

@@ -262,7 +262,10 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
 
 
 def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype | None = None) -> VLMAdapter:
-    """Load a model by 'default', local directory or hub id (offline: only from the local cache)."""
+    """Load a model by 'default', local directory or hub id (offline: only from the local cache).
+    `device="auto"` picks a CUDA GPU when one is visible, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
