@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apphelpers import is_png, req
+
 from ral_core.compare import jsd
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
@@ -35,13 +37,6 @@ def app_env(tmp_path_factory, tiny_model_dir, tiny_qwen):
         registry.clear_cache()
 
 
-def req(h):
-    return SimpleNamespace(session_hash=h)
-
-
-def is_png(path):
-    with Image.open(path) as im:
-        return im.format == "PNG" and im.width > 100
 
 
 def test_model_list_names_only(app_env):

@@ -1,18 +1,14 @@
 """The app served in-process on a free local port, driven by gradio_client through its api_names."""
-import socket
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from apphelpers import served_app
+
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's queue
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +18,8 @@ def app_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(app_dir, tiny_model_dir):
-    d = app_dir
-    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
-        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
-        from app.main import build_app
-
-        demo = build_app().queue()
-        port = free_port()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            demo.close()
+    with served_app(app_dir, tiny_model_dir) as u:
+        yield u
 
 
 @pytest.fixture(scope="module")

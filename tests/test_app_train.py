@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from apphelpers import is_png, req
+
 from ral_core.errors import RALError
 from ral_core.rewards import reward
 
@@ -41,13 +43,6 @@ def env(tmp_path_factory, tiny_model_dir):
         registry.clear_cache()
 
 
-def req(h):
-    return SimpleNamespace(session_hash=h)
-
-
-def is_png(path):
-    with Image.open(path) as im:
-        return im.format == "PNG" and im.width > 100
 
 
 def start(env, session, algorithm="ral", steps=4, dataset="grounding", upload=None, teacher=None, name="", **kw):

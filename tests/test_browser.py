@@ -1,11 +1,12 @@
 """A real headless Chromium (Debian's /usr/bin/chromium, never `playwright install`) drives the Inspect tab."""
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from apphelpers import served_app
 
 CHROMIUM = "/usr/bin/chromium"
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_where.png"
@@ -20,28 +21,11 @@ IMG_LOADED = """sel => { const i = document.querySelector(sel);
     return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, tiny_model_dir):
-    d = tmp_path_factory.mktemp("browser_app")
-    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
-        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
-        from app.main import build_app
-
-        demo = build_app().queue()
-        port = free_port()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            demo.close()
+    with served_app(tmp_path_factory.mktemp("browser_app"), tiny_model_dir) as u:
+        yield u
 
 
 @pytest.fixture(scope="module")
