@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from ral_core.attention import resolve_layers, unwrap
+from ral_core.attention import resolve_layers
 from ral_core.config import TrainConfig
 from ral_core.errors import RALError
 from ral_core.losses import LOSSES, LossContext

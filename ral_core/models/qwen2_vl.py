@@ -2,7 +2,6 @@
 merge×merge patch merge, so visual token k covers one merge×merge block of the resized image, row-major."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ral_core.models.base import TokenGeometry, VLMAdapter, grid_boxes, register
