@@ -160,7 +160,48 @@ def summarise(results: list[dict], base: dict, args, wall: float) -> str:
                               f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} (n={len(d)})")
             lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
         lines += ["", f"![learning curves {task}](evidence_{task}.png)", ""]
+        lines += verdicts(by, task) + [""]
+    lines += structural_note(results) + [""]
     return "\n".join(lines) + "\n"
+
+
+def verdicts(by, task) -> list[str]:
+    """Plain words per method: the paired greedy-accuracy difference to GRPO, and whether it is within noise
+    (|mean| < 2 standard errors of the per-seed differences, or all differences exactly zero)."""
+    grpo = by.get((task, "grpo"), {})
+    out = [f"What the `{task}` numbers show (paired by seed against GRPO, greedy accuracy):"]
+    for method in METHODS:
+        runs = by.get((task, method))
+        if method == "grpo" or not runs:
+            continue
+        d = np.array([runs[s]["eval"]["accuracy"] - grpo[s]["eval"]["accuracy"] for s in sorted(runs) if s in grpo])
+        if not len(d):
+            continue
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+        if np.all(d == 0):
+            word = "identical to GRPO on every seed"
+        elif abs(d.mean()) < 2 * se:
+            word = "within seed noise of GRPO"
+        else:
+            word = "better than GRPO" if d.mean() > 0 else "worse than GRPO"
+        out.append(f"- `{method}`: {d.mean():+.3f} (per seed {', '.join(f'{x:+.3f}' for x in d)}) — {word}.")
+    return out
+
+
+def structural_note(results) -> list[str]:
+    """How much of the response the published attention term could act on at all."""
+    shares = {}
+    for r in results:
+        v = [c.get("shared_row_frac") for c in r["curve"] if c.get("shared_row_frac") is not None]
+        if v:
+            shares.setdefault(r["job"]["task"], []).extend(v)
+    if not shares:
+        return []
+    out = ["## Where the attention term can act", "",
+           "Share of response rows whose attention row is identical for another rollout of the same group "
+           "(there the advantage-weighted RAL terms cancel exactly), averaged over all steps of all runs:", ""]
+    out += [f"- `{t}`: {np.mean(v):.3f}" for t, v in shares.items()]
+    return out
 
 
 def plot_curves(results, out_dir: Path):
