@@ -162,7 +162,34 @@ def summarise(results: list[dict], base: dict, args, wall: float) -> str:
         lines += ["", f"![learning curves {task}](evidence_{task}.png)", ""]
         lines += verdicts(by, task) + [""]
     lines += structural_note(results) + [""]
+    lines += performance_section() + [""]
     return "\n".join(lines) + "\n"
+
+
+def _first_table(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            out.append(line)
+        elif out:
+            break
+    return out
+
+
+def performance_section() -> list[str]:
+    """The first table of each benchmark's results file (each measured side by side in one run)."""
+    res = ROOT / "bench" / "results"
+    out = ["## Performance (ratios measured side by side in one run; see each file for the command)", ""]
+    for name, what in (("capture.md", "Capture vs eager `output_attentions` vs plain SDPA (`make bench-capture`)"),
+                       ("train.md", "RAL step vs GRPO step on the same batch (`make bench-train`)"),
+                       ("inspect.md", "Inspect latency on the default model (`python bench/inspect_latency.py`)")):
+        f = res / name
+        if f.exists():
+            out += [f"### {what}", f"From [`bench/results/{name}`](../bench/results/{name}):", "",
+                    *_first_table(f.read_text()), ""]
+    out += ["Not measured yet: our GRPO throughput against TRL's GRPOTrainer on the same tiny model, and the same "
+            "table in bf16 on a GPU (no GPU was lent to this session)."]
+    return out
 
 
 def verdicts(by, task) -> list[str]:
