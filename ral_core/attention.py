@@ -49,7 +49,7 @@ def _keep_mask(attention_mask, rows, q_len, k_len, batch, device):
     m = attention_mask
     if m.dtype != torch.bool:
         m = m > torch.finfo(m.dtype).min / 2
-    m = m.expand(batch, m.shape[1], q_len, k_len) if m.shape[2] == q_len else m.expand(batch, m.shape[1], q_len, k_len)
+    m = m.expand(batch, m.shape[1], q_len, k_len)
     idx = rows[:, None, :, None].expand(batch, m.shape[1], rows.shape[1], k_len)
     return m.gather(2, idx)
 

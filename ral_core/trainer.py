@@ -185,7 +185,7 @@ class Trainer:
         if self.ref_model is not None:
             ro.ref_logp, _, _ = policy_forward(self.ref_model, ro, None)
         elif self.cfg.beta > 0 and self.cfg.lora_r > 0:
-            with unwrap_peft(self.model).disable_adapter():
+            with self.acc.unwrap_model(self.model).disable_adapter():
                 ro.ref_logp, _, _ = policy_forward(self.model, ro, None)
         if self.teacher is not None:
             _, ro.teacher_attn, ro.teacher_logits = policy_forward(self.teacher.model, ro, self.spec,
@@ -422,12 +422,6 @@ class Trainer:
             mfile.write_text("".join(ln + "\n" for ln in keep))
             self.history = [json.loads(ln) for ln in keep]
         self.status = "resumed"
-
-
-def unwrap_peft(model):
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def explore_stats(ro, spec: ExploreSpec) -> dict:
