@@ -10,7 +10,6 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -49,12 +48,6 @@ def dataset_for(cfg: TrainConfig, split: str = "train"):
 def is_vision_param(name: str) -> bool:
     parts = name.split(".")
     return any(p in VISION_PREFIXES for p in parts)
-
-
-@dataclass
-class StepResult:
-    step: int
-    metrics: dict
 
 
 class Trainer:

@@ -81,11 +81,9 @@ def tiny_qwen2_vl(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, visi
     model = cls._from_config(cfg, attn_implementation=attn)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    f = patch * 2
     ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=2,
                                   temporal_patch_size=2)
     ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    del f
     return Qwen2VLAdapter(model.eval(), tok, ip, name=f"tiny-{variant}")
 
 
