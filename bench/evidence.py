@@ -29,7 +29,15 @@ TASKS = {
     "read3": {"task_kinds": ["row", "where"], "grid_rows": 3, "grid_cols": 3, "max_new_tokens": 12},
     # one-token answers: the decisive row is shared by the whole group (RAL is structurally silent)
     "cell3": {"task_kinds": ["cell"], "grid_rows": 3, "grid_cols": 3, "max_new_tokens": 4},
+    # the larger grid (16 visual tokens instead of 9), from the 4×4 checkpoint; cell4 is the one-token task with
+    # headroom (the 3×3 model already reads a named cell 95 % of the time)
+    # (row read-out only: with 16 cells digits repeat, and "where" answers run to 50+ tokens)
+    "read4": {"task_kinds": ["row"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 10, "grid4": True},
+    "cell4": {"task_kinds": ["cell"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 4, "grid4": True},
+    # two regions: "Read row r column c and row r' column c'." → "d d'"
+    "pair4": {"task_kinds": ["pair"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 6, "grid4": True},
 }
+TASK_FIELDS = ("task_kinds", "grid_rows", "grid_cols", "max_new_tokens")
 METHODS = {
     "grpo": {},
     "ral": {"lambda_attn": 1.0},
@@ -40,10 +48,18 @@ METHODS = {
     "opad": {"gamma_opad": 1.0, "teacher": "@teacher"},
     "distill": {"lambda_token_kl": 1.0, "teacher": "@teacher"},
     "explore_last": {"explore": True, "explore_layers": "last", "explore_sigma": 1.0},
+    "explore_levers_s03": {"explore": True, "explore_layers": "levers", "explore_sigma": 0.3},
     "explore_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0},
     "explore_levers_s3": {"explore": True, "explore_layers": "levers", "explore_sigma": 3.0},
+    "noise_last": {"explore": True, "explore_layers": "last", "explore_sigma": 1.0, "explore_weight": 0.0},
     "noise_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0, "explore_weight": 0.0},
 }
+# The exploration comparison (GRPO vs RAL vs exploration, σ sweep, noise-only controls) gets more seeds, on the
+# one-token tasks and the longer-answer variant; the method comparison runs everything else on 3 seeds.
+EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_levers_s03", "explore_levers", "explore_levers_s3",
+               "noise_last", "noise_levers")
+EXPLORE_TASKS = ("read3", "cell3", "cell4")
+BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
           "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
@@ -60,9 +76,12 @@ def run_one(job: dict) -> dict:
 
     out = Path(job["out"])
     if (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
-    overrides = {**COMMON, **TASKS[job["task"]], **METHODS[job["method"]], "steps": job["steps"], "seed": job["seed"],
-                 "model": job["model"], "output_dir": str(out / "run")}
+        cached = json.loads((out / "result.json").read_text())
+        if all(cached["job"].get(k) == job[k] for k in ("steps", "n_eval", "model")):
+            return cached
+    t = TASKS[job["task"]]
+    overrides = {**COMMON, **{k: t[k] for k in TASK_FIELDS}, **METHODS[job["method"]], "steps": job["steps"],
+                 "seed": job["seed"], "model": job["model"], "output_dir": str(out / "run")}
     if overrides.get("teacher") == "@teacher":
         overrides["teacher"] = job["teacher"]
     if (out / "run").exists():
@@ -73,7 +92,6 @@ def run_one(job: dict) -> dict:
     tr.train()
     adapter = tr.adapter_for_inference()
     adapter.model.eval()
-    t = TASKS[job["task"]]
     task = GroundingTask(t["grid_rows"], t["grid_cols"], kinds=tuple(t["task_kinds"]), split="test", seed=1234)
     ev = evaluate(adapter, task, job["n_eval"])
     ev["sampled_reward"] = sampled_reward(adapter, task, job["n_eval"] // 4, t["max_new_tokens"])
@@ -104,21 +122,29 @@ def sampled_reward(adapter, task, n, max_new_tokens, G=4) -> float:
     return float(torch.cat(rs).mean())
 
 
-def base_eval(model: str, n_eval: int) -> dict:
+def base_eval(model: str, tasks: list[str], n_eval: int) -> dict:
+    """The supervised checkpoint before RL, on each task (cached like the runs)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    key = str(Path(model).resolve()) if Path(model).exists() else model
+    cache = WORK / "base" / (key.strip("/").replace("/", "_") + f"_n{n_eval}.json")
+    out = json.loads(cache.read_text()) if cache.exists() else {}
+    if all(t in out for t in tasks):
+        return {t: out[t] for t in tasks}
     import torch
     torch.set_num_threads(1)
     from ral_core.data import GroundingTask
     from ral_core.evaluate import evaluate
     from ral_core.models import load_adapter
     a = load_adapter(model)
-    out = {}
-    for name, t in TASKS.items():
+    for name in tasks:
+        t = TASKS[name]
         task = GroundingTask(t["grid_rows"], t["grid_cols"], kinds=tuple(t["task_kinds"]), split="test", seed=1234)
         ev = evaluate(a, task, n_eval)
         ev["sampled_reward"] = sampled_reward(a, task, n_eval // 4, t["max_new_tokens"])
         out[name] = ev
-    return out
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return {t: out[t] for t in tasks}
 
 
 METRICS = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"), ("target_mass", "target mass"),
@@ -131,17 +157,23 @@ def summarise(results: list[dict], base: dict, args, wall: float) -> str:
     for r in results:
         j = r["job"]
         by.setdefault((j["task"], j["method"]), {})[j["seed"]] = r
+    tasks = [t for t in TASKS if any(tt == t for tt, _ in by)]
     lines = ["# Evidence: does optimizing attention beat optimizing tokens?", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}` (`make evidence` runs the full default matrix: all "
-             f"methods, 20 steps, n-eval 200). Machine: {os.cpu_count()} CPU cores. Compute: "
-             f"{sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs on "
-             f"{args.workers} parallel workers (this invocation: {wall / 60:.1f} min; finished runs are cached). "
-             f"{_teacher_line(args.teacher)}Model: `{args.model}`. Steps per run: {args.steps}; "
-             f"{COMMON['prompts_per_step']} prompts × {COMMON['group_size']} rollouts per step, "
-             f"{COMMON['epochs']} optimizer updates per rollout batch for every method; seeds: {args.seeds}; "
-             f"held-out evaluation: {args.n_eval} test-split samples (unseen handwriting).", ""]
+             f"Command: `{' '.join(['python'] + sys.argv)}` (what `make evidence` runs, after building the 4×4 "
+             f"checkpoints and the teachers with `make evidence-models`). Machine: {os.cpu_count()} CPU cores. "
+             f"Compute: {sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs on "
+             f"{args.workers} parallel workers (this invocation: {wall / 60:.1f} min; finished runs are cached).", "",
+             f"- Checkpoints: 3×3 tasks start from `{_short(args.model)}`; 4×4 tasks from "
+             f"{_ckpt_line(args.model4)}. OPAD/distillation teachers: {_ckpt_line(args.teacher)}; "
+             f"{_ckpt_line(args.teacher4)}.",
+             f"- Every run: {args.steps} steps of {COMMON['prompts_per_step']} prompts × {COMMON['group_size']} "
+             f"rollouts, {COMMON['epochs']} optimizer updates per rollout batch for every method, lr {COMMON['lr']}.",
+             f"- Seeds: {args.explore_seeds} for the exploration comparison ({', '.join(f'`{m}`' for m in EXPLORE_SET)}"
+             f" on {', '.join(f'`{t}`' for t in EXPLORE_TASKS)}), {args.seeds} for everything else.",
+             f"- Held-out evaluation: {args.n_eval} test-split samples (handwriting never seen in training); sampled "
+             f"reward from {args.n_eval // 4} of them × 4 samples at temperature 1.", ""]
     lines += overall_summary(by, base) + [""]
-    for task in TASKS:
+    for task in tasks:
         lines += [f"## Task `{task}`: {TASKS[task]['task_kinds']} on a {TASKS[task]['grid_rows']}×"
                   f"{TASKS[task]['grid_cols']} grid", ""]
         b = base.get(task, {})
@@ -165,6 +197,7 @@ def summarise(results: list[dict], base: dict, args, wall: float) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
         lines += ["", f"![learning curves {task}](evidence_{task}.png)", ""]
         lines += verdicts(by, task) + [""]
+    lines += exploration_section(by) + [""]
     lines += structural_note(results) + [""]
     lines += performance_section() + [""]
     return "\n".join(lines) + "\n"
@@ -190,13 +223,15 @@ def performance_section() -> list[str]:
             ("capture.md", "## Forward only", "Capture vs eager `output_attentions` vs plain SDPA, forward "
              "(`make bench-capture`)"),
             ("train.md", "## Main table", "RAL step vs GRPO step on the same batch (`make bench-train`)"),
-            ("inspect.md", "", "Inspect latency on the default model (`make bench-inspect`)")):
+            ("inspect.md", "", "Inspect latency on the default model (`make bench-inspect`)"),
+            ("trl.md", "", "Our GRPO vs TRL's `GRPOTrainer`, same tiny model and settings (`make bench-trl`)")):
         f = res / name
         if f.exists():
             out += [f"### {what}", f"From [`bench/results/{name}`](../bench/results/{name}):", "",
                     *_first_table(f.read_text(), anchor), ""]
-    out += ["Not measured yet: our GRPO throughput against TRL's GRPOTrainer on the same tiny model, and the same "
-            "table in bf16 on a GPU (no GPU was lent to this session)."]
+    if not (res / "trl.md").exists():
+        out += ["Not measured yet: our GRPO throughput against TRL's GRPOTrainer (`make bench-trl`)."]
+    out += ["Not measured: the same tables in bf16 on a GPU — no GPU was lent to the sessions that wrote this."]
     return out
 
 
@@ -205,17 +240,22 @@ def _paired(by, task, method, key="accuracy"):
     return np.array([runs[s]["eval"][key] - grpo[s]["eval"][key] for s in sorted(runs) if s in grpo])
 
 
-def _teacher_line(path) -> str:
+def _short(path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT)) if Path(path).exists() else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _ckpt_line(path) -> str:
     info = Path(path) / "training_info.json"
     if not info.exists():
-        return ""
+        return f"`{_short(path)}`"
     d = json.loads(info.read_text())
-    try:
-        path = Path(path).resolve().relative_to(ROOT)
-    except ValueError:
-        pass
-    return (f"OPAD/distillation teacher: `{path}` ({d['parameters']:,} parameters, {d['steps']} supervised steps, "
-            f"held-out accuracy {d['test_accuracy']['accuracy']:.3f}). ")
+    init = f", continued from `{_short(d['init'])}`" if d.get("init") else ""
+    t = d["task"]
+    return (f"`{_short(path)}` ({d['parameters']:,} parameters, {d['steps']} supervised steps on {t['rows']}×"
+            f"{t['cols']} {'/'.join(t['kinds'])}{init}; held-out accuracy {d['test_accuracy']['accuracy']:.3f})")
 
 
 def overall_summary(by, base) -> list[str]:
@@ -234,8 +274,8 @@ def overall_summary(by, base) -> list[str]:
     out.append("- Methods better than GRPO beyond seed noise (|paired mean| ≥ 2 SE): "
                + (", ".join(better) if better else "**none**") + ".")
     out.append("- Worse than GRPO beyond seed noise: " + (", ".join(worse) if worse else "none") + ".")
-    ident = [f"`{m}`" for m in METHODS if m != "grpo" and all(len(_paired(by, t, m)) and
-                                                              np.all(_paired(by, t, m) == 0) for t in tasks)]
+    ident = [f"`{m}`" for m in METHODS if m != "grpo" and any(len(_paired(by, t, m)) for t in tasks)
+             and all(np.all(_paired(by, t, m) == 0) for t in tasks)]
     if ident:
         out.append(f"- {', '.join(ident)} gave the same greedy accuracy as GRPO on every seed and task: over "
                    "these short runs the attention term did not change a single greedy answer (see 'Where the "
@@ -277,6 +317,52 @@ def verdicts(by, task) -> list[str]:
     return out
 
 
+def _pd(by, task, method, ref, key):
+    a, b = by.get((task, method), {}), by.get((task, ref), {})
+    return np.array([a[s]["eval"][key] - b[s]["eval"][key] for s in sorted(a) if s in b])
+
+
+def _fmt(d, nd: int = 3) -> str:
+    if not len(d):
+        return "–"
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+    mark = "**" if len(d) > 1 and abs(d.mean()) >= 2 * se and not np.all(d == 0) else ""
+    return f"{mark}{d.mean():+.{nd}f} ± {se:.{nd}f}{mark}"
+
+
+def exploration_section(by) -> list[str]:
+    """Issue 6's comparison: each exploration arm against GRPO and against its own noise-only control (same
+    perturbation during rollouts, exploration term off), paired by seed; bold = |mean| ≥ 2 SE."""
+    arms = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"),
+            ("explore_levers", "noise_levers"), ("explore_levers_s3", "noise_levers"), ("ral", None),
+            ("noise_last", None), ("noise_levers", None)]
+    keys = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"),
+            ("target_mass_first", "target mass, decisive row")]
+    out = ["## Exploration: attention policy on the decision itself", "",
+           "Paired per-seed differences, mean ± standard error (bold: |mean| ≥ 2 SE). The noise-only controls "
+           "sample the same perturbation during rollouts but train without the exploration term, so "
+           "'vs its control' isolates what the term adds. Exploration layers: `last` = the last decoder layer; "
+           "`levers` = the two layers the causal-lever map ranks highest on that checkpoint; `s03`/`s3` = σ 0.3 / "
+           "3 (default σ 1).", ""]
+    for task in EXPLORE_TASKS:
+        if not by.get((task, "grpo")):
+            continue
+        n = len(by[(task, "grpo")])
+        out += [f"### `{task}` (GRPO seeds: {n})", "",
+                "| arm | " + " | ".join(f"Δ {k} vs GRPO" for _, k in keys) + " | Δ acc vs its control |"
+                " Δ decisive-row mass vs its control |", "|" + "---|" * (len(keys) + 3)]
+        for arm, ctrl in arms:
+            if not by.get((task, arm)):
+                continue
+            nd = {"target_mass_first": 4}
+            cells = [_fmt(_pd(by, task, arm, "grpo", k), nd.get(k, 3)) for k, _ in keys]
+            cells += [_fmt(_pd(by, task, arm, ctrl, k), nd.get(k, 3)) if ctrl and by.get((task, ctrl)) else "–"
+                      for k in ("accuracy", "target_mass_first")]
+            out.append(f"| {arm} (n={len(by[(task, arm)])}) | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def structural_note(results) -> list[str]:
     """How much of the response the published attention term could act on at all."""
     shares = {}
@@ -297,7 +383,7 @@ def plot_curves(results, out_dir: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for task in TASKS:
+    for task in sorted({r["job"]["task"] for r in results}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
         for method in METHODS:
             runs = [r for r in results if r["job"]["task"] == task and r["job"]["method"] == method]
@@ -315,45 +401,83 @@ def plot_curves(results, out_dir: Path):
         plt.close(fig)
 
 
+def plan(args) -> list[dict]:
+    """The run matrix, most informative runs first (so a cut-short invocation still leaves usable tables)."""
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
+    if bad:
+        sys.exit(f"unknown method/task {bad}; methods: {list(METHODS)}; tasks: {list(TASKS)}")
+    jobs = []
+    for s in range(max(args.seeds, args.explore_seeds)):
+        for t in tasks:
+            g4 = TASKS[t].get("grid4")
+            for m in methods:
+                explore_job = m in EXPLORE_SET and t in EXPLORE_TASKS
+                if not (explore_job or m in BASE_METHODS) or s >= (args.explore_seeds if explore_job else args.seeds):
+                    continue
+                jobs.append({"task": t, "method": m, "seed": s, "steps": args.steps,
+                             "model": args.model4 if g4 else args.model,
+                             "teacher": args.teacher4 if g4 else args.teacher, "n_eval": args.n_eval,
+                             "out": str(WORK / args.tag / t / m / f"seed{s}")})
+    return jobs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="supervised checkpoint for the 3×3 tasks")
+    p.add_argument("--model4", default=str(ROOT / "bench" / "_work" / "sft4"), help="… and for the 4×4 tasks")
     p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher"))
+    p.add_argument("--teacher4", default=str(ROOT / "bench" / "_work" / "teacher4"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--explore-seeds", type=int, default=5, help="seeds for the exploration comparison")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--n-eval", type=int, default=150)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--collect", action="store_true", help="write the document from finished (cached) runs only")
     p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, 2 methods, small eval")
     args = p.parse_args()
+    args.tag = "full"
     if args.smoke:
-        args.steps, args.seeds, args.n_eval, args.methods = 2, 1, 16, "grpo,ral,explore_last"
-    methods, tasks = args.methods.split(","), args.tasks.split(",")
-    if any(METHODS[m].get("teacher") for m in methods) and not (Path(args.teacher) / "config.json").exists():
-        sys.exit(f"the OPAD/distillation teacher is missing at {args.teacher}; build it with "
-                 "`make evidence-teacher` or leave out opad,distill via --methods")
+        args.steps, args.seeds, args.explore_seeds, args.n_eval = 2, 1, 1, 16
+        args.methods, args.tag = "grpo,ral,explore_last", "smoke"
+    jobs = plan(args)
+    need_teacher = {j["teacher"] for j in jobs if METHODS[j["method"]].get("teacher")}
+    need_model = {j["model"] for j in jobs if j["model"] != "default"}
+    missing = [d for d in sorted(need_teacher | need_model) if not (Path(d) / "config.json").exists()]
+    if missing and not args.collect:
+        sys.exit(f"checkpoint(s) missing: {missing}; build them with `make evidence-models` (or leave out the "
+                 "tasks/methods that need them via --tasks / --methods)")
     t0 = time.time()
-    tag = "smoke" if args.smoke else "full"
-    jobs = [{"task": t, "method": m, "seed": s, "steps": args.steps, "model": args.model, "teacher": args.teacher,
-             "n_eval": args.n_eval, "out": str(WORK / tag / t / m / f"seed{s}")}
-            for s in range(args.seeds) for t in tasks for m in methods]
-    with ProcessPoolExecutor(args.workers) as ex:
-        base_f = ex.submit(base_eval, args.model, args.n_eval)
-        results = []
-        for r in ex.map(run_one, jobs):
-            results.append(r)
-            j = r["job"]
-            print(f"[{len(results)}/{len(jobs)}] {j['task']} {j['method']} seed {j['seed']}: "
-                  f"acc {r['eval']['accuracy']:.3f} reward {r['eval']['sampled_reward']:.3f} "
-                  f"({r['wall_s']:.0f}s)", flush=True)
-        base = base_f.result()
+    results = []
+    if args.collect:
+        for j in jobs:
+            f = Path(j["out"]) / "result.json"
+            if f.exists():
+                r = json.loads(f.read_text())
+                if all(r["job"].get(k) == j[k] for k in ("steps", "n_eval", "model")):
+                    results.append(r)
+        print(f"collected {len(results)}/{len(jobs)} finished runs")
+    else:
+        with ProcessPoolExecutor(args.workers) as ex:
+            for r in ex.map(run_one, jobs):
+                results.append(r)
+                j = r["job"]
+                print(f"[{len(results)}/{len(jobs)}] {j['task']} {j['method']} seed {j['seed']}: "
+                      f"acc {r['eval']['accuracy']:.3f} reward {r['eval']['sampled_reward']:.3f} "
+                      f"({r['wall_s']:.0f}s)", flush=True)
+    base = {}
+    for model in sorted({j["model"] for j in jobs}):
+        tasks = sorted({j["task"] for j in jobs if j["model"] == model})
+        if model == "default" or (Path(model) / "config.json").exists():
+            base.update(base_eval(model, tasks, args.n_eval))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, out.parent)
     out.write_text(summarise(results, base, args, time.time() - t0))
-    (WORK / tag / "all.json").write_text(json.dumps({"base": base, "results": results}))
+    (WORK / args.tag / "all.json").write_text(json.dumps({"base": base, "results": results}))
     print(f"wrote {out}")
 
 

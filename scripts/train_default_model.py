@@ -12,6 +12,8 @@ Two stages, both on the train split of the grounding task (3×3 grid, 28-px cell
 
 Usage: python scripts/train_default_model.py --out assets/default_model [--seed 0] [--minutes 30]
 Defaults are the recipe of the shipped model: 9 min with one thread on an idle 2-core machine, 14 min when shared.
+`--init DIR --rows 4 --cols 4` instead continues a trained checkpoint on another grid size (stage 2 only): the
+evidence benchmark builds its 4×4 checkpoints that way.
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue this checkpoint (skips the vision warm-up)")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--cols", type=int, default=3)
     p.add_argument("--minutes", type=float, default=30.0, help="safety cap on training wall time; the run is "
                    "only reproducible when it finishes its fixed step count first")
     p.add_argument("--kinds", default="cell,row,where")
@@ -113,9 +118,16 @@ def main():
     t0 = time.time()
     deadline = t0 + args.minutes * 60
     kinds = tuple(args.kinds.split(","))
-    train = GroundingTask(3, 3, 28, kinds=kinds, split="train", seed=args.seed)
-    test = GroundingTask(3, 3, 28, kinds=kinds, split="test", seed=args.seed)
-    a = build(args)
+    train = GroundingTask(args.rows, args.cols, 28, kinds=kinds, split="train", seed=args.seed)
+    test = GroundingTask(args.rows, args.cols, 28, kinds=kinds, split="test", seed=args.seed)
+    n_cells = args.rows * args.cols
+    if args.init:
+        from ral_core.models import load_adapter
+        a = load_adapter(args.init, device="cpu")
+        args.vision_steps = 0
+        args.hidden = a.model.config.text_config.hidden_size
+    else:
+        a = build(args)
     model, B = a.model.train(), args.batch
     visual = model.model.visual
     n_params = sum(p.numel() for p in model.parameters())
@@ -130,7 +142,7 @@ def main():
         emb = model.get_input_embeddings()
         digit_ids = torch.tensor(a.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))
         head = TiedHead(emb, digit_ids)
-    pos_head = torch.nn.Linear(args.hidden, 9)
+    pos_head = torch.nn.Linear(args.hidden, n_cells)
     captured = {}
     visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("v", o))
 
@@ -184,7 +196,7 @@ def main():
         total = loss + (args.aux_weight * F.cross_entropy(head(captured["v"]), labels) if args.aux_weight else 0)
         if args.pos_aux:
             h1 = o.hidden_states[1][a.visual_mask(mi["input_ids"])]
-            total = total + args.pos_aux * F.cross_entropy(pos_head(h1), torch.arange(9).repeat(B))
+            total = total + args.pos_aux * F.cross_entropy(pos_head(h1), torch.arange(n_cells).repeat(B))
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -209,7 +221,7 @@ def main():
     a.image_processor.save_pretrained(out)
     info = {"seed": args.seed, "vision_steps": args.vision_steps, "steps": done, "steps_planned": args.steps,
             "batch_size": B, "train_wall_s": round(train_s, 1), "parameters": n_params,
-            "task": {"rows": 3, "cols": 3, "cell_px": 28, "kinds": list(kinds), "seed": args.seed},
+            "init": args.init, "task": {"rows": args.rows, "cols": args.cols, "cell_px": 28, "kinds": list(kinds), "seed": args.seed},
             "test_accuracy": r, "args": vars(args), "torch": torch.__version__,
             "command": " ".join(["python"] + sys.argv)}
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -24,7 +24,7 @@ def test_deterministic_and_split_dependent():
     assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
 
 
-@pytest.mark.parametrize("kind", ["cell", "where", "count", "row", "compare"])
+@pytest.mark.parametrize("kind", ["cell", "where", "count", "row", "compare", "pair"])
 def test_answers_match_the_grid_and_boxes_hold_the_answer(kind):
     t = GroundingTask(rows=3, cols=4, kinds=(kind,))
     assert t.size == (4 * 28, 3 * 28)
@@ -46,6 +46,9 @@ def test_answers_match_the_grid_and_boxes_hold_the_answer(kind):
         elif kind == "compare":
             a, b = grid[cells[0]], grid[cells[1]]
             assert s.answer == ("same" if a == b else "first" if a > b else "second")
+        elif kind == "pair":
+            assert cells[0] != cells[1]
+            assert s.answer == f"{grid[cells[0]]} {grid[cells[1]]}"
         for (x0, y0, x1, y1) in s.boxes:  # the target cell holds ink
             assert np.asarray(s.image)[y0:y1, x0:x1].max() > 100
 

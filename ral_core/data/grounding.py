@@ -14,7 +14,7 @@ from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DIGITS_PATH = ASSETS / "digits" / "digits.npz"
-TASK_KINDS = ("cell", "where", "count", "row", "compare", "marked")
+TASK_KINDS = ("cell", "where", "count", "row", "compare", "marked", "pair")
 ORDINALS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -125,10 +125,16 @@ class GroundingTask:
             arr[y0:y1, x0:x0 + 2] = arr[y0:y1, x1 - 2:x1] = 160
             return Sample(Image.fromarray(arr), "What digit is in the marked cell?", str(grid[r, c]),
                           [self.cell_box(r, c)], kind, meta)
-        if kind == "compare":
+        if kind in ("compare", "pair"):
             r2, c2 = r, c
             while (r2, c2) == (r, c) and R * C > 1:
                 r2, c2 = int(rng.integers(R)), int(rng.integers(C))
+            if kind == "pair":
+                # two regions and a two-token answer: rollouts that differ on the first digit look at the
+                # second cell from different prefixes, so the attention term is not cancelled there
+                return Sample(image, f"Read row {r + 1} column {c + 1} and row {r2 + 1} column {c2 + 1}.",
+                              f"{grid[r, c]} {grid[r2, c2]}", [self.cell_box(r, c), self.cell_box(r2, c2)], kind,
+                              meta)
             a, b = int(grid[r, c]), int(grid[r2, c2])
             ans = "same" if a == b else ("first" if a > b else "second")
             return Sample(image, f"Which is larger, row {r + 1} column {c + 1} or row {r2 + 1} column {c2 + 1}?",
