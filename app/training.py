@@ -216,10 +216,12 @@ class RunQueue:
                                "cancelled before the first step; nothing was trained")
         except RALError as e:
             run.status, run.message = "failed", str(e)
+            self._keep_last_good(run)
         except Exception as e:  # noqa: BLE001 — the page gets one line, the log gets the trace
             log.exception("training run %s failed", run.id)
             run.status = "failed"
             run.message = f"unexpected error ({type(e).__name__}); the details are in the server log"
+            self._keep_last_good(run)
         finally:
             run.ended_at = time.time()
             run.release()
@@ -232,6 +234,21 @@ class RunQueue:
                 self._pump()
             if run.session_ended:
                 sessions.cleanup(run.session_hash)
+
+    def _keep_last_good(self, run: Run) -> None:
+        """A failed run keeps the work done so far: its last periodic checkpoint is registered like a final one."""
+        trainer = run.trainer
+        if trainer is None or run.session_ended or run.checkpoint:
+            return
+        try:
+            ck = trainer.latest_checkpoint()
+            run.checkpoint = self._register(run, ck)
+        except OSError:
+            log.exception("could not keep the last checkpoint of run %s", run.id)
+            return
+        if run.checkpoint:
+            step = ck.name.split("-")[-1].lstrip("0") or "0"
+            run.message += f" — the last good checkpoint (step {step}) is kept"
 
     @staticmethod
     def _register(run: Run, ck: Path | None) -> str | None:
@@ -316,7 +333,9 @@ def make_config(request, run_dir: Path, dataset_kind, upload, algorithm, model, 
                 steps=nums["steps"], lr=nums["lr"], group_size=nums["group_size"],
                 prompts_per_step=nums["prompts_per_step"], temperature=nums["temperature"],
                 max_new_tokens=nums["max_new_tokens"], snapshot_every=nums["snapshot_every"], seed=nums["seed"],
-                probe_samples=1, save_every=0, keep_checkpoints=1, threads=1, log_tensorboard=False,
+                probe_samples=1, keep_checkpoints=1,
+                # a run that fails later keeps its last periodic checkpoint (≤ 4 saves a run, only the newest kept)
+                save_every=max(1, nums["steps"] // 4), threads=1, log_tensorboard=False,
                 # the attention-JSD curve costs one extra forward per measured step: every step for short runs
                 attn_metrics_every=max(1, min(5, nums["steps"] // 20)))
     if weight_key:

@@ -111,6 +111,28 @@ def test_cancel_stops_at_a_step_and_keeps_the_checkpoint(env):
     assert "no training run to cancel" in env.t.train_cancel(request=req("tc")).status
 
 
+def test_a_run_that_fails_later_keeps_its_last_good_checkpoint(env, monkeypatch):
+    from ral_core.trainer import Trainer
+    real = Trainer.train_step
+
+    def diverges_at_step_3(self):
+        if self.step == 3:
+            raise FloatingPointError("loss is nan")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", diverges_at_step_3)
+    start(env, "tnan", steps=8, name="nan-run")  # saves every 2 steps
+    run = wait(env, "tnan")
+    assert run.status == "failed" and run.step == 2  # rolled back to the last good step
+    assert "loss is nan" in run.message and "last good checkpoint (step 2) is kept" in run.message
+    assert run.checkpoint == "nan-run"
+    ck = env.s.checkpoints_dir("tnan") / "nan-run"
+    assert (ck / "config.json").is_file() and not (ck / "trainer_state.pt").exists()
+    v = env.t.train_poll(request=req("tnan"))
+    assert "loss is nan" in v.status and "session: nan-run" in v.progress
+    assert "session: nan-run" in v.models["choices"]
+
+
 def test_other_algorithms_run(env):
     v = start(env, "to", algorithm="opad", teacher="tiny-a", steps=2, weight=2.0)
     assert v.status == "", v.status
