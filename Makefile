@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect evidence evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-trl evidence evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,18 +46,27 @@ bench-train: install
 bench-inspect: install
 	$(BIN)/python bench/inspect_latency.py --out bench/results/inspect.md
 
+# Our GRPO trainer next to TRL's GRPOTrainer. TRL is installed for this benchmark only: it is not in
+# requirements.txt and nothing in ral_core/ or tests/ imports it (trl 1.16.0 works with transformers 5.24).
+bench-trl: install
+	$(BIN)/pip install -q trl==1.16.0
+	$(BIN)/python bench/trl_bench.py --out bench/results/trl.md
+
 bench: bench-capture bench-train bench-inspect
 
 # Checkpoints of the evidence benchmark (built once, kept in bench/_work/):
 # - teacher: the default architecture trained 1.5× longer (same tokenizer/processor); a larger one (hidden 192)
 #   had not learned the grid routing after 2,500 steps;
-# - sft4 / teacher4: the default model / the teacher continued on the 4×4 grid (1,500 / 3,000 steps).
+# - sft4 / teacher4: the default model / the teacher continued on the 4×4 grid (1,500 / 3,000 steps);
+# - sft4s: a short (400-step) continuation, for a one-token task that leaves RL some headroom.
 W := bench/_work
 evidence-models: install
 	test -f $(W)/teacher/config.json || $(BIN)/python scripts/train_default_model.py \
 	  --out $(W)/teacher --steps 4500 --minutes 60
 	test -f $(W)/sft4/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/sft4 \
 	  --init assets/default_model --rows 4 --cols 4 --kinds cell,row,where,pair --steps 1500 --lr 5e-4 --minutes 40
+	test -f $(W)/sft4s/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/sft4s \
+	  --init assets/default_model --rows 4 --cols 4 --kinds cell,row,where,pair --steps 400 --lr 5e-4 --minutes 20
 	test -f $(W)/teacher4/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/teacher4 \
 	  --init $(W)/teacher --rows 4 --cols 4 --kinds cell,row,where,pair --steps 3000 --lr 5e-4 --minutes 60
 

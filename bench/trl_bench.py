@@ -293,7 +293,7 @@ def check_prompts(trl_trainer, adapter, samples, group) -> str:
         return f"not checked ({type(e).__name__}: {e})"
     if not (same_ids and same_px):
         raise AssertionError(f"TRL's prompts differ from ours (token ids equal: {same_ids}, pixels equal: {same_px})")
-    return (f"identical ({len(ids)} prompts: token ids {len(ids[0])}–{max(len(x) for x in ids)} per prompt, "
+    return (f"identical ({len(ids)} prompts: {min(map(len, ids))}–{max(map(len, ids))} tokens each, "
             "pixel values equal)")
 
 
@@ -382,6 +382,8 @@ def measure(args) -> dict:
                       reuse_wall=C.median([s[0] for s in reuse]) if reuse else float("nan"),
                       reuse_cpu=C.median([s[1] for s in reuse]) if reuse else float("nan"),
                       resp_len=_mean([s["resp_len"] for s in ts[::U]]), reward=_mean([s["reward"] for s in ts[::U]]))
+    res["per_round"] = [{"ow": ow, "oc": oc, "tw": tw, "tc": tc, "olen": o["resp_len"], "tlen": s["resp_len"]}
+                        for ow, oc, tw, tc, o, s in zip(ours_w, ours_c, trl_w, trl_c, ro, ts[::U])]
     res["ratio_wall"] = res["ours"]["wall"] / res["trl"]["wall"]
     res["ratio_cpu"] = res["ours"]["cpu"] / res["trl"]["cpu"]
     res["ratio_pair_cpu"] = C.median([a / b for a, b in zip(ours_c, trl_c) if b > 0])
@@ -439,8 +441,8 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
              f"whole batch. Prompts fed to the model: {res['prompt_check']}; same prompts in the same order in "
              f"every timed round: {'yes' if res['same_prompts'] else 'NO'}.\n")
 
-    L.append(f"## Main table (medians over {res['rounds']} interleaved rounds after {args.warmup} warm-up rollout "
-             "batches each)\n")
+    L.append(f"## Main table (medians over {res['rounds']} interleaved rounds, after {args.warmup} untimed rollout "
+             f"batch{'es' if args.warmup != 1 else ''} per trainer)\n")
     L.append(f"| trainer | s / optimizer step | s / rollout batch ({U} updates) | rollouts/s | mean completion "
              "tokens | mean reward | CPU/wall |")
     L.append("|---|---|---|---|---|---|---|")
@@ -473,6 +475,14 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
              f"/ {t['reuse_wall']:.3f} s ({t['reuse_cpu']:.3f} CPU) |")
     L.append(f"\nFor scale: preprocessing the {n} images of one rollout batch (`Qwen2VLImageProcessorPil`) takes "
              f"{res['img_proc_ms']:.0f} ms here.\n")
+
+    L.append("Per round (rollout batch), in run order — wall s (CPU s) and mean completion tokens:\n")
+    L.append("| round | first | ours | TRL | ratio ours / TRL (CPU) | tokens ours / TRL |")
+    L.append("|---|---|---|---|---|---|")
+    for i, r in enumerate(res["per_round"]):
+        L.append(f"| {i + 1} | {'ours' if i % 2 == 0 else 'TRL'} | {r['ow']:.3f} ({r['oc']:.3f}) | {r['tw']:.3f} "
+                 f"({r['tc']:.3f}) | {r['oc'] / r['tc']:.3f} | {r['olen']:.2f} / {r['tlen']:.2f} |")
+    L.append("")
 
     oc, tc = res["ours_cfg"], res["trl_cfg"]
     L.append("## Settings, side by side\n")
@@ -507,12 +517,17 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
          "`eval_every=0`, no TensorBoard", "`report_to=[]`, `save_strategy=no`, `eval_strategy=no`, "
          "`logging_steps=1e9`, `disable_tqdm`, `log_completions=False`, `activation_checkpointing=False` (TRL "
          "turns gradient checkpointing on by default)"),
-        ("data order", "prompts `8k … 8k+7` of the train split at step k", "`shuffle_dataset=False` over the same "
-         "split: the same prompts at the same step"),
+        ("data order", f"prompts `{args.prompts}k … {args.prompts}k+{args.prompts - 1}` of the train split at step k",
+         "`shuffle_dataset=False` over the same split: the same prompts in the same rollout batch"),
     ]
     L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     L.append("")
-    L.append(NOTES.format(n=n, U=U))
+    same_len = all(abs(r["olen"] - r["tlen"]) < 1e-6 for r in res["per_round"])
+    lengths = ("The mean completion length was the same on both sides in every timed round: on this task the "
+               "answer's length is set by the question kind (one digit, or `row r column c`), so both processed "
+               "the same number of tokens." if same_len else
+               "Completion lengths differ between the sides in some rounds (per-round table above).")
+    L.append(NOTES.format(n=n, U=U, lengths=lengths))
 
     L.append("## Contention check\n")
     worst = min(o["cpu_wall"], t["cpu_wall"])
@@ -542,9 +557,8 @@ and clipping at norm 1, one extra no-grad forward per rollout batch for the old 
 
 Not the same, and part of what is measured:
 
-- **Completions.** Each trainer samples its own completions, so lengths and rewards differ per round (mean
-  completion tokens and reward are in the main table); the weights drift apart after the first update. The prompts
-  are the same in every round.
+- **Completions.** Each trainer samples its own completions from its own copy of the weights (which drift apart
+  after the first update), so the texts and rewards differ per round; the prompts are the same. {lengths}
 - **Log-probs.** Ours runs the LM head on the completion positions only (`logits_to_keep = T + 1`) and takes a
   log-softmax. TRL 1.16 patches the model with its fused LM head, which on CPU (no Triton) projects every position
   of the sequence, prompt included, in chunks, and also computes the per-token entropy in every training forward

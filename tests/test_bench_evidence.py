@@ -19,7 +19,7 @@ def _evidence():
 
 
 def _args(**kw):
-    base = dict(model="default", model4="M4", teacher="T3", teacher4="T4", seeds=3, explore_seeds=5, steps=12,
+    base = dict(model="default", teacher="T3", checkpoints="W", seeds=3, explore_seeds=5, steps=12,
                 n_eval=150, methods="", tasks="", tag="t")
     ev = _evidence()
     base["methods"], base["tasks"] = ",".join(ev.METHODS), ",".join(ev.TASKS)
@@ -33,8 +33,9 @@ def test_plan_gives_the_exploration_comparison_more_seeds_and_the_4x4_tasks_thei
     seeds = {}
     for j in jobs:
         seeds.setdefault((j["task"], j["method"]), set()).add(j["seed"])
-        assert j["model"] == ("M4" if ev.TASKS[j["task"]].get("grid4") else "default")
-        assert j["teacher"] == ("T4" if ev.TASKS[j["task"]].get("grid4") else "T3")
+        four = ev.TASKS[j["task"]]["grid_rows"] == 4
+        assert j["model"] == ("default" if not four else "W/sft4s" if j["task"] == "cell4" else "W/sft4")
+        assert j["teacher"] == ("W/teacher4" if four else "T3")
     for (t, m), s in seeds.items():
         want = 5 if (m in ev.EXPLORE_SET and t in ev.EXPLORE_TASKS) else 3
         assert s == set(range(want)), (t, m)
