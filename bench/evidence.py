@@ -266,6 +266,8 @@ def _short(path) -> str:
 
 
 def _ckpt_line(path) -> str:
+    if path == "default":
+        path = ROOT / "assets" / "default_model"
     info = Path(path) / "training_info.json"
     if not info.exists():
         return f"`{_short(path)}`"
@@ -307,8 +309,16 @@ def overall_summary(by, base) -> list[str]:
             out.append(f"- Before RL, on `{t}` the last layer's attention points at a target cell "
                        f"{b['pointing_hit']:.3f} of the time (chance {chance:.3f}) at greedy accuracy "
                        f"{b['accuracy']:.3f} — {tail}.")
-    out.append("- What this does not show: anything about larger models, more steps, or tasks with more visual "
-               "tokens (the published gain grew with them); the seeds here are few and the runs short.")
+    for t in tasks:
+        g, b = by.get((t, "grpo"), {}), base.get(t, {})
+        if g and "accuracy" in b:
+            acc = np.array([r["eval"]["accuracy"] for r in g.values()])
+            rew = np.array([r["eval"]["sampled_reward"] for r in g.values()])
+            out.append(f"- How far RL moved the model on `{t}`: GRPO greedy accuracy {acc.mean():.3f} vs "
+                       f"{b['accuracy']:.3f} before RL, sampled reward {rew.mean():.3f} vs {b['sampled_reward']:.3f}.")
+    out.append("- What this does not show: anything about larger models or longer runs (each run here is a short "
+               "fine-tune of a 0.9 M-parameter model); the published gain grew with the number of visual tokens, "
+               "and our largest grid has only 16.")
     return out
 
 

@@ -443,8 +443,8 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
 
     L.append(f"## Main table (medians over {res['rounds']} interleaved rounds, after {args.warmup} untimed rollout "
              f"batch{'es' if args.warmup != 1 else ''} per trainer)\n")
-    L.append(f"| trainer | s / optimizer step | s / rollout batch ({U} updates) | rollouts/s | mean completion "
-             "tokens | mean reward | CPU/wall |")
+    L.append(f"| trainer | s / optimizer step | s / rollout batch ({U} updates) | rollouts (completions) / s | "
+             "mean completion tokens | mean reward | CPU/wall |")
     L.append("|---|---|---|---|---|---|---|")
     for name, s in (("ours (`ral_core.trainer.Trainer`)", o), (f"TRL `GRPOTrainer` {versions['trl']}", t)):
         L.append(f"| {name} | {s['step_wall']:.3f} ({s['step_cpu']:.3f}) | {s['wall']:.3f} ({s['cpu']:.3f}) | "
@@ -471,18 +471,24 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
     L.append(f"| one optimizer update on {n} sequences (forward, backward, clip, AdamW) plus loop overhead | "
              f"{ours_upd:.3f} s (rest of the step / {U}) | "
              + (f"{t['reuse_wall']:.3f} s (a reusing step) |" if U > 1 else "n/a |"))
-    L.append(f"| TRL step that generates / that reuses the batch | — | {t['gen_wall']:.3f} s ({t['gen_cpu']:.3f} CPU) "
-             f"/ {t['reuse_wall']:.3f} s ({t['reuse_cpu']:.3f} CPU) |")
+    if U > 1:
+        L.append(f"| TRL step that generates / that reuses the batch | — | {t['gen_wall']:.3f} s ({t['gen_cpu']:.3f} "
+                 f"CPU) / {t['reuse_wall']:.3f} s ({t['reuse_cpu']:.3f} CPU) |")
     L.append(f"\nFor scale: preprocessing the {n} images of one rollout batch (`Qwen2VLImageProcessorPil`) takes "
              f"{res['img_proc_ms']:.0f} ms here.\n")
 
-    L.append("Per round (rollout batch), in run order — wall s (CPU s) and mean completion tokens:\n")
+    pr = res["per_round"]
+    q = sorted(r["oc"] / r["tc"] for r in pr)
+    L.append(f"Spread: the per-round CPU-time ratio ours / TRL ranged {q[0]:.3f}–{q[-1]:.3f} (quartiles "
+             f"{q[len(q) // 4]:.3f} / {q[(3 * len(q)) // 4]:.3f}); ours took less CPU time than TRL in "
+             f"{sum(x < 1 for x in q)} of {len(q)} rounds.\n")
+    L.append("<details><summary>Per round, in run order: wall s (CPU s) and mean completion tokens</summary>\n")
     L.append("| round | first | ours | TRL | ratio ours / TRL (CPU) | tokens ours / TRL |")
     L.append("|---|---|---|---|---|---|")
-    for i, r in enumerate(res["per_round"]):
+    for i, r in enumerate(pr):
         L.append(f"| {i + 1} | {'ours' if i % 2 == 0 else 'TRL'} | {r['ow']:.3f} ({r['oc']:.3f}) | {r['tw']:.3f} "
                  f"({r['tc']:.3f}) | {r['oc'] / r['tc']:.3f} | {r['olen']:.2f} / {r['tlen']:.2f} |")
-    L.append("")
+    L.append("\n</details>\n")
 
     oc, tc = res["ours_cfg"], res["trl_cfg"]
     L.append("## Settings, side by side\n")
@@ -522,12 +528,15 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
     ]
     L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     L.append("")
-    same_len = all(abs(r["olen"] - r["tlen"]) < 1e-6 for r in res["per_round"])
-    lengths = ("The mean completion length was the same on both sides in every timed round: on this task the "
-               "answer's length is set by the question kind (one digit, or `row r column c`), so both processed "
-               "the same number of tokens." if same_len else
-               "Completion lengths differ between the sides in some rounds (per-round table above).")
-    L.append(NOTES.format(n=n, U=U, lengths=lengths))
+    d = [abs(r["olen"] - r["tlen"]) for r in res["per_round"]]
+    lengths = (f"Their mean completion lengths were equal in {sum(x < 1e-6 for x in d)} of {len(d)} rounds and "
+               f"never more than {max(d):.2f} tokens apart (on this task the answer's length is set by the question "
+               "kind: one digit or `row r column c`), so both sides processed practically the same number of "
+               "tokens.")
+    oldlp = ("one extra no-grad forward per rollout batch for the old log-probs (ours always; TRL because "
+             "`num_iterations` > 1)" if U > 1 else "the old log-probs (ours from one extra no-grad forward; TRL, "
+             "with one update per batch, skips that forward and uses the detached current ones: not matched)")
+    L.append(NOTES.format(n=n, U=U, lengths=lengths, oldlp=oldlp))
 
     L.append("## Contention check\n")
     worst = min(o["cpu_wall"], t["cpu_wall"])
@@ -552,8 +561,7 @@ rollout batch, each update on the whole batch of {n}, the clipped-ratio objectiv
 ((r − mean) / (std + 1e-4), 0 for zero-variance groups on both), the token-level normaliser (our `token` divides by
 the completion tokens of the mini-batch; TRL's `dapo` by those of the generation batch, the same {n} sequences
 here), no KL term and no reference model (β = 0 on both), AdamW (torch, non-fused) with a constant learning rate
-and clipping at norm 1, one extra no-grad forward per rollout batch for the old log-probs (ours always; TRL because
-`num_iterations` > 1), and no logging, saving or evaluation on either side.
+and clipping at norm 1, {oldlp}, and no logging, saving or evaluation on either side.
 
 Not the same, and part of what is measured:
 
