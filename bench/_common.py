@@ -94,6 +94,23 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def contention_section(meta: dict, worst: float, busy_before: list[str], busy_after: list[str],
+                       measured: str = "Lowest median CPU/wall over all timings") -> list[str]:
+    """The results files' 'Contention check': load, CPU/wall of the timed process, and the busiest neighbours."""
+    L = ["## Contention check\n",
+         f"Load average at start / end: {meta['loadavg']} / {loadavg()}. {measured}: {worst:.2f} (1.00 = this "
+         "process had its core to itself)."
+         + (" Other processes took part of the core, so wall-clock numbers are inflated by about 1/(CPU/wall); "
+            "the CPU-time figures and ratios are the ones to read." if worst < 0.9 else "") + "\n"]
+    if busy_before or busy_after:
+        L.append("Busiest other processes (ps lifetime %cpu, a hint) at start:\n")
+        L += [f"- {b}" for b in busy_before] or ["- none"]
+        L.append("\n…and at the end:\n")
+        L += [f"- {b}" for b in busy_after] or ["- none"]
+        L.append("")
+    return L
+
+
 def median(xs):
     s = sorted(xs)
     n = len(s)

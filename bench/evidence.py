@@ -376,7 +376,10 @@ def exploration_section(by) -> list[str]:
         if not by.get((task, "grpo")):
             continue
         n = len(by[(task, "grpo")])
-        out += [f"### `{task}` (GRPO seeds: {n})", "",
+        picked = sorted({tuple(r.get("levers") or ()) for (t, m), runs in by.items() if t == task and "levers" in m
+                         for r in runs.values()})
+        lever_note = (f"; lever-map layers used: {', '.join(str(list(p)) for p in picked)}" if picked else "")
+        out += [f"### `{task}` (GRPO seeds: {n}{lever_note})", "",
                 "| arm | " + " | ".join(f"Δ {k} vs GRPO" for _, k in keys) + " | Δ acc vs its control |"
                 " Δ decisive-row mass vs its control |", "|" + "---|" * (len(keys) + 3)]
         for arm, ctrl in arms:

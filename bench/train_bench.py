@@ -325,19 +325,9 @@ def report(results, meta, command, args, wall_total, busy_before, busy_after) ->
         if r["note"]:
             L.append(f"**Note:** {r['note']}.\n")
 
-    L.append("## Contention check\n")
     worst = min(min(v["cpu_wall"] for v in r["update"].values()) for r in results)
     worst = min(worst, min(min(v["cpu_wall"] for v in r["step"].values()) for r in results))
-    L.append(f"Load average at start / end: {meta['loadavg']} / {C.loadavg()}. Lowest median CPU/wall over all "
-             f"timings: {worst:.2f} (1.00 = this process had its core to itself)."
-             + (" Other processes took part of the core, so wall-clock numbers (ms, s, steps/s) are inflated by "
-                "about 1/(CPU/wall); the CPU-time ratios are the ones to read." if worst < 0.9 else "") + "\n")
-    if busy_before or busy_after:
-        L.append("Busiest other processes (ps lifetime %cpu, a hint) at start:\n")
-        L += [f"- {b}" for b in busy_before] or ["- none"]
-        L.append("\n…and at the end:\n")
-        L += [f"- {b}" for b in busy_after] or ["- none"]
-        L.append("")
+    L += C.contention_section(meta, worst, busy_before, busy_after)
 
     L.append("## Target ≤ 1.15×\n")
     for r in results:

@@ -538,18 +538,10 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
              "with one update per batch, skips that forward and uses the detached current ones: not matched)")
     L.append(NOTES.format(n=n, U=U, lengths=lengths, oldlp=oldlp))
 
-    L.append("## Contention check\n")
     worst = min(o["cpu_wall"], t["cpu_wall"])
-    L.append(f"Load average at start / end: {meta['loadavg']} / {C.loadavg()}. Median CPU/wall per rollout batch: "
-             f"ours {o['cpu_wall']:.2f}, TRL {t['cpu_wall']:.2f} (1.00 = this process had its core to itself)."
-             + (" Other processes took part of the core, so the wall-clock numbers are inflated by about "
-                "1/(CPU/wall); read the CPU-time figures and ratio." if worst < 0.9 else "") + "\n")
-    if busy_before or busy_after:
-        L.append("Busiest other processes (ps lifetime %cpu, a hint) at start:\n")
-        L += [f"- {b}" for b in busy_before] or ["- none"]
-        L.append("\n…and at the end:\n")
-        L += [f"- {b}" for b in busy_after] or ["- none"]
-        L.append("")
+    L += C.contention_section(meta, worst, busy_before, busy_after,
+                              f"Median CPU/wall per rollout batch: ours {o['cpu_wall']:.2f}, TRL {t['cpu_wall']:.2f}; "
+                              "lower of the two")
     return "\n".join(L) + "\n"
 
 
