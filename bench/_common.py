@@ -111,6 +111,17 @@ def contention_section(meta: dict, worst: float, busy_before: list[str], busy_af
     return L
 
 
+def write_report(md: str, out: str | None, dry: bool, log=print) -> None:
+    """Write the results file, or print it for a quick/smoke run (which must not overwrite measured numbers)."""
+    if out and not dry:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(md)
+        log(f"wrote {out}")
+    else:
+        print(md)
+
+
 def median(xs):
     s = sorted(xs)
     n = len(s)

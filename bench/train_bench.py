@@ -403,13 +403,7 @@ def main():
         results.append(bench_model(kind.strip(), args))
     busy_after = C.busy_processes(exclude={os.getpid()})
     md = report(results, meta, command, args, time.perf_counter() - t0, busy_before, busy_after)
-    if args.out and not args.smoke:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(md)
-        log(f"wrote {args.out}")
-    else:
-        print(md)
+    C.write_report(md, args.out, args.smoke, log)
     if any(math.isnan(r["update_ratio_cpu"]) for r in results):
         sys.exit(1)
 

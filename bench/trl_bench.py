@@ -633,13 +633,7 @@ def main():
         f"({t['rps_wall']:.1f} rollouts/s); ratio ours/TRL {res['ratio_cpu']:.3f} CPU, {res['ratio_wall']:.3f} wall, "
         f"n={res['rounds']}")
     md = report(res, meta, versions, command, args, time.perf_counter() - t0, busy_before, busy_after)
-    if args.out and not args.quick:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(md)
-        log(f"wrote {args.out}")
-    else:
-        print(md)
+    C.write_report(md, args.out, args.quick, log)
     if not res["same_prompts"] or math.isnan(res["ratio_cpu"]):
         sys.exit(1)
 
