@@ -156,17 +156,19 @@ METRICS = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"), ("t
            ("entropy", "entropy")]
 
 
-def summarise(results: list[dict], base: dict, args, wall: float) -> str:
+def summarise(results: list[dict], base: dict, args) -> str:
     by = {}
     for r in results:
         j = r["job"]
         by.setdefault((j["task"], j["method"]), {})[j["seed"]] = r
     tasks = [t for t in TASKS if any(tt == t for tt, _ in by)]
     lines = ["# Evidence: does optimizing attention beat optimizing tokens?", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}` (what `make evidence` runs, after building the 4×4 "
-             f"checkpoints and the teachers with `make evidence-models`). Machine: {os.cpu_count()} CPU cores. "
-             f"Compute: {sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs on "
-             f"{args.workers} parallel workers (this invocation: {wall / 60:.1f} min; finished runs are cached).", "",
+             f"Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`, after `make "
+             f"evidence-models` builds the 4×4 checkpoints and the teachers). Machine: {os.cpu_count()} CPU cores. "
+             f"Compute: {sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs "
+             f"(one thread each, {args.workers} at a time; finished runs are cached under `bench/_work/evidence/`, "
+             f"and `--collect` rewrites this file from them)."
+             + (f" Runs missing from the default matrix: {args.missing}." if getattr(args, "missing", 0) else ""), "",
              "- Checkpoints (built by `make evidence-models`): " + "; ".join(
                  f"{', '.join(f'`{t}`' for t in ts)} from {_ckpt_line(m)}" for m, ts in _by_model(args, tasks)) + ".",
              "- OPAD/distillation teachers: " + "; ".join(
@@ -480,7 +482,6 @@ def main():
     if missing and not args.collect:
         sys.exit(f"checkpoint(s) missing: {missing}; build them with `make evidence-models` (or leave out the "
                  "tasks/methods that need them via --tasks / --methods)")
-    t0 = time.time()
     results = []
     if args.collect:
         for j in jobs:
@@ -490,6 +491,7 @@ def main():
                 if all(r["job"].get(k) == j[k] for k in ("steps", "n_eval", "model")):
                     results.append(r)
         print(f"collected {len(results)}/{len(jobs)} finished runs")
+        args.missing = len(jobs) - len(results)
     else:
         with ProcessPoolExecutor(args.workers) as ex:
             for r in ex.map(run_one, jobs):
@@ -506,7 +508,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, out.parent)
-    out.write_text(summarise(results, base, args, time.time() - t0))
+    out.write_text(summarise(results, base, args))
     (WORK / args.tag / "all.json").write_text(json.dumps({"base": base, "results": results}))
     print(f"wrote {out}")
 
