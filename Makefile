@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-trl evidence evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-trl evidence evidence-long evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -74,6 +74,11 @@ evidence-teacher: evidence-models
 
 evidence: install evidence-models
 	$(BIN)/python bench/evidence.py --out docs/results.md
+
+# 3× longer runs of the main contrasts on the 4×4 tasks with headroom (about 45 min on 2 cores)
+evidence-long: install evidence-models
+	$(BIN)/python bench/evidence.py --out docs/results_long.md --steps 36 --tasks pair4,cell4 \
+	  --methods grpo,ral,explore_levers,noise_levers --seeds 3 --explore-seeds 3 --explore-tasks pair4,cell4
 
 clean:
 	rm -rf $(VENV) .pytest_cache

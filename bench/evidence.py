@@ -64,6 +64,7 @@ EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_levers_s03", "explore_lev
                "noise_last", "noise_levers")
 EXPLORE_TASKS = ("read3", "cell3", "cell4")
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
+DEFAULT_STEPS = 12
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
           "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
@@ -213,7 +214,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
              f"- Every run: {args.steps} steps of {COMMON['prompts_per_step']} prompts × {COMMON['group_size']} "
              f"rollouts, {COMMON['epochs']} optimizer updates per rollout batch for every method, lr {COMMON['lr']}.",
              f"- Seeds: {args.explore_seeds} for the exploration comparison ({', '.join(f'`{m}`' for m in EXPLORE_SET)}"
-             f" on {', '.join(f'`{t}`' for t in EXPLORE_TASKS)}), {args.seeds} for everything else.",
+             f" on {', '.join(f'`{t}`' for t in args.explore_tasks.split(','))}), {args.seeds} for everything else.",
              f"- Held-out evaluation: {args.n_eval} test-split samples (handwriting never seen in training); sampled "
              f"reward from {args.n_eval // 4} of them × 4 samples at temperature 1.", ""]
     lines += overall_summary(by, base) + [""]
@@ -241,7 +242,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
         lines += ["", f"![learning curves {task}](evidence_{task}.png)", ""]
         lines += verdicts(by, task) + [""]
-    lines += exploration_section(by) + [""]
+    lines += exploration_section(by, args.explore_tasks.split(",")) + [""]
     lines += lever_section(base) + [""]
     lines += structural_note(results) + [""]
     lines += performance_section() + [""]
@@ -397,7 +398,7 @@ def _fmt(d, nd: int = 3) -> str:
     return f"{mark}{d.mean():+.{nd}f} ± {se:.{nd}f}{mark}"
 
 
-def exploration_section(by) -> list[str]:
+def exploration_section(by, tasks) -> list[str]:
     """Issue 6's comparison: each exploration arm against GRPO and against its own noise-only control (same
     perturbation during rollouts, exploration term off), paired by seed; bold = |mean| ≥ 2 SE."""
     arms = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"),
@@ -411,7 +412,7 @@ def exploration_section(by) -> list[str]:
            "'vs its control' isolates what the term adds. Exploration layers: `last` = the last decoder layer; "
            "`levers` = the two layers the causal-lever map ranks highest on that checkpoint; `s03`/`s3` = σ 0.3 / "
            "3 (default σ 1).", ""]
-    for task in EXPLORE_TASKS:
+    for task in tasks:
         if not by.get((task, "grpo")):
             continue
         n = len(by[(task, "grpo")])
@@ -481,7 +482,7 @@ def plan(args) -> list[dict]:
     for s in range(max(args.seeds, args.explore_seeds)):
         for t in tasks:
             for m in methods:
-                explore_job = m in EXPLORE_SET and t in EXPLORE_TASKS
+                explore_job = m in EXPLORE_SET and t in args.explore_tasks.split(",")
                 if not (explore_job or m in BASE_METHODS) or s >= (args.explore_seeds if explore_job else args.seeds):
                     continue
                 jobs.append({"task": t, "method": m, "seed": s, "steps": args.steps,
@@ -500,7 +501,8 @@ def main():
                    help="folder of the 4×4 checkpoints (sft4, sft4s, teacher4) from `make evidence-models`")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--explore-seeds", type=int, default=5, help="seeds for the exploration comparison")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--explore-tasks", default=",".join(EXPLORE_TASKS), help="tasks of the exploration comparison")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--n-eval", type=int, default=150)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -508,7 +510,7 @@ def main():
     p.add_argument("--collect", action="store_true", help="write the document from finished (cached) runs only")
     p.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, 2 methods, small eval")
     args = p.parse_args()
-    args.tag = "full"
+    args.tag = "full" if args.steps == DEFAULT_STEPS else f"full-{args.steps}steps"  # runs of other lengths apart
     if args.smoke:
         args.steps, args.seeds, args.explore_seeds, args.n_eval = 2, 1, 1, 16
         args.methods, args.tag = "grpo,ral,explore_last", "smoke"

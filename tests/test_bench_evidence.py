@@ -19,7 +19,7 @@ def _evidence():
 
 
 def _args(**kw):
-    base = dict(model="default", teacher="T3", checkpoints="W", seeds=3, explore_seeds=5, steps=12,
+    base = dict(model="default", teacher="T3", checkpoints="W", seeds=3, explore_seeds=5, explore_tasks="read3,cell3,cell4", steps=12,
                 n_eval=150, methods="", tasks="", tag="t")
     ev = _evidence()
     base["methods"], base["tasks"] = ",".join(ev.METHODS), ",".join(ev.TASKS)
