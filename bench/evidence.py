@@ -55,13 +55,16 @@ METHODS = {
     "explore_levers_s03": {"explore": True, "explore_layers": "levers", "explore_sigma": 0.3},
     "explore_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0},
     "explore_levers_s3": {"explore": True, "explore_layers": "levers", "explore_sigma": 3.0},
+    # layers picked by the strength-1 lever map (strength 3 can rank a layer it disrupts rather than steers)
+    "explore_levers_m1": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0,
+                          "explore_lever_strength": 1.0},
     "noise_last": {"explore": True, "explore_layers": "last", "explore_sigma": 1.0, "explore_weight": 0.0},
     "noise_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0, "explore_weight": 0.0},
 }
 # The exploration comparison (GRPO vs RAL vs exploration, σ sweep, noise-only controls) gets more seeds, on the
 # one-token tasks and the longer-answer variant; the method comparison runs everything else on 3 seeds.
 EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_levers_s03", "explore_levers", "explore_levers_s3",
-               "noise_last", "noise_levers")
+               "explore_levers_m1", "noise_last", "noise_levers")
 EXPLORE_TASKS = ("read3", "cell3", "cell4")
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 DEFAULT_STEPS = 12
@@ -402,7 +405,8 @@ def exploration_section(by, tasks) -> list[str]:
     """Issue 6's comparison: each exploration arm against GRPO and against its own noise-only control (same
     perturbation during rollouts, exploration term off), paired by seed; bold = |mean| ≥ 2 SE."""
     arms = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"),
-            ("explore_levers", "noise_levers"), ("explore_levers_s3", "noise_levers"), ("ral", None),
+            ("explore_levers", "noise_levers"), ("explore_levers_s3", "noise_levers"), ("explore_levers_m1", None),
+            ("ral", None),
             ("noise_last", None), ("noise_levers", None)]
     keys = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"),
             ("target_mass_first", "target mass, decisive row")]
@@ -411,7 +415,7 @@ def exploration_section(by, tasks) -> list[str]:
            "sample the same perturbation during rollouts but train without the exploration term, so "
            "'vs its control' isolates what the term adds. Exploration layers: `last` = the last decoder layer; "
            "`levers` = the two layers the causal-lever map ranks highest on that checkpoint; `s03`/`s3` = σ 0.3 / "
-           "3 (default σ 1).", ""]
+           "3 (default σ 1); `m1` = layers from the strength-1 lever map.", ""]
     for task in tasks:
         if not by.get((task, "grpo")):
             continue

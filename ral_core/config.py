@@ -66,6 +66,7 @@ class TrainConfig:
     explore_weight: float = 1.0          # weight of the exploration term (0 = noise-only control)
     explore_layers: typing.Any = "levers"  # levers (top of the causal-lever map) | last | all | int | list
     explore_top_k: int = 2
+    explore_lever_strength: float = 3.0  # steering strength of the lever map that picks the 'levers' layers
     explore_per_head: bool = False
     explore_keys: str = "visual"         # visual | all
     explore_row: str = "predicts"        # predicts (includes the first-token decision row) | own
@@ -133,6 +134,7 @@ class TrainConfig:
         need(self.explore_schedule in ("constant", "linear"), "explore_schedule must be constant or linear")
         need(self.attn_metrics_every >= 0, "attn_metrics_every must be ≥ 0 (0 = never)")
         need(self.explore_top_k >= 1, "explore_top_k must be ≥ 1")
+        need(self.explore_lever_strength > 0, "explore_lever_strength must be > 0 (a logit bias, e.g. 1 or 3)")
         need(self.lora_r >= 0, "lora_r must be ≥ 0 (0 = full fine-tuning)")
         if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:
             raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")

@@ -123,7 +123,7 @@ class Trainer:
             return resolve_layers(spec, self.adapter.num_layers)
         from ral_core.levers import lever_map
         probe = [self.data.sample(10_000 + i) for i in range(8)]
-        self.levers = lever_map(self.adapter, probe)
+        self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
         return self.levers.top(min(self.cfg.explore_top_k, self.adapter.num_layers))
 
     def _lr_lambda(self, total):

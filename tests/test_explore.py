@@ -113,3 +113,14 @@ def test_lever_map_without_boxes_scans_image_regions(model, task):
         x["boxes"] = []
     m = lever_map(model, s, layers=[0, 2], strength=2.0)
     assert m.layers == [0, 2] and np.isfinite(m.effect).all()
+
+
+def test_lever_layers_come_from_a_map_at_the_configured_strength(tmp_path, tiny_model_dir):
+    from ral_core.errors import RALError
+    cfg = build_config(None, BASE + [f"output_dir={tmp_path / 'lv'}", f"model={tiny_model_dir}", "explore=true",
+                                     "explore_layers=levers", "explore_lever_strength=1.5"])
+    t = Trainer(cfg)
+    layers = t._explore_layers()
+    assert t.levers.strength == 1.5 and layers == t.levers.top(2)
+    with pytest.raises(RALError, match="explore_lever_strength"):
+        build_config(None, BASE + ["explore_lever_strength=0"])
