@@ -66,6 +66,10 @@ METHODS = {
 EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_levers_s03", "explore_levers", "explore_levers_s3",
                "explore_levers_m1", "noise_last", "noise_levers")
 EXPLORE_TASKS = ("read3", "cell3", "cell4")
+# exploration arms and the noise-only control that shares their perturbation (None: no exact control)
+ARMS = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"), ("explore_levers", "noise_levers"),
+        ("explore_levers_s3", "noise_levers"), ("explore_levers_m1", None), ("ral", None), ("noise_last", None),
+        ("noise_levers", None)]
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 DEFAULT_STEPS = 12
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
@@ -136,7 +140,7 @@ def base_eval(model: str, tasks: list[str], n_eval: int) -> dict:
     key = str(Path(model).resolve()) if Path(model).exists() else model
     cache = WORK / "base" / (key.strip("/").replace("/", "_") + f"_n{n_eval}.json")
     out = json.loads(cache.read_text()) if cache.exists() else {}
-    if all(t in out for t in tasks):
+    if all(t in out and "levers" in out[t] for t in tasks):
         return {t: out[t] for t in tasks}
     import torch
     torch.set_num_threads(1)
@@ -225,7 +229,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
         lines += [f"## Task `{task}`: {TASKS[task]['task_kinds']} on a {TASKS[task]['grid_rows']}×"
                   f"{TASKS[task]['grid_cols']} grid", ""]
         b = base.get(task, {})
-        head = "| method | " + " | ".join(n for _, n in METRICS) + " | Δ acc vs GRPO (paired) | Δ reward vs GRPO |"
+        head = "| method | " + " | ".join(n for _, n in METRICS) + " | Δ acc vs GRPO (paired, mean ± sd) | Δ reward vs GRPO |"
         lines += [head, "|" + "---|" * (len(METRICS) + 3)]
         lines.append("| base (no RL) | " + " | ".join(f"{b.get(k, float('nan')):.3f}" for k, _ in METRICS) + " | | |")
         grpo = by.get((task, "grpo"), {})
@@ -337,6 +341,15 @@ def overall_summary(by, base) -> list[str]:
     out.append("- Methods better than GRPO beyond seed noise (|paired mean| ≥ 2 SE): "
                + (", ".join(better) if better else "**none**") + ".")
     out.append("- Worse than GRPO beyond seed noise: " + (", ".join(worse) if worse else "none") + ".")
+    vs_ctrl = {True: [], False: []}
+    for t in tasks:
+        for arm, ctrl in ARMS:
+            d = _pd(by, t, arm, ctrl, "accuracy") if ctrl else np.array([])
+            if len(d) > 1 and not np.all(d == 0) and abs(d.mean()) >= 2 * d.std(ddof=1) / np.sqrt(len(d)):
+                vs_ctrl[bool(d.mean() > 0)].append(f"`{arm}` on `{t}` ({d.mean():+.3f})")
+    out.append("- Exploration against its own noise-only control (what the exploration term adds, greedy accuracy): "
+               f"better beyond noise: {', '.join(vs_ctrl[True]) or 'none'}; worse: "
+               f"{', '.join(vs_ctrl[False]) or 'none'}.")
     ident = [f"`{m}`" for m in METHODS if m != "grpo" and any(len(_paired(by, t, m)) for t in tasks)
              and all(np.all(_paired(by, t, m) == 0) for t in tasks)]
     if ident:
@@ -404,10 +417,6 @@ def _fmt(d, nd: int = 3) -> str:
 def exploration_section(by, tasks) -> list[str]:
     """Issue 6's comparison: each exploration arm against GRPO and against its own noise-only control (same
     perturbation during rollouts, exploration term off), paired by seed; bold = |mean| ≥ 2 SE."""
-    arms = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"),
-            ("explore_levers", "noise_levers"), ("explore_levers_s3", "noise_levers"), ("explore_levers_m1", None),
-            ("ral", None),
-            ("noise_last", None), ("noise_levers", None)]
     keys = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"),
             ("target_mass_first", "target mass, decisive row")]
     out = ["## Exploration: attention policy on the decision itself", "",
@@ -426,7 +435,7 @@ def exploration_section(by, tasks) -> list[str]:
         out += [f"### `{task}` (GRPO seeds: {n}{lever_note})", "",
                 "| arm | " + " | ".join(f"Δ {k} vs GRPO" for _, k in keys) + " | Δ acc vs its control |"
                 " Δ decisive-row mass vs its control |", "|" + "---|" * (len(keys) + 3)]
-        for arm, ctrl in arms:
+        for arm, ctrl in ARMS:
             if not by.get((task, arm)):
                 continue
             nd = {"target_mass_first": 4}
