@@ -210,8 +210,11 @@ def summarise(results: list[dict], base: dict, args) -> str:
              f"Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`, after `make "
              f"evidence-models` builds the 4×4 checkpoints and the teachers). Machine: {os.cpu_count()} CPU cores. "
              f"Compute: {sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs "
-             f"(one thread each, {args.workers} at a time; finished runs are cached under `bench/_work/evidence/`, "
-             f"and `--collect` rewrites this file from them)."
+             f"(one thread each, {args.workers} at a time, so about half that in wall time; mean seconds per run: "
+             + ", ".join(f"`{t}` {np.mean([r['wall_s'] for r in results if r['job']['task'] == t]):.0f}"
+                         for t in tasks)
+             + "; these were measured while other jobs also used the cores, so an idle machine is faster). Finished "
+             "runs are cached under `bench/_work/evidence/`, and `--collect` rewrites this file from them."
              + (f" Runs missing from the default matrix: {args.missing}." if getattr(args, "missing", 0) else ""), "",
              "- Checkpoints (built by `make evidence-models`): " + "; ".join(
                  f"{', '.join(f'`{t}`' for t in ts)} from {_ckpt_line(m)}" for m, ts in _by_model(args, tasks)) + ".",
@@ -451,6 +454,8 @@ def structural_note(results) -> list[str]:
     """How much of the response the published attention term could act on at all."""
     shares = {}
     for r in results:
+        if METHODS[r["job"]["method"]].get("explore"):
+            continue  # perturbed rollouts differ by construction; the share is about the unperturbed policy
         v = [c.get("shared_row_frac") for c in r["curve"] if c.get("shared_row_frac") is not None]
         if v:
             shares.setdefault(r["job"]["task"], []).extend(v)
@@ -458,7 +463,8 @@ def structural_note(results) -> list[str]:
         return []
     out = ["## Where the attention term can act", "",
            "Share of response rows whose attention row is identical for another rollout of the same group "
-           "(there the advantage-weighted RAL terms cancel exactly), averaged over all steps of all runs:", ""]
+           "(there the advantage-weighted RAL terms cancel exactly), averaged over all steps of all runs without "
+           "exploration:", ""]
     out += [f"- `{t}`: {np.mean(v):.3f}" for t, v in shares.items()]
     return out
 
