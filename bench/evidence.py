@@ -470,22 +470,26 @@ def structural_note(results) -> list[str]:
 
 
 def plot_curves(results, out_dir: Path):
+    """Training curves per task; exploration arms dashed (their rollouts, hence these numbers, are perturbed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    colours = plt.get_cmap("tab20").colors
     for task in sorted({r["job"]["task"] for r in results}):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
-        for method in METHODS:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
+        for i, method in enumerate(METHODS):
             runs = [r for r in results if r["job"]["task"] == task and r["job"]["method"] == method]
             if not runs:
                 continue
+            style = dict(color=colours[i % len(colours)], lw=1.2 if method == "grpo" else 0.9,
+                         ls="--" if METHODS[method].get("explore") else "-")
             for ax, key in zip(axes, ("reward", "attn_target_mass")):
                 ys = np.array([[c.get(key) or np.nan for c in r["curve"]] for r in runs], dtype=float)
-                ax.plot(np.arange(1, ys.shape[1] + 1), np.nanmean(ys, 0), label=method, lw=1)
-                ax.set_title({"reward": "sampled reward (training)", "attn_target_mass": "on-target attention"}[key],
-                             fontsize=9)
+                ax.plot(np.arange(1, ys.shape[1] + 1), np.nanmean(ys, 0), label=method, **style)
+                ax.set_title({"reward": f"{task}: reward of the training rollouts",
+                              "attn_target_mass": f"{task}: on-target attention, policy layer(s)"}[key], fontsize=9)
                 ax.set_xlabel("step")
-        axes[1].legend(fontsize=6, ncol=2)
+        axes[1].legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out_dir / f"evidence_{task}.png")
         plt.close(fig)
