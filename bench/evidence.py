@@ -52,6 +52,7 @@ METHODS = {
     "opad": {"gamma_opad": 1.0, "teacher": "@teacher"},
     "distill": {"lambda_token_kl": 1.0, "teacher": "@teacher"},
     "explore_last": {"explore": True, "explore_layers": "last", "explore_sigma": 1.0},
+    "explore_last_w10": {"explore": True, "explore_layers": "last", "explore_sigma": 1.0, "explore_weight": 10.0},
     "explore_levers_s03": {"explore": True, "explore_layers": "levers", "explore_sigma": 0.3},
     "explore_levers": {"explore": True, "explore_layers": "levers", "explore_sigma": 1.0},
     "explore_levers_s3": {"explore": True, "explore_layers": "levers", "explore_sigma": 3.0},
@@ -63,11 +64,11 @@ METHODS = {
 }
 # The exploration comparison (GRPO vs RAL vs exploration, σ sweep, noise-only controls) gets more seeds, on the
 # one-token tasks and the longer-answer variant; the method comparison runs everything else on 3 seeds.
-EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_levers_s03", "explore_levers", "explore_levers_s3",
+EXPLORE_SET = ("grpo", "ral", "explore_last", "explore_last_w10", "explore_levers_s03", "explore_levers", "explore_levers_s3",
                "explore_levers_m1", "noise_last", "noise_levers")
 EXPLORE_TASKS = ("read3", "cell3", "cell4")
 # exploration arms and the noise-only control that shares their perturbation (None: no exact control)
-ARMS = [("explore_last", "noise_last"), ("explore_levers_s03", "noise_levers"), ("explore_levers", "noise_levers"),
+ARMS = [("explore_last", "noise_last"), ("explore_last_w10", "noise_last"), ("explore_levers_s03", "noise_levers"), ("explore_levers", "noise_levers"),
         ("explore_levers_s3", "noise_levers"), ("explore_levers_m1", None), ("ral", None), ("noise_last", None),
         ("noise_levers", None)]
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
@@ -427,7 +428,7 @@ def exploration_section(by, tasks) -> list[str]:
            "sample the same perturbation during rollouts but train without the exploration term, so "
            "'vs its control' isolates what the term adds. Exploration layers: `last` = the last decoder layer; "
            "`levers` = the two layers the causal-lever map ranks highest on that checkpoint; `s03`/`s3` = σ 0.3 / "
-           "3 (default σ 1); `m1` = layers from the strength-1 lever map.", ""]
+           "3 (default σ 1); `m1` = layers from the strength-1 lever map; `w10` = exploration weight 10 (default 1).", ""]
     for task in tasks:
         if not by.get((task, "grpo")):
             continue
