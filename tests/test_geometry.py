@@ -12,7 +12,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers.image_utils import PILImageResampling  # noqa: E402
 
 from ral_core.models import load_adapter  # noqa: E402
-from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter, tiny_idefics3, tiny_llava  # noqa: E402
+from ral_core.inspection import inspect  # noqa: E402
+from ral_core.models.idefics3 import Idefics3Adapter  # noqa: E402
+from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter, tiny_idefics3, tiny_llava, tiny_smolvlm  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -26,6 +28,7 @@ BUILDERS = {
     "idefics3": lambda: tiny_idefics3(patch=8, scale_factor=4, tile=128, longest_edge=256),   # tiles + global
     "idefics3_single": lambda: tiny_idefics3(patch=8, scale_factor=4, tile=128, longest_edge=128),  # global only
     "idefics3_s2": lambda: tiny_idefics3(),                              # scale factor 2, 16 tokens per tile
+    "smolvlm": lambda: tiny_smolvlm(patch=8, scale_factor=4, tile=128, longest_edge=256),     # SmolVLM2 classes
 }
 CROPPING = {"llava", "llava_small"}
 SIZES = [(150, 97), (83, 131), (300, 120)]  # landscape, portrait, wide; none a multiple of a patch
@@ -177,6 +180,11 @@ def test_boxes_count_bounds_and_tiling(name, size):
         text = f"{a.tokenizer.bos_token}User:<image>Where is the 3?<end_of_utterance>\nAssistant:"
         ids = proc(images=[img], text=[text])["input_ids"][0]
         assert list(ids) == batch["model_inputs"]["input_ids"][0].tolist()
+    if a.model.config.model_type == "smolvlm":  # SmolVLMProcessor itself needs num2words; its layout function
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+        m = a.process_images([img])["meta"][0]
+        assert a.image_prompt(m["rows"], m["cols"]) == get_image_prompt_string(
+            m["rows"], m["cols"], a.image_seq_len, "<fake_token_around_image>", "<image>", "<global-img>")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -193,3 +201,21 @@ def test_save_load_round_trip(family, tmp_path):
     with torch.no_grad():
         la, lb = a.model(**x["model_inputs"]).logits, b.model(**y["model_inputs"]).logits
     assert torch.allclose(la, lb, atol=1e-6)
+
+
+def test_saved_smolvlm_loads_and_inspects(tmp_path):
+    """A SmolVLM2 directory (its saved `image_processor_type` is the torchvision class, as on the hub) loads
+    without torchvision and inspects."""
+    a = tiny_smolvlm()
+    for part in (a.model, a.tokenizer, a.image_processor):
+        part.save_pretrained(tmp_path)
+    b = load_adapter(str(tmp_path))
+    assert type(b) is Idefics3Adapter and b.model.config.model_type == "smolvlm"
+    assert type(b.model).__name__ == "SmolVLMForConditionalGeneration"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 150, 3), dtype=np.uint8))
+    res = inspect(b, img, "Where is the 3?", max_new_tokens=2)
+    assert res.visual.shape[-1] == res.geometry.n_tokens == int(b.visual_mask(
+        b.build_inputs([img], ["Where is the 3?"])["model_inputs"]["input_ids"]).sum())
+    np.testing.assert_allclose(res.mass.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(res.visual.sum(-1), res.mass[..., 0], atol=1e-5)
+    assert 0 < res.visual_map().sum() <= 1 + 1e-5

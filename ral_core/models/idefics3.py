@@ -1,4 +1,5 @@
-"""Idefics3 and SmolVLM (v1): the image is resized so its longest edge is `size.longest_edge`, then up to
+"""Idefics3, SmolVLM (v1, model_type idefics3) and SmolVLM2 (model_type smolvlm, same processor, connector and
+prompt layout in transformers): the image is resized so its longest edge is `size.longest_edge`, then up to
 multiples of the tile size M, cut into rows×cols M×M tiles (row-major) plus an M×M global image. Each M×M
 image gives (M/p)² patches; the pixel shuffle merges s×s patch blocks, so tile token k covers the k-th
 s·p × s·p block, row-major (read off `Idefics3Connector.pixel_shuffle`)."""
@@ -12,7 +13,7 @@ from ral_core.models.base import TokenGeometry, VLMAdapter, grid_boxes, register
 @register
 class Idefics3Adapter(VLMAdapter):
     family = "idefics3"
-    model_types = ("idefics3",)
+    model_types = ("idefics3", "smolvlm")
 
     @property
     def tile(self) -> int:

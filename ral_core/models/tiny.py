@@ -129,31 +129,44 @@ def tiny_llava(hidden=64, layers=2, heads=4, kv_heads=2, vision_layers=2, vision
 
 
 def tiny_idefics3(hidden=64, layers=2, heads=4, kv_heads=2, vision_layers=1, vision_dim=32, patch=8, tile=64,
-                  scale_factor=2, longest_edge=128, attn="sdpa", seed=0, tokenizer=None):
+                  scale_factor=2, longest_edge=128, attn="sdpa", seed=0, tokenizer=None, variant="idefics3"):
     """A tiny random Idefics3 (SigLIP-like tower, pixel shuffle, Llama LM with GQA) and its adapter. Images are
-    resized to `longest_edge`, split into `tile`² tiles plus a global image; (tile/patch/scale)² tokens each."""
+    resized to `longest_edge`, split into `tile`² tiles plus a global image; (tile/patch/scale)² tokens each.
+    `variant="smolvlm"` builds the same thing with the SmolVLM2 classes."""
     import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     from ral_core.models.idefics3 import Idefics3Adapter
+
+    if variant == "idefics3":
+        from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as Proc
+    elif variant == "smolvlm":
+        from transformers import SmolVLMConfig as Config, SmolVLMForConditionalGeneration as Model
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as Proc
+    else:
+        raise ValueError(variant)
 
     tok = tokenizer or build_tokenizer(IDEFICS3_SPECIALS, eos="<end_of_utterance>", pad="<|endoftext|>")
     tok.bos_token = "<|im_start|>"
     vis = dict(hidden_size=vision_dim, intermediate_size=vision_dim * 2, num_hidden_layers=vision_layers,
                num_attention_heads=2, patch_size=patch, image_size=tile)
     text = _llama_text(tok, hidden, layers, heads, kv_heads, "<end_of_utterance>", "<|endoftext|>", "<|im_start|>")
-    cfg = Idefics3Config(vision_config=vis, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                         scale_factor=scale_factor, tie_word_embeddings=True)
+    cfg = Config(vision_config=vis, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                 scale_factor=scale_factor, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    model = Model._from_config(cfg, attn_implementation=attn)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    ip = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile})
-    return Idefics3Adapter(model.eval(), tok, ip, name="tiny-idefics3")
+    ip = Proc(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile})
+    return Idefics3Adapter(model.eval(), tok, ip, name=f"tiny-{variant}")
 
 
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3")
+def tiny_smolvlm(**kwargs):
+    """A tiny random SmolVLM2 (model_type `smolvlm`): `tiny_idefics3` with the SmolVLM classes, same sizes."""
+    return tiny_idefics3(variant="smolvlm", **kwargs)
+
+
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm")
 
 
 def tiny_adapter(family: str, **kwargs):
@@ -164,4 +177,6 @@ def tiny_adapter(family: str, **kwargs):
         return tiny_llava(**kwargs)
     if family == "idefics3":
         return tiny_idefics3(**kwargs)
+    if family == "smolvlm":
+        return tiny_smolvlm(**kwargs)
     raise ValueError(f"unknown tiny family '{family}'; choose one of {', '.join(TINY_FAMILIES)}")
