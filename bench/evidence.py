@@ -208,8 +208,11 @@ def summarise(results: list[dict], base: dict, args) -> str:
         by.setdefault((j["task"], j["method"]), {})[j["seed"]] = r
     tasks = [t for t in TASKS if any(tt == t for tt, _ in by)]
     lines = ["# Evidence: does optimizing attention beat optimizing tokens?", "",
-             f"Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`, after `make "
-             f"evidence-models` builds the 4×4 checkpoints and the teachers). Machine: {os.cpu_count()} CPU cores. "
+             (f"Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`" if args.steps == DEFAULT_STEPS
+              else "Longer runs of the main contrasts; the full matrix is in [results.md](results.md). Command: "
+                   "`make evidence-long` (its arguments are in the Makefile")
+             + ", after `make evidence-models` builds the 4×4 checkpoints and the teachers). Machine: "
+             f"{os.cpu_count()} CPU cores. "
              f"Compute: {sum(r['wall_s'] for r in results) / 60:.1f} min of worker time over {len(results)} runs "
              f"(one thread each, {args.workers} at a time, so about half that in wall time; mean seconds per run: "
              + ", ".join(f"`{t}` {np.mean([r['wall_s'] for r in results if r['job']['task'] == t]):.0f}"
@@ -256,7 +259,8 @@ def summarise(results: list[dict], base: dict, args) -> str:
     lines += exploration_section(by, args.explore_tasks.split(",")) + [""]
     lines += lever_section(base) + [""]
     lines += structural_note(results) + [""]
-    lines += performance_section() + [""]
+    if args.steps == DEFAULT_STEPS:  # the longer-run document links the main one instead
+        lines += performance_section() + [""]
     return "\n".join(lines) + "\n"
 
 
