@@ -208,7 +208,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
         by.setdefault((j["task"], j["method"]), {})[j["seed"]] = r
     tasks = [t for t in TASKS if any(tt == t for tt, _ in by)]
     lines = ["# Evidence: does optimizing attention beat optimizing tokens?", "",
-             (f"Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`" if args.steps == DEFAULT_STEPS
+             ("Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`" if args.steps == DEFAULT_STEPS
               else "Longer runs of the main contrasts; the full matrix is in [results.md](results.md). Command: "
                    "`make evidence-long` (its arguments are in the Makefile")
              + ", after `make evidence-models` builds the 4×4 checkpoints and the teachers). Machine: "
