@@ -230,7 +230,11 @@ def summarise(results: list[dict], base: dict, args) -> str:
              f"- Seeds: {args.explore_seeds} for the exploration comparison ({', '.join(f'`{m}`' for m in EXPLORE_SET)}"
              f" on {', '.join(f'`{t}`' for t in args.explore_tasks.split(','))}), {args.seeds} for everything else.",
              f"- Held-out evaluation: {args.n_eval} test-split samples (handwriting never seen in training); sampled "
-             f"reward from {args.n_eval // 4} of them × 4 samples at temperature 1.", ""]
+             f"reward from {args.n_eval // 4} of them × 4 samples at temperature 1."]
+    if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_long.md").exists():
+        lines.append("- 3× longer runs (36 steps) of GRPO, RAL and lever-layer exploration on `pair4` and `cell4`: "
+                     "[results_long.md](results_long.md) (`make evidence-long`).")
+    lines.append("")
     lines += overall_summary(by, base) + [""]
     for task in tasks:
         lines += [f"## Task `{task}`: {TASKS[task]['task_kinds']} on a {TASKS[task]['grid_rows']}×"
@@ -254,7 +258,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
                 deltas.append("" if method == "grpo" or not len(d) else
                               f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} (n={len(d)})")
             lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
-        lines += ["", f"![learning curves {task}](evidence_{task}.png)", ""]
+        lines += ["", f"![learning curves {task}]({_plot_name(task, args.steps)})", ""]
         lines += verdicts(by, task) + [""]
     lines += exploration_section(by, args.explore_tasks.split(",")) + [""]
     lines += lever_section(base) + [""]
@@ -474,7 +478,11 @@ def structural_note(results) -> list[str]:
     return out
 
 
-def plot_curves(results, out_dir: Path):
+def _plot_name(task: str, steps: int) -> str:
+    return f"evidence_{task}.png" if steps == DEFAULT_STEPS else f"evidence_{task}_{steps}steps.png"
+
+
+def plot_curves(results, out_dir: Path, steps: int):
     """Training curves per task; exploration arms dashed (their rollouts, hence these numbers, are perturbed)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -496,7 +504,7 @@ def plot_curves(results, out_dir: Path):
                 ax.set_xlabel("step")
         axes[1].legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
-        fig.savefig(out_dir / f"evidence_{task}.png")
+        fig.savefig(out_dir / _plot_name(task, steps))
         plt.close(fig)
 
 
@@ -574,7 +582,7 @@ def main():
             base.update(base_eval(model, tasks, args.n_eval))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, out.parent)
+    plot_curves(results, out.parent, args.steps)
     out.write_text(summarise(results, base, args))
     (WORK / args.tag / "all.json").write_text(json.dumps({"base": base, "results": results}))
     print(f"wrote {out}")
