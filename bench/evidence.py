@@ -71,6 +71,9 @@ EXPLORE_TASKS = ("read3", "cell3", "cell4")
 ARMS = [("explore_last", "noise_last"), ("explore_last_w10", "noise_last"), ("explore_levers_s03", "noise_levers"), ("explore_levers", "noise_levers"),
         ("explore_levers_s3", "noise_levers"), ("explore_levers_m1", None), ("ral", None), ("noise_last", None),
         ("noise_levers", None)]
+# GRPO (the reference of every paired difference) and the teacher-based methods (the only ones that differed from
+# it beyond noise at 3 seeds) get the larger seed count on every task
+MORE_SEEDS = ("grpo", "opad", "distill")
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 DEFAULT_STEPS = 12
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
@@ -228,7 +231,8 @@ def summarise(results: list[dict], base: dict, args) -> str:
              f"- Every run: {args.steps} steps of {COMMON['prompts_per_step']} prompts × {COMMON['group_size']} "
              f"rollouts, {COMMON['epochs']} optimizer updates per rollout batch for every method, lr {COMMON['lr']}.",
              f"- Seeds: {args.explore_seeds} for the exploration comparison ({', '.join(f'`{m}`' for m in EXPLORE_SET)}"
-             f" on {', '.join(f'`{t}`' for t in args.explore_tasks.split(','))}), {args.seeds} for everything else.",
+             f" on {', '.join(f'`{t}`' for t in args.explore_tasks.split(','))}, and {', '.join(f'`{m}`' for m in MORE_SEEDS)}"
+             f" on every task), {args.seeds} for everything else.",
              f"- Held-out evaluation: {args.n_eval} test-split samples (handwriting never seen in training); sampled "
              f"reward from {args.n_eval // 4} of them × 4 samples at temperature 1."]
     if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_long.md").exists():
@@ -519,7 +523,8 @@ def plan(args) -> list[dict]:
         for t in tasks:
             for m in methods:
                 explore_job = m in EXPLORE_SET and t in args.explore_tasks.split(",")
-                if not (explore_job or m in BASE_METHODS) or s >= (args.explore_seeds if explore_job else args.seeds):
+                more = explore_job or m in MORE_SEEDS
+                if not (explore_job or m in BASE_METHODS) or s >= (args.explore_seeds if more else args.seeds):
                     continue
                 jobs.append({"task": t, "method": m, "seed": s, "steps": args.steps,
                              "model": _checkpoint(args, t), "teacher": _checkpoint(args, t, "teacher"),
