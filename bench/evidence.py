@@ -80,6 +80,12 @@ COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size"
           "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
 
+def _same_run(cached: dict, job: dict) -> bool:
+    """A cached result counts only for the same length, evaluation, checkpoint and (where used) teacher."""
+    keys = ("steps", "n_eval", "model") + (("teacher",) if METHODS[job["method"]].get("teacher") else ())
+    return all(cached.get(k) == job[k] for k in keys)
+
+
 def run_one(job: dict) -> dict:
     """Train one (task, method, seed) and evaluate it on held-out handwriting; cached as JSON."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +99,7 @@ def run_one(job: dict) -> dict:
     out = Path(job["out"])
     if (out / "result.json").exists():
         cached = json.loads((out / "result.json").read_text())
-        if all(cached["job"].get(k) == job[k] for k in ("steps", "n_eval", "model")):
+        if _same_run(cached["job"], job):
             return cached
     t = TASKS[job["task"]]
     overrides = {**COMMON, **{k: t[k] for k in TASK_FIELDS}, **METHODS[job["method"]], "steps": job["steps"],
@@ -568,7 +574,7 @@ def main():
             f = Path(j["out"]) / "result.json"
             if f.exists():
                 r = json.loads(f.read_text())
-                if all(r["job"].get(k) == j[k] for k in ("steps", "n_eval", "model")):
+                if _same_run(r["job"], j):
                     results.append(r)
         print(f"collected {len(results)}/{len(jobs)} finished runs")
         args.missing = len(jobs) - len(results)
