@@ -55,20 +55,20 @@ bench-trl: install
 bench: bench-capture bench-train bench-inspect
 
 # Checkpoints of the evidence benchmark (built once, kept in bench/_work/):
-# - teacher: the default architecture trained 1.5× longer (same tokenizer/processor); a larger one (hidden 192)
-#   had not learned the grid routing after 2,500 steps;
-# - sft4 / teacher4: the default model / the teacher continued on the 4×4 grid (1,500 / 3,000 steps);
+# - teacher_l6: the OPAD/distillation teacher, the default architecture with 6 decoder layers instead of 4, trained
+#   1.5× longer (same tokenizer/processor; a wider one, hidden 192, had not learned the grid routing in 2,500 steps);
+# - sft4 / teacher4_l6: the default model / that teacher continued on the 4×4 grid (1,500 / 3,000 steps);
 # - sft4s: a short (400-step) continuation, for a one-token task that leaves RL some headroom.
 W := bench/_work
 evidence-models: install
-	test -f $(W)/teacher/config.json || $(BIN)/python scripts/train_default_model.py \
-	  --out $(W)/teacher --steps 4500 --minutes 60
+	test -f $(W)/teacher_l6/config.json || $(BIN)/python scripts/train_default_model.py \
+	  --out $(W)/teacher_l6 --layers 6 --steps 4500 --minutes 60
 	test -f $(W)/sft4/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/sft4 \
 	  --init assets/default_model --rows 4 --cols 4 --kinds cell,row,where,pair --steps 1500 --lr 5e-4 --minutes 40
 	test -f $(W)/sft4s/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/sft4s \
 	  --init assets/default_model --rows 4 --cols 4 --kinds cell,row,where,pair --steps 400 --lr 5e-4 --minutes 20
-	test -f $(W)/teacher4/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/teacher4 \
-	  --init $(W)/teacher --rows 4 --cols 4 --kinds cell,row,where,pair --steps 3000 --lr 5e-4 --minutes 60
+	test -f $(W)/teacher4_l6/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/teacher4_l6 \
+	  --init $(W)/teacher_l6 --rows 4 --cols 4 --kinds cell,row,where,pair --steps 3000 --lr 5e-4 --minutes 60
 
 evidence-teacher: evidence-models
 

@@ -32,14 +32,14 @@ TASKS = {
     # the larger grid (16 visual tokens instead of 9), from the 4×4 checkpoint; row read-out only: with 16 cells
     # digits repeat, and "where" answers run to 50+ tokens
     "read4": {"task_kinds": ["row"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 10, "model": "sft4",
-              "teacher": "teacher4"},
+              "teacher": "teacher4_l6"},
     # two regions: "Read row r column c and row r' column c'." → "d d'"
     "pair4": {"task_kinds": ["pair"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 6, "model": "sft4",
-              "teacher": "teacher4"},
+              "teacher": "teacher4_l6"},
     # the one-token task with headroom: the 3×3 model, and sft4, already read a named cell ~95 % of the time, so
     # this starts from a deliberately shorter 4×4 continuation
     "cell4": {"task_kinds": ["cell"], "grid_rows": 4, "grid_cols": 4, "max_new_tokens": 4, "model": "sft4s",
-              "teacher": "teacher4"},
+              "teacher": "teacher4_l6"},
 }
 TASK_FIELDS = ("task_kinds", "grid_rows", "grid_cols", "max_new_tokens")
 METHODS = {
@@ -543,9 +543,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--model", default="default", help="supervised checkpoint for the 3×3 tasks")
-    p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher"), help="… and their teacher")
+    p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher_l6"), help="… and their teacher")
     p.add_argument("--checkpoints", default=str(ROOT / "bench" / "_work"),
-                   help="folder of the 4×4 checkpoints (sft4, sft4s, teacher4) from `make evidence-models`")
+                   help="folder of the 4×4 checkpoints (sft4, sft4s, teacher4_l6) from `make evidence-models`")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--explore-seeds", type=int, default=5, help="seeds for the exploration comparison")
     p.add_argument("--explore-tasks", default=",".join(EXPLORE_TASKS), help="tasks of the exploration comparison")

@@ -3,6 +3,7 @@ updates per rollout batch → metrics, checkpoints, snapshots. Readable in one s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,12 @@ def is_vision_param(name: str) -> bool:
     return any(p in VISION_PREFIXES for p in parts)
 
 
+def matched_layers(layers: list[int], n_student: int, n_teacher: int) -> list[int]:
+    """Student layer indices → the teacher's layers at the same relative depth (last ↔ last), so OPAD compares
+    like with like when the teacher is deeper."""
+    return [min(n_teacher - 1, max(0, round((i + 1) * n_teacher / n_student) - 1)) for i in layers]
+
+
 class Trainer:
     """`Trainer(cfg).train()` runs the loop. Callbacks get (trainer, metrics) after every step; set
     `trainer.cancel` (a threading.Event) to stop at the next step boundary with a checkpoint."""
@@ -92,6 +99,14 @@ class Trainer:
         if cfg.uses_policy_attention or cfg.log_attention:
             self.spec = PolicySpec(resolve_layers(cfg.attn_layers, n_layers), cfg.attn_row, cfg.attn_support,
                                    cfg.attn_per_head)
+        self.teacher_spec = self.spec
+        if self.teacher is not None and self.spec is not None:
+            n_teacher = self.teacher.num_layers
+            if cfg.attn_per_head and self.teacher.num_heads != self.adapter.num_heads:
+                raise RALError(f"attn_per_head needs a teacher with the student's {self.adapter.num_heads} heads "
+                               f"(it has {self.teacher.num_heads}); set attn_per_head=false")
+            self.teacher_spec = dataclasses.replace(self.spec, layers=matched_layers(self.spec.layers, n_layers,
+                                                                                    n_teacher))
         self.rewarder = RewardModel(cfg.reward_weights)
         self.data = dataset_for(cfg)
         self.explore = None
@@ -181,7 +196,7 @@ class Trainer:
             with self.acc.unwrap_model(self.model).disable_adapter():
                 ro.ref_logp, _, _ = policy_forward(self.model, ro, None)
         if self.teacher is not None:
-            _, ro.teacher_attn, ro.teacher_logits = policy_forward(self.teacher.model, ro, self.spec,
+            _, ro.teacher_attn, ro.teacher_logits = policy_forward(self.teacher.model, ro, self.teacher_spec,
                                                                    need_logits=self.cfg.lambda_token_kl > 0)
 
     def update_phase(self, ro) -> tuple[int, dict, list]:

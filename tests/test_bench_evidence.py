@@ -35,7 +35,7 @@ def test_plan_gives_the_exploration_comparison_more_seeds_and_the_4x4_tasks_thei
         seeds.setdefault((j["task"], j["method"]), set()).add(j["seed"])
         four = ev.TASKS[j["task"]]["grid_rows"] == 4
         assert j["model"] == ("default" if not four else "W/sft4s" if j["task"] == "cell4" else "W/sft4")
-        assert j["teacher"] == ("W/teacher4" if four else "T3")
+        assert j["teacher"] == ("W/teacher4_l6" if four else "T3")
     for (t, m), s in seeds.items():
         want = 5 if (m in ev.EXPLORE_SET and t in ev.EXPLORE_TASKS) or m in ev.MORE_SEEDS else 3
         assert s == set(range(want)), (t, m)

@@ -199,3 +199,19 @@ def test_lora_training_saves_an_adapter_that_loads(tmp_path, tiny_model_dir, tas
     merged = load_adapter(ck)
     assert inspect(merged, task.sample(0).image, "What digit is in row 1 column 1?", max_new_tokens=2).n_tokens >= 1
     assert "kl" in t.history[-1]
+
+
+def test_opad_reads_a_deeper_teacher_at_the_same_relative_depth(tmp_path, tiny_qwen, tiny_model_dir):
+    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.trainer import matched_layers
+    assert matched_layers([3], 4, 6) == [5] and matched_layers([0, 1, 2, 3], 4, 8) == [1, 3, 5, 7]
+    assert matched_layers([0, 1, 2], 3, 3) == [0, 1, 2]
+    deep = tiny_qwen2_vl(layers=5, tokenizer=tiny_qwen.tokenizer, seed=1)  # the student fixture has 3 layers
+    d = tmp_path / "deep_teacher"
+    deep.model.save_pretrained(d)
+    deep.tokenizer.save_pretrained(d)
+    deep.image_processor.save_pretrained(d)
+    t = Trainer(_cfg(tmp_path, "opad", "gamma_opad=1", "epochs=2", "steps=1", f"teacher={d}", model=tiny_model_dir))
+    assert t.spec.layers == [2] and t.teacher_spec.layers == [4]  # last ↔ last
+    t.train()
+    assert t.history[-1]["loss_opad_attn"] > 0
