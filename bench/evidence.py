@@ -253,7 +253,6 @@ def summarise(results: list[dict], base: dict, args) -> str:
         head = "| method | " + " | ".join(n for _, n in METRICS) + " | Δ acc vs GRPO (paired, mean ± sd) | Δ reward vs GRPO |"
         lines += [head, "|" + "---|" * (len(METRICS) + 3)]
         lines.append("| base (no RL) | " + " | ".join(f"{b.get(k, float('nan')):.3f}" for k, _ in METRICS) + " | | |")
-        grpo = by.get((task, "grpo"), {})
         for method in METHODS:
             runs = by.get((task, method))
             if not runs:
@@ -264,7 +263,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
                 cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
             deltas = []
             for k in ("accuracy", "sampled_reward"):
-                d = np.array([runs[s]["eval"][k] - grpo[s]["eval"][k] for s in sorted(runs) if s in grpo])
+                d = _paired(by, task, method, k)
                 deltas.append("" if method == "grpo" or not len(d) else
                               f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} (n={len(d)})")
             lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
@@ -310,9 +309,19 @@ def performance_section() -> list[str]:
     return out
 
 
-def _paired(by, task, method, key="accuracy"):
-    grpo, runs = by.get((task, "grpo"), {}), by.get((task, method), {})
-    return np.array([runs[s]["eval"][key] - grpo[s]["eval"][key] for s in sorted(runs) if s in grpo])
+def _paired(by, task, method, key="accuracy", ref="grpo"):
+    """Per-seed differences method − ref on one metric (seeds both have)."""
+    a, b = by.get((task, method), {}), by.get((task, ref), {})
+    return np.array([a[s]["eval"][key] - b[s]["eval"][key] for s in sorted(a) if s in b])
+
+
+def _se(d) -> float:
+    return d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+
+
+def _beyond_noise(d) -> bool:
+    """|mean| ≥ 2 standard errors of the per-seed differences (and not all exactly zero)."""
+    return len(d) > 1 and not np.all(d == 0) and abs(d.mean()) >= 2 * _se(d)
 
 
 def _checkpoint(args, task: str, role: str = "model") -> str:
@@ -354,10 +363,7 @@ def overall_summary(by, base) -> list[str]:
     for t in tasks:
         for m in METHODS:
             d = _paired(by, t, m)
-            if m == "grpo" or len(d) < 2 or np.all(d == 0):
-                continue
-            se = d.std(ddof=1) / np.sqrt(len(d))
-            if abs(d.mean()) >= 2 * se:
+            if m != "grpo" and _beyond_noise(d):
                 (better if d.mean() > 0 else worse).append(f"`{m}` on `{t}` ({d.mean():+.3f})")
     out = ["## Summary (generated from the tables below)", ""]
     out.append("- Methods better than GRPO beyond seed noise (|paired mean| ≥ 2 SE): "
@@ -366,8 +372,8 @@ def overall_summary(by, base) -> list[str]:
     vs_ctrl = {True: [], False: []}
     for t in tasks:
         for arm, ctrl in ARMS:
-            d = _pd(by, t, arm, ctrl, "accuracy") if ctrl else np.array([])
-            if len(d) > 1 and not np.all(d == 0) and abs(d.mean()) >= 2 * d.std(ddof=1) / np.sqrt(len(d)):
+            d = _paired(by, t, arm, "accuracy", ctrl) if ctrl else np.array([])
+            if _beyond_noise(d):
                 vs_ctrl[bool(d.mean() > 0)].append(f"`{arm}` on `{t}` ({d.mean():+.3f})")
     out.append("- Exploration against its own noise-only control (what the exploration term adds, greedy accuracy): "
                f"better beyond noise: {', '.join(vs_ctrl[True]) or 'none'}; worse: "
@@ -403,19 +409,14 @@ def overall_summary(by, base) -> list[str]:
 def verdicts(by, task) -> list[str]:
     """Plain words per method: the paired greedy-accuracy difference to GRPO, and whether it is within noise
     (|mean| < 2 standard errors of the per-seed differences, or all differences exactly zero)."""
-    grpo = by.get((task, "grpo"), {})
     out = [f"What the `{task}` numbers show (paired by seed against GRPO, greedy accuracy):"]
     for method in METHODS:
-        runs = by.get((task, method))
-        if method == "grpo" or not runs:
+        d = _paired(by, task, method)
+        if method == "grpo" or not len(d):
             continue
-        d = np.array([runs[s]["eval"]["accuracy"] - grpo[s]["eval"]["accuracy"] for s in sorted(runs) if s in grpo])
-        if not len(d):
-            continue
-        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
         if np.all(d == 0):
             word = "identical to GRPO on every seed"
-        elif abs(d.mean()) < 2 * se:
+        elif not _beyond_noise(d):
             word = "within seed noise of GRPO"
         else:
             word = "better than GRPO" if d.mean() > 0 else "worse than GRPO"
@@ -423,17 +424,11 @@ def verdicts(by, task) -> list[str]:
     return out
 
 
-def _pd(by, task, method, ref, key):
-    a, b = by.get((task, method), {}), by.get((task, ref), {})
-    return np.array([a[s]["eval"][key] - b[s]["eval"][key] for s in sorted(a) if s in b])
-
-
 def _fmt(d, nd: int = 3) -> str:
     if not len(d):
         return "–"
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    mark = "**" if len(d) > 1 and abs(d.mean()) >= 2 * se and not np.all(d == 0) else ""
-    return f"{mark}{d.mean():+.{nd}f} ± {se:.{nd}f}{mark}"
+    mark = "**" if _beyond_noise(d) else ""
+    return f"{mark}{d.mean():+.{nd}f} ± {_se(d):.{nd}f}{mark}"
 
 
 def exploration_section(by, tasks) -> list[str]:
@@ -461,8 +456,8 @@ def exploration_section(by, tasks) -> list[str]:
             if not by.get((task, arm)):
                 continue
             nd = {"target_mass_first": 4}
-            cells = [_fmt(_pd(by, task, arm, "grpo", k), nd.get(k, 3)) for k, _ in keys]
-            cells += [_fmt(_pd(by, task, arm, ctrl, k), nd.get(k, 3)) if ctrl and by.get((task, ctrl)) else "–"
+            cells = [_fmt(_paired(by, task, arm, k), nd.get(k, 3)) for k, _ in keys]
+            cells += [_fmt(_paired(by, task, arm, k, ctrl), nd.get(k, 3)) if ctrl and by.get((task, ctrl)) else "–"
                       for k in ("accuracy", "target_mass_first")]
             out.append(f"| {arm} (n={len(by[(task, arm)])}) | " + " | ".join(cells) + " |")
         out.append("")
