@@ -279,6 +279,9 @@ class Trainer:
     def train(self, resume: bool = False) -> dict:
         cfg = self.cfg
         main = self.acc.is_main_process
+        if main:  # a checkpoint write killed mid-way leaves .tmp-step-* behind; not "checkpoints of another run"
+            from ral_core.train_state import remove_stale_tmp
+            remove_stale_tmp(self.out / "checkpoints")
         if resume:
             self.load_checkpoint()
         elif main and (self.out / "checkpoints").exists() and any((self.out / "checkpoints").iterdir()):
@@ -366,6 +369,8 @@ class Trainer:
             return None
         ck_root = self.out / "checkpoints"
         ck_root.mkdir(parents=True, exist_ok=True)
+        from ral_core.train_state import remove_stale_tmp
+        remove_stale_tmp(ck_root)  # writes of killed processes (e.g. during a run that was resumed)
         final = ck_root / f"step-{self.step:05d}"
         tmp = ck_root / f".tmp-step-{self.step:05d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -375,11 +380,8 @@ class Trainer:
         self.adapter.image_processor.save_pretrained(tmp)
         if self.cfg.lora_r > 0:
             (tmp / "ral_base_model.txt").write_text(str(self.cfg.model))
-        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                    "history_len": len(self.history)}, tmp / "trainer_state.pt")
+        from ral_core.train_state import save_state  # safetensors + JSON: resuming never unpickles
+        save_state(tmp, self.step, self.opt, self.sched, len(self.history))
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         if final.exists():
             shutil.rmtree(final)
@@ -413,14 +415,8 @@ class Trainer:
             except RuntimeError as e:
                 raise RALError(f"checkpoint '{path}' does not match the model: {str(e).splitlines()[0]}") from None
             del saved
-        st = torch.load(path / "trainer_state.pt", weights_only=False)
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
-        torch.set_rng_state(st["rng"]["torch"])
-        if st["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        from ral_core.train_state import load_state
+        st = load_state(path, self.opt, self.sched)  # optimizer, scheduler and RNG streams; refuses pickles
         self.step = int(st["step"])
         mfile = self.out / "metrics.jsonl"
         if mfile.exists() and self.acc.is_main_process:
