@@ -25,7 +25,7 @@ from ral_core.images import check_image, load_image
 from ral_core.inspection import ROWS, inspect, inspect_explored
 from ral_core.levers import lever_map
 
-from app import figures, registry, sessions
+from app import figures, registry, sessions, uploads
 
 log = logging.getLogger("ral.app")
 MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
@@ -80,18 +80,14 @@ def _guard(out_cls):
 
 
 def _image_from_upload(value) -> Any:
-    """gr.Image payload (dict, preprocess off) or a path → a checked RGB image. Messages name the upload,
-    never the server's temp path."""
-    if value is None or value == "":
-        raise RALError("no image: upload one or pick an example")
+    """gr.Image payload (dict, preprocess off), a path or a PIL image (Python callers) → a checked RGB image.
+
+    Only files Gradio received from a browser, or the bundled examples, are opened (uploads.accepted_path);
+    messages name the upload, never the server's temp path."""
     if hasattr(value, "size") and hasattr(value, "convert"):
         return check_image(value)
-    if isinstance(value, dict):
-        path, name = value.get("path"), value.get("orig_name") or "the uploaded file"
-    else:
-        path, name = str(value), Path(str(value)).name
-    if not path:
-        raise RALError("the upload did not arrive; upload the image again")
+    path, name = uploads.accepted_path(value, [e["path"] for e in examples()],
+                                       nothing="no image: upload one or pick an example")
     try:
         return load_image(path)
     except RALError as e:

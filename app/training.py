@@ -287,17 +287,11 @@ def _number(key: str, value):
 
 
 def _upload_path(value) -> tuple[str, str]:
-    """gr.File payload (preprocess off) or a path → (server path, name to show)."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if not value:
-        raise RALError("no data set: upload a zip with a .jsonl file and its images, or pick the bundled task")
-    if isinstance(value, dict):
-        path, name = value.get("path"), value.get("orig_name") or Path(str(value.get("path"))).name
-    else:
-        path, name = str(value), Path(str(value)).name
-    if not path:
-        raise RALError("the upload did not arrive; upload the zip again")
+    """gr.File payload (preprocess off) → (server path, name to show); only what Gradio received is accepted."""
+    from app.uploads import accepted_path
+
+    path, name = accepted_path(value, nothing="no data set: upload a zip with a .jsonl file and its images, "
+                               "or pick the bundled task")
     return str(path), f"'{name}'"
 
 

@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 from ral_core.errors import RALError
 from ral_core.images import load_image
 
+NOT_UPLOADED = "the file must be uploaded through the page (or be one of the examples); upload it again"
+
 MAX_ZIP_BYTES = int(os.environ.get("RAL_MAX_UPLOAD_MB", "50")) * 1024 * 1024
 MAX_UNZIPPED_BYTES = 4 * MAX_ZIP_BYTES  # read at call time, so a server (or a test) can change them
 MAX_MEMBERS = 20_000
@@ -149,3 +151,41 @@ def dataset_from_zip(zip_path, dest, shown_name: str = "the upload", check_image
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return path, len(ds)
+
+
+def upload_root() -> Path:
+    """Where Gradio stores what browsers upload (read at call time: GRADIO_TEMP_DIR may change)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def accepted_path(value, extra_files=(), nothing: str = "no file: upload one") -> tuple[Path, str]:
+    """A file value from a request → (server path, name to show), only for what Gradio uploaded or a bundled file.
+
+    With preprocess=False the value arrives as the client sent it, so its `path` is untrusted: anything outside
+    Gradio's upload folder (and not one of `extra_files`) gets one message, the same whether the path exists,
+    is a folder or is missing, so a client learns nothing about the server's files.
+    """
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None or value == "":
+        raise RALError(nothing)
+    if isinstance(value, dict):
+        path, name = value.get("path"), value.get("orig_name")
+    elif isinstance(value, (str, os.PathLike)):
+        path, name = value, None
+    else:
+        raise RALError(NOT_UPLOADED)
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or "\x00" in str(path):
+        raise RALError(NOT_UPLOADED)
+    try:
+        p = Path(path).resolve()
+        allowed = {Path(f).resolve() for f in extra_files}
+        ok = (p in allowed or (p.is_relative_to(upload_root()) and p != upload_root())) and p.is_file()
+    except (OSError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise RALError(NOT_UPLOADED)
+    shown = name if isinstance(name, str) and name.strip() else p.name
+    return p, PurePosixPath(shown.replace("\\", "/")).name[:120] or "the uploaded file"

@@ -1,5 +1,7 @@
 """Shared helpers for the app tests: a launched app on a free local port, fake requests, PNG checks."""
+import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -19,7 +21,11 @@ def served_app(d, tiny_model_dir):
     (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
-        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+        # outside Gradio's upload folder (the test temp root, see conftest), as on a real server
+        sess = tempfile.mkdtemp(prefix="ral_test_sessions_")
+        mp.setenv("RAL_SESSIONS_ROOT", sess)
+        (d / "sessions").unlink(missing_ok=True)
+        (d / "sessions").symlink_to(sess)
         from app.main import build_app
 
         demo = build_app().queue()
@@ -29,6 +35,7 @@ def served_app(d, tiny_model_dir):
             yield f"http://127.0.0.1:{port}/"
         finally:
             demo.close()
+            shutil.rmtree(sess, ignore_errors=True)
 
 
 def req(h):

@@ -32,3 +32,13 @@ def tiny_model_dir(tmp_path_factory, tiny_qwen):
     tiny_qwen.tokenizer.save_pretrained(d)
     tiny_qwen.image_processor.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _uploads_under_basetemp(tmp_path_factory):
+    """Gradio's upload folder is the test session's temp root, so files the tests write under tmp_path count as
+    browser uploads (the app opens nothing else); files elsewhere stand for the server's own files."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.getbasetemp()))
+    yield
+    mp.undo()
