@@ -9,15 +9,29 @@ from PIL import Image, UnidentifiedImageError
 from ral_core.errors import RALError
 
 MAX_PIXELS = 4096 * 4096  # guards against decompression bombs; well above any VLM's input size
+# Qwen2/2.5/3-VL's smart_resize refuses ratios over 200:1 (a raw transformers error); 50:1 leaves a margin and
+# every supported family (Qwen, LLaVA, Idefics3/SmolVLM) was checked to process images up to it.
+MAX_ASPECT = 50
+# Every processor accepts even 1×1 (it upsamples), but a side under 8 px holds nothing to look at.
+MIN_SIDE = 8
+
+
+def _check_size(w: int, h: int, max_pixels: int, what: str = "the image"):
+    if w < 1 or h < 1:
+        raise RALError(f"{what} is empty (0 pixels); give a real image")
+    if w * h > max_pixels:
+        raise RALError(f"{what} is {w}×{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                       "downscale it first")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise RALError(f"{what} is {w}×{h} pixels, an aspect ratio of {max(w, h) / min(w, h):.0f}:1; the limit is "
+                       f"{MAX_ASPECT}:1 (what every supported model accepts) — crop or pad it closer to square")
+    if min(w, h) < MIN_SIDE:
+        raise RALError(f"{what} is {w}×{h} pixels; each side must be at least {MIN_SIDE} px — give a larger image")
 
 
 def check_image(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise RALError("the image is empty (0 pixels); give a real image")
-    if w * h > max_pixels:
-        raise RALError(f"the image is {w}×{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                       "downscale it first")
+    """The image as RGB, refusing sizes a model cannot take (empty, too many pixels, too thin, too narrow)."""
+    _check_size(*img.size, max_pixels)
     return img.convert("RGB")
 
 
@@ -32,10 +46,7 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise RALError(f"the image '{path}' is {w}×{h} = {w * h:,} pixels, over the limit of "
-                                   f"{max_pixels:,}; downscale it first")
+                _check_size(*im.size, max_pixels, what=f"the image '{path}'")  # before decoding any pixels
                 im.load()
                 return check_image(im, max_pixels)
     except RALError:
