@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise RALError(msg)
+        _check_bounds(self)
         need(self.group_size >= 2, f"group_size must be ≥ 2 (got {self.group_size}): advantages compare rollouts "
              "of the same prompt")
         need(self.prompts_per_step >= 1, "prompts_per_step must be ≥ 1")
@@ -145,6 +147,58 @@ class TrainConfig:
                 "would never act. Use ≥ 2 updates per batch: epochs ≥ 2, or minibatch_size < "
                 f"{self.rollouts_per_step} (prompts_per_step × group_size)")
         return self
+
+
+# (lowest, highest) of whole-number keys. Upper bounds keep one step (and one app request) bounded:
+# `prompts_per_step=100000` once ran silently for minutes. Generous for a GPU. None: validate() words the
+# lower bound itself (group_size ≥ 2 explains why).
+RANGES = {"prompts_per_step": (None, 1024), "group_size": (None, 64), "steps": (None, 100_000),
+          "epochs": (None, 64), "minibatch_size": (None, 4096), "grad_accum": (None, 1024), "threads": (1, 256),
+          "warmup_steps": (0, 100_000), "save_every": (0, 100_000), "keep_checkpoints": (1, 1000),
+          "snapshot_every": (0, 100_000), "probe_samples": (0, 64), "eval_every": (0, 100_000),
+          "eval_samples": (1, 100_000), "attn_metrics_every": (None, 100_000), "explore_top_k": (None, 1024),
+          "lora_r": (None, 1024), "lora_alpha": (1, 100_000), "grid_rows": (1, 9), "grid_cols": (1, 9)}
+MAX_ROLLOUTS_PER_STEP = 16_384
+SEED_MAX = 2**32 - 1  # numpy's seed range; larger ints overflow torch.manual_seed ("unpacking long long")
+
+
+def _check_bounds(cfg: "TrainConfig"):
+    """Types, finiteness and ranges of every numeric field, before any rule that compares them."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise RALError(f"{f.name} must be a whole number (got {v!r})")
+        if kind == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RALError(f"{f.name} must be a number (got {v!r})")
+            if not math.isfinite(v):
+                raise RALError(f"{f.name} must be a finite number (got {v})")
+        lo, hi = RANGES.get(f.name, (None, None))
+        if hi is not None and v > hi:
+            raise RALError(f"{f.name} must be ≤ {hi:,} (got {v:,})")
+        if lo is not None and v < lo:
+            raise RALError(f"{f.name} must be ≥ {lo:,} (got {v:,})")
+    for k in ("seed", "data_seed"):
+        v = getattr(cfg, k)
+        if not 0 <= v <= SEED_MAX:
+            shown = f"{v:.3g}" if abs(v) >= 1e12 else str(v)
+            raise RALError(f"{k} must be a whole number between 0 and {SEED_MAX:,} (got {shown})")
+    if cfg.rollouts_per_step > MAX_ROLLOUTS_PER_STEP:
+        raise RALError(f"prompts_per_step × group_size = {cfg.rollouts_per_step:,} rollouts per step; the limit is "
+                       f"{MAX_ROLLOUTS_PER_STEP:,} — lower one of them")
+    if not (isinstance(cfg.reward_weights, dict) and cfg.reward_weights and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            for w in cfg.reward_weights.values())):
+        raise RALError(f"reward_weights must map reward names to finite numbers (got {cfg.reward_weights!r})")
+    if cfg.lr > 1:
+        raise RALError(f"lr must be ≤ 1 (got {cfg.lr:g}); AdamW learning rates are around 1e-6 … 1e-3")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise RALError(f"lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if cfg.dataset == "grounding":
+        from ral_core.data.grounding import TASK_KINDS
+        bad = [k for k in cfg.task_kinds if k not in TASK_KINDS]
+        if bad or not cfg.task_kinds:
+            raise RALError(f"task_kinds {bad or '[]'} unknown; choose from {', '.join(TASK_KINDS)}")
 
 
 def _coerce(name: str, value, hint):
