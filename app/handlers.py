@@ -12,7 +12,6 @@ import html
 import json
 import logging
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,12 +23,13 @@ from ral_core.errors import RALError
 from ral_core.images import check_image, load_image
 from ral_core.inspection import ROWS, inspect, inspect_explored
 from ral_core.levers import lever_map
+from ral_core.limits import REQUEST_SECONDS, check_question_length, deadline
 
-from app import figures, registry, sessions, uploads
+from app import figures, registry, render_pool, sessions, uploads
 
 log = logging.getLogger("ral.app")
 MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
-RENDER_LOCK = threading.Lock()  # pyplot's figure registry is global state, not thread-safe
+RENDER_LOCK = render_pool.LOCAL_LOCK  # in-process drawing: pyplot's figure registry is global state
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 
 
@@ -53,9 +53,11 @@ def _digest(image) -> str:
     return hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
-def _example_for(image) -> dict | None:
-    d = _digest(image)
-    return next((e for e in examples() if e["digest"] == d), None)
+def _example_for(image, question: str) -> dict | None:
+    """The bundled example with these pixels *and* this question (its expected answer and box belong to it)."""
+    d, q = _digest(image), " ".join(str(question).split()).casefold()
+    return next((e for e in examples() if e["digest"] == d and " ".join(e["question"].split()).casefold() == q),
+                None)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -107,9 +109,17 @@ def _gen_options(max_new_tokens, do_sample, temperature) -> dict:
 
 
 def _question(q) -> str:
-    if not q or not str(q).strip():
-        raise RALError("the question is empty; type a question about the image")
-    return str(q).strip()
+    """Cheap checks first (type, characters): a 1,000,000-character question is refused before tokenising."""
+    return check_question_length("" if q is None else q)
+
+
+def _limit() -> float:
+    """Seconds one request may hold a model (RAL_REQUEST_SECONDS, read per request so a server can tune it)."""
+    import os
+    try:
+        return max(0.5, float(os.environ.get("RAL_REQUEST_SECONDS", REQUEST_SECONDS)))
+    except ValueError:
+        return REQUEST_SECONDS
 
 
 def _shown(tok: str) -> str:
@@ -142,10 +152,7 @@ def _sel(layers, layer, token, row):
     return lay, tok, row
 
 
-def _save(fig, stem: Path) -> list[str]:
-    """PNG (shown and downloadable) and SVG of one figure."""
-    fig.savefig(stem.with_suffix(".svg"), bbox_inches="tight")
-    return [str(render.save_figure(fig, stem.with_suffix(".png"))), str(stem.with_suffix(".svg"))]
+_save = render_pool.save_both
 
 
 def _zip(src: Path, dest_stem: Path) -> str:
@@ -203,15 +210,12 @@ def _locked(fn):
     return wrapper
 
 
-@_locked
 def _inspect_view(state, layer, token, row) -> InspectView:
     res, d = state["result"], Path(state["dir"])
     lay, tok, row = _sel(res.layers, layer, token, row)
-    grid_layer = res.layers[-1] if lay == MEAN else lay  # heads of different layers are unrelated: no mean grid
-    tag = f"L{lay}_T{tok}_{row}"
-    over = _save(render.inspection_overlay(res, layer=lay, token=tok, row=row, boxes=state["boxes"]),
-                 d / f"attention_{tag}")
-    heads = _save(render.head_grid(res, grid_layer, token=tok, row=row), d / f"heads_L{grid_layer}_T{tok}_{row}")
+    if not (d / "result").is_dir():
+        raise RALError("this result was cleaned up; run it again")
+    over, heads = render_pool.call(render_pool.inspect_view, str(d / "result"), state["boxes"], lay, tok, row, str(d))
     m = res.mass_split(layer=lay, token=tok, row=row)
     mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
     return InspectView("", over[0], heads[0], mass, over + heads + _existing(state["zip"]))
@@ -224,18 +228,24 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     img = _image_from_upload(image)
     q = _question(question)
     opts = _gen_options(max_new_tokens, do_sample, temperature)
-    with registry.MODEL_LOCK:
-        adapter = registry.get_adapter(model, request)
-        res = inspect(adapter, img, q, **opts)
+    adapter = registry.get_adapter(model, request)
+    if opts["do_sample"]:  # a sampled answer has its own seed: not batched with others
+        with deadline(_limit()), adapter.lock:
+            res = inspect(adapter, img, q, **opts)
+    else:
+        res = registry.batcher(adapter).submit(img, q, opts["max_new_tokens"], seconds=_limit())
+    res.model_name = model
     d = sessions.new_work_dir(request, "inspections")
     res.save(d / "result")
-    ex = _example_for(img)
+    ex = _example_for(img, q)
     state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []), "model": model,
              "expected": (ex or {}).get("answer"),
              "zip": _zip(d / "result", d / "inspection_result")}
     lay = _keep_layer(layer, res.layers)
     view = _inspect_view(state, lay, MEAN, row)
-    answer = f"**Answer:** {_answer_text(res.answer)} · {res.n_tokens} token(s) · model `{adapter.name}`"
+    answer = f"**Answer:** {_answer_text(res.answer)} · {res.n_tokens} token(s) · model `{model}`"
+    if res.meta.get("cut_off"):
+        answer += f" · ⏱ cut off at the {_limit():g} s limit of one request (ask for fewer new tokens)"
     if ex:
         answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,
@@ -299,8 +309,8 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
     elif not boxes:
         where = "the ninth of the image where steering mattered most (no target box given)"
     sample = {"image": res.image, "question": res.question, "answer": ans, "boxes": boxes}
-    with registry.MODEL_LOCK:
-        adapter = registry.get_adapter(_model_of(st), request)
+    adapter = registry.get_adapter(_model_of(st), request)
+    with deadline(_limit()), adapter.lock:
         if not ans:  # a whitespace-only answer is still the model's answer: score its tokens as generated
             sample["answer"] = ans = adapter.tokenizer.decode(res.answer_ids, skip_special_tokens=True)
         if not ans:
@@ -362,8 +372,8 @@ def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, reque
         lay = [int(layers)]
     else:
         raise RALError(f"layer must be 'last', 'all' or one of {res.layers}")
-    with registry.MODEL_LOCK:
-        adapter = registry.get_adapter(_model_of(st), request)
+    adapter = registry.get_adapter(_model_of(st), request)
+    with deadline(_limit()), adapter.lock:
         nat, exp = inspect_explored(adapter, res.image, res.question, layers=lay, sigma=sg, seed=sd,
                                     max_new_tokens=n)
     ex_layers = exp.meta["explore_layers"]
@@ -428,9 +438,10 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
     img = _image_from_upload(image)
     q = _question(question)
     opts = _gen_options(max_new_tokens, do_sample, temperature)
-    with registry.MODEL_LOCK:
-        a = registry.get_adapter(model_a, request)
-        b = registry.get_adapter(model_b, request)  # the same model twice is one object; compare() only reads it
+    a = registry.get_adapter(model_a, request)
+    b = registry.get_adapter(model_b, request)  # the same model twice is one object; compare() only reads it
+    first, second = sorted((a, b), key=id)  # a fixed order, so two compares never deadlock (RLock: a is b is fine)
+    with deadline(_limit()), first.lock, second.lock:
         cmp = compare(a, b, img, q, **opts)
     d = sessions.new_work_dir(request, "compare")
     cmp.a.save(d / "results" / "model_a")

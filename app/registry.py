@@ -15,7 +15,7 @@ from app import sessions
 
 DEFAULT_CONFIG = Path(__file__).with_name("models.yaml")
 SESSION_PREFIX = "session: "  # choices for the browser session's own checkpoints (training writes them)
-MODEL_LOCK = threading.RLock()  # generation/capture are not re-entrant per model and share CPU threads
+_LOAD_LOCK = threading.RLock()  # loading and the cache; each loaded model has its own `adapter.lock`
 _CACHE: OrderedDict[str, object] = OrderedDict()
 CACHE_SIZE = int(os.environ.get("RAL_MODEL_CACHE", "3"))
 
@@ -65,21 +65,42 @@ def resolve(name: str, request=None) -> str:
 
 
 def get_adapter(name: str, request=None):
-    """Load (or reuse) the adapter for a listed name. Call with MODEL_LOCK held."""
+    """Load (or reuse) the adapter for a listed name. Use the model only with `adapter.lock` held (or through
+    `batcher(adapter)`): requests for different models run in parallel, requests for one model take turns."""
     spec = resolve(name, request)
-    if spec in _CACHE:
-        _CACHE.move_to_end(spec)
-        adapter = _CACHE[spec]
-    else:
-        from ral_core.models import load_adapter
+    with _LOAD_LOCK:
+        if spec in _CACHE:
+            _CACHE.move_to_end(spec)
+            adapter = _CACHE[spec]
+        else:
+            from ral_core.models import load_adapter
 
-        adapter = _CACHE[spec] = load_adapter(spec, device="auto")  # a GPU when the host (e.g. a Space) has one
-        while len(_CACHE) > max(CACHE_SIZE, 1):
-            _CACHE.popitem(last=False)
+            adapter = load_adapter(spec, device="auto")  # a GPU when the host (e.g. a Space) has one
+            adapter.lock, adapter.batcher = threading.RLock(), None
+            _CACHE[spec] = adapter
+            while len(_CACHE) > max(CACHE_SIZE, 1):
+                _retire(_CACHE.popitem(last=False)[1])
     adapter.name = name  # what results and titles show: the listed name, never a server path
     return adapter
 
 
+def batcher(adapter):
+    """The adapter's inspect batcher (concurrent greedy inspections of one model run as one batch)."""
+    from ral_core.batching import InspectBatcher
+
+    with _LOAD_LOCK:
+        if getattr(adapter, "batcher", None) is None:
+            adapter.batcher = InspectBatcher(adapter, adapter.lock)
+        return adapter.batcher
+
+
+def _retire(adapter):
+    if getattr(adapter, "batcher", None) is not None:
+        adapter.batcher.close()
+
+
 def clear_cache():
-    with MODEL_LOCK:
+    with _LOAD_LOCK:
+        for a in _CACHE.values():
+            _retire(a)
         _CACHE.clear()

@@ -128,15 +128,31 @@ class InspectionResult:
 
 def generate_answer(adapter, model_inputs, max_new_tokens=16, do_sample=False, temperature=1.0, top_p=1.0,
                     num_return_sequences=1):
-    """Generate with structural tokens suppressed; returns [N, T] new token ids (EOS/pad after the end)."""
+    """Generate with structural tokens suppressed; returns [N, T] new token ids (EOS/pad after the end).
+
+    Under a request deadline (ral_core.limits.deadline) generation stops when it runs out (transformers'
+    max_time), so one request cannot hold the model for longer than its limit."""
+    from ral_core.limits import check_deadline, remaining
+
     kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=adapter.suppress_token_ids,
               eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.tokenizer.pad_token_id,
               num_return_sequences=num_return_sequences)
+    left = remaining()
+    if left is not None:
+        check_deadline("answering")
+        kw["max_time"] = left
     if do_sample:
         kw.update(temperature=temperature, top_p=top_p, top_k=0)
     with torch.no_grad():
         out = adapter.model.generate(**model_inputs, **kw)
     return out[:, model_inputs["input_ids"].shape[1]:]
+
+
+def _cut_off() -> bool:
+    """Whether the current request's time limit ran out (generation then stopped early)."""
+    from ral_core.limits import current_deadline
+    d = current_deadline()
+    return d is not None and d.expired
 
 
 def _strip(ids: list[int], eos: set[int]) -> list[int]:
@@ -154,9 +170,9 @@ def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16
     `forced_answer` scores a given answer instead of generating (used to compare two models on the same
     tokens). `bias` (layer → logits bias) steers attention during both generation and capture.
     """
-    if not question or not question.strip():
-        raise RALError("the question is empty; type a question about the image")
-    layer_idx = resolve_layers(layers, adapter.num_layers)
+    from ral_core.limits import check_question
+    question = check_question(adapter, question)
+    layer_idx = resolve_layers(layers, adapter.num_layers, adapter.attention_layers)
     b = adapter.build_inputs([image], [question.strip()])
     mi = b["model_inputs"]
     P = mi["input_ids"].shape[1]
@@ -173,6 +189,9 @@ def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16
         else:
             gen = generate_answer(adapter, mi, max_new_tokens, do_sample, temperature, top_p)
         ids = _strip(gen[0].tolist(), eos)
+        cut_off = _cut_off() and gen.shape[1] < max_new_tokens and not eos & set(gen[0].tolist())
+    if forced_answer is not None:
+        cut_off = False
     T = len(ids)
     new = torch.tensor([ids], device=mi["input_ids"].device)
     full = adapter.extend_inputs(mi, new, torch.ones_like(new))
@@ -195,7 +214,61 @@ def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16
         prompt_tokens=[tok.decode([i]) for i in mi["input_ids"][0].tolist()], layers=layer_idx,
         num_heads=adapter.num_heads, visual=torch.stack(visual).float().cpu().numpy(),
         mass=torch.stack(mass).float().cpu().numpy(), image=image.convert("RGB"), geometry=b["geometry"][0],
-        meta={"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed})
+        meta={"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed, "cut_off": cut_off})
+
+
+def inspect_many(adapter, images: list, questions: list[str], max_new_tokens: int = 16,
+                 layers="all") -> list[InspectionResult]:
+    """`inspect()` for several (image, question) pairs in one batched greedy generation and one capture pass
+    (what a server does with concurrent requests). Each result equals `inspect()` of its pair alone up to
+    float rounding of the padded batch."""
+    from ral_core.limits import check_question
+    if len(images) != len(questions) or not images:
+        raise RALError("inspect_many needs as many images as questions (at least one)")
+    qs = [check_question(adapter, q) for q in questions]
+    layer_idx = resolve_layers(layers, adapter.num_layers, adapter.attention_layers)
+    b = adapter.build_inputs(list(images), qs)
+    mi = b["model_inputs"]
+    N, P = mi["input_ids"].shape
+    eos = set(adapter.eos_token_ids)
+    gen = generate_answer(adapter, mi, max_new_tokens, do_sample=False)
+    cut = _cut_off()
+    ids = [_strip(g.tolist(), eos) for g in gen]
+    T = max(len(x) for x in ids)
+    pad = adapter.tokenizer.pad_token_id
+    new = torch.full((N, T), pad, dtype=torch.long, device=mi["input_ids"].device)
+    new_mask = torch.zeros_like(new)
+    for i, x in enumerate(ids):
+        new[i, :len(x)] = torch.tensor(x, device=new.device)
+        new_mask[i, :len(x)] = 1
+    full = adapter.extend_inputs(mi, new, new_mask)
+    rows = torch.arange(P - 1, P + T, device=new.device)[None].expand(N, T + 1)
+    with torch.no_grad(), capture(adapter.model, layers=layer_idx, rows=rows) as maps:
+        adapter.model(**full)
+    tok, out = adapter.tokenizer, []
+    for i, x in enumerate(ids):
+        t = len(x)
+        keep = full["attention_mask"][i].bool()
+        vis_pos = adapter.visual_mask(full["input_ids"][i]) & keep
+        ans_pos = torch.zeros_like(vis_pos)
+        ans_pos[P:P + t] = True
+        text_pos = ~vis_pos & ~ans_pos & keep
+        visual, mass = [], []
+        for layer in layer_idx:
+            a = maps[layer][i][:, :t + 1]  # [H, t+1, L]
+            visual.append(a[:, :, vis_pos])
+            mass.append(torch.stack([a[:, :, vis_pos].sum(-1), a[:, :, text_pos].sum(-1), a[:, :, ans_pos].sum(-1)],
+                                    -1))
+        prompt = [int(v) for v, k in zip(mi["input_ids"][i].tolist(), mi["attention_mask"][i].tolist()) if k]
+        out.append(InspectionResult(
+            model_name=adapter.name, question=qs[i], answer=tok.decode(x, skip_special_tokens=True).strip(),
+            answer_tokens=[tok.decode([v]) for v in x], answer_ids=[int(v) for v in x],
+            prompt_tokens=[tok.decode([v]) for v in prompt], layers=layer_idx, num_heads=adapter.num_heads,
+            visual=torch.stack(visual).float().cpu().numpy(), mass=torch.stack(mass).float().cpu().numpy(),
+            image=images[i].convert("RGB"), geometry=b["geometry"][i],
+            meta={"forced": False, "do_sample": False, "seed": 0, "batch": N, "cut_off": cut and gen.shape[1] < max_new_tokens
+                  and not eos & set(gen[i].tolist())}))
+    return out
 
 
 def inspect_explored(adapter, image: Image.Image, question: str, layers="last", sigma: float = 2.0, seed: int = 0,
@@ -206,7 +279,8 @@ def inspect_explored(adapter, image: Image.Image, question: str, layers="last", 
 
     natural = inspect(adapter, image, question, max_new_tokens=max_new_tokens)
     b = adapter.build_inputs([image], [question.strip()])["model_inputs"]
-    spec = ExploreSpec(resolve_layers(layers, adapter.num_layers), sigma=sigma, per_head=per_head)
+    spec = ExploreSpec(resolve_layers(layers, adapter.num_layers, adapter.attention_layers), sigma=sigma,
+                       per_head=per_head)
     g = torch.Generator().manual_seed(seed)
     bias = spec.sample_bias(adapter.visual_mask(b["input_ids"]), b["attention_mask"], adapter.num_heads, generator=g)
     explored = inspect(adapter, image, question, max_new_tokens=max_new_tokens, bias=bias)

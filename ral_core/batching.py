@@ -1,0 +1,118 @@
+"""Serve concurrent inspections of one model together: requests that arrive while the model is busy are
+answered in one batched greedy generation and one capture pass (`inspection.inspect_many`).
+
+Each request keeps its own time limit: one whose limit passes while it waits is refused, and a batch runs
+under the earliest limit of its members (generation stops there). A batch that fails is retried request by
+request, so one bad request never costs the others their answer.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from ral_core.errors import RALError
+from ral_core.limits import Deadline, check_question, deadline
+
+
+class _Job:
+    __slots__ = ("image", "question", "key", "deadline", "future")
+
+    def __init__(self, image, question, key, dl):
+        self.image, self.question, self.key, self.deadline, self.future = image, question, key, dl, Future()
+
+
+class InspectBatcher:
+    """One worker thread per model; `submit` blocks the caller until its result (or error) is ready.
+
+    `lock` is held for each batch: other work on the same model (compare, levers, training a copy does not
+    count) takes the same lock, so the model is never used by two threads at once."""
+
+    def __init__(self, adapter, lock: threading.RLock | None = None, max_batch: int = 16, gather_s: float = 0.005):
+        self.adapter, self.lock = adapter, lock or threading.RLock()
+        self.max_batch, self.gather_s = max_batch, gather_s
+        self._q: queue.Queue[_Job] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="ral-inspect-batcher", daemon=True)
+        self._thread.start()
+        self.batches: list[int] = []  # sizes of the batches run (for benchmarks and tests)
+
+    def submit(self, image, question: str, max_new_tokens: int = 16, layers="all", seconds: float = 10.0):
+        """The InspectionResult of a greedy inspection of (image, question), run with whatever else is waiting."""
+        q = check_question(self.adapter, question)  # refuse bad questions here, never inside someone's batch
+        job = _Job(image, q, (int(max_new_tokens), repr(layers)), Deadline(seconds))
+        self._q.put(job)
+        try:
+            return job.future.result(timeout=seconds + 30)  # the worker enforces the limit; this is a backstop
+        except TimeoutError:
+            raise RALError(f"the server did not answer within {seconds:g} s; try again in a moment") from None
+
+    def close(self):
+        """Stop the worker after the requests already queued (the model left the server's cache)."""
+        self._q.put(None)
+
+    def _gather(self) -> list[_Job] | None:
+        jobs = [self._q.get()]
+        if jobs[0] is None:
+            return None
+        end = time.monotonic() + self.gather_s
+        while len(jobs) < self.max_batch:
+            try:
+                j = self._q.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if j is None:
+                self._q.put(None)
+                break
+            jobs.append(j)
+        return jobs
+
+    def _run(self):
+        from ral_core.inspection import inspect_many
+
+        while True:
+            jobs = self._gather()
+            if jobs is None:
+                return
+            with self.lock:  # everything queued while we waited for the lock joins this round
+                while len(jobs) < self.max_batch:
+                    try:
+                        j = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if j is None:
+                        self._q.put(None)
+                        break
+                    jobs.append(j)
+                groups: dict[tuple, list[_Job]] = {}
+                for j in jobs:
+                    if j.deadline.expired:
+                        j.future.set_exception(RALError(
+                            f"the server was busy for longer than the {j.deadline.seconds:g} s limit of one request;"
+                            " try again in a moment"))
+                    else:
+                        groups.setdefault(j.key, []).append(j)
+                for (n, _), group in groups.items():
+                    self._answer(inspect_many, group, n, eval_layers(group[0].key[1]))
+                    self.batches.append(len(group))
+
+    def _answer(self, inspect_many, group, n, layers):
+        try:
+            with deadline(min(j.deadline.remaining() for j in group) or 1e-3):
+                results = inspect_many(self.adapter, [j.image for j in group], [j.question for j in group],
+                                       max_new_tokens=n, layers=layers)
+        except Exception as e:  # noqa: BLE001 — retried one by one, so each request gets its own outcome
+            if len(group) == 1:
+                group[0].future.set_exception(e)
+                return
+            for j in group:
+                self._answer(inspect_many, [j], n, layers)
+            return
+        for j, r in zip(group, results):
+            j.future.set_result(r)
+
+
+def eval_layers(text: str):
+    """The `layers` argument back from its repr (a string like 'all', an int or a list of ints)."""
+    import ast
+    return ast.literal_eval(text)
