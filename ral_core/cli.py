@@ -30,6 +30,7 @@ def cmd_inspect(a) -> int:
     from ral_core.errors import RALError
     from ral_core.images import load_image
     from ral_core.inspection import inspect
+    from ral_core.limits import check_question, reserved_tokens
     from ral_core.models import load_adapter
 
     if not a.question.strip():
@@ -49,7 +50,8 @@ def cmd_inspect(a) -> int:
     layer = a.layer % n
     if a.head is not None and not 0 <= a.head < adapter.num_heads:
         raise RALError(f"--head {a.head} is out of range: the model has {adapter.num_heads} heads (0..{adapter.num_heads - 1})")
-    res = inspect(adapter, image, a.question, max_new_tokens=a.max_new_tokens)
+    question = check_question(adapter, a.question, reserved=reserved_tokens(adapter, image, a.max_new_tokens))
+    res = inspect(adapter, image, question, max_new_tokens=a.max_new_tokens)
     token = "mean" if a.token is None else a.token
     if a.token is not None and not 0 <= a.token < res.n_tokens:
         raise RALError(f"--token {a.token} is out of range: the answer has {res.n_tokens} token(s)")
@@ -68,8 +70,32 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (its default prints the usage block first); exit code 2 as before."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _check_args(a):
+    """Cheap checks of any command's arguments, before a model or data set is loaded, so that a bad input is
+    refused at once (a 1,000,000-character question used to run for minutes)."""
+    import math
+
+    from ral_core.errors import RALError
+    from ral_core.limits import check_question_length
+
+    if getattr(a, "question", None) is not None:
+        check_question_length(a.question)
+    if a.cmd == "levers":
+        if not 1 <= a.n <= 1000:
+            raise RALError(f"--n must be between 1 and 1000 (got {a.n})")
+        if not (math.isfinite(a.strength) and 0 < a.strength <= 100):
+            raise RALError(f"--strength must be a number in (0, 100] (got {a.strength})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ral", description="RAL workbench: see, train and compare VLM attention")
+    p = _Parser(prog="ral", description="RAL workbench: see, train and compare VLM attention")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_inspect(sub)
@@ -95,9 +121,16 @@ def cmd_train(a) -> int:
     cfg = build_config(a.config, a.overrides)
     trainer = Trainer(cfg)
     main_proc = trainer.acc.is_main_process
-    bar = tqdm(total=cfg.steps, initial=0, desc="train", disable=not main_proc, dynamic_ncols=True)
+    if main_proc:
+        print(f"{'resuming' if a.resume else 'training'}: {cfg.steps} steps × {cfg.rollouts_per_step} rollouts "
+              f"→ {cfg.output_dir}", flush=True)
+    bars = []  # created at the first finished step: an error before it (e.g. on resume) stays one line
 
     def progress(t, m):
+        if not bars:
+            bars.append(tqdm(total=cfg.steps, initial=t.step - 1, desc="train", disable=not main_proc,
+                             dynamic_ncols=True))
+        bar = bars[0]
         bar.n = t.step
         bar.set_postfix(reward=f"{m['reward']:.3f}", jsd=f"{m.get('attn_jsd_after_update', 0):.2e}")
         bar.refresh()
@@ -110,7 +143,8 @@ def cmd_train(a) -> int:
               "(continue with --resume)", file=sys.stderr)
         return 130
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     if main_proc:
         f = res["final"]
         print(f"{res['status']}: {res['step']} steps · reward {f.get('reward', float('nan')):.3f} · "
@@ -144,6 +178,9 @@ def cmd_eval(a) -> int:
     if not 1 <= a.n <= 100_000:
         raise RALError("--n must be between 1 and 100000")
     adapter = load_adapter(a.model)
+    if not -adapter.num_layers <= a.layer < adapter.num_layers:
+        raise RALError(f"--layer {a.layer} is out of range: the model has {adapter.num_layers} decoder layers "
+                       f"(0..{adapter.num_layers - 1} or -1)")
     res = evaluate(adapter, task, a.n, layer=a.layer)
     print(f"{'metric':<22}{'value':>10}")
     for k in ("accuracy", "target_mass", "target_share", "pointing_hit", "entropy", "image_mass"):
@@ -183,6 +220,8 @@ def cmd_levers(a) -> int:
     if a.image:
         if not a.question or not a.question.strip():
             raise RALError("--question is required with --image")
+        from ral_core.limits import check_question
+        a.question = check_question(adapter, a.question)
         img = load_image(a.image)
         box = []
         if a.box:
@@ -218,8 +257,12 @@ _EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers]
 def main(argv=None) -> int:
     from ral_core.errors import RALError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line): a code, in-process too
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        _check_args(args)
         import torch
         torch.set_num_threads(int(os.environ.get("RAL_THREADS", min(4, os.cpu_count() or 1))))
         return args.func(args) or 0

@@ -1,0 +1,191 @@
+"""One table of bad inputs across every surface: each is refused with one line that says what to fix (CLI: exit
+code 2, no traceback). Rows are (surface, id, payload, expected substring); a surface is one runner in RUNNERS,
+so another surface (the app's endpoints) is a new runner plus its rows appended to CASES."""
+import math
+import shutil
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from ral_core.cli import main
+from ral_core.config import TrainConfig, build_config
+from ral_core.data.jsonl import JsonlDataset
+from ral_core.errors import RALError
+from ral_core.images import check_image, load_image
+from ral_core.limits import check_deadline, check_question, deadline
+from ral_core.models import load_adapter
+from ral_core.trainer import Trainer
+
+SAMPLE = '{"image": "ok.png", "question": "What digit?", "answer": "7"}'
+
+
+class _Plant:
+    """Unpickling this creates a marker file: stands for any code a planted pickle would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir, tiny_qwen):
+    """Files every row may refer to, made once; CLI rows name them as {placeholders}."""
+    d = tmp_path_factory.mktemp("bad")
+    Image.new("RGB", (64, 64), "white").save(d / "ok.png")
+    Image.new("RGB", (1, 4000)).save(d / "wide.png")
+    Image.new("RGB", (4, 4)).save(d / "tiny.png")
+    (d / "folder").mkdir()
+    (d / "bert").mkdir()
+    (d / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    (d / "many.jsonl").write_text((SAMPLE + "\n") * 5)
+    (d / "longline.jsonl").write_text(SAMPLE + "\n" + "x" * 20_000 + "\n")
+    (d / "badjson.jsonl").write_text("{not json\n")
+    (d / "longq.jsonl").write_text(SAMPLE.replace("What digit?", "q" * 3000) + "\n")
+    # a checkpoint in the old layout, as someone could hand it over: valid weights, state as a code-running pickle
+    ck = d / "pickle_run" / "checkpoints" / "step-00001"
+    shutil.copytree(tiny_model_dir, ck)
+    torch.save({"step": 1, "payload": _Plant(d / "pwned")}, ck / "trainer_state.pt")
+    (ck.parent / "latest").write_text(ck.name)
+    paths = {k: str(d / k) for k in ("folder", "bert", "pickle_run")}
+    paths.update({k: str(d / f"{k}.png") for k in ("ok", "wide", "tiny")})
+    paths.update(tmp=str(d), model=str(tiny_model_dir), out=str(d / "out"), empty_run=str(d / "empty_run"),
+                 huge="x" * 1_000_000, many_tokens="word " * 390)
+    return SimpleNamespace(dir=d, paths=paths, adapter=tiny_qwen, marker=d / "pwned")
+
+
+def _trainer(env, out, *extra):
+    return Trainer(build_config(None, ["steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=2",
+                                       f"model={env.paths['model']}", f"output_dir={out}", *extra]))
+
+
+def _resume_pickle(env):
+    try:
+        _trainer(env, env.paths["pickle_run"]).train(resume=True)
+    finally:
+        assert not env.marker.exists(), "the planted pickle ran"
+
+
+def _late(env):
+    with deadline(0.001):
+        time.sleep(0.01)
+        check_deadline("inspect")
+
+
+INSPECT = ["inspect", "--image", "{ok}", "--question", "What digit?", "--model", "{model}", "--out", "{out}"]
+
+
+def _inspect(**kw):
+    """The inspect command line with some options replaced (keys: image, question, …)."""
+    argv = list(INSPECT)
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = v
+        else:
+            argv += [flag, v]
+    return argv
+
+
+CASES = [
+    # ---- CLI: `ral …` in-process; exit code 2 and one line on stderr ----------------------------------------
+    ("cli", "train-prompts-per-step", ["train", "prompts_per_step=100000"], "prompts_per_step must be ≤ 1,024 (got 100,000)"),
+    ("cli", "train-lr-inf", ["train", "lr=inf"], "lr must be a finite number (got inf)"),
+    ("cli", "train-lr-nan", ["train", "lr=.nan"], "lr must be a finite number (got nan)"),
+    ("cli", "train-lr-huge", ["train", "lr=5"], "lr must be ≤ 1 (got 5)"),
+    ("cli", "train-seed-1e30", ["train", "seed=1.0e+30"], "seed must be a whole number between 0 and 4,294,967,295 (got 1e+30)"),
+    ("cli", "train-group-size", ["train", "group_size=1000"], "group_size must be ≤ 64 (got 1,000)"),
+    ("cli", "train-steps", ["train", "steps=1000000"], "steps must be ≤ 100,000"),
+    ("cli", "train-max-new-tokens", ["train", "max_new_tokens=100000"], "max_new_tokens must be between 1 and 512"),
+    ("cli", "train-task-kind", ["train", "task_kinds=cell,bogus"], "task_kinds ['bogus'] unknown"),
+    ("cli", "train-unknown-key", ["train", "bogus=1"], "unknown config key 'bogus'"),
+    ("cli", "train-missing-recipe", ["train", "--config", "nope"], "config file 'nope' does not exist"),
+    ("cli", "train-missing-dataset", ["train", "dataset={tmp}/none.jsonl", "model={model}"],
+     "does not exist; give a .jsonl file"),
+    ("cli", "train-resume-nothing", ["train", "--resume", "output_dir={empty_run}", "model={model}"],
+     "no checkpoint to resume from"),
+    ("cli", "train-resume-pickle", ["train", "--resume", "output_dir={pickle_run}", "model={model}"],
+     "as a pickle (trainer_state.pt), which can run code when opened, so it is refused"),
+    ("cli", "inspect-wide-image", _inspect(image="{wide}"), "an aspect ratio of 4000:1; the limit is 50:1"),
+    ("cli", "inspect-tiny-image", _inspect(image="{tiny}"), "is 4×4 pixels; each side must be at least 8 px"),
+    ("cli", "inspect-folder-image", _inspect(image="{folder}"), "is not a file"),
+    ("cli", "inspect-huge-question", _inspect(question="{huge}"),
+     "the question is 1,000,000 characters; the limit is 2,000 — shorten it"),
+    ("cli", "inspect-many-tokens", _inspect(question="{many_tokens}"), "tokens; the limit is 256 — shorten it"),
+    ("cli", "inspect-empty-question", _inspect(question="  "), "the question is empty"),
+    ("cli", "inspect-max-new-tokens", _inspect(max_new_tokens="0"), "--max-new-tokens must be between 1 and 512"),
+    ("cli", "inspect-head", _inspect(head="99"), "--head 99 is out of range"),
+    ("cli", "inspect-bert", _inspect(model="{bert}"), "unsupported model family 'bert'"),
+    ("cli", "inspect-no-out", INSPECT[:-2], "the following arguments are required: --out"),
+    ("cli", "unknown-command", ["fly"], "invalid choice: 'fly'"),
+    ("cli", "eval-n-not-int", ["eval", "--n", "many"], "argument --n: invalid int value: 'many'"),
+    ("cli", "eval-grid", ["eval", "--grid", "3by3", "--model", "{model}"], "bad --grid/--kinds"),
+    ("cli", "eval-n", ["eval", "--n", "0", "--model", "{model}"], "--n must be between 1 and 100000"),
+    ("cli", "eval-layer", ["eval", "--layer", "99", "--n", "1", "--model", "{model}"], "--layer 99 is out of range"),
+    ("cli", "levers-no-question", ["levers", "--image", "{ok}", "--model", "{model}", "--out", "{out}"],
+     "--question is required with --image"),
+    ("cli", "levers-strength-inf", ["levers", "--strength", "inf", "--out", "{out}"], "--strength must be a number in (0, 100]"),
+    ("cli", "levers-n", ["levers", "--n", "100000", "--out", "{out}"], "--n must be between 1 and 1000"),
+    # ---- Python API: raises RALError with a one-line message ----------------------------------------------
+    ("api", "config-lr-inf", lambda e: TrainConfig(lr=math.inf).validate(), "lr must be a finite number (got inf)"),
+    ("api", "config-seed-range", lambda e: TrainConfig(seed=2**40).validate(), "seed must be a whole number between 0 and"),
+    ("api", "config-seed-float", lambda e: TrainConfig(seed=1.5).validate(), "seed must be a whole number (got 1.5)"),
+    ("api", "config-reward-nan", lambda e: TrainConfig(reward_weights={"exact_match": math.nan}).validate(),
+     "reward_weights must map reward names to finite numbers"),
+    ("api", "config-rollouts", lambda e: TrainConfig(prompts_per_step=1024, group_size=64).validate(),
+     "65,536 rollouts per step; the limit is 16,384"),
+    ("api", "load-image-missing", lambda e: load_image(e.dir / "none.png"), "does not exist; check the path"),
+    ("api", "load-image-wide", lambda e: load_image(e.dir / "wide.png"), "an aspect ratio of 4000:1"),
+    ("api", "check-image-empty", lambda e: check_image(Image.new("RGB", (0, 0))), "is empty (0 pixels)"),
+    ("api", "check-image-thin", lambda e: check_image(Image.new("RGB", (3, 100))), "each side must be at least 8 px"),
+    ("api", "check-question-chars", lambda e: check_question(e.adapter.tokenizer, "x" * 1_000_000),
+     "the question is 1,000,000 characters; the limit is 2,000"),
+    ("api", "check-question-tokens", lambda e: check_question(e.adapter, "word " * 390), "tokens; the limit is 256"),
+    ("api", "check-question-context", lambda e: check_question(e.adapter, "What digit is in row 1?", context=64,
+                                                               reserved=60),
+     "does not fit the model's context of 64 tokens"),
+    ("api", "check-question-not-text", lambda e: check_question(e.adapter, None), "the question must be text"),
+    ("api", "jsonl-too-many-lines", lambda e: JsonlDataset(e.dir / "many.jsonl", max_lines=3), "has more than 3 lines"),
+    ("api", "jsonl-long-line", lambda e: JsonlDataset(e.dir / "longline.jsonl"), "line 2 is longer than 16,384 characters"),
+    ("api", "jsonl-bad-json", lambda e: JsonlDataset(e.dir / "badjson.jsonl"), "line 1: not valid JSON"),
+    ("api", "jsonl-long-question", lambda e: JsonlDataset(e.dir / "longq.jsonl"), "line 1: the question is 3,000 characters"),
+    ("api", "load-adapter-missing", lambda e: load_adapter(str(e.dir / "no_model")), "does not exist"),
+    ("api", "load-adapter-bert", lambda e: load_adapter(str(e.dir / "bert")), "unsupported model family 'bert'"),
+    ("api", "trainer-resume-missing", lambda e: _trainer(e, e.dir / "empty_api").train(resume=True),
+     "no checkpoint to resume from"),
+    ("api", "trainer-resume-pickle", _resume_pickle, "as a pickle (trainer_state.pt)"),
+    ("api", "request-deadline", _late, "inspect took longer than the 0.001 s limit for one request"),
+]
+
+
+def run_cli(request, env, argv):
+    request.getfixturevalue("monkeypatch").setenv("RAL_THREADS", "1")  # main() sets torch threads
+    capsys = request.getfixturevalue("capsys")
+    rc = main([a.format(**env.paths) if "{" in a else a for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    return err
+
+
+def run_api(request, env, call):
+    with pytest.raises(RALError) as e:
+        call(env)
+    return str(e.value)
+
+
+RUNNERS = {"cli": run_cli, "api": run_api}
+
+
+@pytest.mark.parametrize("surface,payload,expected", [pytest.param(s, p, x, id=f"{s}:{i}") for s, i, p, x in CASES])
+def test_bad_input_gets_one_clear_line(surface, payload, expected, request, env):
+    msg = RUNNERS[surface](request, env, payload)
+    assert expected in msg, msg[:500]
+    assert len(msg.strip().splitlines()) == 1 and "Traceback" not in msg, msg[:500]
+
+
+def test_the_table_covers_enough_inputs():
+    assert len(CASES) >= 25 and len({i for _, i, _, _ in CASES}) == len(CASES)
