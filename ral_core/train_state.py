@@ -122,7 +122,7 @@ def load_state(directory, optimizer, scheduler) -> dict:
             raise ValueError(f"format version {tree.get('version')}, this version reads {VERSION}")
         st = {k: _decode(tree[k], tensors) for k in ("optimizer", "scheduler", "rng")}
         step, history_len = int(tree["step"]), int(tree["history_len"])
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+    except (ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError) as e:
         raise RALError(f"the trainer state in checkpoint '{d}' is unreadable ({e}); resume from another "
                        "checkpoint") from None
     try:
