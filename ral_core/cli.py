@@ -87,6 +87,9 @@ def _check_args(a):
 
     if getattr(a, "question", None) is not None:
         check_question_length(a.question)
+    if a.cmd == "train":  # the whole config, before torch and the trainer are imported (seconds)
+        from ral_core.config import build_config
+        build_config(a.config, a.overrides)
     if a.cmd == "levers":
         if not 1 <= a.n <= 1000:
             raise RALError(f"--n must be between 1 and 1000 (got {a.n})")
