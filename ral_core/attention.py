@@ -19,6 +19,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ral_core.errors import RALError
+
 IMPL = "ral_capture"
 
 
@@ -133,8 +135,9 @@ def unwrap(model):
     return model
 
 
-def decoder_attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every language-model decoder layer, in layer order."""
+def decoder_attention_modules(model) -> list[torch.nn.Module | None]:
+    """The self-attention module of every language-model decoder layer, in layer order; None for layers without
+    softmax attention (the linear-attention layers of hybrid models such as Qwen3.5)."""
     model = unwrap(model)
     lm = model.get_decoder() if hasattr(model, "get_decoder") else model
     for attr in ("language_model", "text_model"):
@@ -143,7 +146,7 @@ def decoder_attention_modules(model) -> list[torch.nn.Module]:
     layers = getattr(lm, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
-    return [layer.self_attn for layer in layers]
+    return [getattr(layer, "self_attn", None) for layer in layers]
 
 
 def enable_capture(model) -> None:
@@ -158,20 +161,29 @@ def enable_capture(model) -> None:
         model.set_attn_implementation(IMPL)
 
 
-def resolve_layers(spec, n_layers: int) -> list[int]:
-    """'all' | 'last' | int | list of ints (negative counts from the end) → sorted layer indices."""
+def resolve_layers(spec, n_layers: int, attention_layers=None) -> list[int]:
+    """'all' | 'last' | int | list of ints → sorted decoder-layer indices.
+
+    `attention_layers` lists the layers with softmax attention (default: all `n_layers`); 'all' and 'last' resolve
+    among them and negative ints count back through them (-1 = 'last'), so a hybrid model's linear-attention layers
+    are never picked implicitly, and naming one is an error.
+    """
+    attn = list(range(n_layers)) if attention_layers is None else sorted(int(i) for i in attention_layers)
     if spec is None or spec == "all":
-        return list(range(n_layers))
+        return attn
     if spec == "last":
-        return [n_layers - 1]
+        return attn[-1:]
     if isinstance(spec, int):
         spec = [spec]
     out = []
     for s in spec:
         i = int(s)
-        j = i + n_layers if i < 0 else i
+        j = attn[i] if -len(attn) <= i < 0 else i
         if not 0 <= j < n_layers:
             raise ValueError(f"layer {i} is out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})")
+        if j not in attn:
+            raise RALError(f"layer {j} is a linear-attention layer with no attention weights to capture; this model "
+                           f"has softmax attention only in layers {', '.join(map(str, attn))}")
         out.append(j)
     return sorted(set(out))
 
@@ -187,8 +199,10 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
     """
     enable_capture(model)
     mods = decoder_attention_modules(model)
-    idx = resolve_layers(layers, len(mods))
+    attn = [i for i, m in enumerate(mods) if m is not None]
+    idx = resolve_layers(layers, len(mods), attn)
     bias = bias or {}
+    resolve_layers(list(bias), len(mods), attn)  # a bias only acts through a softmax-attention layer
     st = _State(layers={id(mods[i]): i for i in idx}, rows=rows, bias=bias,
                 bias_layers={id(mods[i]): i for i in bias})
     token = _STATE.set(st)

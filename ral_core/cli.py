@@ -44,10 +44,10 @@ def cmd_inspect(a) -> int:
     except OSError as e:
         raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
     adapter = load_adapter(a.model, device="auto")
-    n = adapter.num_layers
-    if not -n <= a.layer < n:
+    n, attn = adapter.num_layers, adapter.attention_layers
+    if not -len(attn) <= a.layer < n:
         raise RALError(f"--layer {a.layer} is out of range: the model has {n} decoder layers (0..{n - 1} or -1)")
-    layer = a.layer % n
+    layer = adapter.resolve_layers([a.layer])[0]  # -1: the last layer with softmax attention (hybrid models)
     if a.head is not None and not 0 <= a.head < adapter.num_heads:
         raise RALError(f"--head {a.head} is out of range: the model has {adapter.num_heads} heads (0..{adapter.num_heads - 1})")
     question = check_question(adapter, a.question, reserved=reserved_tokens(adapter, image, a.max_new_tokens))

@@ -63,7 +63,7 @@ def attention_metrics(adapter, samples, answers, layer: int = -1, batch_size: in
     from ral_core.attention import capture, resolve_layers
     from ral_core.rollout import max_overlap
 
-    layer = resolve_layers([layer], adapter.num_layers)[0]
+    layer = resolve_layers([layer], adapter.num_layers, adapter.attention_layers)[0]
     acc = defaultdict(list)
     for i in range(0, len(samples), batch_size):
         chunk, ans = samples[i:i + batch_size], answers[i:i + batch_size]

@@ -108,7 +108,7 @@ def _sample_effects(adapter, sample, layers, strength, per_head):
 
 def lever_map(adapter, samples: list[dict], layers="all", strength: float = 3.0, per_head: bool = False) -> LeverMap:
     """Run the steering probe on `samples` (dicts with image, question, answer and optional boxes)."""
-    layers = resolve_layers(layers, adapter.num_layers)
+    layers = resolve_layers(layers, adapter.num_layers, adapter.attention_layers)
     res = [_sample_effects(adapter, s, layers, strength, per_head) for s in samples]
     eff = np.array([r["effect"] for r in res])
     nat = np.array([r["natural_mass"] for r in res])

@@ -51,10 +51,13 @@ def is_vision_param(name: str) -> bool:
     return any(p in VISION_PREFIXES for p in parts)
 
 
-def matched_layers(layers: list[int], n_student: int, n_teacher: int) -> list[int]:
+def matched_layers(layers: list[int], student, teacher) -> list[int]:
     """Student layer indices → the teacher's layers at the same relative depth (last ↔ last), so OPAD compares
-    like with like when the teacher is deeper."""
-    return [min(n_teacher - 1, max(0, round((i + 1) * n_teacher / n_student) - 1)) for i in layers]
+    like with like when the teacher is deeper. `student` / `teacher`: a layer count, or the list of layers with
+    softmax attention (hybrid models), along which depth is then counted."""
+    s = list(range(student)) if isinstance(student, int) else list(student)
+    t = list(range(teacher)) if isinstance(teacher, int) else list(teacher)
+    return [t[min(len(t) - 1, max(0, round((s.index(i) + 1) * len(t) / len(s)) - 1))] for i in layers]
 
 
 class Trainer:
@@ -97,16 +100,16 @@ class Trainer:
         n_layers = self.adapter.num_layers
         self.spec = None
         if cfg.uses_policy_attention or cfg.log_attention:
-            self.spec = PolicySpec(resolve_layers(cfg.attn_layers, n_layers), cfg.attn_row, cfg.attn_support,
-                                   cfg.attn_per_head)
+            self.spec = PolicySpec(resolve_layers(cfg.attn_layers, n_layers, self.adapter.attention_layers),
+                                   cfg.attn_row, cfg.attn_support, cfg.attn_per_head)
         self.teacher_spec = self.spec
         if self.teacher is not None and self.spec is not None:
-            n_teacher = self.teacher.num_layers
+            attn_teacher = self.teacher.attention_layers  # depth is matched along the softmax-attention layers
             if cfg.attn_per_head and self.teacher.num_heads != self.adapter.num_heads:
                 raise RALError(f"attn_per_head needs a teacher with the student's {self.adapter.num_heads} heads "
                                f"(it has {self.teacher.num_heads}); set attn_per_head=false")
-            self.teacher_spec = dataclasses.replace(self.spec, layers=matched_layers(self.spec.layers, n_layers,
-                                                                                    n_teacher))
+            self.teacher_spec = dataclasses.replace(self.spec, layers=matched_layers(
+                self.spec.layers, self.adapter.attention_layers, attn_teacher))
         self.rewarder = RewardModel(cfg.reward_weights)
         self.data = dataset_for(cfg)
         self.explore = None
@@ -135,11 +138,11 @@ class Trainer:
         """'levers': the layers whose attention moves the answer most on a few training samples."""
         spec = self.cfg.explore_layers
         if spec != "levers":
-            return resolve_layers(spec, self.adapter.num_layers)
+            return resolve_layers(spec, self.adapter.num_layers, self.adapter.attention_layers)
         from ral_core.levers import lever_map
         probe = [self.data.sample(10_000 + i) for i in range(8)]
         self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
-        return self.levers.top(min(self.cfg.explore_top_k, self.adapter.num_layers))
+        return self.levers.top(min(self.cfg.explore_top_k, len(self.adapter.attention_layers)))
 
     def _lr_lambda(self, total):
         cfg = self.cfg

@@ -1,4 +1,6 @@
-"""Capture on SDPA equals HF eager `output_attentions` (values and gradients) for every tiny family."""
+"""Capture on SDPA equals HF eager `output_attentions` (values and gradients) for every tiny family, at every layer
+with softmax attention (Qwen3.5 interleaves linear-attention layers; Gemma 3 adds its image-block and sliding-window
+masks)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +15,7 @@ from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter  # noqa: E402
 
 torch.set_num_threads(1)
 PROB_TOL = 1e-5
+PARITY_TOL = 1e-6  # capture vs eager probabilities (measured ≤ 1.5e-7 on every family)
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -40,8 +43,10 @@ def _eager(a, mi, rows):
     _set(a, "eager")
     out = a.model(**mi, output_attentions=True)
     idx = rows[:, None, :, None]
+    # eager returns one map per softmax-attention layer, in layer order
+    assert len(out.attentions) == len(a.attention_layers)
     maps = {l: att.gather(2, idx.expand(att.shape[0], att.shape[1], rows.shape[1], att.shape[3]))
-            for l, att in enumerate(out.attentions)}
+            for l, att in zip(a.attention_layers, out.attentions)}
     return maps, out.logits
 
 
@@ -63,12 +68,16 @@ def test_capture_matches_eager_values_and_gradients(case):
     a, mi, rows = case
     cap, _ = _captured(a, mi, rows)
     ref, _ = _eager(a, mi, rows)
-    assert sorted(cap) == list(range(a.num_layers))
+    assert sorted(cap) == a.attention_layers
     err = max((cap[l] - ref[l].float()).abs().max().item() for l in ref)
     print(f"{a.name}: max |capture - eager| = {err:.2e}")
-    assert err <= PROB_TOL
+    assert err <= PARITY_TOL
     L = mi["input_ids"].shape[1]
-    keep = (torch.arange(L)[None, None] <= rows[:, :, None]) & mi["attention_mask"].bool()[:, None]
+    keep = torch.arange(L)[None, None] <= rows[:, :, None]
+    if a.family == "gemma3":  # the tokens of an image also see the image's later tokens
+        vis = a.visual_mask(mi["input_ids"])
+        keep |= vis.gather(1, rows)[:, :, None] & vis[:, None]
+    keep &= mi["attention_mask"].bool()[:, None]
     for l in cap:  # rows are distributions over real, causal keys
         assert torch.allclose(cap[l].sum(-1), torch.ones(()), atol=1e-5)
         assert (cap[l].masked_fill(keep[:, None], 0) == 0).all()
@@ -81,11 +90,24 @@ def test_capture_matches_eager_values_and_gradients(case):
     assert set(g_cap) == set(g_ref)
     qk = [n for n in g_ref if any(s in n for s in ("q_proj", "k_proj"))]
     assert qk and all(g_ref[n].abs().max() > 0 for n in qk)
-    # Per-tensor relative error; the floor skips gradients that are zero in exact arithmetic (key biases).
-    floor = 1e-4 * max(g.abs().max().item() for g in g_ref.values())
-    worst = max((g_cap[n] - g_ref[n]).abs().max().item() / max(g_ref[n].abs().max().item(), floor) for n in g_ref)
-    print(f"{a.name}: worst relative gradient error = {worst:.2e}")
+    # Per-tensor relative error; the floor skips gradients that are near zero. Some are zero in exact arithmetic
+    # (key biases without RoPE shift every logit of a row equally): where eager has only rounding noise, so must capture.
+    gmax = max(g.abs().max().item() for g in g_ref.values())
+    floor = 1e-4 * gmax
+    zero = {n for n in g_ref if g_ref[n].abs().max().item() <= 1e-6 * gmax}
+    assert all(g_cap[n].abs().max().item() <= 1e-6 * gmax for n in zero)
+    rel = {n: (g_cap[n] - g_ref[n]).abs().max().item() / max(g_ref[n].abs().max().item(), floor)
+           for n in g_ref if n not in zero}
+    # Gated-DeltaNet decay parameters (Qwen3.5) sum many cancelling terms: SDPA-vs-eager forward rounding (~1e-7)
+    # reaches them at ~1e-4, and eager fp32 is itself ~4e-5 off its fp64 value there
+    # (test_families_new.py::test_qwen3_5_gradients_as_accurate_as_eager checks capture against fp64).
+    decay = {n for n in rel if n.endswith(
+        ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.in_proj_a.weight"))}
+    worst = max(v for n, v in rel.items() if n not in decay)
+    print(f"{a.name}: worst relative gradient error = {worst:.2e}"
+          + (f" (decay parameters: {max(rel[n] for n in decay):.2e})" if decay else ""))
     assert worst <= 2e-5
+    assert all(rel[n] <= 1e-3 for n in decay)
 
 
 def test_capture_keeps_sdpa_logits(case):
@@ -100,7 +122,7 @@ def test_capture_keeps_sdpa_logits(case):
 
 def test_bias_raises_attention_on_its_key(case):
     a, mi, rows = case
-    last = a.num_layers - 1
+    last = a.attention_layers[-1]
     L = mi["input_ids"].shape[1]
     key = torch.stack([torch.nonzero(a.visual_mask(mi["input_ids"][b])).flatten()[0] for b in range(2)])
     bias = torch.zeros(2, 1, 1, L)
@@ -108,7 +130,7 @@ def test_bias_raises_attention_on_its_key(case):
     with torch.no_grad():
         base, _ = _captured(a, mi, rows)
         biased, _ = _captured(a, mi, rows, bias={last: bias})
-    for l in range(last):  # earlier layers see the same inputs
+    for l in a.attention_layers[:-1]:  # earlier layers see the same inputs
         assert torch.equal(base[l], biased[l])
     pick = key[:, None, None, None].expand(2, base[last].shape[1], rows.shape[1], 1)
     before, after = base[last].gather(-1, pick), biased[last].gather(-1, pick)

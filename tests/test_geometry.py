@@ -29,6 +29,9 @@ BUILDERS = {
     "idefics3_single": lambda: tiny_idefics3(patch=8, scale_factor=4, tile=128, longest_edge=128),  # global only
     "idefics3_s2": lambda: tiny_idefics3(),                              # scale factor 2, 16 tokens per tile
     "smolvlm": lambda: tiny_smolvlm(patch=8, scale_factor=4, tile=128, longest_edge=256),     # SmolVLM2 classes
+    "qwen3_5": lambda: tiny_adapter("qwen3_5"),                          # Qwen3-VL image path, patch 16
+    "gemma3": lambda: tiny_adapter("gemma3"),                            # stretch to 64², 8×8 patches pooled to 4×4
+    "gemma3_pool1": lambda: tiny_adapter("gemma3", tokens_per_image=64),  # one token per patch (no pooling)
 }
 CROPPING = {"llava", "llava_small"}
 SIZES = [(150, 97), (83, 131), (300, 120)]  # landscape, portrait, wide; none a multiple of a patch
@@ -44,8 +47,12 @@ def _adapter(name):
 def token_response(a, t0, t1) -> torch.Tensor:
     """Per visual token (sequence order), the largest change between two processed images."""
     d = (t1["pixel_values"].float() - t0["pixel_values"].float()).abs()
-    if a.family == "qwen2_vl":  # the merger fuses each run of merge² consecutive patch rows into one token
+    if a.family in ("qwen2_vl", "qwen3_5"):  # the merger fuses each run of merge² consecutive patch rows into one token
         return d.amax(1).reshape(-1, a.merge ** 2).amax(1)
+    if a.family == "gemma3":  # SigLIP patches row-major, then the projector's k×k average pool, row-major
+        d = d[0].amax(0)
+        s = a.side
+        return d.reshape(s, d.shape[0] // s, s, d.shape[1] // s).amax((1, 3)).flatten()
     if a.family == "llava":  # CLIP conv patches, flattened row-major; the default strategy drops CLS
         p = a.patch
         d = d[0].amax(0)
@@ -62,7 +69,8 @@ def token_response(a, t0, t1) -> torch.Tensor:
 
 def _token_pixels(a) -> int:
     """Side of one visual token in processed-image pixels."""
-    return {"qwen2_vl": lambda: a.patch * a.merge, "llava": lambda: a.patch, "idefics3": lambda: a.cell}[a.family]()
+    return {"qwen2_vl": lambda: a.patch * a.merge, "qwen3_5": lambda: a.patch * a.merge, "llava": lambda: a.patch,
+            "idefics3": lambda: a.cell, "gemma3": lambda: a.image_processor.size["height"] // a.side}[a.family]()
 
 
 def _target(geo, W, H):
@@ -180,6 +188,15 @@ def test_boxes_count_bounds_and_tiling(name, size):
         text = f"{a.tokenizer.bos_token}User:<image>Where is the 3?<end_of_utterance>\nAssistant:"
         ids = proc(images=[img], text=[text])["input_ids"][0]
         assert list(ids) == batch["model_inputs"]["input_ids"][0].tolist()
+    if a.family == "gemma3":  # the prompt layout is the one Gemma3Processor writes for the chat template's image
+        from transformers import Gemma3Processor
+        proc = Gemma3Processor(a.image_processor, a.tokenizer, image_seq_length=geo.n_tokens)
+        text = f"{a.tokenizer.bos_token}<start_of_turn>user\n<start_of_image>Where is the 3?<end_of_turn>\n<start_of_turn>model\n"
+        out = proc(images=[img], text=[text])
+        assert list(out["input_ids"][0]) == batch["model_inputs"]["input_ids"][0].tolist()
+        assert list(out["token_type_ids"][0]) == batch["model_inputs"]["token_type_ids"][0].tolist()
+        torch.testing.assert_close(torch.as_tensor(np.asarray(out["pixel_values"])),
+                                   batch["model_inputs"]["pixel_values"], rtol=0, atol=0)
     if a.model.config.model_type == "smolvlm":  # SmolVLMProcessor itself needs num2words; its layout function
         from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
         m = a.process_images([img])["meta"][0]

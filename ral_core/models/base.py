@@ -130,6 +130,18 @@ class VLMAdapter:
         return int(self.text_config.num_hidden_layers)
 
     @property
+    def attention_layers(self) -> list[int]:
+        """Decoder layers with softmax attention: the ones capture can read, what 'all' means and whose last is
+        'last'. Every layer except in hybrid models (Qwen3.5), whose linear-attention layers have no attention map."""
+        from ral_core.attention import decoder_attention_modules
+        return [i for i, m in enumerate(decoder_attention_modules(self.model)) if m is not None]
+
+    def resolve_layers(self, spec) -> list[int]:
+        """'all' | 'last' | int | list of ints → decoder-layer indices among `attention_layers`."""
+        from ral_core.attention import resolve_layers
+        return resolve_layers(spec, self.num_layers, self.attention_layers)
+
+    @property
     def num_heads(self) -> int:
         return int(self.text_config.num_attention_heads)
 

@@ -166,7 +166,7 @@ def tiny_smolvlm(**kwargs):
     return tiny_idefics3(variant="smolvlm", **kwargs)
 
 
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm")
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm", "qwen3_5", "gemma3")
 
 
 def tiny_adapter(family: str, **kwargs):
@@ -179,4 +179,101 @@ def tiny_adapter(family: str, **kwargs):
         return tiny_idefics3(**kwargs)
     if family == "smolvlm":
         return tiny_smolvlm(**kwargs)
+    if family == "qwen3_5":
+        return tiny_qwen3_5(**kwargs)
+    if family == "gemma3":
+        return tiny_gemma3(**kwargs)
     raise ValueError(f"unknown tiny family '{family}'; choose one of {', '.join(TINY_FAMILIES)}")
+
+
+# ---- Qwen3.5 and Gemma 3 ------------------------------------------------------------------------------------------
+
+def tiny_qwen3_5(hidden=64, layers=8, heads=4, kv_heads=2, head_dim=32, full_attention_interval=4, vision_depth=1,
+                 vision_dim=32, min_pixels=32 * 32, max_pixels=448 * 448, attn="sdpa", seed=0, tokenizer=None):
+    """A tiny random Qwen3.5 (hybrid LM: gated-DeltaNet layers with softmax attention every
+    `full_attention_interval`-th layer, the last included; Qwen3-VL-style tower, patch 16) and its adapter."""
+    import torch
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ral_core.models.qwen3_5 import Qwen3_5Adapter
+
+    tok = tokenizer or build_tokenizer()
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIALS}
+    # Qwen3.5 rotates a quarter of each head (partial_rotary_factor 0.25) with interleaved t/h/w sections.
+    rot_half = int(head_dim * 0.25) // 2
+    sec = [rot_half - 2 * (rot_half // 4), rot_half // 4, rot_half // 4]
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4, max_position_embeddings=4096,
+                layer_types=["full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+                             for i in range(layers)],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec,
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vis = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=vision_dim * 2,
+               num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vis, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16, merge_size=2,
+                                  temporal_patch_size=2)
+    ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen3_5Adapter(model.eval(), tok, ip, name="tiny-qwen3_5")
+
+
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                   "<image_soft_token>"]
+
+
+def tiny_gemma3(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                vision_layers=1, vision_dim=32, patch=8, image_size=64, tokens_per_image=16, attn="sdpa", seed=0,
+                tokenizer=None):
+    """A tiny random Gemma 3 (SigLIP tower, avg-pooled to `tokens_per_image` tokens; Gemma 3 LM with sliding-window
+    layers, every `sliding_window_pattern`-th layer global, and the bidirectional image-token mask) and its
+    adapter. The image processor stretches every image to `image_size`² (pan-and-scan off)."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from ral_core.models.gemma3 import Gemma3Adapter
+
+    tok = tokenizer
+    if tok is None:  # named image tokens (boi/eoi/image_token) as Gemma's tokenizer has them, for Gemma3Processor
+        from transformers import PreTrainedTokenizerFast
+
+        base = build_tokenizer(GEMMA3_SPECIALS, eos="<end_of_turn>", pad="<pad>")
+        named = {"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>"}
+        tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, **named,
+                                      extra_special_tokens=[s for s in GEMMA3_SPECIALS if s not in named.values()],
+                                      boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                                      image_token="<image_soft_token>")
+    ids = {s: tok.convert_tokens_to_ids(s) for s in GEMMA3_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, sliding_window=sliding_window, max_position_embeddings=4096,
+                layer_types=["full_attention" if (i + 1) % sliding_window_pattern == 0 else "sliding_attention"
+                             for i in range(layers)],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                bos_token_id=ids["<bos>"], eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"])
+    vis = dict(model_type="siglip_vision_model", hidden_size=vision_dim, intermediate_size=vision_dim * 2,
+               num_hidden_layers=vision_layers, num_attention_heads=2, patch_size=patch, image_size=image_size)
+    cfg = Gemma3Config(text_config=text, vision_config=vis, mm_tokens_per_image=tokens_per_image,
+                       boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                       image_token_index=ids["<image_soft_token>"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation=attn)
+    # transformers initialises the image projection to zeros, which would make every visual token the same vector
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, vision_dim ** -0.5)
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    ip = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, do_pan_and_scan=False,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Gemma3Adapter(model.eval(), tok, ip, name="tiny-gemma3")
