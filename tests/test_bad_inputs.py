@@ -189,3 +189,51 @@ def test_bad_input_gets_one_clear_line(surface, payload, expected, request, env)
 
 def test_the_table_covers_enough_inputs():
     assert len(CASES) >= 25 and len({i for _, i, _, _ in CASES}) == len(CASES)
+
+
+def test_limits_accept_what_is_just_inside(env):
+    """The bounds refuse only what they should: the edge cases pass and every family's processor takes them."""
+    from ral_core.images import MAX_ASPECT, MIN_SIDE
+    from ral_core.limits import MAX_QUESTION_TOKENS, context_length, reserved_tokens
+    from ral_core.models.tiny import tiny_adapter
+    edge = [Image.new("RGB", (MIN_SIDE, MIN_SIDE * MAX_ASPECT)), Image.new("RGB", (MIN_SIDE * MAX_ASPECT, MIN_SIDE))]
+    for img in edge:
+        check_image(img)
+    for fam in ("qwen2_vl", "llava", "idefics3"):
+        a = tiny_adapter(fam)
+        for img in edge:
+            assert a.build_inputs([img], ["q"])["model_inputs"]["input_ids"].shape[0] == 1
+    a = env.adapter
+    assert check_question(a, "  What digit is in row 1?  ") == "What digit is in row 1?"
+    q = " w" * 100
+    n = len(a.tokenizer(q.strip(), add_special_tokens=False)["input_ids"])
+    assert n <= MAX_QUESTION_TOKENS and check_question(a, q) == q.strip()
+    reserved = reserved_tokens(a, Image.new("RGB", (64, 64)), 16)
+    assert reserved > 16 and context_length(a) == a.model.config.get_text_config().max_position_embeddings
+    assert check_question(a, q, context=n + reserved, reserved=reserved)
+    with pytest.raises(RALError, match="does not fit"):
+        check_question(a, q, context=n + reserved - 1, reserved=reserved)
+
+
+def test_deadline_nests_and_is_per_thread():
+    import threading
+
+    from ral_core.limits import remaining
+    assert remaining() is None
+    check_deadline("nothing")  # no deadline: no-op
+    with deadline(30):
+        assert 29 < remaining() <= 30
+        with deadline(100):  # an inner deadline never extends the outer one
+            assert remaining() <= 30
+        with deadline(0.5):
+            assert remaining() <= 0.5
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(remaining()))  # another request's thread
+        t.start()
+        t.join()
+        assert seen == [None]
+        check_deadline("inside")
+    assert remaining() is None
+    with pytest.raises(ValueError):
+        with deadline(math.inf):
+            pass
