@@ -12,11 +12,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _add_model_options(p):
+    p.add_argument("--allow-download", action="store_true",
+                   help="download a hub id that is not in the local cache (also RAL_ALLOW_DOWNLOAD=1; on by default "
+                        "on a Hugging Face Space)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on a CUDA GPU, float32 on the CPU)")
+
+
+def _load(a, device=None):
+    from ral_core.models import load_adapter
+    return load_adapter(a.model, device=device, dtype=a.dtype, allow_download=a.allow_download or None)
+
+
 def _add_inspect(sub):
     p = sub.add_parser("inspect", help="answer a question about an image and render where the model looked")
     p.add_argument("--image", required=True, help="path of a PNG/JPEG image")
     p.add_argument("--question", required=True, help="the question to ask")
-    p.add_argument("--model", default="default", help="'default' (embedded), a model directory or a cached hub id")
+    p.add_argument("--model", default="default", help="'default' (embedded), a model directory or a hub id (org/name)")
+    _add_model_options(p)
     p.add_argument("--layer", type=int, default=-1, help="decoder layer for the overlay and head grid (default: last)")
     p.add_argument("--head", type=int, default=None, help="also render this single head")
     p.add_argument("--token", type=int, default=None, help="answer token to show (default: mean over the answer)")
@@ -31,7 +45,6 @@ def cmd_inspect(a) -> int:
     from ral_core.images import load_image
     from ral_core.inspection import inspect
     from ral_core.limits import check_question, reserved_tokens
-    from ral_core.models import load_adapter
 
     if not a.question.strip():
         raise RALError("--question is empty; type a question about the image")
@@ -43,7 +56,7 @@ def cmd_inspect(a) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
-    adapter = load_adapter(a.model, device="auto")
+    adapter = _load(a, device="auto")
     n, attn = adapter.num_layers, adapter.attention_layers
     if not -len(attn) <= a.layer < n:
         raise RALError(f"--layer {a.layer} is out of range: the model has {n} decoder layers (0..{n - 1} or -1)")
@@ -111,6 +124,8 @@ def _add_train(sub):
     p = sub.add_parser("train", help="GRPO / RAL / OPAD fine-tuning from a YAML recipe plus key=value overrides")
     p.add_argument("--config", default="ral", help="recipe file or name in assets/recipes (grpo, ral, opad)")
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    p.add_argument("--allow-download", action="store_true",
+                   help="download a hub id model/teacher that is not in the local cache (also RAL_ALLOW_DOWNLOAD=1)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=20 lambda_attn=5")
     p.set_defaults(func=cmd_train)
 
@@ -121,6 +136,8 @@ def cmd_train(a) -> int:
     from ral_core.config import build_config
     from ral_core.trainer import Trainer
 
+    if a.allow_download:  # the trainer loads the model (and teacher) itself, on every rank
+        os.environ["RAL_ALLOW_DOWNLOAD"] = "1"
     cfg = build_config(a.config, a.overrides)
     trainer = Trainer(cfg)
     main_proc = trainer.acc.is_main_process
@@ -157,7 +174,8 @@ def cmd_train(a) -> int:
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="held-out accuracy and where the model looks on the grounding task")
-    p.add_argument("--model", default="default", help="'default', a model directory or a checkpoint directory")
+    p.add_argument("--model", default="default", help="'default', a model or checkpoint directory, or a hub id")
+    _add_model_options(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=200, help="number of samples")
     p.add_argument("--kinds", default="cell,row,where", help="question kinds, comma separated")
@@ -171,7 +189,6 @@ def cmd_eval(a) -> int:
     from ral_core.data import GroundingTask
     from ral_core.errors import RALError
     from ral_core.evaluate import evaluate
-    from ral_core.models import load_adapter
 
     try:
         rows, cols = (int(x) for x in a.grid.lower().split("x"))
@@ -180,7 +197,7 @@ def cmd_eval(a) -> int:
         raise RALError(f"bad --grid/--kinds: {e}") from None
     if not 1 <= a.n <= 100_000:
         raise RALError("--n must be between 1 and 100000")
-    adapter = load_adapter(a.model)
+    adapter = _load(a)
     if not -adapter.num_layers <= a.layer < adapter.num_layers:
         raise RALError(f"--layer {a.layer} is out of range: the model has {adapter.num_layers} decoder layers "
                        f"(0..{adapter.num_layers - 1} or -1)")
@@ -199,6 +216,7 @@ def cmd_eval(a) -> int:
 def _add_levers(sub):
     p = sub.add_parser("levers", help="causal-lever map: which layers' attention moves the answer")
     p.add_argument("--model", default="default")
+    _add_model_options(p)
     p.add_argument("--image", default=None, help="one image (else task samples from the grounding test split)")
     p.add_argument("--question", default=None)
     p.add_argument("--answer", default=None, help="answer to score (default: the model's greedy answer)")
@@ -217,9 +235,8 @@ def cmd_levers(a) -> int:
     from ral_core.errors import RALError
     from ral_core.images import load_image
     from ral_core.levers import lever_map
-    from ral_core.models import load_adapter
 
-    adapter = load_adapter(a.model)
+    adapter = _load(a)
     if a.image:
         if not a.question or not a.question.strip():
             raise RALError("--question is required with --image")
