@@ -50,7 +50,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    loss_norm: str = "token"             # token | sequence | dr_grpo
+    loss_norm: str = "token"             # token | bnpo | sequence | dr_grpo = TRL's dapo | bnpo | grpo | dr_grpo
     beta: float = 0.0                    # k3 KL to the frozen reference
     # attention terms
     lambda_attn: float = 0.0             # RAL: A · JSD(p_θ ‖ sg(p_old))
@@ -124,7 +124,8 @@ class TrainConfig:
         need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(1 <= self.max_new_tokens <= 512, "max_new_tokens must be between 1 and 512")
         need(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low must be in [0, 1) and clip_high ≥ 0")
-        need(self.loss_norm in ("token", "sequence", "dr_grpo"), "loss_norm must be token, sequence or dr_grpo")
+        need(self.loss_norm in ("token", "bnpo", "sequence", "dr_grpo"),
+             "loss_norm must be token, bnpo, sequence or dr_grpo (TRL's dapo, bnpo, grpo, dr_grpo)")
         need(self.attn_row in ("own", "predicts"), "attn_row must be 'own' (paper) or 'predicts'")
         need(self.attn_support in ("all", "visual"), "attn_support must be 'all' or 'visual'")
         need(self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine")

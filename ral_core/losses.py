@@ -4,7 +4,23 @@ Every term is `fn(ctx: LossContext) -> (scalar, metrics)`. The trainer sums `wei
 terms its config enables. Shapes: N sequences, T response positions, K keys.
 
 The attention policy (DESIGN.md §1): for response token t, a row of the chosen decoder layer(s), head-mean
-(or per head), over earlier positions, self entry removed, renormalised; support 'all' or 'visual'.
+(or per head), over the positions before t (the 'own' row loses its self entry, the 'predicts' row keeps it),
+renormalised; support 'all' or 'visual'.
+
+Normalisation (`loss_norm`) and TRL 1.16 (`GRPOTrainer._compute_loss`, one loss_type each). Per micro-batch j
+of an accumulation window of n_W micro-batches (the last window of an epoch may hold fewer), x the per-token
+loss, m the response mask:
+
+    ours      TRL       the micro-batch's share of the window's loss
+    token     dapo      Σ_j x·m / (tokens of the rollout batch · the window's share of its sequences)
+    bnpo      bnpo      (Σ_j x·m / Σ_j m) / n_W                      (each micro-batch's own token mean)
+    sequence  grpo      mean_i (Σ_t x·m / |o_i|) / n_W               (original GRPO)
+    dr_grpo   dr_grpo   Σ_j x·m / (B_j · max_new_tokens) / n_W       (a constant normaliser)
+
+`aggregate` gives the micro-batch value, `window_weight` the factor to its share; the trainer and
+tests/test_trl_reference.py (reference values made with TRL itself) use both. 'token' equals TRL's dapo when the
+micro-batches are equal in size (TRL's always are): TRL divides by the generation batch's tokens × n_W / its
+micro-batches. The rollout batch plays TRL's generation batch, `epochs` its num_iterations.
 """
 from __future__ import annotations
 
@@ -58,20 +74,62 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- aggregation -----------------------------------------------------------------------------------------
-def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token") -> torch.Tensor:
-    """Reduce per-token values [N, T] over response tokens.
+LOSS_NORMS = {"token": "dapo", "bnpo": "bnpo", "sequence": "grpo", "dr_grpo": "dr_grpo"}  # ours → TRL loss_type
 
-    token: mean over all response tokens of the batch · sequence: mean over sequences of each sequence's
-    token mean (original GRPO) · dr_grpo: sum / (N · T_max), a constant normaliser (Dr. GRPO).
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(ids) under the sampling policy softmax(logits / temperature), in fp32 (as TRL scores rollouts)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", max_len: int | None = None) -> torch.Tensor:
+    """Reduce per-token values [N, T] of one micro-batch over its response tokens (module docstring).
+
+    token, bnpo: mean over the micro-batch's response tokens · sequence: mean over sequences of each sequence's
+    token mean · dr_grpo: sum / (N · max_len), max_len the maximum completion length (not the padded width).
     """
     m = mask.to(x.dtype)
-    if norm == "token":
+    if norm in ("token", "bnpo"):
         return (x * m).sum() / m.sum().clamp_min(1.0)
     if norm == "sequence":
         return ((x * m).sum(1) / m.sum(1).clamp_min(1.0)).mean()
     if norm == "dr_grpo":
-        return (x * m).sum() / float(x.shape[0] * x.shape[1])
-    raise ValueError(f"unknown normalisation '{norm}'; choose token, sequence or dr_grpo")
+        if not max_len:
+            raise ValueError("dr_grpo normalises by the maximum completion length: pass max_len (max_new_tokens)")
+        return (x * m).sum() / float(x.shape[0] * max_len)
+    raise ValueError(f"unknown normalisation '{norm}'; choose token, bnpo, sequence or dr_grpo")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One gradient-accumulation window, as the normalisation sees it."""
+    micro: int            # micro-batches in it (the last window of an epoch may hold fewer than grad_accum)
+    share: float          # its sequences / the rollout batch's
+    batch_tokens: float   # response tokens of the rollout batch (per process: the mean over processes)
+
+    @classmethod
+    def of(cls, chunks: list, n_sequences: int, batch_tokens: float) -> "Window":
+        """The window made of `chunks` (index tensors) of a rollout batch of `n_sequences`."""
+        return cls(micro=len(chunks), share=sum(len(c) for c in chunks) / n_sequences, batch_tokens=batch_tokens)
+
+
+def accumulation_windows(chunks: list, grad_accum: int) -> list[list]:
+    """Consecutive groups of `grad_accum` micro-batches; the last group holds the rest."""
+    return [chunks[i:i + grad_accum] for i in range(0, len(chunks), grad_accum)]
+
+
+def window_weight(norm: str, mask: torch.Tensor, window: Window) -> float:
+    """Factor that turns a micro-batch's `aggregate` into its share of the window's loss, so that the gradients
+    summed over the window are TRL's. It divides by the real number of micro-batches in the window, never by
+    grad_accum, so a partial last window weighs as much as a full one."""
+    if norm == "token":
+        # aggregate divided by this micro-batch's tokens; TRL's dapo divides the sum by the window's share of the
+        # rollout batch's tokens
+        return float(mask.sum()) / max(window.batch_tokens * window.share, 1.0)
+    return 1.0 / window.micro
 
 
 # ---- context and registry -----------------------------------------------------------------------------
@@ -89,9 +147,13 @@ class LossContext:
     attn_explored: list[torch.Tensor] = field(default_factory=list)  # exploration: behaviour rows p̃_i
     logits: torch.Tensor | None = None          # [N, T, V] (token-level distillation only)
     teacher_logits: torch.Tensor | None = None
-    norm: str = "token"
+    norm: str = "token"                     # token | bnpo | sequence | dr_grpo (module docstring)
+    max_len: int | None = None              # dr_grpo: the maximum completion length (max_new_tokens)
     clip_low: float = 0.2
     clip_high: float = 0.2
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return aggregate(x, self.mask, self.norm, self.max_len)
 
 
 LossFn = Callable[[LossContext], tuple[torch.Tensor, dict]]
@@ -117,7 +179,7 @@ def grpo(ctx: LossContext):
         was_clipped = ((ratio * A) > (clipped * A)).float()
         metrics = {"clip_frac": float((was_clipped * m).sum() / m.sum().clamp_min(1)),
                    "ratio_mean": float((ratio * m).sum() / m.sum().clamp_min(1))}
-    return aggregate(per_tok, ctx.mask, ctx.norm), metrics
+    return ctx.reduce(per_tok), metrics
 
 
 @register_loss("kl")
@@ -125,7 +187,7 @@ def kl_k3(ctx: LossContext):
     """k3 estimator of KL(π_θ ‖ π_ref): exp(r) − r − 1 with r = log π_ref − log π_θ."""
     r = ctx.ref_logp - ctx.logp
     k3 = torch.exp(r) - r - 1
-    val = aggregate(k3, ctx.mask, ctx.norm)
+    val = ctx.reduce(k3)
     return val, {"kl": float(val.detach())}
 
 
@@ -138,7 +200,7 @@ def _per_token_jsd(ps, qs) -> torch.Tensor:
 def ral_attention(ctx: LossContext):
     """RAL: mean_t A · JSD(p_θ^t ‖ sg(p_old^t)). Zero gradient on the first update after a rollout."""
     d = _per_token_jsd(ctx.attn, [q.detach() for q in ctx.attn_old])
-    val = aggregate(ctx.advantages[:, None] * d, ctx.mask, ctx.norm)
+    val = ctx.reduce(ctx.advantages[:, None] * d)
     return val, {"attn_jsd_old": float(aggregate(d.detach(), ctx.mask, "token"))}
 
 
@@ -146,7 +208,7 @@ def ral_attention(ctx: LossContext):
 def opad_attention(ctx: LossContext):
     """On-policy attention distillation: mean_t JSD(p_student^t ‖ p_teacher^t), no advantage."""
     d = _per_token_jsd(ctx.attn, [q.detach() for q in ctx.attn_teacher])
-    val = aggregate(d, ctx.mask, ctx.norm)
+    val = ctx.reduce(d)
     return val, {"attn_jsd_teacher": float(val.detach())}
 
 
@@ -156,7 +218,7 @@ def token_reverse_kl(ctx: LossContext):
     ls = torch.log_softmax(ctx.logits.float(), -1)
     lt = torch.log_softmax(ctx.teacher_logits.float(), -1).detach()
     kl = (ls.exp() * (ls - lt)).sum(-1)
-    val = aggregate(kl, ctx.mask, ctx.norm)
+    val = ctx.reduce(kl)
     return val, {"token_rkl": float(val.detach())}
 
 
@@ -166,5 +228,19 @@ def explore_attention(ctx: LossContext):
     sequence and p̃_i the rollout's explored (biased) attention. The targets differ across a group, so the term
     does not cancel on shared rows and acts from the first update, on the decisive row too."""
     d = _per_token_jsd(ctx.attn_natural, [q.detach() for q in ctx.attn_explored])
-    val = aggregate(ctx.advantages[:, None] * d, ctx.mask, ctx.norm)
+    val = ctx.reduce(ctx.advantages[:, None] * d)
     return val, {"explore_jsd": float(aggregate(d.detach(), ctx.mask, "token"))}
+
+
+def combined_loss(ctx: LossContext, weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    """Σ weight · term over the terms with a non-zero weight (one micro-batch, before `window_weight`); each
+    term's value is logged as `loss_<name>`."""
+    total, metrics = 0.0, {}
+    for name, w in weights.items():
+        if w == 0:
+            continue
+        val, m = LOSSES[name](ctx)
+        total = total + w * val
+        metrics[f"loss_{name}"] = float(val.detach())
+        metrics.update(m)
+    return total, metrics

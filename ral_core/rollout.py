@@ -8,7 +8,7 @@ import torch
 
 from ral_core.attention import capture
 from ral_core.inspection import generate_answer
-from ral_core.losses import attention_policy, entropy
+from ral_core.losses import attention_policy, entropy, token_logprobs
 
 
 @dataclass
@@ -16,7 +16,7 @@ class PolicySpec:
     """Which attention rows form the policy (DESIGN.md §1)."""
 
     layers: list[int]
-    row: str = "own"         # own: the query at token t (paper) · predicts: the query that predicts t (t−1)
+    row: str = "own"         # own: the query at token t, self removed (paper) · predicts: the query at t−1
     support: str = "all"     # all earlier positions · visual: visual tokens only, renormalised
     per_head: bool = False
 
@@ -66,7 +66,8 @@ class Rollouts:
     teacher_logits: torch.Tensor = None
     key_valid: torch.Tensor = None   # [N, T, K]
     visual_keys: torch.Tensor = None  # [N, K]
-    shared_rows: torch.Tensor = None  # [N, T]
+    row_class: torch.Tensor = None    # [N, T] prefix class of each response row (prefix_classes), −1 off the response
+    temperature: float = 1.0          # the sampling temperature: every log-prob of the loss is taken under it
     target_keys: torch.Tensor = None  # [N, K] overlap of each key with the sample's target boxes
     explore_bias: dict = field(default_factory=dict)  # layer -> [N, H|1, 1, P] (the sampled perturbation)
     explored_attn: list = field(default_factory=list)  # behaviour attention p̃ at the explore layers
@@ -118,15 +119,13 @@ def max_overlap(geometry, boxes):
     return np.max([geometry.box_overlap(b) for b in boxes], axis=0)
 
 
-def policy_rows(P: int, T: int, N: int, row: str, device) -> torch.Tensor:
-    off = 0 if row == "own" else -1
-    return (torch.arange(T, device=device) + P + off)[None].expand(N, T)
-
-
-def key_validity(inputs: dict, visual: torch.Tensor, rows: torch.Tensor, support: str) -> torch.Tensor:
-    """[N, T, K] keys each policy row may put mass on: real (not pad), strictly earlier (self removed)."""
+def key_validity(inputs: dict, visual: torch.Tensor, P: int, T: int, support: str) -> torch.Tensor:
+    """[N, T, K] keys the policy row of response token t may put mass on: real (not pad) keys before the token's
+    position P + t (DESIGN.md §1). For the 'own' row (query at P + t) that drops its self entry, the paper's
+    formula; the 'predicts' row (query at P + t − 1) keeps every key it sees, itself included."""
     K = inputs["input_ids"].shape[1]
-    earlier = torch.arange(K, device=rows.device)[None, None, :] < rows[:, :, None]
+    pos = torch.arange(T, device=visual.device) + P
+    earlier = torch.arange(K, device=visual.device)[None, None, :] < pos[None, :, None]
     valid = earlier & inputs["attention_mask"].bool()[:, None, :]
     if support == "visual":
         valid = valid & visual[:, None, :]
@@ -136,8 +135,9 @@ def key_validity(inputs: dict, visual: torch.Tensor, rows: torch.Tensor, support
 def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "ExploreSpec | None" = None,
                      need_logits: bool = False, use_bias: bool = True) -> dict:
     """One teacher-forced pass over prompt + completion. Captures rows P−1 … P+T−1 of every needed layer once
-    and derives: `logp` [N, T] of the sampled tokens, `attn` (the RAL/OPAD policy per spec layer), and with
-    exploration `explored` (rows under the rollout's bias) and `natural` (the same rows without it)."""
+    and derives: `logp` [N, T] of the sampled tokens under the sampling temperature, `logits` (divided by it),
+    `attn` (the RAL/OPAD policy per spec layer), and with exploration `explored` (rows under the rollout's bias)
+    and `natural` (the same rows without it)."""
     N, T = ro.completion.shape
     P = ro.P
     rows = torch.arange(P - 1, P + T, device=ro.completion.device)[None].expand(N, T + 1)
@@ -146,13 +146,13 @@ def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "Exp
     with capture(model, layers=layers, rows=rows, bias=bias) as maps:
         out = model(**ro.inputs, logits_to_keep=T + 1)
     logits = out.logits[:, :T].float()
-    res = {"logp": torch.log_softmax(logits, -1).gather(-1, ro.completion[..., None]).squeeze(-1),
-           "logits": logits if need_logits else None, "attn": [], "explored": [], "natural": []}
+    # the policy that sampled is softmax(logits / T): the ratio, the KL and the gradient must refer to it (as TRL's)
+    res = {"logp": token_logprobs(logits, ro.completion, ro.temperature),
+           "logits": logits / ro.temperature if need_logits else None, "attn": [], "explored": [], "natural": []}
 
     def policy(m, s):
         sel = m[:, :, 1:] if s.row == "own" else m[:, :, :-1]
-        kv = key_validity(ro.inputs, ro.visual_keys, policy_rows(P, T, N, s.row, rows.device), s.support)
-        return attention_policy(sel, kv, s.per_head)
+        return attention_policy(sel, key_validity(ro.inputs, ro.visual_keys, P, T, s.support), s.per_head)
     if spec is not None:
         res["attn"] = [policy(maps[layer], spec) for layer in spec.layers]
     if explore is not None:
@@ -167,25 +167,66 @@ def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logi
     return r["logp"], r["attn"], r["logits"]
 
 
-def shared_row_mask(completion: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, row: str) -> torch.Tensor:
-    """True where a response row is identical for another rollout of the same group (same prompt and the
-    same prefix the row depends on) — there the advantage-weighted attention terms cancel."""
+def prefix_classes(completion: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, row: str) -> torch.Tensor:
+    """[N, T] id of each response row's prefix class (−1 off the response). The attention row of token t is a
+    function of the prompt and the prefix its query sees: tokens ≤ t for the 'own' row (its query is token t),
+    tokens < t for the 'predicts' row (query t − 1; at t = 0 the prompt alone, shared by the whole group). Rows of
+    one group with the same such prefix are one row, shared."""
     N, T = completion.shape
-    off = 1 if row == "own" else 0  # own row of token t sees tokens ≤ t; the predicting row sees < t
-    seqs = completion.tolist()
-    lens = mask.sum(1).tolist()
-    counts: dict = {}
-    keys = []
+    off = 1 if row == "own" else 0
+    seqs, m, g = completion.tolist(), mask.bool().tolist(), group.tolist()
+    ids: dict = {}
+    out = torch.full((N, T), -1, dtype=torch.long)
     for i in range(N):
-        ks = [(int(group[i]), tuple(seqs[i][:t + off])) for t in range(int(lens[i]))]
-        keys.append(ks)
-        for k in ks:
-            counts[k] = counts.get(k, 0) + 1
-    out = torch.zeros(N, T, dtype=torch.bool)
-    for i, ks in enumerate(keys):
-        for t, k in enumerate(ks):
-            out[i, t] = counts[k] > 1
+        for t in range(T):
+            if m[i][t]:
+                out[i, t] = ids.setdefault((g[i], tuple(seqs[i][:t + off])), len(ids))
     return out.to(completion.device)
+
+
+def class_advantage(row_class: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """[N, T] net advantage Σ_{i∈c} A_i of each response row's prefix class c (0 off the response). The RAL terms
+    of a class add up to J_c · Σ_{i∈c} A_i, J_c its (shared) JSD: this is the weight the term acts with there."""
+    valid = row_class >= 0
+    ids = row_class[valid]
+    A = advantages.double()[:, None].expand(row_class.shape)[valid]
+    S = torch.zeros(int(ids.max()) + 1 if ids.numel() else 0, dtype=torch.float64, device=A.device)
+    S.index_add_(0, ids, A)
+    out = torch.zeros(row_class.shape, dtype=torch.float64, device=A.device)
+    out[valid] = S[ids]
+    return out
+
+
+def silence_stats(row_class: torch.Tensor, advantages: torch.Tensor, group: torch.Tensor, tol: float = 1e-5) -> dict:
+    """Where the RAL term can act (DESIGN.md §1), as shares of the response rows that sum to 1:
+    `ral_rows_zero_var` (the group's rewards were all equal, so every A = 0), `ral_rows_cancelled` (other groups,
+    |Σ_{i∈c} A_i| ≤ tol: the whole group shares the row, e.g. the first answer token's 'predicts' row) and
+    `ral_rows_acting`; `ral_effective_weight` = Σ_c |Σ_{i∈c} A_i| / Σ_rows |A_i| (1: nothing cancels); and
+    `rows_prefix_shared`, the share whose row another rollout shares (mostly with the same sign of A, so their
+    terms add: this is not where the term is silent). Exact for a token-weighted loss whose class lies in one
+    micro-batch; loss_norm=sequence (weights 1/|o_i|) or a class split across micro-batches cancels approximately.
+    With exploration the rows also differ by each rollout's bias; these shares describe the unperturbed rows."""
+    valid = row_class >= 0
+    n = int(valid.sum())
+    if n == 0:
+        return {}
+    A = advantages.double()
+    zero_group = torch.zeros_like(A, dtype=torch.bool)
+    for g in group.unique():
+        m = group == g
+        zero_group[m] = bool((A[m] == 0).all())
+    zero = (zero_group[:, None] & valid)
+    net = class_advantage(row_class, advantages).abs()
+    acting = valid & ~zero & (net > tol)
+    cancelled = valid & ~zero & ~acting
+    ids = row_class[valid]
+    size = torch.bincount(ids)[ids]
+    total = (A.abs()[:, None] * valid).sum()
+    # each class counted once: its rows share |Σ A|, so sum |Σ A| / class size over its rows
+    eff = float((net[valid] / size).sum() / total) if total > 0 else 0.0
+    return {"ral_rows_zero_var": float(zero.sum()) / n, "ral_rows_cancelled": float(cancelled.sum()) / n,
+            "ral_rows_acting": float(acting.sum()) / n, "ral_effective_weight": eff,
+            "rows_prefix_shared": float((size > 1).sum()) / n}
 
 
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "std", eps: float = 1e-4):
@@ -223,7 +264,7 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
         comp = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=True, temperature=temperature,
                                top_p=top_p)
     ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b,
-                                   explore=explore, explore_bias=bias)
+                                   explore=explore, explore_bias=bias, temperature=temperature)
     gm.train(was_training)
     return ro
 
@@ -231,9 +272,10 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
 @torch.no_grad()
 def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, reward_model, spec,
                               adv_scale: str = "std", model=None, built=None, explore: ExploreSpec | None = None,
-                              explore_bias: dict | None = None) -> Rollouts:
-    """Everything after sampling: mask through the first EOS, rewards, advantages, old log-probs and the old
-    attention policy from one teacher-forced pass. `comp` is [N, T] with N = len(samples) · group_size."""
+                              explore_bias: dict | None = None, temperature: float = 1.0) -> Rollouts:
+    """Everything after sampling: mask through the first EOS, rewards, advantages, old log-probs (at the sampling
+    `temperature`) and the old attention policy from one teacher-forced pass. `comp` is [N, T] with
+    N = len(samples) · group_size."""
     G = group_size
     b = built or adapter.build_inputs([s["image"] for s in samples for _ in range(G)],
                                       [s["question"] for s in samples for _ in range(G)])
@@ -249,7 +291,8 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
     texts = [tok.decode(c[m].tolist(), skip_special_tokens=True).strip() for c, m in zip(comp, mask)]
     group = torch.arange(len(samples), device=comp.device).repeat_interleave(G)
     inputs = adapter.extend_inputs(mi, comp, mask)
-    ro = Rollouts(inputs=inputs, P=P, completion=comp, mask=mask, texts=texts, group=group, samples=samples)
+    ro = Rollouts(inputs=inputs, P=P, completion=comp, mask=mask, texts=texts, group=group, samples=samples,
+                  temperature=temperature)
     if reward_model is not None:
         scores = [reward_model(t, samples[int(g)]) for t, g in zip(texts, group.tolist())]
         ro.rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32)
@@ -261,9 +304,8 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
     ro.visual_keys = adapter.visual_mask(inputs["input_ids"])
     ro.target_keys = target_key_weights(ro.visual_keys, b["geometry"], [samples[int(g)] for g in group.tolist()])
     if spec is not None:
-        rows = policy_rows(P, comp.shape[1], len(texts), spec.row, comp.device)
-        ro.key_valid = key_validity(inputs, ro.visual_keys, rows, spec.support)
-        ro.shared_rows = shared_row_mask(comp, mask, group, spec.row)
+        ro.key_valid = key_validity(inputs, ro.visual_keys, P, comp.shape[1], spec.support)
+        ro.row_class = prefix_classes(comp, mask, group, spec.row)
     ro.explore_bias = explore_bias or {}
     r = forward_policies(model, ro, spec, explore)
     ro.old_logp, ro.old_attn = r["logp"], r["attn"]
@@ -284,6 +326,6 @@ def attention_stats(attn: list[torch.Tensor], ro: Rollouts) -> dict:
     if ro.target_keys is not None:
         tgt = (p * ro.target_keys[:, None, :]).sum(-1)
         out["attn_target_mass"] = float((tgt * m).sum() / m.sum().clamp_min(1))
-    if ro.shared_rows is not None:
-        out["shared_row_frac"] = float((ro.shared_rows.float() * m).sum() / m.sum().clamp_min(1))
+    if ro.row_class is not None:
+        out.update(silence_stats(ro.row_class, ro.advantages, ro.group))
     return out

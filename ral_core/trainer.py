@@ -21,7 +21,7 @@ import yaml
 from ral_core.attention import resolve_layers
 from ral_core.config import TrainConfig
 from ral_core.errors import RALError
-from ral_core.losses import LOSSES, LossContext
+from ral_core.losses import LossContext, Window, accumulation_windows, combined_loss, window_weight
 from ral_core.rewards import RewardModel
 from ral_core.rollout import (ExploreSpec, PolicySpec, attention_stats, forward_policies, make_rollouts,
                               policy_forward)
@@ -178,18 +178,10 @@ class Trainer:
                           advantages=mb.advantages, attn=r["attn"], attn_old=mb.old_attn,
                           attn_teacher=mb.teacher_attn, attn_natural=r["natural"], attn_explored=mb.explored_attn,
                           logits=r["logits"], teacher_logits=mb.teacher_logits, norm=cfg.loss_norm,
-                          clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+                          max_len=cfg.max_new_tokens, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         terms = {"grpo": 1.0, "kl": cfg.beta, "ral_attn": cfg.lambda_attn, "opad_attn": cfg.gamma_opad,
                  "token_rkl": cfg.lambda_token_kl, "explore": cfg.explore_weight if mb.explore_bias else 0.0}
-        total, metrics = 0.0, {}
-        for name, w in terms.items():
-            if w == 0:
-                continue
-            val, m = LOSSES[name](ctx)
-            total = total + w * val
-            metrics[f"loss_{name}"] = float(val.detach())
-            metrics.update(m)
-        return total, metrics
+        return combined_loss(ctx, terms)
 
     @torch.no_grad()
     def _fill_references(self, ro):
@@ -204,34 +196,39 @@ class Trainer:
 
     def update_phase(self, ro) -> tuple[int, dict, list]:
         """`epochs` passes of shuffled mini-batches over one rollout batch (≥ 2 optimizer updates when an
-        attention term is on). Returns (updates, per-term metric lists, grad norms)."""
+        attention term is on), `grad_accum` mini-batches per update; each one's loss is weighted to its share of
+        its window (losses.window_weight, TRL 1.16's normalisation). Returns (updates, per-term metric lists,
+        grad norms)."""
         cfg = self.cfg
         self.model.train()
         N = len(ro.texts)
         agg: dict[str, list] = {}
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         n_updates, grad_norms = 0, []
+        # response tokens of the rollout batch, the mean over processes (TRL: num_items_in_batch / num_processes)
+        batch_tokens = float(self.acc.gather(ro.mask.sum()[None]).float().mean())
         for _ in range(cfg.epochs):
             chunks = list(torch.randperm(N, generator=g).split(cfg.minibatch_size))
-            for i, idx in enumerate(chunks):
-                mb = ro.select(idx.to(ro.completion.device))
-                loss, m = self._loss(mb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
-                self.acc.backward(loss / cfg.grad_accum)
-                for k, v in m.items():
-                    agg.setdefault(k, []).append(v)
-                if (i + 1) % cfg.grad_accum == 0 or i == len(chunks) - 1:
-                    if cfg.max_grad_norm > 0:
-                        gn = float(self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                            cfg.max_grad_norm))
-                        grad_norms.append(gn)
-                        if not math.isfinite(gn):
-                            raise FloatingPointError(f"non-finite gradient norm at step {self.step}")
-                    self.opt.step()
-                    self.sched.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    n_updates += 1
+            for window in accumulation_windows(chunks, cfg.grad_accum):
+                win = Window.of(window, N, batch_tokens)
+                for idx in window:
+                    mb = ro.select(idx.to(ro.completion.device))
+                    loss, m = self._loss(mb)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+                    self.acc.backward(loss * window_weight(cfg.loss_norm, mb.mask, win))
+                    for k, v in m.items():
+                        agg.setdefault(k, []).append(v)
+                if cfg.max_grad_norm > 0:
+                    gn = float(self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                        cfg.max_grad_norm))
+                    grad_norms.append(gn)
+                    if not math.isfinite(gn):
+                        raise FloatingPointError(f"non-finite gradient norm at step {self.step}")
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                n_updates += 1
         return n_updates, agg, grad_norms
 
     def train_step(self) -> dict:

@@ -1,12 +1,14 @@
 """The losses on hand-checked numbers, and the attention term's documented behaviour on a real tiny Qwen2-VL:
-zero gradient on the first update, cancellation on shared rows, sign, OPAD."""
+the policy rows, zero gradient on the first update, cancellation only where a shared row's advantages sum to zero,
+sign, OPAD. (The silence diagnostic: test_silence.py; TRL agreement: test_trl_reference.py.)"""
 import math
 
 import pytest
 import torch
 
 from ral_core.losses import LossContext, aggregate, grpo, jsd, kl_k3, opad_attention, ral_attention
-from ral_core.rollout import PolicySpec, group_advantages, policy_forward, rollouts_from_completions, shared_row_mask
+from ral_core.rollout import (PolicySpec, class_advantage, forward_policies, group_advantages, policy_forward,
+                              prefix_classes, rollouts_from_completions)
 
 
 # ---- GRPO surrogate, by hand ----------------------------------------------------------------------
@@ -17,18 +19,19 @@ PER_TOKEN = [-1.1051709180756477, -0.7408182206817179, 0.6420127083438707, 0.5, 
 
 
 @pytest.mark.parametrize("norm,expected", [
-    ("token", sum(PER_TOKEN) / 5),                                        # mean over the batch's 5 tokens
+    ("token", sum(PER_TOKEN) / 5),                                        # mean over the micro-batch's 5 tokens
+    ("bnpo", sum(PER_TOKEN) / 5),                                         # the same within one micro-batch
     ("sequence", (sum(PER_TOKEN[:2]) / 2 + sum(PER_TOKEN[2:]) / 3) / 2),  # mean of per-sequence means
-    ("dr_grpo", sum(PER_TOKEN) / 6),                                      # sum / (N · T_max)
+    ("dr_grpo", sum(PER_TOKEN) / 8),                        # sum / (N · max_len), max_len 4 > the padded width 3
 ])
 def test_grpo_matches_hand_computation(norm, expected):
     ctx = LossContext(mask=torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool),
                       logp=torch.tensor([[0.1, -0.3, 9.0], [0.25, 0.0, -0.1]]), old_logp=torch.zeros(2, 3),
-                      advantages=torch.tensor([1.0, -0.5]), norm=norm)
+                      advantages=torch.tensor([1.0, -0.5]), norm=norm, max_len=4)
     val, m = grpo(ctx)
     assert math.isclose(float(val), expected, rel_tol=1e-6)
-    assert math.isclose(expected, {"token": -0.050311544, "sequence": -0.195758715, "dr_grpo": -0.041926287}[norm],
-                        rel_tol=1e-7)
+    assert math.isclose(expected, {"token": -0.050311544, "bnpo": -0.050311544, "sequence": -0.195758715,
+                                   "dr_grpo": -0.031444715}[norm], rel_tol=1e-7)
     # ratios outside [0.8, 1.2] here move against their advantage, so the min keeps the unclipped term
     assert m["clip_frac"] == 0.0
     ctx.advantages = torch.tensor([1.0, 0.5])  # now row 1, token 0 (ratio 1.284, A > 0) is clipped
@@ -62,9 +65,11 @@ def test_group_advantages_and_zero_variance_groups():
     assert float(A[:2].sum()) == pytest.approx(0.0, abs=1e-7) and float(A[0]) > 0
 
 
-def test_aggregate_rejects_unknown_norm():
-    with pytest.raises(ValueError, match="token, sequence or dr_grpo"):
+def test_aggregate_rejects_unknown_norm_and_dr_grpo_without_the_maximum_length():
+    with pytest.raises(ValueError, match="token, bnpo, sequence or dr_grpo"):
         aggregate(torch.ones(1, 1), torch.ones(1, 1), "bogus")
+    with pytest.raises(ValueError, match="maximum completion length"):
+        aggregate(torch.ones(1, 1), torch.ones(1, 1), "dr_grpo")  # never silently the padded width
 
 
 # ---- the attention term on a real tiny model ------------------------------------------------------
@@ -121,34 +126,69 @@ def test_ral_gradient_is_zero_on_first_update_and_not_on_second(model, task):
     assert _attn_grad(model, ro, spec) > 1e-6           # update 2
 
 
-def test_shared_prefix_rows_cancel_for_the_predicting_row_but_not_the_paper_row(model, task):
+@pytest.mark.parametrize("row", ["predicts", "own"])
+def test_shared_rows_cancel_only_where_their_class_advantages_sum_to_zero(model, task, row):
+    """Two pairs that share prefixes (ab·, ae·) in one group, with group-normalised advantages of rewards
+    [1, 0, 0, 0]: inside each pair the advantages do not sum to zero, so rows shared by a pair act; only rows
+    shared by the whole group cancel."""
     samples = _samples(task, 1)
     eos = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     a, b, c, d, e, f, g = _ids(model, "1", "2", "3", "4", "5", "6", "7")
     comp = torch.tensor([[a, b, c, eos], [a, b, d, eos], [a, e, f, eos], [a, e, g, eos]])
-    A = torch.tensor([1.0, -1.0, 1.0, -1.0])  # ΣA = 0 within each shared-prefix pair
-    # tokens whose *predicting* row is shared within the group: 0 (prompt only), 1 (prefix a), 2 (ab / ae)
-    shared = shared_row_mask(comp, torch.ones_like(comp, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
-                             "predicts")
-    assert shared[:, :3].all() and not shared[:, 3].any()
-    grads = {}
-    for row in ("predicts", "own"):
-        spec = PolicySpec(layers=[2], row=row)
-        ro = rollouts_from_completions(model, samples, 4, comp, None, spec)
-        ro.advantages = A
-        state = {k: v.clone() for k, v in model.model.state_dict().items()}
-        _perturb(model)  # p_θ ≠ p_old, as on a later update
-        grads[row] = _attn_grad(model, ro, spec, row_mask=shared)
-        model.model.load_state_dict(state)
-    assert grads["predicts"] < 1e-9   # identical rows with opposite advantages: exact cancellation
-    assert grads["own"] > 1e-5        # token 2's own row already sees the differing token (c vs d, f vs g)
+    A, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long))
+    ones = torch.ones_like(comp, dtype=torch.bool)
+    cls = prefix_classes(comp, ones, torch.zeros(4, dtype=torch.long), row)
+    net = class_advantage(cls, A)
+    # the whole group shares the rows of tokens 0 and 1 ('predicts': prompt, a) or token 0 ('own': a)
+    whole = 2 if row == "predicts" else 1
+    assert (cls[:, :whole] == cls[0, :whole]).all() and net[:, :whole].abs().max() < 1e-6
+    # the next row is shared by a pair, A = (1.5, −0.5) and (−0.5, −0.5): it acts
+    pair = torch.zeros_like(ones)
+    pair[:, whole] = True
+    assert cls[0, whole] == cls[1, whole] != cls[2, whole] == cls[3, whole]
+    assert net[:, whole].tolist() == pytest.approx([1.0, 1.0, -1.0, -1.0], abs=1e-3)
+    spec = PolicySpec(layers=[2], row=row)
+    ro = rollouts_from_completions(model, samples, 4, comp, None, spec)
+    ro.advantages = A
+    _perturb(model)  # p_θ ≠ p_old, as on a later update
+    cancel = torch.zeros_like(ones)
+    cancel[:, :whole] = True
+    assert _attn_grad(model, ro, spec, row_mask=cancel) < 1e-9   # the whole group: exact cancellation
+    assert _attn_grad(model, ro, spec, row_mask=pair) > 1e-5     # shared by a pair, yet acting
 
 
-def test_shared_row_mask_counts_only_same_group():
+def test_prefix_classes_count_only_the_same_group_and_the_response():
     comp = torch.tensor([[1, 2], [1, 3], [1, 2]])
-    mask = torch.ones(3, 2, dtype=torch.bool)
-    m = shared_row_mask(comp, mask, torch.tensor([0, 0, 1]), "own")
-    assert m.tolist() == [[True, False], [True, False], [False, False]]
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    own = prefix_classes(comp, mask, torch.tensor([0, 0, 1]), "own")
+    assert own[0, 0] == own[1, 0] and own[0, 1] != own[1, 1] and own[2, 0] != own[0, 0] and own[2, 1] == -1
+    pred = prefix_classes(comp, mask, torch.tensor([0, 0, 0]), "predicts")
+    assert (pred[:, 0] == pred[0, 0]).all() and pred[0, 1] == pred[1, 1] and pred[2, 1] == -1
+
+
+def test_policy_rows_own_drops_its_self_entry_and_predicts_keeps_every_key(model, task):
+    """DESIGN.md §1: the 'own' row of token t is the query at t over keys < t, renormalised; the 'predicts' row
+    is the query at t − 1 over all keys before t, itself included — a full softmax row, nothing renormalised."""
+    samples = _samples(task, 1)
+    comp = torch.tensor([_ids(model, "4", "2") + [model.tokenizer.convert_tokens_to_ids("<|im_end|>")]])
+    ro = rollouts_from_completions(model, samples, 1, comp, None, None)
+    P, T = ro.P, comp.shape[1]
+    from ral_core.attention import capture
+    with torch.no_grad(), capture(model.model, layers=[2]) as maps:  # every row: the raw softmax rows
+        model.model(**ro.inputs)
+    raw = maps[2].mean(1)[0]  # [L, L] head mean
+    for row in ("own", "predicts"):
+        with torch.no_grad():
+            p = forward_policies(model.model, ro, PolicySpec(layers=[2], row=row))["attn"][0][0, 0]  # [T, K]
+        for t in range(T):
+            q = P + t if row == "own" else P + t - 1
+            want = raw[q].clone()
+            want[P + t:] = 0  # keys before token t only: drops the own row's self entry, nothing of 'predicts'
+            torch.testing.assert_close(p[t], want / want.sum(), atol=1e-6, rtol=1e-5)
+            if row == "predicts":
+                assert float(raw[q, q]) > 1e-4 and float(p[t, q]) == pytest.approx(float(raw[q, q]), rel=1e-5)
+            else:
+                assert float(p[t, q]) == 0.0
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
