@@ -1,7 +1,7 @@
 """Evidence: does optimizing attention beat optimizing tokens? (`make evidence`)
 
 From one supervised checkpoint (the embedded default model), with equal rollouts and optimizer updates per
-method (2 updates per rollout batch for all), trains GRPO, RAL (paper defaults, the "predicts" row,
+method (COMMON's `updates_per_step` for all), trains GRPO, RAL (paper defaults, the "predicts" row,
 visual-only support, a λ sweep), OPAD and token-level distillation (teacher: a larger model trained longer),
 and attention exploration (last layer vs the lever map's top layers, a σ sweep, noise-only controls), over
 several seeds and tasks; evaluates on held-out handwriting; writes docs/results.md with tables, paired
@@ -119,7 +119,7 @@ def run_one(job: dict) -> dict:
     ev["sampled_reward"] = sampled_reward(adapter, task, job["n_eval"] // 4, t["max_new_tokens"])
     res = {"job": {k: v for k, v in job.items() if k != "out"}, "eval": ev,
            "curve": [{k: m.get(k) for k in ("step", "reward", "attn_target_mass", "attn_jsd_after_update",
-                                            "shared_row_frac", "natural_target_mass_decisive")} for m in tr.history],
+                                            "natural_target_mass_decisive", *SILENCE_KEYS)} for m in tr.history],
            "levers": getattr(tr, "levers", None) and tr.levers.top(2), "wall_s": time.time() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(res))
@@ -235,7 +235,7 @@ def summarise(results: list[dict], base: dict, args) -> str:
                  f"{', '.join(f'`{t}`' for t in ts)}: {_ckpt_line(m)}" for m, ts in _by_model(args, tasks, "teacher"))
              + ".",
              f"- Every run: {args.steps} steps of {COMMON['prompts_per_step']} prompts × {COMMON['group_size']} "
-             f"rollouts, {COMMON['epochs']} optimizer updates per rollout batch for every method, lr {COMMON['lr']}.",
+             f"rollouts, {_updates_line()} for every method, lr {COMMON['lr']}.",
              f"- Seeds: {args.explore_seeds} for the exploration comparison ({', '.join(f'`{m}`' for m in EXPLORE_SET)}"
              f" on {', '.join(f'`{t}`' for t in args.explore_tasks.split(','))}, and {', '.join(f'`{m}`' for m in MORE_SEEDS)}"
              f" on every task), {args.seeds} for everything else.",
@@ -383,7 +383,7 @@ def overall_summary(by, base) -> list[str]:
     if ident:
         out.append(f"- {', '.join(ident)} gave the same greedy accuracy as GRPO on every seed and task: over "
                    "these short runs the attention term did not change a single greedy answer (see 'Where the "
-                   "attention term can act' — most response rows are shared within a group, where it cancels).")
+                   "attention term can act').")
     for t in tasks:
         b = base.get(t, {})
         if "pointing_hit" in b:
@@ -464,22 +464,47 @@ def exploration_section(by, tasks) -> list[str]:
     return out
 
 
+# the trainer's silence diagnostic (ral_core.rollout.silence_stats), in report order
+SILENCE_KEYS = ("rows_prefix_shared", "ral_rows_zero_var", "ral_rows_cancelled", "ral_rows_acting",
+                "ral_effective_weight")
+SILENCE_LABELS = {"rows_prefix_shared": "shared with another rollout", "ral_rows_zero_var": "zero-variance group",
+                  "ral_rows_cancelled": "class advantages cancel", "ral_rows_acting": "the term acts",
+                  "ral_effective_weight": "effective weight Σ_c|Σ_{i∈c} A_i| / Σ_i|A_i|"}
+
+
+def _updates_line() -> str:
+    from ral_core.config import TrainConfig
+    cfg = TrainConfig(**COMMON)
+    micro = -(-cfg.rollouts_per_step // cfg.minibatch_size)
+    return (f"{cfg.updates_per_step} optimizer updates per rollout batch ({cfg.epochs} epochs × {micro} "
+            f"mini-batches of {cfg.minibatch_size})")
+
+
 def structural_note(results) -> list[str]:
-    """How much of the response the published attention term could act on at all."""
-    shares = {}
+    """Where the published attention term could act at all (DESIGN.md §1, the silence diagnostic)."""
+    shares: dict = {}
     for r in results:
         if METHODS[r["job"]["method"]].get("explore"):
-            continue  # perturbed rollouts differ by construction; the share is about the unperturbed policy
-        v = [c.get("shared_row_frac") for c in r["curve"] if c.get("shared_row_frac") is not None]
-        if v:
-            shares.setdefault(r["job"]["task"], []).extend(v)
+            continue  # perturbed rollouts differ by construction; the shares are about the unperturbed policy
+        for c in r["curve"]:
+            for k in SILENCE_KEYS:
+                v = c.get(k, c.get("shared_row_frac") if k == "rows_prefix_shared" else None)  # its name until now
+                if v is not None:
+                    shares.setdefault(r["job"]["task"], {}).setdefault(k, []).append(v)
     if not shares:
         return []
     out = ["## Where the attention term can act", "",
-           "Share of response rows whose attention row is identical for another rollout of the same group "
-           "(there the advantage-weighted RAL terms cancel exactly), averaged over all steps of all runs without "
-           "exploration:", ""]
-    out += [f"- `{t}`: {np.mean(v):.3f}" for t, v in shares.items()]
+           "Rollouts of one group that share a response row's prefix share its attention row, and their RAL terms "
+           "add up to J_c · Σ_{i∈c} A_i. That is zero only where the class's advantages cancel (the whole group "
+           "shares the row, as for the first answer token's 'predicts' row) or where the group's rewards were all "
+           "equal (every A = 0). A row shared with another rollout is therefore not a silent row: rollouts with the "
+           "same prefix usually have the same sign of advantage, and their terms add. Shares of response rows, "
+           "averaged over all steps of all runs without exploration:", ""]
+    for t, d in shares.items():
+        out.append(f"- `{t}`: " + "; ".join(f"{SILENCE_LABELS[k]} {np.mean(d[k]):.3f}" for k in SILENCE_KEYS if k in d))
+    if not any("ral_rows_acting" in d for d in shares.values()):
+        out += ["", "These runs predate the diagnostic of where the term acts (the zero-variance, cancelled and acting "
+                "shares); only the prefix-shared share was logged, which over-counts silence."]
     return out
 
 
