@@ -90,8 +90,8 @@ def test_capture_matches_eager_values_and_gradients(case):
     assert set(g_cap) == set(g_ref)
     qk = [n for n in g_ref if any(s in n for s in ("q_proj", "k_proj"))]
     assert qk and all(g_ref[n].abs().max() > 0 for n in qk)
-    # Per-tensor relative error; the floor skips gradients that are near zero. Some are zero in exact arithmetic
-    # (key biases without RoPE shift every logit of a row equally): where eager has only rounding noise, so must capture.
+    # Per-tensor relative error; the floor skips gradients that are near zero. Some are zero in exact arithmetic (key
+    # biases without RoPE shift every logit of a row equally): where eager has only rounding noise, so must capture.
     gmax = max(g.abs().max().item() for g in g_ref.values())
     floor = 1e-4 * gmax
     zero = {n for n in g_ref if g_ref[n].abs().max().item() <= 1e-6 * gmax}

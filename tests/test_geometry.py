@@ -191,7 +191,8 @@ def test_boxes_count_bounds_and_tiling(name, size):
     if a.family == "gemma3":  # the prompt layout is the one Gemma3Processor writes for the chat template's image
         from transformers import Gemma3Processor
         proc = Gemma3Processor(a.image_processor, a.tokenizer, image_seq_length=geo.n_tokens)
-        text = f"{a.tokenizer.bos_token}<start_of_turn>user\n<start_of_image>Where is the 3?<end_of_turn>\n<start_of_turn>model\n"
+        text = (f"{a.tokenizer.bos_token}<start_of_turn>user\n<start_of_image>Where is the 3?<end_of_turn>\n"
+                "<start_of_turn>model\n")
         out = proc(images=[img], text=[text])
         assert list(out["input_ids"][0]) == batch["model_inputs"]["input_ids"][0].tolist()
         assert list(out["token_type_ids"][0]) == batch["model_inputs"]["token_type_ids"][0].tolist()
