@@ -166,9 +166,8 @@ def _existing(*paths) -> list[str]:
 def _check_state(state, request, key):
     if not state or key not in state:
         raise RALError("nothing to show yet: run it first")
-    if not sessions.owns(request, state["dir"]):  # state is per session; this guards against reuse after cleanup
-        raise RALError("this result belongs to an ended session; run it again")
-    Path(state["dir"]).mkdir(parents=True, exist_ok=True)
+    if not sessions.owns(request, state["dir"]) or not Path(state["dir"]).is_dir():  # never re-created after clean-up
+        raise RALError("this result was cleaned up (the session ended or sat idle); run it again")
     return state
 
 
@@ -176,7 +175,10 @@ N_MODEL_LISTS = 5  # Inspect, Compare A, Compare B, Train model, Train teacher
 
 
 def model_choices(request: gr.Request = None):
-    """Refresh the model lists (listed names plus this session's checkpoints)."""
+    """Page load: mark the session as a browser page (its folder lives until the tab closes) and refresh the
+    model lists (listed names plus this session's checkpoints)."""
+    if request is not None and getattr(request, "session_hash", None):
+        sessions.mark_page(request)
     c = registry.model_choices(request)
     return tuple(gr.update(choices=c) for _ in range(N_MODEL_LISTS))
 
@@ -216,9 +218,27 @@ def _inspect_view(state, layer, token, row) -> InspectView:
     if not (d / "result").is_dir():
         raise RALError("this result was cleaned up; run it again")
     over, heads = render_pool.call(render_pool.inspect_view, str(d / "result"), state["boxes"], lay, tok, row, str(d))
+    state["view"] = (lay, tok, row)
     m = res.mass_split(layer=lay, token=tok, row=row)
     mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
-    return InspectView("", over[0], heads[0], mass, over + heads + _existing(state["zip"]))
+    return InspectView("", over, heads, mass, [over, heads] + _existing(state["zip"]))
+
+
+class FilesOut(NamedTuple):
+    status: str
+    files: Any
+
+
+@_guard(FilesOut)
+def inspect_svg(state, request: gr.Request = None) -> FilesOut:
+    """SVG versions of the figures on show, added to the downloads (drawn only when asked for)."""
+    st = _check_state(state, request, "result")
+    lay, tok, row = st.get("view") or (st["result"].layers[-1], MEAN, "predicts")
+    d = Path(st["dir"])
+    over, heads = render_pool.call(render_pool.inspect_view, str(d / "result"), st["boxes"], lay, tok, row, str(d),
+                                   "svg")
+    png = [str(Path(p).with_suffix(".png")) for p in (over, heads)]
+    return FilesOut("", _existing(*png, over, heads, st["zip"]))
 
 
 @_guard(InspectOut)

@@ -131,8 +131,9 @@ def _inspect_tab(choices):
             heads = gr.Image(label="Per-head maps", show_label=False, format="png", interactive=False,
                              elem_id="i-heads")
             _explain(EXPLAIN_HEADS)
-            files = gr.File(label="Downloads: figures (PNG, SVG) and the raw result (zip)", file_count="multiple",
+            files = gr.File(label="Downloads: figures (PNG) and the raw result (zip)", file_count="multiple",
                             interactive=False)
+            svg = gr.Button("Add SVG versions of these figures", size="sm", elem_id="i-svg")
             with gr.Accordion("Which layers' attention moves the answer? (causal levers)", open=False,
                               elem_id="i-levers-section"):
                 _explain(EXPLAIN_LEVERS)
@@ -166,6 +167,7 @@ def _inspect_tab(choices):
         ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
     gr.on([tokens.input, layer.input, row.input], handlers.inspect_view, [state, layer, tokens, row],
           [status, overlay, heads, mass, files], api_name="inspect_view", show_progress="minimal")
+    svg.click(handlers.inspect_svg, state, [status, files], api_name="inspect_svg")
     lv_run.click(handlers.run_levers, [state, lv_box, lv_answer, lv_strength], [status, lv_chart, lv_summary],
                  api_name="levers", preprocess=False)
     ex_run.click(handlers.run_explored, [state, ex_sigma, ex_layer, ex_seed, max_new], [status, ex_fig, ex_answers],
@@ -290,10 +292,23 @@ def launch_kwargs() -> dict:
                 max_file_size=MAX_ZIP_BYTES)
 
 
+def serving_threads() -> int:
+    """Torch threads for serving: half the cores, so a training run (its own threads) keeps the other half."""
+    return int(os.environ.get("RAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
+
+
 def launch(**overrides):
     import torch
 
-    torch.set_num_threads(int(os.environ.get("RAL_THREADS", min(4, os.cpu_count() or 1))))
+    from app import render_pool
+
+    from app import sessions
+
+    torch.set_num_threads(serving_threads())
+    render_pool.warm_up()
+    sessions.start_sweeper()
     demo = build_app()
-    demo.queue(default_concurrency_limit=1)
+    # Requests run side by side: each model has its own lock and batches concurrent inspects, figures are drawn
+    # in worker processes, and every request has a time limit (RAL_REQUEST_SECONDS).
+    demo.queue(default_concurrency_limit=int(os.environ.get("RAL_CONCURRENCY", 32)))
     return demo.launch(**{**launch_kwargs(), **overrides})

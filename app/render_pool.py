@@ -92,13 +92,16 @@ def save_both(fig, stem: Path) -> list[str]:
     return [str(render.save_figure(fig, stem.with_suffix(".png"))), str(stem.with_suffix(".svg"))]
 
 
-def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str) -> tuple[list[str], list[str]]:
-    """Overlay and per-head grid of a saved inspection → ([overlay png, svg], [heads png, svg])."""
+def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png") -> tuple[str, str]:
+    """Overlay and per-head grid of a saved inspection → (overlay path, heads path) in `fmt` (png | svg).
+
+    The page shows PNGs; SVGs are drawn only when asked for (drawing both for every view doubled its cost)."""
     from ral_core import render
 
     res, d = _result(result_dir), Path(out_dir)
     grid_layer = res.layers[-1] if lay == "mean" else lay  # heads of different layers are unrelated: no mean grid
-    over = save_both(render.inspection_overlay(res, layer=lay, token=tok, row=row, boxes=boxes),
-                     d / f"attention_L{lay}_T{tok}_{row}")
-    heads = save_both(render.head_grid(res, grid_layer, token=tok, row=row), d / f"heads_L{grid_layer}_T{tok}_{row}")
-    return over, heads
+    over = render.save_figure(render.inspection_overlay(res, layer=lay, token=tok, row=row, boxes=boxes),
+                              d / f"attention_L{lay}_T{tok}_{row}.{fmt}")
+    heads = render.save_figure(render.head_grid(res, grid_layer, token=tok, row=row),
+                               d / f"heads_L{grid_layer}_T{tok}_{row}.{fmt}")
+    return str(over), str(heads)

@@ -10,16 +10,23 @@ Layout (training code can rely on it):
     runs/              training runs (for the trainer)
     checkpoints/<name>/ model directories saved with save_pretrained (listed as models for this session)
 
-Folders are deleted when the browser session ends (demo.unload) and swept by age (RAL_SESSION_MAX_AGE_S).
+Clean-up: a browser page's folder goes when its tab closes (demo.unload) and is never re-created after; a
+session that never opened the page (REST / gradio_client calls) goes after RAL_API_SESSION_IDLE_S idle (10 min);
+every folder goes after RAL_SESSION_MAX_AGE_S without use (24 h); and when all folders together pass
+RAL_SESSIONS_MAX_MB the oldest idle ones are trimmed (re-creatable figures first, a page's checkpoints last).
+Folders are 0700 whatever the umask. A session with a training run is never swept.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from ral_core.errors import RALError
@@ -28,6 +35,12 @@ KINDS = ("inspections", "compare", "runs", "checkpoints")
 KEEP = 5  # newest work folders kept per kind (bounded disk per session)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _last_sweep = 0.0
+log = logging.getLogger("ral.app")
+_STATE_LOCK = threading.Lock()
+_PAGES: OrderedDict[str, float] = OrderedDict()   # session keys that opened the page (have a tab to close)
+_ENDED: OrderedDict[str, float] = OrderedDict()   # page sessions whose tab closed: never re-created
+_BOUND = 100_000  # remembered keys (oldest forgotten first)
+_busy_check = lambda key: False  # noqa: E731 — replaced by training: sessions with a run are never swept
 
 
 def root() -> Path:
@@ -36,6 +49,42 @@ def root() -> Path:
 
 def max_age_s() -> float:
     return float(os.environ.get("RAL_SESSION_MAX_AGE_S", 24 * 3600))
+
+
+def api_idle_s() -> float:
+    return float(os.environ.get("RAL_API_SESSION_IDLE_S", 600))
+
+
+def max_bytes() -> int:
+    return int(float(os.environ.get("RAL_SESSIONS_MAX_MB", 2048)) * 2**20)
+
+
+def set_busy_check(fn) -> None:
+    """fn(session_key) → True while that session has a training run (its folder must stay)."""
+    global _busy_check
+    _busy_check = fn
+
+
+def _remember(table: OrderedDict, key: str) -> None:
+    with _STATE_LOCK:
+        table[key] = time.time()
+        table.move_to_end(key)
+        while len(table) > _BOUND:
+            table.popitem(last=False)
+
+
+def mark_page(request) -> None:
+    """This session opened the page in a browser (demo.load): its folder lives until the tab closes."""
+    _remember(_PAGES, session_key(request))
+
+
+def is_page(key: str) -> bool:
+    return key in _PAGES
+
+
+def _mkdir_private(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)  # mkdir's mode is cut by the umask
 
 
 def _session_hash(request) -> str:
@@ -51,9 +100,13 @@ def session_key(request) -> str:
 
 def session_dir(request, create: bool = True) -> Path:
     """This session's private folder (created on first use, mtime refreshed so the age sweep spares it)."""
-    d = root() / session_key(request)
+    key = session_key(request)
+    d = root() / key
     if create:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if key in _ENDED:
+            raise RALError("this browser session has ended; reload the page to start a new one")
+        _mkdir_private(root())
+        _mkdir_private(d)
         os.utime(d)
         _maybe_sweep()
     return d
@@ -63,7 +116,7 @@ def kind_dir(request, kind: str) -> Path:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     d = session_dir(request) / kind
-    d.mkdir(exist_ok=True)
+    _mkdir_private(d)
     return d
 
 
@@ -74,7 +127,8 @@ def new_work_dir(request, kind: str) -> Path:
     for n in nums[:max(0, len(nums) - KEEP + 1)]:
         shutil.rmtree(base / str(n), ignore_errors=True)
     d = base / str((nums[-1] + 1) if nums else 1)
-    d.mkdir()
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o700)
     return d
 
 
@@ -118,31 +172,96 @@ def resolve_checkpoint(request, name: str) -> Path:
 
 
 def cleanup(request) -> None:
-    """Delete this session's folder (called when the browser session ends)."""
+    """Delete this session's folder (its tab closed); it is never re-created afterwards."""
     try:
-        shutil.rmtree(session_dir(request, create=False), ignore_errors=True)
+        key = session_key(request)
     except RALError:
-        pass
+        return
+    _remember(_ENDED, key)
+    with _STATE_LOCK:
+        _PAGES.pop(key, None)
+    shutil.rmtree(root() / key, ignore_errors=True)
+
+
+def _size(d: Path) -> int:
+    n = 0
+    for dirpath, _, files in os.walk(d):
+        for f in files:
+            try:
+                n += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return n
 
 
 def sweep(max_age: float | None = None) -> int:
-    """Delete session folders untouched for longer than `max_age` seconds; returns how many."""
+    """Delete idle session folders (see the module docstring); returns how many whole folders went."""
     max_age = max_age_s() if max_age is None else max_age
     r, n, now = root(), 0, time.time()
     if not r.is_dir():
         return 0
+    live = []
     for d in r.iterdir():
         try:
-            if d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name) and now - d.stat().st_mtime > max_age:
+            if not (d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)) or _busy_check(d.name):
+                continue
+            idle = now - d.stat().st_mtime
+            if idle > max_age or (not is_page(d.name) and idle > api_idle_s()):
                 shutil.rmtree(d, ignore_errors=True)
                 n += 1
+            else:
+                live.append((d.stat().st_mtime, d))
         except OSError:
             pass
+    n += _trim(sorted(live), now)
     return n
 
 
-def _maybe_sweep(every_s: float = 600.0) -> None:
+def _trim(live: list[tuple[float, Path]], now: float, min_idle: float = 60.0) -> int:
+    """Over the size cap: drop the oldest idle folders' figures, then idle API sessions, then idle pages."""
+    cap = max_bytes()
+    sizes = {d: _size(d) for _, d in live}
+    total = sum(sizes.values())
+    if total <= cap:
+        return 0
+    idle = [d for t, d in live if now - t > min_idle]
+    n = 0
+    for d in idle:  # 1) re-creatable work (inspections, comparisons)
+        for kind in ("inspections", "compare"):
+            shutil.rmtree(d / kind, ignore_errors=True)
+        new = _size(d)
+        total -= sizes[d] - new
+        sizes[d] = new
+        if total <= cap:
+            return n
+    for pages in (False, True):  # 2) whole idle sessions, API ones first, a page's checkpoints last
+        for d in idle:
+            if is_page(d.name) == pages and d.exists():
+                log.warning("session folders over RAL_SESSIONS_MAX_MB: removing idle session %s", d.name[:8])
+                shutil.rmtree(d, ignore_errors=True)
+                total -= sizes[d]
+                n += 1
+                if total <= cap:
+                    return n
+    return n
+
+
+def _maybe_sweep(every_s: float = 60.0) -> None:
     global _last_sweep
     if time.time() - _last_sweep > every_s:
         _last_sweep = time.time()
         sweep()
+
+
+def start_sweeper(every_s: float = 60.0) -> threading.Thread:
+    """A daemon thread that sweeps even when no request comes (API sessions then still go after their idle time)."""
+    def loop():
+        while True:
+            time.sleep(every_s)
+            try:
+                sweep()
+            except Exception:  # noqa: BLE001 — a failed sweep must not stop the next one
+                log.exception("session sweep failed")
+    t = threading.Thread(target=loop, name="ral-session-sweeper", daemon=True)
+    t.start()
+    return t

@@ -208,6 +208,9 @@ class RunQueue:
                 trainer.snapshot()  # step 0: where the probe's attention starts
             run.status = "running"
             res = trainer.train()
+            if trainer.step > 0 and not run.session_ended and \
+                    not (Path(run.cfg.output_dir) / "snapshots" / f"step-{trainer.step:05d}").is_dir():
+                trainer.snapshot()  # always an after-picture, also for runs shorter than the snapshot interval
             if trainer.step > 0 and not run.session_ended:
                 run.checkpoint = self._register(run, trainer.latest_checkpoint())
             run.status = res["status"]
@@ -258,7 +261,7 @@ class RunQueue:
         base = sessions.checkpoints_dir(run.session_hash)
         tmp = base / f".tmp-{run.name}-{run.id}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ck, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        shutil.copytree(ck, tmp, ignore=shutil.ignore_patterns("trainer_state.*"))
         final = base / run.name
         if final.exists():  # a name taken meanwhile: keep both
             final = base / f"{run.name}-{run.id}"
@@ -267,6 +270,16 @@ class RunQueue:
 
 
 QUEUE = RunQueue()
+
+
+def _busy(key: str) -> bool:
+    """Whether the session with this folder key has a waiting or running run (its folder must not be swept)."""
+    with QUEUE.lock:
+        runs = list(QUEUE.running) + list(QUEUE.waiting)
+    return any(sessions.session_key(r.session_hash) == key for r in runs)
+
+
+sessions.set_busy_check(_busy)
 
 
 # ---- inputs → config -----------------------------------------------------------------------------------

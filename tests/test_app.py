@@ -57,7 +57,10 @@ def test_inspect_then_rerender_from_state_only(app_env, monkeypatch, tmp_path):
     assert out.layer["value"] == "last" and ("layer 2", "2") in out.layer["choices"]
     assert is_png(out.overlay) and is_png(out.heads)
     assert math.isclose(sum(out.mass.values()), 1.0, abs_tol=1e-4)
-    assert {p.rsplit(".", 1)[1] for p in out.files} == {"png", "svg", "zip"}
+    assert {p.rsplit(".", 1)[1] for p in out.files} == {"png", "zip"}
+    svg = h.inspect_svg(out.state, request=req("s1"))
+    assert svg.status == "" and {p.rsplit(".", 1)[1] for p in svg.files} == {"png", "svg", "zip"}
+    assert "cleaned up" in h.inspect_svg(out.state, request=req("other")).status
     zpath = next(p for p in out.files if p.endswith(".zip"))
     zipfile.ZipFile(zpath).extractall(tmp_path / "z")
     back = InspectionResult.load(tmp_path / "z")
@@ -151,7 +154,7 @@ def test_sessions_are_private(app_env, tiny_model_dir):
     refused = app_env.handlers.run_inspect("session: ck1", ex["path"], ex["question"], 2, request=b)
     assert "no checkpoint" in refused.status
     # a stored result is only rendered for the session that owns its folder
-    assert "ended session" in app_env.handlers.inspect_view(ok.state, "last", "mean", "predicts", request=b).status
+    assert "was cleaned up" in app_env.handlers.inspect_view(ok.state, "last", "mean", "predicts", request=b).status
 
     s.cleanup(a)
     assert not da.exists() and db.exists()

@@ -35,7 +35,7 @@ def png_ok(path):
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(return_format="dict")["named_endpoints"])
-    assert {"/inspect", "/inspect_view", "/compare", "/compare_view", "/levers", "/explored", "/train_start",
+    assert {"/inspect", "/inspect_view", "/inspect_svg", "/compare", "/compare_view", "/levers", "/explored", "/train_start",
             "/train_poll", "/train_cancel"} <= names
 
 
@@ -46,7 +46,9 @@ def test_inspect_then_view(client):
         "tiny-a", handle_file(EXAMPLE), "What digit is in row 2 column 1?", 3, False, 1.0, "last", "predicts",
         api_name="/inspect")
     assert status == "" and "Answer:" in answer and png_ok(overlay) and png_ok(heads)
-    assert {c["label"] for c in mass["confidences"]} >= {"image"} and len(files) == 5
+    assert {c["label"] for c in mass["confidences"]} >= {"image"} and len(files) == 3  # 2 PNGs + the raw result
+    status, files = client.predict(api_name="/inspect_svg")  # vector versions only when asked for
+    assert status == "" and sorted(Path(f).suffix for f in files) == [".png", ".png", ".svg", ".svg", ".zip"]
     # the stored result lives in this client's session: re-render without re-running
     status, overlay2, heads2, mass2, _ = client.predict("mean", "0", "own", api_name="/inspect_view")
     assert status == "" and png_ok(overlay2) and Path(overlay2).read_bytes() != Path(overlay).read_bytes()

@@ -84,7 +84,7 @@ def test_run_curves_snapshot_checkpoint_then_compare(env, monkeypatch):
     assert snaps == ["step-00000", "step-00002", "step-00004"]
     # the checkpoint is this session's model: weights, tokenizer, processor, no optimizer state
     ck = env.s.resolve_checkpoint(req("ta"), "ral-1")
-    assert (ck / "config.json").is_file() and not (ck / "trainer_state.pt").exists()
+    assert (ck / "config.json").is_file() and not list(ck.glob("trainer_state.*"))
     assert env.s.list_checkpoints(req("ta")) == ["ral-1"]
     ex = env.example
     out = env.h.run_compare("tiny-a", "session: ral-1", ex["path"], ex["question"], 3, request=req("ta"))
@@ -127,7 +127,7 @@ def test_a_run_that_fails_later_keeps_its_last_good_checkpoint(env, monkeypatch)
     assert "loss is nan" in run.message and "last good checkpoint (step 2) is kept" in run.message
     assert run.checkpoint == "nan-run"
     ck = env.s.checkpoints_dir("tnan") / "nan-run"
-    assert (ck / "config.json").is_file() and not (ck / "trainer_state.pt").exists()
+    assert (ck / "config.json").is_file() and not list(ck.glob("trainer_state.*"))
     v = env.t.train_poll(request=req("tnan"))
     assert "loss is nan" in v.status and "session: nan-run" in v.progress
     assert "session: nan-run" in v.models["choices"]
@@ -307,7 +307,7 @@ def test_lever_view(env, inspected):
                                   ("a,b,c,d", 3, "four numbers"), ("", 50, "between 0.5 and 10")):
         assert expect in env.h.run_levers(inspected, box, "1", strength, request=req("iv")).status
     assert "run it first" in env.h.run_levers(None, "", "", 3, request=req("iv")).status
-    assert "ended session" in env.h.run_levers(inspected, "", "1", 3, request=req("other")).status
+    assert "was cleaned up" in env.h.run_levers(inspected, "", "1", 3, request=req("other")).status
 
 
 def test_explored_view(env, inspected):
