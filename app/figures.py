@@ -17,7 +17,9 @@ CURVES = [  # (title, [(metric key, label)], y label)
      "mean over rollouts"),
     ("How far each step moved attention", [("attn_jsd_after_update", "JSD(after ‖ before)")], "JSD (0 … ln 2)"),
     ("Attention on the answer's region", [("attn_target_mass", "on-target mass")], "share of the attention row"),
-    ("Answer rows shared within a group", [("shared_row_frac", "shared rows")], "fraction (RAL term silent there)"),
+    ("Where the RAL term can act", [("ral_rows_acting", "rows where it acts"),
+                                    ("ral_rows_cancelled", "rows where it cancels"),
+                                    ("ral_rows_zero_var", "rows in all-equal-reward groups")], "share of answer rows"),
 ]
 
 

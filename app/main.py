@@ -66,9 +66,10 @@ UPLOAD_INFO = (f"A .zip (≤ {MAX_ZIP_BYTES // 2**20} MB) holding one `.jsonl` f
                "used for the on-target curve), plus the images.")
 EXPLAIN_CURVES = ("**Live curves.** Reward and accuracy: how often the sampled answers were right. Attention JSD: "
                   "how far each step's updates moved the attention (0 = not at all). On-target mass: the share of "
-                  "attention on the region that holds the answer. Shared rows: answer positions where all answers "
-                  "of a group are still identical — there the RAL term cancels out, so it can only act after the "
-                  "answers diverge.")
+                  "attention on the region that holds the answer. Where the RAL term can act: answers that share a "
+                  "beginning share its attention rows, and their terms add up with the sum of their advantages. The "
+                  "term cancels where that sum is zero (a row every answer of the group shares, such as the first "
+                  "token's) and is silent in groups where every answer got the same reward; it acts on the rest.")
 EXPLAIN_SNAPSHOT = ("**Probe snapshot.** One held-out image, answered greedily before training and every few steps "
                     "(\"snapshot every\"). Watch the bright region move as training changes where the model looks.")
 
@@ -165,7 +166,7 @@ def _inspect_tab(choices):
     for ev in (run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False),
                q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
         ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
-    gr.on([tokens.input, layer.input, row.input], handlers.inspect_view, [state, layer, tokens, row],
+    gr.on([tokens.input, layer.select, row.input], handlers.inspect_view, [state, layer, tokens, row],
           [status, overlay, heads, mass, files], api_name="inspect_view", show_progress="minimal")
     svg.click(handlers.inspect_svg, state, [status, files], api_name="inspect_svg")
     lv_run.click(handlers.run_levers, [state, lv_box, lv_answer, lv_strength], [status, lv_chart, lv_summary],
@@ -196,7 +197,7 @@ def _compare_tab(choices):
     ins = [model_a, model_b, image, q, max_new, sample, temp, layer, row]
     run.click(handlers.run_compare, ins, outs, api_name="compare", preprocess=False)
     q.submit(handlers.run_compare, ins, outs, api_visibility="private", preprocess=False)
-    gr.on([tokens.input, layer.input, row.input], handlers.compare_view, [state, layer, tokens, row],
+    gr.on([tokens.input, layer.select, row.input], handlers.compare_view, [state, layer, tokens, row],
           [status, figure, rank, files], api_name="compare_view", show_progress="minimal")
     return model_a, model_b
 

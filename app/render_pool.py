@@ -25,6 +25,12 @@ def workers() -> int:
 
 def _init():
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # Drawing yields to the server and to training runs (RAL_RENDER_NICE): a burst of figures then costs
+    # visitors some latency instead of stalling a run.
+    try:
+        os.nice(int(os.environ.get("RAL_RENDER_NICE", 5)))
+    except (OSError, ValueError):
+        pass
     import torch
     torch.set_num_threads(1)
 

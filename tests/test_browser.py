@@ -64,6 +64,36 @@ def test_inspect_upload_run_change_layer(page, tmp_path):
     assert over.shape[0] > 150 and over.std() > 20  # the overlay image really rendered
 
 
+def test_one_redraw_per_pick(page):
+    """Each layer or row pick sends exactly one redraw request (a Dropdown's `input` fired twice per pick)."""
+    import json
+    import time
+
+    joins = []
+    page.on("request", lambda r: joins.append(json.loads(r.post_data or "{}").get("fn_index"))
+            if "queue/join" in r.url else None)
+    page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
+    page.fill("#i-question textarea", "Where is the 2?")
+    page.click("#i-run")
+    page.wait_for_function("() => document.querySelector('#i-status').innerText.trim() === '' && "
+                           "document.body.innerText.includes('Answer:')")
+    time.sleep(1.0)
+    for pick in ("layer 1", "mean over layers", "last layer"):
+        joins.clear()
+        page.click("#i-layer input")
+        page.click(f'#i-layer li[aria-label="{pick}"]')
+        time.sleep(1.5)
+        assert len(joins) == 1, (pick, joins)
+        assert page.input_value("#i-layer input") == pick
+    own = page.get_by_label("the token's own position (RAL policy row)")
+    other = page.get_by_label("query that predicts the token")
+    target = other if own.is_checked() else own
+    joins.clear()
+    target.check()
+    time.sleep(1.5)
+    assert target.is_checked() and len(joins) == 1, joins
+
+
 def test_train_tab_runs_and_lists_the_checkpoint(page):
     """Start → the timer polls → curves, probe snapshot and 'done' appear; the checkpoint joins the model list."""
     page.get_by_role("tab", name="Train").click()
