@@ -31,6 +31,8 @@ log = logging.getLogger("ral.app")
 MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
 RENDER_LOCK = render_pool.LOCAL_LOCK  # in-process drawing: pyplot's figure registry is global state
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+MAX_SCORED_CHARS = 300  # a typed answer to score: every lever forward carries it
+MAX_BOX_CHARS = 200
 
 
 # ---- examples ------------------------------------------------------------------------------------------
@@ -291,6 +293,8 @@ def _box(text, image) -> list[tuple[float, float, float, float]]:
     """'x0,y0,x1,y1' in image pixels → one box (empty text → no box)."""
     if text is None or not str(text).strip():
         return []
+    if len(str(text)) > MAX_BOX_CHARS:
+        raise RALError("the target box must be four numbers x0,y0,x1,y1; that text is far too long")
     W, H = image.size
     msg = (f"the target box must be four numbers x0,y0,x1,y1 in pixels of the {W}×{H} image "
            f"(e.g. 0,0,{W // 3},{H // 3})")
@@ -321,6 +325,9 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
         raise RALError("the nudge strength must be a number") from None
     if not 0.5 <= s <= 10:
         raise RALError("the nudge strength must be between 0.5 and 10")
+    if len(str(answer or "")) > MAX_SCORED_CHARS:
+        raise RALError(f"the answer to score is {len(str(answer)):,} characters; the limit is {MAX_SCORED_CHARS} — "
+                       "shorten it")
     ans = str(answer or "").strip() or res.answer
     boxes = _box(box, res.image)
     where = "the box you typed"
@@ -378,11 +385,14 @@ def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, reque
     st = _check_state(state, request, "result")
     res = st["result"]
     try:
-        sg, sd = float(sigma), int(float(seed))
+        sg, sdf = float(sigma), float(seed)
     except (TypeError, ValueError):
         raise RALError("σ and the seed must be numbers") from None
     if not 0 < sg <= 5:
         raise RALError("σ must be above 0 and at most 5")
+    if not (sdf.is_integer() and 0 <= sdf <= 2**32 - 1):
+        raise RALError(f"the seed must be a whole number between 0 and {2**32 - 1:,} (got {seed!r})")
+    sd = int(sdf)
     n = _gen_options(max_new_tokens, False, 1.0)["max_new_tokens"]
     if layers in (None, "", LAST):
         lay = "last"

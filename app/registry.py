@@ -33,12 +33,15 @@ def configured_models() -> dict[str, str]:
         raise RALError(f"cannot read the model list '{path}': {e}") from None
     if not isinstance(raw, dict):
         raise RALError(f"the model list '{path}' must map names to paths")
+    from ral_core.hub import listable
+
     out = {} if "default" in raw else {"default": "default"}
     for name, spec in raw.items():
         spec = str(spec)
         if spec != "default" and not Path(spec).is_absolute() and (path.parent / spec).exists():
             spec = str((path.parent / spec).resolve())
-        out[str(name)] = spec
+        if listable(spec):  # a hub id only where it can load: cached, or downloads allowed (e.g. on a Space)
+            out[str(name)] = spec
     return out
 
 
@@ -75,7 +78,7 @@ def get_adapter(name: str, request=None):
         else:
             from ral_core.models import load_adapter
 
-            adapter = load_adapter(spec, device="auto")  # a GPU when the host (e.g. a Space) has one
+            adapter = load_adapter(spec, device="auto", dtype="auto")  # bf16 on a GPU (e.g. a Space), fp32 on CPU
             adapter.lock, adapter.batcher = threading.RLock(), None
             _CACHE[spec] = adapter
             while len(_CACHE) > max(CACHE_SIZE, 1):

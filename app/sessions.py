@@ -87,11 +87,42 @@ def _mkdir_private(d: Path) -> None:
     os.chmod(d, 0o700)  # mkdir's mode is cut by the umask
 
 
+def signed_in_user(request) -> str | None:
+    """The Hugging Face username when the Space has HF sign-in (`hf_oauth: true`) and the visitor signed in.
+
+    Read from the server-side session that Gradio's OAuth routes fill (a signed cookie), never from anything
+    the client sends in the request body; expired sign-ins count as signed out."""
+    if isinstance(request, str):
+        return None
+    inner = getattr(request, "request", None)
+    try:
+        sess = getattr(inner, "session", None)  # starlette asserts when no SessionMiddleware is installed
+    except AssertionError:
+        return None
+    info = sess.get("oauth_info") if isinstance(sess, dict) or hasattr(sess, "get") else None
+    if not isinstance(info, dict):
+        return None
+    exp = info.get("expires_at")
+    if isinstance(exp, (int, float)) and exp < time.time():
+        return None
+    user = (info.get("userinfo") or {}).get("preferred_username")
+    return str(user) if user else None
+
+
 def _session_hash(request) -> str:
-    h = request if isinstance(request, str) else getattr(request, "session_hash", None)
+    """Who owns the work: 'hf:<username>' for a signed-in visitor (all their tabs share runs and checkpoints),
+    else the browser session's hash (chosen by the client: it separates browsers, it authenticates no one)."""
+    if isinstance(request, str):  # an owner string handed back (e.g. by a training run)
+        if not request:
+            raise RALError("no browser session: reload the page")
+        return request
+    user = signed_in_user(request)
+    if user:
+        return f"hf:{user}"
+    h = getattr(request, "session_hash", None)
     if not h:
         raise RALError("no browser session: reload the page")
-    return str(h)
+    return f"anon:{h}"  # a client that picks the session hash 'hf:alice' still never gets alice's folder
 
 
 def session_key(request) -> str:
@@ -172,8 +203,11 @@ def resolve_checkpoint(request, name: str) -> Path:
 
 
 def cleanup(request) -> None:
-    """Delete this session's folder (its tab closed); it is never re-created afterwards."""
+    """Delete this session's folder (its tab closed); it is never re-created afterwards. A signed-in user's
+    folder outlives the tab (their other tabs and later visits use it) and goes by the age sweep."""
     try:
+        if str(_session_hash(request)).startswith("hf:"):
+            return
         key = session_key(request)
     except RALError:
         return

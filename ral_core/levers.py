@@ -74,7 +74,9 @@ def _sample_effects(adapter, sample, layers, strength, per_head):
     elif "pixel_values" in mi:
         batch["pixel_values"] = mi["pixel_values"].expand(B, *mi["pixel_values"].shape[1:])
     best = None
+    from ral_core.limits import check_deadline
     for w in regions:
+        check_deadline("finding the levers")  # one batched forward per region: stop between them at the limit
         keyw = torch.zeros(L)
         keyw[vis] = torch.from_numpy(w)
         bias = {layer: torch.zeros(B, H, L, L) for layer in layers}

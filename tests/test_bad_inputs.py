@@ -2,6 +2,7 @@
 code 2, no traceback). Rows are (surface, id, payload, expected substring); a surface is one runner in RUNNERS,
 so another surface (the app's endpoints) is a new runner plus its rows appended to CASES."""
 import math
+from pathlib import Path
 import shutil
 import time
 from types import SimpleNamespace
@@ -180,15 +181,6 @@ def run_api(request, env, call):
 RUNNERS = {"cli": run_cli, "api": run_api}
 
 
-@pytest.mark.parametrize("surface,payload,expected", [pytest.param(s, p, x, id=f"{s}:{i}") for s, i, p, x in CASES])
-def test_bad_input_gets_one_clear_line(surface, payload, expected, request, env):
-    msg = RUNNERS[surface](request, env, payload)
-    assert expected in msg, msg[:500]
-    assert len(msg.strip().splitlines()) == 1 and "Traceback" not in msg, msg[:500]
-
-
-def test_the_table_covers_enough_inputs():
-    assert len(CASES) >= 25 and len({i for _, i, _, _ in CASES}) == len(CASES)
 
 
 def test_limits_accept_what_is_just_inside(env):
@@ -237,3 +229,95 @@ def test_deadline_nests_and_is_per_thread():
     with pytest.raises(ValueError):
         with deadline(math.inf):
             pass
+
+
+# ---- the app's endpoints (handlers called as Gradio calls them; the answer is the status line) --------------
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    import tempfile
+
+    d = tmp_path_factory.mktemp("bad_app")
+    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\n")
+    outside = Path(tempfile.mkdtemp(prefix="ral_bad_server_"))  # outside the upload folder: the server's own
+    Image.new("RGB", (64, 64)).save(outside / "server.png")
+    Image.new("RGB", (1, 4000)).save(d / "wide.png")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
+        mp.setenv("RAL_SESSIONS_ROOT", str(outside / "sessions"))
+        from app import handlers, training
+        ok = handlers.run_inspect("tiny-a", str(EXAMPLE), "Read row 1.", 2, request=SimpleNamespace(session_hash="bad"))
+        assert ok.status == ""
+        yield SimpleNamespace(h=handlers, t=training, state=ok.state, server=str(outside / "server.png"),
+                              folder=str(outside), wide=str(d / "wide.png"), req=SimpleNamespace(session_hash="bad"))
+    shutil.rmtree(outside, ignore_errors=True)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
+
+
+def _ins(a, image=None, question="Read row 1.", n=2, sample=False, temp=1.0, model="tiny-a"):
+    return a.h.run_inspect(model, EXAMPLE if image is None else image, question, n, sample, temp, request=a.req).status
+
+
+def _train(a, **kw):
+    o = dict(dataset="grounding", upload=None, algorithm="grpo", model="tiny-a", teacher=None, steps=2, lr=1e-3,
+             weight=1.0, group=4, prompts=2, temp=1.0, sigma=1.0, layers="last", max_new=4, snap=2, seed=0, name="")
+    o.update(kw)
+    return a.t.train_start(*o.values(), request=a.req).status
+
+
+CASES += [
+    ("app", "inspect-server-file", lambda a: _ins(a, {"path": a.server}), "must be uploaded through the page"),
+    ("app", "inspect-server-folder", lambda a: _ins(a, {"path": a.folder}), "must be uploaded through the page"),
+    ("app", "inspect-missing-path", lambda a: _ins(a, {"path": a.folder + "/none.png"}),
+     "must be uploaded through the page"),
+    ("app", "inspect-huge-question", lambda a: _ins(a, question="x" * 1_000_000),
+     "the question is 1,000,000 characters; the limit is 2,000"),
+    ("app", "inspect-many-tokens", lambda a: _ins(a, question="word " * 390), "tokens; the limit is 256"),
+    ("app", "inspect-empty-question", lambda a: _ins(a, question="   "), "the question is empty"),
+    ("app", "inspect-max-new-tokens", lambda a: _ins(a, n=1000), "max new tokens must be between 1 and 64"),
+    ("app", "inspect-temperature", lambda a: _ins(a, sample=True, temp=50), "temperature must be between 0.05 and 2"),
+    ("app", "inspect-unknown-model", lambda a: _ins(a, model="../../etc"), "unknown model '../../etc'"),
+    ("app", "inspect-session-traversal", lambda a: _ins(a, model="session: ../x"), "is not a checkpoint name"),
+    ("app", "inspect-wide-image", lambda a: _ins(a, a.wide), "an aspect ratio of 4000:1; the limit is 50:1"),
+    ("app", "view-without-run", lambda a: a.h.inspect_view(None, "last", "mean", request=a.req).status,
+     "nothing to show yet"),
+    ("app", "levers-strength", lambda a: a.h.run_levers(a.state, "", "", 100, request=a.req).status,
+     "nudge strength must be between 0.5 and 10"),
+    ("app", "levers-huge-answer", lambda a: a.h.run_levers(a.state, "", "7" * 100_000, 3, request=a.req).status,
+     "the answer to score is 100,000 characters; the limit is 300"),
+    ("app", "levers-box", lambda a: a.h.run_levers(a.state, "1,2,3", "", 3, request=a.req).status,
+     "the target box must be four numbers"),
+    ("app", "explored-sigma", lambda a: a.h.run_explored(a.state, 10, "last", 0, 4, request=a.req).status,
+     "σ must be above 0 and at most 5"),
+    ("app", "explored-seed-1e30", lambda a: a.h.run_explored(a.state, 1.0, "last", 1e30, 4, request=a.req).status,
+     "the seed must be a whole number between 0 and 4,294,967,295"),
+    ("app", "compare-unknown-b", lambda a: a.h.run_compare("tiny-a", "nope", EXAMPLE, "Read row 1.", 2,
+                                                            request=a.req).status, "unknown model 'nope'"),
+    ("app", "train-upload-server-file", lambda a: _train(a, dataset="upload", upload={"path": a.server}),
+     "must be uploaded through the page"),
+    ("app", "train-lr-inf", lambda a: _train(a, lr=float("inf")), "learning rate must be between"),
+    ("app", "train-seed-1e30", lambda a: _train(a, seed=1e30), "seed must be between"),
+    ("app", "train-prompts", lambda a: _train(a, prompts=100_000), "must be between"),
+]
+
+
+def run_app(request, env, call):
+    msg = call(request.getfixturevalue("app"))
+    assert msg.startswith("⚠️ "), msg[:300]
+    return msg[3:]
+
+
+RUNNERS["app"] = run_app
+
+
+# every row of CASES (CLI, Python API, app) — defined last so that all rows above are in the table
+@pytest.mark.parametrize("surface,payload,expected", [pytest.param(s, p, x, id=f"{s}:{i}") for s, i, p, x in CASES])
+def test_bad_input_gets_one_clear_line(surface, payload, expected, request, env):
+    msg = RUNNERS[surface](request, env, payload)
+    assert expected in msg, msg[:500]
+    assert len(msg.strip().splitlines()) == 1 and "Traceback" not in msg, msg[:500]
+
+
+def test_the_table_covers_enough_inputs():
+    assert {s for s, *_ in CASES} == {"cli", "api", "app"} and len(CASES) >= 30 and len({(s, i) for s, i, _, _ in CASES}) == len(CASES)
