@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-trl evidence evidence-long evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl evidence evidence-long evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-train: install
 
 bench-inspect: install
 	$(BIN)/python bench/inspect_latency.py --out bench/results/inspect.md
+
+# 20 concurrent gradio_client inspects against a real served app, idle and with a training run, next to the
+# serial server of commit 04a5bda (before issue 10), in one run (≈ 8 min on 2 cores).
+bench-load: install
+	$(BIN)/python bench/load_bench.py --out bench/results/load.md
 
 # Our GRPO trainer next to TRL's GRPOTrainer. TRL is installed for this benchmark only: it is not in
 # requirements.txt and nothing in ral_core/ or tests/ imports it (trl 1.16.0 works with transformers 5.24).

@@ -265,6 +265,8 @@ def build_app() -> gr.Blocks:
     choices = registry.model_choices()
     with gr.Blocks(title="RAL workbench", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(INTRO)
+        if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with `hf_oauth: true`: runs then belong to the HF account
+            gr.LoginButton()
         with gr.Tabs():
             with gr.Tab("Inspect", id="inspect"):
                 i_model = _inspect_tab(choices)
