@@ -51,39 +51,29 @@ class InspectBatcher:
         """Stop the worker after the requests already queued (the model left the server's cache)."""
         self._q.put(None)
 
-    def _gather(self) -> list[_Job] | None:
-        jobs = [self._q.get()]
-        if jobs[0] is None:
-            return None
-        end = time.monotonic() + self.gather_s
+    def _top_up(self, jobs: list[_Job], until: float | None) -> None:
+        """Add queued jobs to `jobs` up to max_batch, waiting until `until` (None: only what is queued now)."""
         while len(jobs) < self.max_batch:
             try:
-                j = self._q.get(timeout=max(0.0, end - time.monotonic()))
+                j = self._q.get_nowait() if until is None else self._q.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
-                break
-            if j is None:
+                return
+            if j is None:  # close(): leave the marker for the loop
                 self._q.put(None)
-                break
+                return
             jobs.append(j)
-        return jobs
 
     def _run(self):
         from ral_core.inspection import inspect_many
 
         while True:
-            jobs = self._gather()
-            if jobs is None:
+            first = self._q.get()
+            if first is None:
                 return
-            with self.lock:  # everything queued while we waited for the lock joins this round
-                while len(jobs) < self.max_batch:
-                    try:
-                        j = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if j is None:
-                        self._q.put(None)
-                        break
-                    jobs.append(j)
+            jobs = [first]
+            self._top_up(jobs, time.monotonic() + self.gather_s)
+            with self.lock:
+                self._top_up(jobs, None)  # everything queued while we waited for the lock joins this round
                 groups: dict[tuple, list[_Job]] = {}
                 for j in jobs:
                     if j.deadline.expired:
