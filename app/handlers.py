@@ -25,7 +25,7 @@ from ral_core.inspection import ROWS, inspect, inspect_explored
 from ral_core.levers import lever_map
 from ral_core.limits import REQUEST_SECONDS, check_question_length, deadline
 
-from app import figures, registry, render_pool, sessions, uploads
+from app import figures, gpu, registry, render_pool, sessions, uploads
 
 log = logging.getLogger("ral.app")
 MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
@@ -243,6 +243,48 @@ def inspect_svg(state, request: gr.Request = None) -> FilesOut:
     return FilesOut("", _existing(*png, over, heads, st["zip"]))
 
 
+def _adapter(name: str, spec: str):
+    """The loaded model for a resolved spec (the name only labels results)."""
+    return registry.get_adapter_for_spec(name, spec)
+
+
+@gpu.gpu_task
+def _inspect_work(name, spec, img, q, opts):
+    """Model work of one inspection (on ZeroGPU: inside spaces.GPU, arguments and result pickled)."""
+    adapter = _adapter(name, spec)
+    if opts["do_sample"] or gpu.on_zerogpu():  # a sampled answer has its own seed: not batched with others
+        with deadline(_limit()), adapter.lock:
+            return inspect(adapter, img, q, **opts)
+    return registry.batcher(adapter).submit(img, q, opts["max_new_tokens"], seconds=_limit())
+
+
+@gpu.gpu_task
+def _levers_work(name, spec, sample, strength):
+    adapter = _adapter(name, spec)
+    with deadline(_limit()), adapter.lock:
+        if not sample["answer"]:  # a whitespace-only answer is still the model's answer: score it as generated
+            sample = dict(sample, answer=adapter.tokenizer.decode(sample.pop("answer_ids"), skip_special_tokens=True))
+        sample.pop("answer_ids", None)
+        if not sample["answer"]:
+            raise RALError("the model's answer is empty, so there is nothing to score; type an answer to score")
+        return sample["answer"], lever_map(adapter, [sample], layers="all", strength=strength)
+
+
+@gpu.gpu_task
+def _explored_work(name, spec, image, question, layers, sigma, seed, n):
+    adapter = _adapter(name, spec)
+    with deadline(_limit()), adapter.lock:
+        return inspect_explored(adapter, image, question, layers=layers, sigma=sigma, seed=seed, max_new_tokens=n)
+
+
+@gpu.gpu_task
+def _compare_work(names, specs, img, q, opts):
+    a, b = (_adapter(n, s) for n, s in zip(names, specs))  # the same model twice is one object; compare() only reads
+    first, second = sorted((a, b), key=id)  # a fixed order, so two compares never deadlock (RLock: a is b is fine)
+    with deadline(_limit()), first.lock, second.lock:
+        return compare(a, b, img, q, **opts)
+
+
 @_guard(InspectOut)
 def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temperature=1.0, layer=LAST,
                 row="predicts", request: gr.Request = None) -> InspectOut:
@@ -250,12 +292,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     img = _image_from_upload(image)
     q = _question(question)
     opts = _gen_options(max_new_tokens, do_sample, temperature)
-    adapter = registry.get_adapter(model, request)
-    if opts["do_sample"]:  # a sampled answer has its own seed: not batched with others
-        with deadline(_limit()), adapter.lock:
-            res = inspect(adapter, img, q, **opts)
-    else:
-        res = registry.batcher(adapter).submit(img, q, opts["max_new_tokens"], seconds=_limit())
+    res = _inspect_work(model, registry.resolve(model, request), img, q, opts)
     res.model_name = model
     d = sessions.new_work_dir(request, "inspections")
     res.save(d / "result")
@@ -335,14 +372,10 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
         boxes, where = [tuple(b) for b in st["boxes"]], "the example's known answer region (cyan box)"
     elif not boxes:
         where = "the ninth of the image where steering mattered most (no target box given)"
-    sample = {"image": res.image, "question": res.question, "answer": ans, "boxes": boxes}
-    adapter = registry.get_adapter(_model_of(st), request)
-    with deadline(_limit()), adapter.lock:
-        if not ans:  # a whitespace-only answer is still the model's answer: score its tokens as generated
-            sample["answer"] = ans = adapter.tokenizer.decode(res.answer_ids, skip_special_tokens=True)
-        if not ans:
-            raise RALError("the model's answer is empty, so there is nothing to score; type an answer to score")
-        lmap = lever_map(adapter, [sample], layers="all", strength=s)
+    sample = {"image": res.image, "question": res.question, "answer": ans, "boxes": boxes,
+              "answer_ids": list(res.answer_ids)}
+    name = _model_of(st)
+    ans, lmap = _levers_work(name, registry.resolve(name, request), sample, s)
     d = Path(st["dir"])
     with RENDER_LOCK:
         png = str(render.save_figure(render.lever_chart(lmap), d / f"levers_{len(list(d.glob('levers_*')))}.png"))
@@ -402,10 +435,8 @@ def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, reque
         lay = [int(layers)]
     else:
         raise RALError(f"layer must be 'last', 'all' or one of {res.layers}")
-    adapter = registry.get_adapter(_model_of(st), request)
-    with deadline(_limit()), adapter.lock:
-        nat, exp = inspect_explored(adapter, res.image, res.question, layers=lay, sigma=sg, seed=sd,
-                                    max_new_tokens=n)
+    name = _model_of(st)
+    nat, exp = _explored_work(name, registry.resolve(name, request), res.image, res.question, lay, sg, sd, n)
     ex_layers = exp.meta["explore_layers"]
     show = ex_layers[0] if len(ex_layers) == 1 else MEAN
     shown = f"layer {show}" if show != MEAN else "mean over layers"
@@ -468,11 +499,8 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
     img = _image_from_upload(image)
     q = _question(question)
     opts = _gen_options(max_new_tokens, do_sample, temperature)
-    a = registry.get_adapter(model_a, request)
-    b = registry.get_adapter(model_b, request)  # the same model twice is one object; compare() only reads it
-    first, second = sorted((a, b), key=id)  # a fixed order, so two compares never deadlock (RLock: a is b is fine)
-    with deadline(_limit()), first.lock, second.lock:
-        cmp = compare(a, b, img, q, **opts)
+    cmp = _compare_work((model_a, model_b), (registry.resolve(model_a, request), registry.resolve(model_b, request)),
+                        img, q, opts)
     d = sessions.new_work_dir(request, "compare")
     cmp.a.save(d / "results" / "model_a")
     cmp.b.save(d / "results" / "model_b")

@@ -70,7 +70,11 @@ def resolve(name: str, request=None) -> str:
 def get_adapter(name: str, request=None):
     """Load (or reuse) the adapter for a listed name. Use the model only with `adapter.lock` held (or through
     `batcher(adapter)`): requests for different models run in parallel, requests for one model take turns."""
-    spec = resolve(name, request)
+    return get_adapter_for_spec(name, resolve(name, request))
+
+
+def get_adapter_for_spec(name: str, spec: str):
+    """`get_adapter` for a spec already resolved (and so checked) by `resolve`."""
     with _LOAD_LOCK:
         if spec in _CACHE:
             _CACHE.move_to_end(spec)
