@@ -211,3 +211,32 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
         yield st.maps
     finally:
         _STATE.reset(token)
+
+
+# ---- gradient checkpointing ------------------------------------------------------------------------------------
+@contextmanager
+def _replay(st: _State | None):
+    """During a checkpointed layer's recomputation: the capture state of the original forward again, so the
+    recomputed pass applies the same biases and saves the same tensors (its rows go to a throwaway dict: the
+    rows the caller holds stay those of the original forward, and their gradients flow through the recompute)."""
+    if st is None:
+        token = _STATE.set(None)
+    else:
+        token = _STATE.set(_State(layers=st.layers, rows=st.rows, bias=st.bias, bias_layers=st.bias_layers))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+def checkpoint_context():
+    """`context_fn` for torch.utils.checkpoint (non-reentrant): forward as is, recomputation under `_replay`."""
+    from contextlib import nullcontext
+    return nullcontext(), _replay(_STATE.get())
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Gradient checkpointing that keeps capture exact: without it the recomputation in backward would run without
+    the capture state (a different number of saved tensors, or a bias silently missing from the recomputed pass)."""
+    unwrap(model).gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
