@@ -39,10 +39,12 @@ MAX_BOX_CHARS = 200
 @functools.lru_cache(maxsize=1)
 def examples() -> list[dict]:
     """Bundled examples with an absolute `path` and a pixel hash (to recognise them after upload)."""
-    try:
-        items = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    except (OSError, ValueError):
-        return []
+    items = []
+    for f in ("examples.json", "photos.json"):  # digit grids (scripts/make_examples.py), real photos (licences in photos/)
+        try:
+            items += json.loads((EXAMPLES_DIR / f).read_text())
+        except (OSError, ValueError):
+            pass
     out = []
     for it in items:
         p = EXAMPLES_DIR / it["image"]
@@ -305,7 +307,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     answer = f"**Answer:** {_answer_text(res.answer)} · {res.n_tokens} token(s) · model `{model}`"
     if res.meta.get("cut_off"):
         answer += f" · ⏱ cut off at the {_limit():g} s limit of one request (ask for fewer new tokens)"
-    if ex:
+    if ex and ex.get("answer"):
         answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,
                       gr.update(choices=token_choices(res.answer_tokens), value=MEAN),

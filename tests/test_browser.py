@@ -64,6 +64,20 @@ def test_inspect_upload_run_change_layer(page, tmp_path):
     assert over.shape[0] > 150 and over.std() > 20  # the overlay image really rendered
 
 
+def test_inspect_a_bundled_photo(page):
+    """A real photograph (assets/examples/photos, CC0) through the page: the overlay keeps the photo's shape."""
+    photo = EXAMPLE.parent / "photos" / "chelsea.jpg"
+    page.set_input_files("#i-image input[type=file]", str(photo))
+    page.fill("#i-question textarea", "What animal is in the picture?")
+    old = page.locator("#i-overlay img").get_attribute("src") if page.locator("#i-overlay img").count() else None
+    page.click("#i-run")
+    page.wait_for_function(f"sel => {{ const s = ({IMG_LOADED})(sel); return s && s !== {old!r} }}",
+                           arg="#i-overlay img")
+    assert "Answer:" in page.inner_text("body") and "⚠️" not in page.inner_text("#i-status")
+    over = np.asarray(Image.open(io.BytesIO(page.locator("#i-overlay img").screenshot())).convert("RGB"), np.float32)
+    assert over.shape[0] > 150 and over.std() > 20
+
+
 def test_one_redraw_per_pick(page):
     """Each layer or row pick sends exactly one redraw request (a Dropdown's `input` fired twice per pick)."""
     import json
