@@ -14,6 +14,7 @@ import yaml
 from ral_core.errors import RALError
 
 RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
     threads: int = 1                     # torch threads per process on CPU
+    precision: str = "auto"              # auto | fp32 | bf16-mixed (Trainer: fp32 master weights for half checkpoints)
     # data: 'grounding' (bundled digit grids) or a JSONL file (image, question, answer[, boxes])
     dataset: str = "grounding"
     task_kinds: list = field(default_factory=lambda: ["cell", "row", "where"])
@@ -131,6 +133,9 @@ class TrainConfig:
         need(self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine")
         need(self.advantage_scale in ("std", "none"), "advantage_scale must be std or none")
         need(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+        need(self.precision in PRECISIONS,
+             f"precision must be auto, fp32 or bf16-mixed (got {self.precision!r}): auto trains a bf16/fp16 checkpoint "
+             "with fp32 master weights (bf16 autocast on a GPU, fp32 compute on the CPU) and an fp32 one in fp32")
         need(self.explore_sigma >= 0 and self.explore_weight >= 0, "explore_sigma and explore_weight must be ≥ 0")
         need(self.explore_keys in ("visual", "all"), "explore_keys must be visual or all")
         need(self.explore_row in ("own", "predicts"), "explore_row must be own or predicts")

@@ -2,6 +2,7 @@
 updates per rollout batch → metrics, checkpoints, snapshots. Readable in one sitting on purpose."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from ral_core.rewards import RewardModel
 from ral_core.rollout import (ExploreSpec, PolicySpec, attention_stats, forward_policies, make_rollouts,
                               policy_forward)
 
+MASTER_WEIGHTS = "master_weights.safetensors"  # fp32 trainable weights of a checkpoint saved in bf16/fp16
 VISION_PREFIXES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "merger")
 
 
@@ -49,6 +51,69 @@ def dataset_for(cfg: TrainConfig, split: str = "train"):
 def is_vision_param(name: str) -> bool:
     parts = name.split(".")
     return any(p in VISION_PREFIXES for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the trainer holds and computes: trainable parameters (the master weights the optimizer updates, and so
+    its state) are always fp32; `frozen` is the dtype of frozen weights (the checkpoint's under bf16-mixed, so they
+    are saved unchanged), `compute` the autocast dtype (None: plain fp32 compute), `storage` the checkpoint's dtype,
+    which saved weights keep."""
+
+    mode: str                       # fp32 | bf16-mixed
+    storage: torch.dtype
+    frozen: torch.dtype
+    compute: torch.dtype | None
+    device_type: str
+
+    def autocast(self):
+        if self.compute is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute)
+
+
+def resolve_precision(setting: str, storage: torch.dtype, device) -> Precision:
+    """`precision` of the config → a Precision. 'auto' follows the checkpoint: an fp32 one trains in fp32; a bf16/fp16
+    one gets fp32 master weights, with bf16 autocast on a CUDA GPU (frozen weights stay bf16) and fp32 compute on the
+    CPU, where bf16 matmuls are slower than fp32 ones unless the CPU has AMX. In pure bf16 most updates of an AdamW
+    step at lr 5e-5 round away (issue 14: 57 % of N(0, 0.02²) weights moved, 100 % in fp32)."""
+    dev = torch.device(device).type
+    bf16_ok = dev != "cuda" or torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        setting = "bf16-mixed" if storage != torch.float32 and dev == "cuda" and bf16_ok else "fp32"
+    if setting == "fp32":
+        return Precision("fp32", storage, torch.float32, None, dev)
+    if setting == "bf16-mixed":
+        if not bf16_ok:
+            raise RALError("precision=bf16-mixed needs a GPU with bfloat16 support; this one has none — use "
+                           "precision=fp32 (or auto)")
+        return Precision("bf16-mixed", storage, storage, torch.bfloat16, dev)
+    raise RALError(f"unknown precision '{setting}'; choose auto, fp32 or bf16-mixed")
+
+
+def apply_precision(model: torch.nn.Module, prec: Precision) -> None:
+    """Cast in place: trainable parameters to fp32 (masters), frozen ones to `prec.frozen`. Set requires_grad
+    first. Tied weights are one Parameter, so they stay tied."""
+    if prec.mode == "fp32":
+        model.float()  # buffers too: the whole forward computes in fp32
+        return
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if p.requires_grad else prec.frozen)
+
+
+def storage_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """The model's state dict with floating tensors in `dtype` (the checkpoint's), tied tensors still shared, so
+    save_pretrained drops the alias as it does for the model's own state dict."""
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.dtype != dtype:
+            key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+            if key not in seen:
+                seen[key] = v.detach().to(dtype)
+            v = seen[key]
+        out[k] = v
+    return out
 
 
 def matched_layers(layers: list[int], student, teacher) -> list[int]:
@@ -83,16 +148,21 @@ class Trainer:
         self._seed_all(cfg.seed + self.acc.process_index)
         self.adapter = adapter or load_adapter(cfg.model, device=str(self.acc.device))
         model = self.adapter.model
+        self.precision = resolve_precision(cfg.precision, model.dtype, self.acc.device)
         for n, p in model.named_parameters():
             p.requires_grad_(not (cfg.freeze_vision and is_vision_param(n)))
         self.ref_model = None
         if cfg.lora_r > 0:
             model = self._add_lora(model)
-        elif cfg.beta > 0:
+        apply_precision(model, self.precision)  # after LoRA, so its adapters are fp32 like every trainable weight
+        if cfg.lora_r == 0 and cfg.beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            for p in self.ref_model.parameters():  # frozen: no fp32 masters needed (values unchanged)
+                p.data = p.data.to(self.precision.frozen)
         self.teacher = None
         if cfg.teacher and (cfg.gamma_opad > 0 or cfg.lambda_token_kl > 0):
-            self.teacher = load_adapter(cfg.teacher, device=str(self.acc.device))
+            self.teacher = load_adapter(cfg.teacher, device=str(self.acc.device),
+                                        dtype=torch.float32 if self.precision.compute is None else None)
             self.teacher.model.requires_grad_(False)
             if len(self.teacher.tokenizer) != len(self.adapter.tokenizer):
                 raise RALError("the teacher must share the student's tokenizer (same vocabulary) for OPAD")
@@ -141,7 +211,8 @@ class Trainer:
             return resolve_layers(spec, self.adapter.num_layers, self.adapter.attention_layers)
         from ral_core.levers import lever_map
         probe = [self.data.sample(10_000 + i) for i in range(8)]
-        self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
+        with self.precision.autocast():
+            self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
         return self.levers.top(min(self.cfg.explore_top_k, len(self.adapter.attention_layers)))
 
     def _lr_lambda(self, total):
@@ -213,7 +284,8 @@ class Trainer:
                 win = Window.of(window, N, batch_tokens)
                 for idx in window:
                     mb = ro.select(idx.to(ro.completion.device))
-                    loss, m = self._loss(mb)
+                    with self.precision.autocast():  # the backward runs outside it, as autocast wants
+                        loss, m = self._loss(mb)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
                     self.acc.backward(loss * window_weight(cfg.loss_norm, mb.mask, win))
@@ -238,14 +310,16 @@ class Trainer:
         if self.explore is not None and cfg.explore_schedule == "linear":
             self.explore.sigma = cfg.explore_sigma * (1 - self.step / cfg.steps)
         try:
-            ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
-                               cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale,
-                               gen_model=gen_model, explore=self.explore)
+            with self.precision.autocast():
+                ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
+                                   cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale,
+                                   gen_model=gen_model, explore=self.explore)
         except RuntimeError as e:
             if "inf" in str(e) or "nan" in str(e):  # sampling from non-finite probabilities
                 raise FloatingPointError(f"non-finite model outputs while sampling at step {self.step}") from None
             raise
-        self._fill_references(ro)
+        with self.precision.autocast():
+            self._fill_references(ro)
         t_roll = time.perf_counter() - t0
         n_updates, agg, grad_norms = self.update_phase(ro)
         # attention of the updated policy on the same rows: how far the updates moved it
@@ -265,7 +339,7 @@ class Trainer:
             metrics.update(attention_stats(ro.old_attn, ro))  # the rollout policy's attention: free
             if cfg.attn_metrics_every and (self.step + 1) % cfg.attn_metrics_every == 0:
                 # how far this step's updates moved the attention on the same rows: one extra forward
-                with torch.no_grad():
+                with torch.no_grad(), self.precision.autocast():
                     attn_new = forward_policies(self.model, ro, self.spec, self.explore)["attn"]
                 from ral_core.losses import aggregate, jsd
                 d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
@@ -352,8 +426,9 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         for i, s in enumerate(self.probe_samples()):
-            inspect(self.adapter_for_inference(), s["image"], s["question"], self.cfg.max_new_tokens).save(
-                self.out / "snapshots" / f"step-{self.step:05d}" / f"probe-{i}")
+            with self.precision.autocast():
+                r = inspect(self.adapter_for_inference(), s["image"], s["question"], self.cfg.max_new_tokens)
+            r.save(self.out / "snapshots" / f"step-{self.step:05d}" / f"probe-{i}")
         self.model.train(was)
 
     def adapter_for_inference(self):
@@ -375,7 +450,10 @@ class Trainer:
         tmp = ck_root / f".tmp-step-{self.step:05d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.acc.unwrap_model(self.model)
-        model.save_pretrained(tmp)
+        if self.cfg.lora_r > 0:
+            model.save_pretrained(tmp)  # the LoRA adapters only, fp32 as trained (PEFT's convention)
+        else:
+            self._save_weights(model, tmp)
         self.adapter.tokenizer.save_pretrained(tmp)
         self.adapter.image_processor.save_pretrained(tmp)
         if self.cfg.lora_r > 0:
@@ -393,6 +471,22 @@ class Trainer:
         for old in kept[:-max(1, self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _save_weights(self, model, directory: Path):
+        """Weights in the checkpoint's dtype (a bf16 model stays a bf16 checkpoint), plus the fp32 master copy of the
+        trainable weights that this dtype would round (MASTER_WEIGHTS), so that resuming continues exactly."""
+        from safetensors.torch import save_file
+        st = self.precision.storage
+        model.save_pretrained(directory, state_dict=storage_state_dict(model, st))
+        cfg_file = directory / "config.json"
+        c = json.loads(cfg_file.read_text())
+        if c.get("dtype") != str(st).removeprefix("torch."):  # save_pretrained writes the fp32 masters' dtype
+            c["dtype"] = str(st).removeprefix("torch.")
+            cfg_file.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+        masters = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad and p.dtype != st}
+        if masters:
+            save_file(masters, str(directory / MASTER_WEIGHTS))
 
     def latest_checkpoint(self) -> Path | None:
         f = self.out / "checkpoints" / "latest"
@@ -415,6 +509,15 @@ class Trainer:
             except RuntimeError as e:
                 raise RALError(f"checkpoint '{path}' does not match the model: {str(e).splitlines()[0]}") from None
             del saved
+            if (path / MASTER_WEIGHTS).exists():  # the fp32 masters the saved bf16/fp16 weights were rounded from
+                params = dict(model.named_parameters())
+                masters = load_file(str(path / MASTER_WEIGHTS))
+                bad = [n for n, t in masters.items() if n not in params or params[n].shape != t.shape]
+                if bad:
+                    raise RALError(f"checkpoint '{path}': {MASTER_WEIGHTS} does not match the model ({bad[0]})")
+                with torch.no_grad():
+                    for n, t in masters.items():
+                        params[n].copy_(t)
         from ral_core.train_state import load_state
         st = load_state(path, self.opt, self.sched)  # optimizer, scheduler and RNG streams; refuses pickles
         self.step = int(st["step"])
