@@ -85,9 +85,9 @@ def _sample_effects(adapter, sample, layers, strength, per_head):
                 hs = slice(None) if h is None else slice(h, h + 1)
                 bias[layer][row, hs, dec_rows[:, None], :] = sgn * strength * keyw
         rows = dec_rows[None].expand(B, -1)
-        with capture(model, layers=layers, rows=rows, bias=bias) as maps:
-            logits = model(**batch).logits.float()
-        lp = torch.log_softmax(logits[:, dec_rows], -1).gather(-1, mi["input_ids"][0, ans_pos][None, :, None]
+        with capture(model, layers=layers, rows=rows, bias=bias) as maps:  # logits of the answer rows only
+            logits = model(**batch, logits_to_keep=dec_rows, use_cache=False).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, mi["input_ids"][0, ans_pos][None, :, None]
                                                                .expand(B, -1, 1)).squeeze(-1).sum(-1)
         tm = {layer: (maps[layer].mean(1) * keyw).sum(-1).mean(-1) for layer in layers}  # [B] target mass
         eff = {v: float(lp[1 + 2 * j] - lp[2 + 2 * j]) for j, v in enumerate(variants)}

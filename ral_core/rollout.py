@@ -143,9 +143,11 @@ def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "Exp
     rows = torch.arange(P - 1, P + T, device=ro.completion.device)[None].expand(N, T + 1)
     layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
     bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
+    # logits only for the T rows that predict the response (P−1 … P+T−2), not [N, P+T, vocab]; no KV cache
+    keep = torch.arange(P - 1, P + T - 1, device=ro.completion.device)
     with capture(model, layers=layers, rows=rows, bias=bias) as maps:
-        out = model(**ro.inputs, logits_to_keep=T + 1)
-    logits = out.logits[:, :T].float()
+        out = model(**ro.inputs, logits_to_keep=keep, use_cache=False)
+    logits = out.logits.float()
     # the policy that sampled is softmax(logits / T): the ratio, the KL and the gradient must refer to it (as TRL's)
     res = {"logp": token_logprobs(logits, ro.completion, ro.temperature),
            "logits": logits / ro.temperature if need_logits else None, "attn": [], "explored": [], "natural": []}
