@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q -e ".[trl]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,8 +51,8 @@ bench-inspect: install
 bench-load: install
 	$(BIN)/python bench/load_bench.py --out bench/results/load.md
 
-# Our GRPO trainer next to TRL's GRPOTrainer. TRL is installed for this benchmark only: it is not in
-# requirements.txt and nothing in ral_core/ or tests/ imports it (trl 1.16.0 works with transformers 5.24).
+# Our GRPO trainer next to TRL's GRPOTrainer. TRL is an optional extra (pyproject `[trl]`, installed by `install`
+# for ral_core/integrations/trl.py and its tests), not in requirements.txt (trl 1.16.0 works with transformers 5.24).
 bench-trl: install
 	$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/python bench/trl_bench.py --out bench/results/trl.md
