@@ -1,5 +1,11 @@
 """Training from the browser: a server-wide FIFO queue of runs (at most RAL_MAX_RUNS at once, default 1), each
-run in a background thread calling `ral_core.trainer.Trainer`, and the Train tab's handlers.
+run in its own child process (`app.train_worker`, calling `ral_core.trainer.Trainer`), and the Train tab's handlers.
+
+A child process, not a thread: a tiny model's training loop is Python-bound, and in a thread it shared the GIL
+with Gradio's event loop and every request's handler (20 concurrent inspects slowed it 4×); a process gets the
+cores from the OS. A thread per run here reads the child's messages (steps, metrics, status) into the `Run` the
+page polls, and registers the checkpoint when the child is done. A child that dies without a word becomes a
+failed run that keeps its last periodic checkpoint; children are daemons and leave with the server.
 
 A run lives in the session's private `runs/<n>/` folder (config, metrics, snapshots, the trainer's own
 checkpoints, an uploaded data set). When it ends (done, or cancelled after ≥ 1 step) its last checkpoint is
@@ -12,6 +18,7 @@ import functools
 import html
 import itertools
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -27,7 +34,7 @@ from ral_core.config import build_config
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
 
-from app import figures, registry, sessions
+from app import figures, registry, sessions, train_worker
 from app.handlers import N_MODEL_LISTS, RENDER_LOCK
 
 log = logging.getLogger("ral.app.train")
@@ -87,6 +94,10 @@ def max_runs() -> int:
 
 
 # ---- one run -------------------------------------------------------------------------------------------
+_MP = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the server's threads, locks, models
+CRASH = "the training process stopped unexpectedly (exit code {code})"
+
+
 class Run:
     _ids = itertools.count(1)
 
@@ -95,8 +106,8 @@ class Run:
         self.session_hash, self.cfg, self.name, self.algorithm = session_hash, cfg, name, algorithm
         self.dir, self.data_note = run_dir, data_note
         self.status, self.message = "queued", ""
-        self.trainer = None
         self.cancel = threading.Event()
+        self._signals = None                 # (cancel, gone) multiprocessing Events while the child lives
         self.session_ended = False
         self.checkpoint: str | None = None   # registered name once copied into checkpoints/
         self.announced = False               # model lists refreshed after the checkpoint appeared
@@ -104,9 +115,12 @@ class Run:
         self.queued_at, self.started_at, self.ended_at = time.time(), None, None
         self.rendered: dict[str, tuple] = {}  # figure kind → (key, png path)
         self.render_lock = threading.Lock()  # overlapping polls of one session render one at a time
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None  # the parent's reader: progress in, clean-up after the child
+        self.process = None                  # the child process that trains
+        self.pid: int | None = None
         self.loaded = False                  # the trainer exists (model loaded, snapshots may appear)
-        self._final: tuple[int, list] | None = None  # (step, history) kept once the trainer is released
+        self._step = 0
+        self._history: list[dict] = []       # metrics of every step, as the child reports them
 
     @property
     def active(self) -> bool:
@@ -114,19 +128,18 @@ class Run:
 
     @property
     def step(self) -> int:
-        t = self.trainer
-        return t.step if t is not None else (self._final[0] if self._final else 0)
+        return self._step
 
     def history(self) -> list[dict]:
-        t = self.trainer
-        return list(t.history) if t is not None else (list(self._final[1]) if self._final else [])
+        return list(self._history)
 
-    def release(self) -> None:
-        """Keep the numbers, drop the trainer (model, optimizer state, teacher) once the run is over."""
-        t = self.trainer
-        if t is not None:
-            self._final = (t.step, list(t.history))
-            self.trainer = None
+    def latest_checkpoint(self) -> Path | None:
+        """The trainer's newest complete checkpoint, read from disk (the child may be gone)."""
+        f = Path(self.cfg.output_dir) / "checkpoints" / "latest"
+        try:
+            return f.parent / f.read_text().strip()
+        except OSError:
+            return None
 
 
 class RunQueue:
@@ -137,7 +150,7 @@ class RunQueue:
         self.waiting: deque[Run] = deque()
         self.running: list[Run] = []
         self.latest: dict[str, Run] = {}   # session hash → its newest run
-        self._threads_before: int | None = None
+        self.target = train_worker.main    # the child's entry point (a module-level function: spawn pickles it)
 
     def for_session(self, session_hash: str) -> Run | None:
         return self.latest.get(session_hash)
@@ -162,21 +175,23 @@ class RunQueue:
     def cancel(self, run: Run) -> None:
         with self.lock:
             run.cancel.set()
+            if run._signals:
+                run._signals[0].set()  # the child stops at the next step boundary
             if run in self.waiting:
                 self.waiting.remove(run)
                 run.status, run.ended_at = "cancelled", time.time()
                 run.message = "cancelled while waiting in the queue; nothing was trained"
-        t = run.trainer
-        if t is not None:
-            t.cancel.set()
 
     def end_session(self, session_hash: str) -> bool:
-        """Cancel the session's run; True when a thread is still finishing (it deletes the folder itself)."""
+        """Cancel the session's run; True when its process is still finishing (the reader deletes the folder
+        once the child has exited, so nothing writes into a deleted folder)."""
         with self.lock:
             run = self.latest.pop(session_hash, None)
             if run is None:
                 return False
             run.session_ended = True
+            if run._signals:
+                run._signals[1].set()  # no final snapshot: the folder is deleted once the child exits
             self.cancel(run)
             return run in self.running
 
@@ -184,73 +199,106 @@ class RunQueue:
         with self.lock:
             while self.waiting and len(self.running) < max_runs():
                 run = self.waiting.popleft()
-                if not self.running:
-                    import torch
-                    self._threads_before = torch.get_num_threads()
                 self.running.append(run)
-                run.status, run.started_at = "loading", time.time()
+                run.status, run.started_at = "loading", time.time()  # includes the child's start-up (imports)
                 run.thread = threading.Thread(target=self._work, args=(run,), name=f"ral-train-{run.id}", daemon=True)
                 run.thread.start()
 
     def _work(self, run: Run) -> None:
-        from ral_core.trainer import Trainer
+        """Start the child, turn its messages into the run's state, then register its checkpoint."""
+        end = None
         try:
-            trainer = Trainer(run.cfg)  # loads its own copy of the model: the app's cached ones stay untouched
-            run.trainer, run.loaded = trainer, True
-            if run.cancel.is_set():
-                trainer.cancel.set()
-            try:
-                p = trainer.probe_samples()[0]
-                run.probe = {"question": p["question"], "answer": p["answer"], "boxes": list(p.get("boxes") or [])}
-            except (RALError, IndexError, KeyError):
-                run.probe = {}
-            if not trainer.cancel.is_set():
-                trainer.snapshot()  # step 0: where the probe's attention starts
-            run.status = "running"
-            res = trainer.train()
-            if trainer.step > 0 and not run.session_ended and \
-                    not (Path(run.cfg.output_dir) / "snapshots" / f"step-{trainer.step:05d}").is_dir():
-                trainer.snapshot()  # always an after-picture, also for runs shorter than the snapshot interval
-            if trainer.step > 0 and not run.session_ended:
-                run.checkpoint = self._register(run, trainer.latest_checkpoint())
-            run.status = res["status"]
-            if run.status == "cancelled":
-                run.message = (f"cancelled after step {trainer.step}" if trainer.step else
-                               "cancelled before the first step; nothing was trained")
-        except RALError as e:
-            run.status, run.message = "failed", str(e)
-            self._keep_last_good(run)
+            end = self._follow(run)
+            # the status last: a poll that sees the run over also sees its checkpoint and the whole message
+            if end is None:  # killed, segfault, out of memory: no last word from the child
+                run.message = CRASH.format(code=run.process.exitcode)
+                self._keep_last_good(run, crashed=True)
+                run.status = "failed"
+            elif end["status"] == "failed":
+                run.message = end["message"]
+                self._keep_last_good(run)
+                run.status = "failed"
+            else:
+                if run.step > 0 and not run.session_ended:
+                    run.checkpoint = self._register(run, run.latest_checkpoint())
+                if end["status"] == "cancelled":
+                    run.message = (f"cancelled after step {run.step}" if run.step else
+                                   "cancelled before the first step; nothing was trained")
+                run.status = end["status"]
         except Exception as e:  # noqa: BLE001 — the page gets one line, the log gets the trace
             log.exception("training run %s failed", run.id)
             run.status = "failed"
             run.message = f"unexpected error ({type(e).__name__}); the details are in the server log"
-            self._keep_last_good(run)
         finally:
-            run.ended_at = time.time()
-            run.release()
+            run.ended_at, run._signals = time.time(), None
             with self.lock:
                 if run in self.running:
                     self.running.remove(run)
-                if not self.running and self._threads_before:
-                    import torch
-                    torch.set_num_threads(self._threads_before)  # the trainer set the process-wide count
                 self._pump()
             if run.session_ended:
                 sessions.cleanup(run.session_hash)
 
-    def _keep_last_good(self, run: Run) -> None:
-        """A failed run keeps the work done so far: its last periodic checkpoint is registered like a final one."""
-        trainer = run.trainer
-        if trainer is None or run.session_ended or run.checkpoint:
-            return
+    def _follow(self, run: Run) -> dict | None:
+        """Run the child to its end; its "end" message, or None when it died without one."""
+        # Events only while the child lives: each holds named semaphores, freed when the Events are dropped
+        run._signals = cancel, gone = _MP.Event(), _MP.Event()
+        if run.cancel.is_set():  # set before the Events existed (QUEUE.cancel sets both once they do)
+            cancel.set()
+        if run.session_ended:
+            gone.set()
+        recv, send = _MP.Pipe(duplex=False)
+        proc = _MP.Process(target=self.target, args=(run.cfg, _reward_modules(run.cfg), send, cancel, gone),
+                           name=f"ral-train-{run.id}", daemon=True)  # daemon: ends with the server
         try:
-            ck = trainer.latest_checkpoint()
+            proc.start()
+        except BaseException:
+            recv.close()
+            raise
+        finally:
+            send.close()  # the child holds the only writer: its exit ends recv with EOFError
+        run.process, run.pid = proc, proc.pid
+        end = None
+        try:
+            while end is None:
+                try:
+                    kind, payload = recv.recv()
+                except (EOFError, OSError):
+                    break
+                if kind == "step":
+                    run._history.append(payload)
+                    run._step = int(payload["step"])
+                elif kind == "loaded":
+                    run.probe, run.loaded = payload, True
+                elif kind == "running":
+                    run.status = "running"
+                elif kind == "end":
+                    end = payload
+                    # a failed step is rolled back to the last checkpoint: keep the numbers up to there
+                    run._step = int(end["step"])
+                    run._history = [m for m in run._history if m.get("step", 0) <= run._step]
+        finally:
+            recv.close()
+            proc.join()
+        if end is not None and proc.exitcode:
+            log.warning("training process of run %s exited with code %s after its last message", run.id,
+                        proc.exitcode)
+        return end
+
+    def _keep_last_good(self, run: Run, crashed: bool = False) -> None:
+        """A failed run keeps the work done so far: its last periodic checkpoint is registered like a final one."""
+        if run.session_ended or run.checkpoint:
+            return
+        ck = run.latest_checkpoint()
+        try:
             run.checkpoint = self._register(run, ck)
         except OSError:
             log.exception("could not keep the last checkpoint of run %s", run.id)
             return
-        if run.checkpoint:
-            step = ck.name.split("-")[-1].lstrip("0") or "0"
+        step = (ck.name.split("-")[-1].lstrip("0") or "0") if run.checkpoint else ""
+        if crashed:
+            run.message += (f"; its last checkpoint (step {step}) is kept" if run.checkpoint else
+                            "; it had not written a checkpoint yet, so nothing was kept")
+        elif run.checkpoint:
             run.message += f" — the last good checkpoint (step {step}) is kept"
 
     @staticmethod
@@ -267,6 +315,15 @@ class RunQueue:
             final = base / f"{run.name}-{run.id}"
         os.replace(tmp, final)
         return final.name
+
+
+def _reward_modules(cfg) -> list[str]:
+    """Modules that registered the config's rewards in this process (not ral_core's own): the child imports
+    them, so rewards added by the server's own code work there too."""
+    from ral_core.rewards import REWARDS
+
+    mods = {getattr(REWARDS.get(name), "__module__", None) for name in cfg.reward_weights}
+    return sorted(m for m in mods if m and m != "__main__" and not m.startswith("ral_core"))
 
 
 QUEUE = RunQueue()
@@ -587,8 +644,8 @@ def dataset_changed(kind):
 
 
 def end_session(request: gr.Request = None) -> None:
-    """The browser session ended: cancel its run and delete its folder (at once, or by the run's thread
-    once the current step is over, so the trainer never writes into a deleted folder)."""
+    """The browser session ended: cancel its run and delete its folder (at once, or by the run's reader thread
+    once the training process has exited, so the trainer never writes into a deleted folder)."""
     try:
         deferred = QUEUE.end_session(sessions._session_hash(request))
     except RALError:

@@ -1,11 +1,15 @@
-"""Train tab handlers without a browser (tiny saved models, steps 2–4), the run queue and its cap, dataset zips,
-and the Inspect tab's lever and explored-rollout views."""
+"""Train tab handlers without a browser (tiny saved models, steps 2–4), the run queue and its cap, runs in their
+own process (killed, cancelled, session ended), dataset zips, and the Inspect tab's lever and explored-rollout
+views."""
 import io
 import os
 import json
+import signal
 import stat
+import sys
 import time
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -45,6 +49,52 @@ def env(tmp_path_factory, tiny_model_dir):
 
 
 
+# ---- the child's entry with a twist (module-level: spawn imports this module in the child, where a monkeypatch
+# of the test process would not reach) ------------------------------------------------------------------------
+def _patch_train_step(at_step, action):
+    from ral_core.trainer import Trainer
+    real = Trainer.train_step
+
+    def patched(self):
+        if self.step == at_step:
+            action()
+        return real(self)
+
+    Trainer.train_step = patched
+
+
+def _child_diverging_at_step_3(*args):
+    def nan():
+        raise FloatingPointError("loss is nan")
+
+    _patch_train_step(3, nan)
+    from app.train_worker import main
+    main(*args)
+
+
+def _child_with_a_bug(*args):
+    def bug():
+        raise KeyError("a bug in the training loop")
+
+    _patch_train_step(0, bug)
+    from app.train_worker import main
+    main(*args)
+
+
+def _child_stalling_in_step_3(*args):
+    """Stalls in step 3, after the checkpoint of step 2 (saves every 2 steps of 8), until killed."""
+    _patch_train_step(2, lambda: time.sleep(600))
+    from app.train_worker import main
+    main(*args)
+
+
+def _child_reporting_modules(cfg, *args):
+    from app.train_worker import main
+    main(cfg, *args)
+    gradio = sorted(m for m in sys.modules if m.split(".")[0] == "gradio")
+    (Path(cfg.output_dir).parent / "child.json").write_text(json.dumps({"pid": os.getpid(), "gradio": gradio}))
+
+
 def start(env, session, algorithm="ral", steps=4, dataset="grounding", upload=None, teacher=None, name="", **kw):
     o = dict(FAST, **kw)
     return env.t.train_start(dataset, upload, algorithm, "tiny-a", teacher, steps, o["lr"], o.get("weight", 1.0),
@@ -53,10 +103,15 @@ def start(env, session, algorithm="ral", steps=4, dataset="grounding", upload=No
                              request=req(session))
 
 
+def run_of(env, session):
+    """The newest run of the browser session `session` (runs belong to its owner, 'anon:<hash>')."""
+    return env.t.QUEUE.for_session(env.s._session_hash(req(session)))
+
+
 def wait(env, session, until=lambda run: not run.active, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        run = env.t.QUEUE.for_session(session)
+        run = run_of(env, session)
         if run is not None and until(run):
             return run
         time.sleep(0.05)
@@ -71,7 +126,8 @@ def test_run_curves_snapshot_checkpoint_then_compare(env, monkeypatch):
     assert v.status == "" and v.timer.active and v.cancel["interactive"] is True
     run = wait(env, "ta")
     assert run.status == "done" and run.step == 4, run.message
-    assert run.trainer is None and len(run.history()) == 4  # model and optimizer released, numbers kept
+    # trained in a child process, whose metrics came over; it has exited (model and optimizer freed)
+    assert run.pid not in (None, os.getpid()) and run.process.exitcode == 0 and len(run.history()) == 4
     assert all("attn_jsd_after_update" in m and "attn_target_mass" in m for m in run.history())  # every curve
     v = env.t.train_poll(request=req("ta"))
     assert v.status == "" and "done: 4 / 4 steps" in v.progress and "session: ral-1" in v.progress
@@ -112,21 +168,13 @@ def test_cancel_stops_at_a_step_and_keeps_the_checkpoint(env):
 
 
 def test_a_run_that_fails_later_keeps_its_last_good_checkpoint(env, monkeypatch):
-    from ral_core.trainer import Trainer
-    real = Trainer.train_step
-
-    def diverges_at_step_3(self):
-        if self.step == 3:
-            raise FloatingPointError("loss is nan")
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", diverges_at_step_3)
+    monkeypatch.setattr(env.t.QUEUE, "target", _child_diverging_at_step_3)
     start(env, "tnan", steps=8, name="nan-run")  # saves every 2 steps
     run = wait(env, "tnan")
     assert run.status == "failed" and run.step == 2  # rolled back to the last good step
     assert "loss is nan" in run.message and "last good checkpoint (step 2) is kept" in run.message
     assert run.checkpoint == "nan-run"
-    ck = env.s.checkpoints_dir("tnan") / "nan-run"
+    ck = env.s.checkpoints_dir(req("tnan")) / "nan-run"
     assert (ck / "config.json").is_file() and not list(ck.glob("trainer_state.*"))
     v = env.t.train_poll(request=req("tnan"))
     assert "loss is nan" in v.status and "session: nan-run" in v.progress
@@ -155,11 +203,11 @@ def test_run_cap_queues_a_second_run(env):
     assert "position <b>1</b>" in vb.progress and "position <b>2</b>" in vc.progress
     assert "1 run at a time" in vb.progress and vb.timer.active
     env.t.train_cancel(request=req("qc"))  # leaves the queue at once
-    c = env.t.QUEUE.for_session("qc")
+    c = run_of(env, "qc")
     assert c.status == "cancelled" and "while waiting" in c.message and c.checkpoint is None
     env.t.train_cancel(request=req("qa"))
     assert wait(env, "qb").status == "done"  # the queued run starts when the slot frees up
-    assert env.t.QUEUE.for_session("qa").status == "cancelled" and not env.t.QUEUE.running
+    assert run_of(env, "qa").status == "cancelled" and not env.t.QUEUE.running
 
 
 def test_closing_the_tab_stops_the_run_and_deletes_the_folder(env):
@@ -167,8 +215,47 @@ def test_closing_the_tab_stops_the_run_and_deletes_the_folder(env):
     run = wait(env, "gone", until=lambda r: r.step >= 1)
     d = env.s.session_dir(req("gone"), create=False)
     env.t.end_session(req("gone"))
+    assert d.exists()  # the training process is still finishing its step: the folder waits for it
     run.thread.join(60)
-    assert run.status == "cancelled" and run.checkpoint is None and not d.exists()
+    assert run.process.exitcode == 0 and run.status == "cancelled" and run.checkpoint is None and not d.exists()
+
+
+def test_a_run_trains_in_its_own_process_without_gradio(env, monkeypatch):
+    monkeypatch.setattr(env.t.QUEUE, "target", _child_reporting_modules)
+    start(env, "tproc", steps=2)
+    run = wait(env, "tproc")
+    child = json.loads((run.dir / "child.json").read_text())
+    assert run.status == "done" and child["pid"] == run.pid != os.getpid(), run.message
+    assert child["gradio"] == []  # the child imports ral_core only: no web server in the training process
+    assert [m["step"] for m in run.history()] == [1, 2] and run.checkpoint == "ral-1"
+
+
+def test_an_unexpected_error_in_the_child_is_one_line_and_a_logged_trace(env, monkeypatch, capfd):
+    monkeypatch.setattr(env.t.QUEUE, "target", _child_with_a_bug)
+    start(env, "tbug", steps=2)
+    run = wait(env, "tbug")
+    assert run.status == "failed" and run.step == 0 and run.checkpoint is None
+    assert run.message == "unexpected error (KeyError); the details are in the server log"
+    err = capfd.readouterr().err  # the child writes to the server's stderr
+    assert "Traceback" in err and "a bug in the training loop" in err
+
+
+def test_a_killed_training_process_fails_clearly_and_keeps_its_checkpoint(env, monkeypatch):
+    monkeypatch.setattr(env.t.QUEUE, "target", _child_stalling_in_step_3)
+    start(env, "tkill", steps=8, name="killed")
+    run = wait(env, "tkill", until=lambda r: r.step >= 2)
+    assert run.status == "running" and run.latest_checkpoint().name == "step-00002"
+    os.kill(run.pid, signal.SIGKILL)
+    run = wait(env, "tkill", timeout=30)  # never a hung 'running'
+    assert run.status == "failed" and run.step == 2
+    assert run.message == ("the training process stopped unexpectedly (exit code -9); "
+                           "its last checkpoint (step 2) is kept")
+    ck = env.s.checkpoints_dir(req("tkill")) / "killed"
+    assert run.checkpoint == "killed" and (ck / "config.json").is_file() and not list(ck.glob("trainer_state.*"))
+    v = env.t.train_poll(request=req("tkill"))
+    assert v.status == f"⚠️ {run.message}" and "session: killed" in v.progress and not v.timer.active
+    assert "session: killed" in v.models["choices"] and v.start["interactive"] is True
+    assert not env.t.QUEUE.running  # the slot is free again
 
 
 @pytest.mark.parametrize("change, expect", [
@@ -191,7 +278,7 @@ def test_bad_values_give_a_message(env, change, expect):
     v = start(env, "bad", **args)
     assert v.status.startswith("⚠️") and expect in v.status, v.status
     assert all(x == {"__type__": "update"} for x in v[1:])  # the page keeps what it showed
-    assert env.t.QUEUE.for_session("bad") is None
+    assert run_of(env, "bad") is None
     runs = env.s.session_dir(req("bad"), create=False) / "runs"
     assert not runs.exists() or not any(runs.iterdir())  # nothing left behind
 
@@ -265,7 +352,7 @@ def test_bad_zips_give_a_message(env, tmp_path, members, links, expect):
     v = start(env, "badzip", steps=2, dataset="upload", upload={"path": str(z), "orig_name": "up.zip"})
     assert v.status.startswith("⚠️") and expect in v.status, v.status
     assert str(tmp_path) not in v.status and "sessions" not in v.status  # no server paths in messages
-    assert env.t.QUEUE.for_session("badzip") is None
+    assert run_of(env, "badzip") is None
     assert not (tmp_path / "evil.jsonl").exists() and not list(env.dir.rglob("evil.jsonl"))
 
 
