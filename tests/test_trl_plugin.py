@@ -40,7 +40,7 @@ def varied_reward(prompts, completions, **kw):
 
 
 def settings(tiny, out, **kw):
-    s = dict(output_dir=str(out), use_cpu=True, bf16=False, seed=0, gradient_checkpointing=False,
+    s = dict(output_dir=str(out), use_cpu=True, bf16=False, seed=0, activation_checkpointing=False,
              per_device_train_batch_size=8, num_generations=4, max_completion_length=6, num_iterations=2,
              steps_per_generation=1, gradient_accumulation_steps=1, learning_rate=1e-3, max_steps=4,
              logging_steps=1, report_to=[], save_strategy="no", shuffle_dataset=False, disable_tqdm=True,
@@ -152,6 +152,9 @@ def test_one_update_per_rollout_batch_is_refused_with_our_explanation(tiny, tmp_
         check_config(cfg(**ok), has_teacher=True)
     with pytest.raises(RALError, match="teacher"):
         check_config(cfg(lambda_attn=0.0, gamma_opad=1.0), has_teacher=False)
+    with pytest.raises(RALError, match="non-reentrant"):  # its first forward keeps no graph for the captured rows
+        check_config(cfg(num_iterations=2, activation_checkpointing=True,
+                         activation_checkpointing_kwargs={"use_reentrant": True}), has_teacher=False)
 
 
 class RolloutProbe(RALGRPOTrainer):
@@ -232,10 +235,23 @@ def test_opad_acts_from_the_first_update(tiny, dataset, tmp_path):
     assert all(h["ral/loss_opad_attn"] > 0 and "ral/attn_entropy" in h for h in logs)
 
 
+def test_lora_with_reference_model_keeps_the_policys_old_attention(tiny, dataset, tmp_path):
+    """With LoRA and β > 0 TRL scores the reference by disabling the adapter on the same model object, right after
+    the old-policy pass: p_old must come from the policy (JSD exactly 0 on each rollout's first update, also once
+    the policy has moved away from the reference), not from the reference pass."""
+    from peft import LoraConfig
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    tr, _ = train(tiny, dataset, tmp_path, lambda_attn=5.0, beta=0.04, max_steps=4, trainer_kw={"peft_config": lora})
+    logs = step_logs(tr)
+    assert [h["ral/attn_jsd_old"] == 0.0 for h in logs] == [True, False, True, False]
+    assert logs[2]["kl"] > 0  # the second rollout's reference differs from its policy
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny, dataset, tmp_path):
     # TRL turns checkpointing on by default; its backward re-runs the layers, our row capture included
     _, plain = train(tiny, dataset, tmp_path / "a", lambda_attn=5.0, max_steps=2)
-    tr, ckpt = train(tiny, dataset, tmp_path / "b", lambda_attn=5.0, max_steps=2, gradient_checkpointing=True)
+    tr, ckpt = train(tiny, dataset, tmp_path / "b", lambda_attn=5.0, max_steps=2,
+                     activation_checkpointing=True)
     assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.equal(p, q), name
@@ -252,3 +268,17 @@ def test_ral_core_imports_without_trl():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.split()[-1]) > 20
+
+
+def test_example_script_runs(tmp_path):
+    """examples/trl_ral.py, shortened: the copyable recipe keeps working (the full 24 steps take ~10 s here)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "trl_ral.py"
+    r = subprocess.run([sys.executable, str(script), "--steps", "4", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("step")]
+    assert len(lines) == 1 and "ral/loss_ral_attn" in lines[0], r.stdout[-2000:]

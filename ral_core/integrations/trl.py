@@ -141,11 +141,11 @@ def check_config(args: RALGRPOConfig, has_teacher: bool) -> None:
     if args.uses_policy_attention and args.loss_type not in NORM_OF_LOSS_TYPE:
         raise RALError(f"loss_type={args.loss_type!r} has no per-token normaliser the attention terms can share; "
                        f"use one of {', '.join(NORM_OF_LOSS_TYPE)}")
-    if args.uses_policy_attention and args.gradient_checkpointing and \
-            (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+    if args.uses_policy_attention and args.activation_checkpointing and \
+            (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
         # reentrant checkpointing runs the first forward without autograd: the captured rows would carry no gradient
-        raise RALError("the attention terms need non-reentrant gradient checkpointing (the default) or none: unset "
-                       "gradient_checkpointing_kwargs['use_reentrant'] or set gradient_checkpointing=False")
+        raise RALError("the attention terms need non-reentrant activation checkpointing (the default) or none: unset "
+                       "activation_checkpointing_kwargs['use_reentrant'] or set activation_checkpointing=False")
 
 
 def _image_token_id(model) -> int:
