@@ -23,12 +23,21 @@ def workers() -> int:
     return max(0, int(os.environ.get("RAL_RENDER_WORKERS", os.cpu_count() or 1)))
 
 
-def _init():
+def _watch_parent(parent: int):
+    """Exit when the server is gone (killed servers would otherwise leave their workers waiting forever)."""
+    import time
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _init(parent: int):
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     os.environ.setdefault("MPLBACKEND", "Agg")
     # Drawing yields to the server and to training runs (RAL_RENDER_NICE): a burst of figures then costs
     # visitors some latency instead of stalling a run.
     try:
-        os.nice(int(os.environ.get("RAL_RENDER_NICE", 5)))
+        os.nice(int(os.environ.get("RAL_RENDER_NICE", 10)))
     except (OSError, ValueError):
         pass
     import torch
@@ -39,7 +48,8 @@ def _pool() -> ProcessPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ProcessPoolExecutor(workers(), mp_context=multiprocessing.get_context("spawn"), initializer=_init)
+            _POOL = ProcessPoolExecutor(workers(), mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                                        initargs=(os.getpid(),))
         return _POOL
 
 

@@ -595,6 +595,9 @@ def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="defau
                 explore_layers="levers", max_new_tokens=12, snapshot_every=5, seed=0, name="",
                 request: gr.Request = None) -> TrainView:
     """Check the settings, then queue the run (it starts at once when the server has a free slot)."""
+    from app.gpu import ZERO_GPU_TRAINING, on_zerogpu
+    if on_zerogpu():
+        raise RALError(ZERO_GPU_TRAINING)
     h = sessions._session_hash(request)
     cur = QUEUE.for_session(h)
     if cur is not None and cur.active:
@@ -647,8 +650,11 @@ def end_session(request: gr.Request = None) -> None:
     """The browser session ended: cancel its run and delete its folder (at once, or by the run's reader thread
     once the training process has exited, so the trainer never writes into a deleted folder)."""
     try:
-        deferred = QUEUE.end_session(sessions._session_hash(request))
+        owner = sessions._session_hash(request)
     except RALError:
         return
+    if owner.startswith("hf:"):  # a signed-in user's run and checkpoints outlive the tab (their other tabs see them)
+        return
+    deferred = QUEUE.end_session(owner)
     if not deferred:
         sessions.cleanup(request)

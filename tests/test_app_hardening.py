@@ -206,3 +206,30 @@ def test_hub_models_are_listed_only_where_they_can_load(env, tmp_path, monkeypat
     assert list(env.reg.configured_models()) == ["default"]
     monkeypatch.setenv("RAL_ALLOW_DOWNLOAD", "1")
     assert list(env.reg.configured_models()) == ["default", "smol"]
+
+
+def test_render_workers_exit_with_a_killed_server(tmp_path):
+    """A server killed with SIGKILL leaves no render worker behind."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\nos.environ['RAL_RENDER_WORKERS'] = '2'\nfrom app import render_pool\n"
+            "render_pool.warm_up()\nprint(*render_pool._pool()._processes, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    try:
+        workers = [int(x) for x in p.stdout.readline().split()]
+        assert len(workers) == 2 and all(Path(f"/proc/{w}").exists() for w in workers)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    t0 = time.time()
+    while any(map(alive, workers)) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not any(map(alive, workers))
