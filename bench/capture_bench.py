@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/capture_bench.py --out bench/results/capture.md [--lengths 512 1024 2048] [--repeats 5]
     .venv/bin/python bench/capture_bench.py --smoke          # small model, one short length, 1 repeat, prints
+    .venv/bin/python bench/capture_bench.py --logits-only    # ~1.5 min: the inspect capture pass with full logits
+                                                             # vs without (4096 tokens, 151,936-token vocabulary);
+                                                             # rewrites only its section of the results file
 
 Model: a real `Qwen2VLForConditionalGeneration` with random weights (hidden 512, 8 decoder layers, 8 heads,
 2 KV heads, a deliberately small vision tower so that the common vision cost does not hide the decoder
@@ -42,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD_MODES = ["sdpa", "capture", "eager"]
 BWD_MODES = ["sdpa_bwd", "capture_bwd", "eager_bwd"]
 ALL_MODES = FWD_MODES + BWD_MODES
+LOGIT_MODES = ["inspect_full", "inspect_lean"]  # --logits-only: the inspect capture pass with / without logits
+REAL_VOCAB = 151_936  # Qwen2-VL / Qwen2.5-VL
 
 MEDIUM = dict(hidden=512, layers=8, heads=8, kv_heads=2, vision_depth=1, vision_dim=64)
 SMALL = dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, vision_dim=32)
@@ -63,8 +68,15 @@ class Worker:
         self.torch = torch
         self.mode = mode
         self.n_rows = n_rows
+        model_cfg = dict(model_cfg)
+        vocab, dtype = model_cfg.pop("lm_vocab", None), model_cfg.pop("lm_dtype", None)
         self.ad = tiny_qwen2_vl(**model_cfg, max_pixels=64 * 64 * 28 * 28, seed=0)
         self.model = self.ad.model
+        if vocab:  # a real-size vocabulary on a tiny-width model: the logits then dominate the capture pass
+            self.model.resize_token_embeddings(vocab, mean_resizing=False)
+        if dtype:
+            self.model.to(getattr(torch, dtype))
+        self.note: dict = {}
         if mode.startswith("eager"):
             self.model.set_attn_implementation({"text_config": "eager"})
             assert self.model.config.get_text_config()._attn_implementation == "eager"
@@ -143,6 +155,17 @@ class Worker:
                 out = self.model(**mi)
             _, check = self._attn_loss([maps[i] for i in range(self.n_layers)], vis)
             keep = (out, dict(maps))
+        elif self.mode in LOGIT_MODES:
+            # the inspect capture pass (ral_core.inspection): all layers, the last rows; with full logits (as before
+            # issue 14) or with the keyword arguments inspect now passes
+            from ral_core.inspection import CAPTURE_ONLY
+            kw = CAPTURE_ONLY if self.mode == "inspect_lean" else {}
+            with torch.no_grad(), capture(self.model, "all", rows) as maps:
+                out = self.model(**mi, **kw)
+            _, check = self._attn_loss([maps[i] for i in range(self.n_layers)], vis)
+            self.note = {"logits_shape": list(out.logits.shape), "logits_dtype": str(out.logits.dtype),
+                         "vocab": int(self.model.config.get_text_config().vocab_size)}
+            keep = (out, dict(maps))
         elif self.mode == "eager":
             with torch.no_grad():
                 out = self.model(**mi, output_attentions=True)
@@ -185,7 +208,7 @@ class Worker:
         del keep
         self.model.zero_grad(set_to_none=True)
         gc.collect()
-        return {**x["info"], "mode": self.mode, "wall": t1 - t0, "cpu": c1 - c0, "rss0": rss0,
+        return {**x["info"], **self.note, "mode": self.mode, "wall": t1 - t0, "cpu": c1 - c0, "rss0": rss0,
                 "hwm": st["VmHWM"], "extra_mb": st["VmHWM"] - rss0, "peak_reset": ok_reset, "check": check,
                 "rows_cpu": self.rows_cpu,
                 "threads": torch.get_num_threads()}
@@ -555,6 +578,114 @@ def report(res, command) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- --logits-only
+
+SECTION_BEGIN = "<!-- logits-only: begin (written by bench/capture_bench.py --logits-only; a full run keeps it) -->"
+SECTION_END = "<!-- logits-only: end -->"
+
+
+def bench_logits(args) -> dict:
+    """Peak memory of the inspect capture pass with full logits vs without, per dtype, on the returning allocator.
+    Modes alternate within each repeat; the first call of each worker (at the shortest length) is a warm-up."""
+    logdir = tempfile.mkdtemp(prefix="capture_bench_logits_")
+    t_start = time.perf_counter()
+    info = C.machine_info()
+    info["busy_before"] = C.busy_processes(exclude={os.getpid()})
+    res = {}
+    for dtype in args.dtypes:
+        cfg = dict(SMALL, lm_vocab=args.vocab, lm_dtype=dtype)
+        log(f"[logits] {dtype}: starting workers (logs in {logdir})")
+        procs, _ = start(LOGIT_MODES, "mem", cfg, args.rows, logdir)
+        try:
+            for m in LOGIT_MODES:
+                procs[m].run(min(512, args.lengths[0]), "mem")
+            res[dtype] = {L: {m: [] for m in LOGIT_MODES} for L in args.lengths}
+            for L in args.lengths:
+                for r in range(args.mem_repeats):
+                    for m in (LOGIT_MODES if r % 2 == 0 else LOGIT_MODES[::-1]):
+                        res[dtype][L][m].append(procs[m].run(L, "mem"))
+                log(f"[logits] {dtype} L≈{L}: " + " ".join(
+                    f"{m}={max(x['extra_mb'] for x in res[dtype][L][m]):.1f}MB" for m in LOGIT_MODES))
+        finally:
+            for p in procs.values():
+                p.close()
+    info["busy_after"] = C.busy_processes(exclude={os.getpid()})
+    info["loadavg_after"] = C.loadavg()
+    info["elapsed_s"] = time.perf_counter() - t_start
+    return {"info": info, "mem": res, "model_cfg": SMALL, "args": vars(args)}
+
+
+def report_logits(res, command) -> str:
+    info, a, cfg = res["info"], res["args"], res["model_cfg"]
+    lines = [SECTION_BEGIN]
+    w = lines.append
+    w("## Logits only where used: the inspect capture pass (issue 14)" + (" (SMOKE run)" if a["smoke"] else ""))
+    w("")
+    w(f"- Command: `{command}` (this section only; the rest of the file comes from the full run above)")
+    w(f"- Date: {info['date']}; run time {info['elapsed_s']:.0f} s; machine: nproc {info['nproc']}, CPU "
+      f"`{info['cpu']}`, torch {info['torch']}, transformers {info['transformers']}; load average before "
+      f"{info['loadavg']}, after {info['loadavg_after']}")
+    w(f"- Model: `Qwen2VLForConditionalGeneration`, random weights, tiny width (hidden {cfg['hidden']}, "
+      f"{cfg['layers']} decoder layers, {cfg['heads']} heads) with a real-size vocabulary of {a['vocab']:,} tokens "
+      "(embeddings resized, LM head tied), batch 1, one torch thread. The pass is the one `inspect()` runs: SDPA with "
+      f"capture of all {cfg['layers']} layers, the last {a['rows']} query rows, no_grad — once with full logits (as "
+      "before), once with `ral_core.inspection.CAPTURE_ONLY` (`logits_to_keep=1`, `use_cache=False`), which inspect "
+      "and inspect_many now pass.")
+    w(f"- Memory: each mode in its own worker with the returning allocator (see 'How memory was measured'); extra "
+      f"peak = VmHWM after the call − VmRSS before it, the logits and maps still alive; {a['mem_repeats']} measured "
+      "call(s) per mode, alternating; the largest is shown (spread in brackets). Times are the same calls' medians "
+      "(returning allocator: page faults included; for information).")
+    w("")
+    w("| dtype | tokens | logits returned | extra peak MB, full logits | extra peak MB, no logits | saved MB | "
+      "[1, L, vocab] logits MB (computed) | wall ms full → lean | same maps |")
+    w("|---|---:|---|---:|---:|---:|---:|---:|---|")
+    figure = None
+    for dtype, per_len in res["mem"].items():
+        for L, runs in per_len.items():
+            full, lean = runs["inspect_full"], runs["inspect_lean"]
+            ef, el = max(x["extra_mb"] for x in full), max(x["extra_mb"] for x in lean)
+            sf = ef - min(x["extra_mb"] for x in full)
+            sl = el - min(x["extra_mb"] for x in lean)
+            n = full[0]["L"]
+            size = 2 if dtype in ("bfloat16", "float16") else 4
+            expect = n * full[0]["vocab"] * size / 2 ** 20
+            same = max(abs(p - q) for p, q in zip(full[0]["check"], lean[0]["check"]))
+            w(f"| {dtype} | {n:,} | {full[0]['logits_shape']} → {lean[0]['logits_shape']} | {ef:.1f} ({sf:.1f}) | "
+              f"{el:.1f} ({sl:.1f}) | **{ef - el:.1f}** | {expect:.1f} | "
+              f"{C.median([x['wall'] for x in full]) * 1e3:.0f} → {C.median([x['wall'] for x in lean]) * 1e3:.0f} | "
+              f"{'yes' if same == 0 else f'max |Δ| {same:.1e}'} |")
+            if dtype == "bfloat16" and L == max(per_len):
+                figure = (n, ef, el, expect)
+    w("")
+    if figure:
+        n, ef, el, expect = figure
+        w(f"At {n:,} tokens in bf16 (the dtype a GPU loads real checkpoints in), the capture pass of `inspect` "
+          f"peaked at {el:.1f} MB above its starting RSS instead of {ef:.1f} MB: **{ef - el:.0f} MB "
+          f"({(ef - el) / 1024:.2f} GiB) saved**, the [1, L, vocab] logits ({expect:.0f} MB) it no longer computes. "
+          "'Same maps': per-layer visual mass of the captured rows, lean minus full.")
+    w(f"- Busy processes before: " + ("; ".join(f"`{x}`" for x in info["busy_before"]) or "none")
+      + "; after: " + ("; ".join(f"`{x}`" for x in info["busy_after"]) or "none"))
+    w(SECTION_END)
+    return "\n".join(lines)
+
+
+def splice_section(path: str, section: str | None, base: str | None = None) -> str:
+    """The results file with the --logits-only section replaced (or appended); `base` (a fresh full report) keeps
+    the section of the file on disk."""
+    old = open(path).read() if os.path.exists(path) else ""
+    if section is None:  # a full run: carry the existing section over
+        i, j = old.find(SECTION_BEGIN), old.find(SECTION_END)
+        section = old[i:j + len(SECTION_END)] if i >= 0 and j > i else None
+        old = base
+    else:
+        i, j = old.find(SECTION_BEGIN), old.find(SECTION_END)
+        if i >= 0 and j > i:
+            old = old[:i].rstrip("\n") + "\n" + old[j + len(SECTION_END):].lstrip("\n")
+    if not section:
+        return old
+    return old.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="markdown file to write (default: bench/results/capture.md; "
@@ -567,6 +698,10 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=16, help="captured query rows (the last ones)")
     ap.add_argument("--smoke", action="store_true", help="small model, one short length, 1 repeat")
     ap.add_argument("--json", default=None, help="also dump raw results here")
+    ap.add_argument("--logits-only", action="store_true", help="only measure the inspect capture pass with full "
+                    "logits vs without (4096 tokens, real-size vocabulary) and rewrite that section of --out")
+    ap.add_argument("--vocab", type=int, default=REAL_VOCAB, help="--logits-only: vocabulary size (151936)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="--logits-only: model dtypes")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -574,6 +709,8 @@ def main(argv=None):
         worker_main(args.worker, json.loads(args.model_json), args.rows)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.logits_only:
+        return main_logits(args, argv)
     if args.smoke:
         args.lengths = args.lengths or [128]
         args.repeats = args.repeats or 1
@@ -585,8 +722,7 @@ def main(argv=None):
         args.bwd_repeats = args.bwd_repeats or 3
         args.out = args.out or os.path.join("bench", "results", "capture.md")
     args.lengths = sorted(args.lengths)
-    command = " ".join(["HF_HUB_OFFLINE=1", os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
-                        else sys.executable, os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:]))
+    command = _command(argv)
     res = bench(args)
     md = report(res, command)
     if args.json:
@@ -594,11 +730,39 @@ def main(argv=None):
             json.dump(res, f, indent=1, default=str)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        md = splice_section(args.out, None, md + "\n")  # keep the --logits-only section
         with open(args.out, "w") as f:
-            f.write(md + "\n")
+            f.write(md)
         log(f"wrote {args.out}")
     else:
         print(md)
+
+
+def _command(argv) -> str:
+    return " ".join(["HF_HUB_OFFLINE=1", os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
+                     else sys.executable, os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:]))
+
+
+def main_logits(args, argv):
+    """--logits-only: a few minutes instead of the full bench's ~10; rewrites only its own section of --out."""
+    args.lengths = sorted(args.lengths or ([512] if args.smoke else [4096]))
+    args.mem_repeats = 1 if args.smoke else max(args.mem_repeats, 3)
+    if args.smoke:
+        args.vocab = min(args.vocab, 32_000)
+    elif not args.out:
+        args.out = os.path.join("bench", "results", "capture.md")
+    res = bench_logits(args)
+    section = report_logits(res, _command(argv))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    if args.out:
+        md = splice_section(args.out, section)
+        with open(args.out, "w") as f:
+            f.write(md)
+        log(f"wrote the logits section of {args.out}")
+    else:
+        print(section)
 
 
 if __name__ == "__main__":
