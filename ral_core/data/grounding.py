@@ -44,7 +44,11 @@ def split_indices(n: int, test_fraction: float = 0.25, seed: int = 0) -> dict[st
 
 class GroundingTask:
     """Digit-grid questions. `kinds` picks the question types; `rows`×`cols` sets the grid (more cells →
-    more visual tokens); `cell_px` is the side of one cell in pixels (28 = one Qwen2-VL merged token)."""
+    more visual tokens); `cell_px` is the side of one cell in pixels (28 = one Qwen2-VL merged token).
+
+    The images are small (84×84 at 3×3); each family's adapter sizes them for its processor (one tile for
+    Idefics3/SmolVLM instead of 16 upscaled ones; see `ral_core.models.pixels.SMALL_IMAGES`), so a prompt costs a few
+    dozen visual tokens, not a thousand: `visual_tokens(adapter)` says how many."""
 
     def __init__(self, rows: int = 3, cols: int = 3, cell_px: int = 28, kinds=("cell",), split: str = "train",
                  seed: int = 0, unique: bool = True):
@@ -143,3 +147,7 @@ class GroundingTask:
 
     def samples(self, n: int, start: int = 0) -> list[Sample]:
         return [self.sample(start + i) for i in range(n)]
+
+    def visual_tokens(self, adapter) -> int:
+        """Visual tokens one task image becomes with `adapter` (all samples share the image size)."""
+        return int(adapter.process_images([self.sample(0).image])["n_tokens"][0])

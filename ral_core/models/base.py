@@ -108,6 +108,26 @@ class VLMAdapter:
     def extra_model_inputs(self, input_ids: torch.Tensor) -> dict:
         return {}
 
+    # ---- pixel budget (ral_core.models.pixels) ----------------------------------------------------
+    max_pixels: int | None = None  # cap on each image's pixels before the vision tower; None: the processor's own
+    small_image_rule: bool = True  # an image that fits one tile goes in as one tile (pixels.SMALL_IMAGES)
+
+    def set_max_pixels(self, max_pixels: int | None) -> str:
+        """Cap the pixels of each image that reach the vision tower (so its visual tokens); None: the processor's
+        own setting. Returns one line saying what the cap means for this family."""
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise RALError(f"max_pixels must be a positive number of pixels (got {max_pixels})")
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        return self.pixel_budget_note()
+
+    def pixel_budget_note(self) -> str:
+        return (f"{self.family} processes every image at one fixed size, so a pixel budget does not change its "
+                "visual tokens")
+
+    def image_kwargs(self, image) -> dict:
+        """Image-processor call kwargs for one image: the family's small-image setting and the pixel budget."""
+        return {}
+
     # ---- shared ------------------------------------------------------------------------------------
     @property
     def config(self):

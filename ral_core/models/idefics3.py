@@ -5,9 +5,20 @@ image gives (M/p)² patches; the pixel shuffle merges s×s patch blocks, so tile
 s·p × s·p block, row-major (read off `Idefics3Connector.pixel_shuffle`)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 from ral_core.models.base import TokenGeometry, VLMAdapter, grid_boxes, register
+from ral_core.models.pixels import SMALL_IMAGES, size_value
+
+
+def _stack_padded(items: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image [frames, …] tensors → [B, max frames, …], padded with all-zero frames as the processor pads a batch
+    (the model drops all-zero frames)."""
+    n = max(t.shape[0] for t in items)
+    return torch.stack([torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))]) for t in items])
 
 
 @register
@@ -53,15 +64,45 @@ class Idefics3Adapter(VLMAdapter):
             raise ValueError(f"prompt has {n} image tokens, expected {n_image_tokens}")
         return ids
 
+    def image_kwargs(self, image):
+        M = self.tile
+        if self.small_image_rule and max(image.size) <= M:  # pixels.SMALL_IMAGES: one tile, not an upscale into many
+            return dict(SMALL_IMAGES["idefics3"][0])
+        if self.max_pixels is None:
+            return {}
+        L = M * (math.isqrt(self.max_pixels) // M)  # tiles are M×M: the longest edge in whole tiles
+        own = size_value(self.image_processor.size, "longest_edge")
+        return {"do_image_splitting": False} if L <= M else {"size": {"longest_edge": min(L, int(own or L))}}
+
+    def pixel_budget_note(self):
+        M, L = self.tile, self.tile * (math.isqrt(self.max_pixels or 0) // self.tile)
+        if self.max_pixels is None:
+            return "no pixel budget: the processor's own size"
+        if L <= M:
+            return f"one {M}×{M} tile per image → {self.image_seq_len} visual tokens"
+        n = (L // M) ** 2
+        return (f"longest edge {L} px → at most {n} tiles of {M}×{M} plus the global image → at most "
+                f"{(n + 1) * self.image_seq_len} visual tokens")
+
     def process_images(self, images):
-        out = self.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
-        rows = [int(r[0]) for r in out["rows"]]
-        cols = [int(c[0]) for c in out["cols"]]
+        images = list(images)
+        kws = [self.image_kwargs(im) for im in images]
+        groups: dict[str, list[int]] = {}
+        for i, kw in enumerate(kws):
+            groups.setdefault(repr(sorted(kw.items())), []).append(i)
+        outs = {}
+        for idx in groups.values():  # one processor call per setting (small images and photos may share a batch)
+            out = self.image_processor(images=[[images[i]] for i in idx], return_tensors="pt",
+                                       return_row_col_info=True, **kws[idx[0]])
+            for j, i in enumerate(idx):
+                outs[i] = {k: out[k][j] for k in ("pixel_values", "pixel_attention_mask") if k in out}
+                outs[i]["rows"], outs[i]["cols"] = int(out["rows"][j][0]), int(out["cols"][j][0])
+        rows = [outs[i]["rows"] for i in range(len(images))]
+        cols = [outs[i]["cols"] for i in range(len(images))]
         meta = [{"rows": r, "cols": c, "tile": self.tile, "cell": self.cell, "side": self.side}
                 for r, c in zip(rows, cols)]
-        tensors = {"pixel_values": out["pixel_values"]}
-        if "pixel_attention_mask" in out:
-            tensors["pixel_attention_mask"] = out["pixel_attention_mask"]
+        tensors = {k: _stack_padded([outs[i][k] for i in range(len(images))])
+                   for k in ("pixel_values", "pixel_attention_mask") if k in outs[0]}
         return {"tensors": tensors, "n_tokens": [(r * c + 1) * self.image_seq_len for r, c in zip(rows, cols)],
                 "meta": meta}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ral_core.models.base import TokenGeometry, VLMAdapter, grid_boxes, register
+from ral_core.models.pixels import size_value
 
 
 @register
@@ -31,8 +32,31 @@ class Qwen2VLAdapter(VLMAdapter):
         tail = tok(f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         return head + [self.image_token_id] * int(n_image_tokens) + tail
 
+    def _pixel_range(self) -> tuple[int, int]:
+        """(min, max) pixels of the smart resize, after the pixel budget."""
+        size = self.image_processor.size
+        lo, hi = int(size_value(size, "shortest_edge")), int(size_value(size, "longest_edge"))
+        if self.max_pixels is not None:
+            hi = max(min(hi, self.max_pixels), (self.patch * self.merge) ** 2)  # at least one token
+            lo = min(lo, hi)
+        return lo, hi
+
+    def image_kwargs(self, image):
+        # Smart resize already sizes small images by their pixels (pixels.SMALL_IMAGES): only the budget applies.
+        if self.max_pixels is None:
+            return {}
+        lo, hi = self._pixel_range()
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+
+    def pixel_budget_note(self):
+        f = self.patch * self.merge
+        _, hi = self._pixel_range()
+        return (f"at most {hi} pixels per image (smart resize to multiples of {f} px) → at most {hi // f ** 2} visual "
+                "tokens")
+
     def process_images(self, images):
-        out = self.image_processor(images=list(images), return_tensors="pt")
+        images = list(images)
+        out = self.image_processor(images=images, return_tensors="pt", **self.image_kwargs(images[0]))
         thw = out["image_grid_thw"]
         m2 = self.merge ** 2
         meta = [{"grid_thw": [int(x) for x in t]} for t in thw]
