@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -18,11 +19,87 @@ def _add_model_options(p):
                         "on a Hugging Face Space)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on a CUDA GPU, float32 on the CPU)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr for the long steps (model load, image+prompt encoding, generation, "
+                        "capture, rendering); default: on when stderr is a terminal, off in logs and pipes")
 
 
 def _load(a, device=None):
     from ral_core.models import load_adapter
-    return load_adapter(a.model, device=device, dtype=a.dtype, allow_download=a.allow_download or None)
+    with _Steps(a).step("load model"):
+        return load_adapter(a.model, device=device, dtype=a.dtype, allow_download=a.allow_download or None)
+
+
+class _Steps:
+    """One tqdm bar on stderr per long step. A ticker thread redraws the open bar every second, so a step without
+    updates (loading a 2B model, a long prefill) still shows that it is running and for how long."""
+
+    def __init__(self, a):
+        p = getattr(a, "progress", None)
+        self.on = sys.stderr.isatty() if p is None else bool(p)
+
+    @contextlib.contextmanager
+    def step(self, desc: str, total=None, unit: str = "it"):
+        import threading
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.on, file=sys.stderr, dynamic_ncols=True,
+                   bar_format=None if total else "{desc}: {elapsed}")
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(1.0):
+                bar.refresh()
+        if self.on:
+            threading.Thread(target=tick, daemon=True).start()
+        try:
+            yield bar
+        finally:
+            stop.set()
+            bar.close()
+
+    @contextlib.contextmanager
+    def inspect(self, model, max_new_tokens: int):
+        """Bars for the model calls inside `inspect()`, told apart by their inputs: the first call encodes the image
+        and the prompt, one-token calls are generation steps (the KV cache holds the rest), a later full-length
+        call is the teacher-forced capture pass."""
+        state = {"n": 0, "ctx": None, "bar": None}
+
+        def enter(desc, total=None, unit="it"):
+            leave()
+            state["ctx"] = self.step(desc, total, unit)
+            state["bar"] = state["ctx"].__enter__()
+
+        def leave():
+            if state["ctx"] is not None:
+                state["ctx"].__exit__(None, None, None)
+                state["ctx"] = state["bar"] = None
+
+        def pre(_mod, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            length = ids.shape[1] if ids is not None else 0
+            if state["n"] == 0:
+                enter("encode image + prompt")
+            elif length != 1:
+                enter("capture attention")
+            elif state["n"] == 1:
+                enter("generate", total=max_new_tokens, unit="tok")
+                state["bar"].update(1)  # the first token came out of the encoding pass
+            state["n"] += 1
+
+        def post(_mod, args, kwargs, _out):
+            if state["bar"] is not None and state["bar"].total:
+                state["bar"].update(1)
+
+        hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                 model.register_forward_hook(post, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            leave()
+            for h in hooks:
+                h.remove()
 
 
 def _add_inspect(sub):
@@ -35,8 +112,41 @@ def _add_inspect(sub):
     p.add_argument("--head", type=int, default=None, help="also render this single head")
     p.add_argument("--token", type=int, default=None, help="answer token to show (default: mean over the answer)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH",
+                   help="pixel budget per image before the vision tower, so fewer visual tokens (e.g. 401408 or "
+                        "640x480): Qwen caps its smart resize, Idefics3/SmolVLM the tiled longest edge; LLaVA and "
+                        "Gemma 3 take one fixed size (no effect)")
+    p.add_argument("--figsize", type=_figsize, default=None, metavar="W,H",
+                   help="the box in pixels each figure must fit in, e.g. 1600,1200 (the image keeps its aspect "
+                        "ratio inside it); default: sized from the image (an overlay's long side up to 900 px) "
+                        "and, for the head grid, ~10 px per token")
+    p.add_argument("--format", default="png", choices=["png", "svg"], help="figure file format")
+    p.add_argument("--per-head-scale", action="store_true",
+                   help="head grid: each head on its own colour scale (0 … its own max, noted per panel) instead "
+                        "of one shared scale, so a few strong heads do not wash out the rest")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_inspect)
+
+
+def _pixels(text: str) -> int:
+    """'401408' or '640x480' (also 640*480) → a positive number of pixels."""
+    try:
+        parts = [int(v) for v in text.lower().replace("*", "x").split("x")]
+        n = parts[0] * (parts[1] if len(parts) == 2 else 1)
+        assert len(parts) <= 2 and min(parts) > 0
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a pixel count (N or WxH, positive)") from None
+    return n
+
+
+def _figsize(text: str) -> tuple[int, int]:
+    """'1600,1200' → (1600, 1200) pixels, each side 100..10000."""
+    try:
+        w, h = (int(v) for v in text.replace("x", ",").split(","))
+        assert 100 <= w <= 10_000 and 100 <= h <= 10_000
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not W,H in pixels (each 100..10000)") from None
+    return w, h
 
 
 def cmd_inspect(a) -> int:
@@ -57,6 +167,9 @@ def cmd_inspect(a) -> int:
     except OSError as e:
         raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
     adapter = _load(a, device="auto")
+    if a.max_pixels is not None:
+        note = adapter.set_max_pixels(a.max_pixels)
+        print(f"--max-pixels {a.max_pixels}: {note}", file=sys.stderr)
     n, attn = adapter.num_layers, adapter.attention_layers
     if not -len(attn) <= a.layer < n:
         raise RALError(f"--layer {a.layer} is out of range: the model has {n} decoder layers (0..{n - 1} or -1)")
@@ -64,19 +177,30 @@ def cmd_inspect(a) -> int:
     if a.head is not None and not 0 <= a.head < adapter.num_heads:
         raise RALError(f"--head {a.head} is out of range: the model has {adapter.num_heads} heads (0..{adapter.num_heads - 1})")
     question = check_question(adapter, a.question, reserved=reserved_tokens(adapter, image, a.max_new_tokens))
-    res = inspect(adapter, image, question, max_new_tokens=a.max_new_tokens)
+    steps = _Steps(a)
+    with steps.inspect(adapter.model, a.max_new_tokens):
+        res = inspect(adapter, image, question, max_new_tokens=a.max_new_tokens)
     token = "mean" if a.token is None else a.token
     if a.token is not None and not 0 <= a.token < res.n_tokens:
         raise RALError(f"--token {a.token} is out of range: the answer has {res.n_tokens} token(s)")
     res.save(out / "result")
     (out / "answer.txt").write_text(res.answer + "\n")
-    files = [render.save_figure(render.inspection_overlay(res, layer=layer, token=token), out / "overlay.png"),
-             render.save_figure(render.head_grid(res, layer, token=token), out / "heads.png")]
+    ext, size = a.format, a.figsize
+    figures = [(lambda: render.inspection_overlay(res, layer=layer, token=token, size_px=size), "overlay"),
+               (lambda: render.head_grid(res, layer, token=token, shared_scale=not a.per_head_scale, size_px=size),
+                "heads"),
+               (lambda: render.layer_head_summary(res, token=token, size_px=size), "layers_heads")]
     if a.head is not None:
-        files.append(render.save_figure(render.inspection_overlay(res, layer=layer, head=a.head, token=token),
-                                        out / f"head{a.head}.png"))
+        figures.append((lambda: render.inspection_overlay(res, layer=layer, head=a.head, token=token, size_px=size),
+                        f"head{a.head}"))
+    files = []
+    with steps.step("render figures", total=len(figures), unit="fig") as bar:
+        for draw, name in figures:
+            files.append(render.save_figure(draw(), out / f"{name}.{ext}"))
+            bar.update(1)
     m = res.mass_split(layer=layer, token=token)
     print(f"answer: {res.answer!r}")
+    print(f"visual tokens: {res.geometry.n_tokens} for the {image.width}×{image.height} image")
     print(f"layer {layer} attention mass: image {m['image']:.3f} · prompt text {m['prompt_text']:.3f} · "
           f"answer {m['answer']:.3f}")
     print("wrote: " + ", ".join(str(f) for f in files + [out / "answer.txt", out / "result"]))

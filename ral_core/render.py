@@ -1,5 +1,10 @@
-"""Renderings from saved data only (never re-runs a model): attention overlays with a colour bar,
-per-head grids, signed differences. matplotlib with the Agg backend; PNG and SVG."""
+"""Renderings from saved data only (never re-runs a model): attention overlays with a colour bar, per-head grids,
+a layer × head summary, signed differences. matplotlib with the Agg backend; PNG and SVG.
+
+Figures scale with the image: an overlay shows the image at its own aspect ratio with its long side clipped to
+[OVERLAY_MIN_PX, OVERLAY_MAX_PX] (a photo ~900 px, a digit grid 336 px), and the token map is painted at the display
+resolution and drawn nearest-neighbour, so token borders stay sharp. `size_px=(W, H)` is the box, in pixels, that a
+figure must fit in (the image keeps its aspect ratio inside it)."""
 from __future__ import annotations
 
 import io
@@ -10,75 +15,239 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ral_core.models.base import TokenGeometry  # noqa: E402
 
+DPI = 100  # figure inches × 100 = pixels, so layouts below are in pixels
+OVERLAY_MIN_PX, OVERLAY_MAX_PX = 336, 900
+PANEL_MIN_PX, PANEL_MAX_PX, PANEL_PX_PER_TOKEN = 200, 360, 10
+MASS_LABEL = "attention (share of the row)"
 
-def token_heatmap(values: np.ndarray, geometry: TokenGeometry, scale: int = 1) -> np.ndarray:
-    """Paint per-token values onto an image-sized array. Overlapping tokens (Idefics3 tiles + global image)
-    add up, each weighted by mean area / its area, so equal-size tokens show their plain value."""
+
+def token_heatmap(values: np.ndarray, geometry: TokenGeometry, scale: float = 1, size=None) -> np.ndarray:
+    """Paint per-token values onto an image-sized array (or `size=(w, h)` pixels, e.g. the display size).
+    Overlapping tokens (Idefics3 tiles + global image) add up, each weighted by mean area / its area, so equal-size
+    tokens show their plain value."""
     W, H = geometry.image_size
-    heat = np.zeros((H * scale, W * scale), np.float64)
+    w, h = size or (int(round(W * scale)), int(round(H * scale)))
+    heat = np.zeros((h, w), np.float64)
     b = np.asarray(geometry.boxes, np.float64)
     areas = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9)
-    w = np.asarray(values, np.float64) * (areas.mean() / areas)
-    for (x0, y0, x1, y1), v in zip(np.round(b * scale).astype(int), w):
+    wts = np.asarray(values, np.float64) * (areas.mean() / areas)
+    for (x0, y0, x1, y1), v in zip(np.round(b * [w / W, h / H, w / W, h / H]).astype(int), wts):
         heat[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] += v
     return heat
 
 
-def _show_image(ax, image):
-    ax.imshow(np.asarray(image.convert("L")), cmap="gray", extent=(0, image.width, image.height, 0))
+def token_grid(geometry: TokenGeometry) -> tuple[float, float]:
+    """Tokens across and down the image at the finest token size (Idefics3: the tiles, not the global image)."""
+    b = np.asarray(geometry.boxes, np.float64)
+    W, H = geometry.image_size
+    return W / max(float(np.median(b[:, 2] - b[:, 0])), 1e-9), H / max(float(np.median(b[:, 3] - b[:, 1])), 1e-9)
+
+
+def _fit(image_size, long_side: float) -> tuple[int, int]:
+    """(w, h) in pixels with the image's aspect ratio and the given long side."""
+    W, H = image_size
+    k = long_side / max(W, H)
+    return max(int(round(W * k)), 1), max(int(round(H * k)), 1)
+
+
+def _gray(image, size) -> np.ndarray:
+    """The image in gray at `size` pixels: Lanczos when shrinking, nearest when enlarging (the pixels the model got,
+    not a blur of them)."""
+    g = image.convert("L")
+    if g.size != tuple(size):
+        g = g.resize(size, Image.LANCZOS if size[0] < g.width else Image.NEAREST)
+    return np.asarray(g)
+
+
+def _axes_px(ax, image_size) -> tuple[int, int]:
+    """Pixel size the image will take in an axes someone else laid out (equal aspect inside its box)."""
+    fig = ax.figure
+    pos = ax.get_position()
+    bw, bh = pos.width * fig.get_figwidth() * fig.dpi, pos.height * fig.get_figheight() * fig.dpi
+    W, H = image_size
+    return _fit(image_size, max(W, H) * min(bw / W, bh / H))
+
+
+def _draw(ax, image, geometry, values, px, vmin=None, vmax=None, cmap="inferno", alpha=0.6, boxes=(), gray=None,
+          lw=1.5):
+    """Image in gray plus the token map, both at `px` (the display size) so every token border is a pixel edge."""
+    W, H = image.size
+    ext = (0, W, H, 0)
+    ax.imshow(_gray(image, px) if gray is None else gray, cmap="gray", extent=ext, interpolation="nearest",
+              aspect="auto")
+    im = ax.imshow(token_heatmap(values, geometry, size=px), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, extent=ext,
+                   interpolation="nearest", aspect="auto")
+    for (x0, y0, x1, y1) in boxes:
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="#00e5ff", lw=lw))
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
     ax.set_xticks([])
     ax.set_yticks([])
+    return im
+
+
+def _figure(w_px: float, h_px: float):
+    return plt.figure(figsize=(w_px / DPI, h_px / DPI), dpi=DPI)
+
+
+def _add_axes(fig, x, y_top, w, h):
+    """Axes at pixel position (x, y from the top) and pixel size."""
+    W, H = fig.get_figwidth() * DPI, fig.get_figheight() * DPI
+    return fig.add_axes((x / W, 1 - (y_top + h) / H, w / W, h / H))
+
+
+# Layout in pixels: margins (≥ the 10 px savefig pads around a tight bounding box, so a saved figure is never larger
+# than laid out), the colour bar at the right, the title on top.
+_PAD, _CB_GAP, _CB_W, _CB_TEXT = 12, 12, 16, 72
+
+
+def _overlay_layout(image_size, title_lines: int, size_px=None):
+    """(figure, image axes, colour-bar axes, font size) for one overlay."""
+    if size_px:
+        bw, bh = size_px
+        long_side = max(image_size) * min((bw - 2 * _PAD - _CB_GAP - _CB_W - _CB_TEXT) / image_size[0],
+                                          (bh - _PAD - 8 - 16 * title_lines - 16) / image_size[1])
+    else:
+        long_side = float(np.clip(max(image_size), OVERLAY_MIN_PX, OVERLAY_MAX_PX))
+    w, h = _fit(image_size, max(long_side, 32))
+    fs = 9 if w < 520 else 11
+    top = (fs + 7) * title_lines + 16 if title_lines else _PAD
+    fig = _figure(_PAD + w + _CB_GAP + _CB_W + _CB_TEXT, top + h + _PAD + 8)  # + half a tick label below the bar
+    ax = _add_axes(fig, _PAD, top, w, h)
+    cax = _add_axes(fig, _PAD + w + _CB_GAP, top, _CB_W, h)
+    return fig, ax, cax, fs, (w, h)
 
 
 def overlay(image, geometry, values, title: str = "", vmin=None, vmax=None, cmap="inferno", alpha=0.6,
-            boxes=(), ax=None, colorbar_label="attention (share of the row)"):
-    """Heatmap of per-visual-token values over the image, with a colour bar; returns the Figure."""
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=110)
-    heat = token_heatmap(values, geometry)
-    _show_image(ax, image)
-    im = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, extent=(0, image.width, image.height, 0))
-    for (x0, y0, x1, y1) in boxes:
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="#00e5ff", lw=1.5))
-    ax.set_title(title, fontsize=9)
-    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    cb.set_label(colorbar_label, fontsize=8)
-    cb.ax.tick_params(labelsize=7)
-    return fig or ax.figure
+            boxes=(), ax=None, colorbar_label=MASS_LABEL, size_px=None):
+    """Heatmap of per-visual-token values over the image, with a colour bar; returns the Figure. Without `ax` the
+    figure is sized from the image (see the module docstring) or to fit `size_px`; with `ax` it draws into that
+    axes at the resolution the axes will have."""
+    if ax is not None:
+        im = _draw(ax, image, geometry, values, _axes_px(ax, image.size), vmin, vmax, cmap, alpha, boxes)
+        ax.set_aspect("equal")
+        ax.set_title(title, fontsize=9)
+        cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label(colorbar_label, fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+        return ax.figure
+    lines = title.count("\n") + 1 if title else 0
+    fig, ax, cax, fs, px = _overlay_layout(image.size, lines, size_px)
+    im = _draw(ax, image, geometry, values, px, vmin, vmax, cmap, alpha, boxes, lw=1.5 if px[0] < 520 else 2.5)
+    ax.set_title(title, fontsize=fs)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(colorbar_label, fontsize=fs - 1)
+    cb.ax.tick_params(labelsize=fs - 2)
+    return fig
 
 
-def diff_overlay(image, geometry, values_a, values_b, title="after − before", ax=None):
+def diff_overlay(image, geometry, values_a, values_b, title="after − before", ax=None, size_px=None):
     """Signed difference b − a on a symmetric diverging scale (red: more attention after, blue: less)."""
     d = np.asarray(values_b) - np.asarray(values_a)
     lim = float(np.abs(d).max()) or 1e-9
     return overlay(image, geometry, d, title=title, vmin=-lim, vmax=lim, cmap="RdBu_r", alpha=0.75, ax=ax,
-                   colorbar_label="change in attention")
+                   colorbar_label="change in attention", size_px=size_px)
 
 
-def head_grid(result, layer, token="mean", row="predicts", shared_scale: bool = True):
-    """One small overlay per head of `layer` (shared colour scale by default)."""
-    maps = result.head_maps(layer, token=token, row=row)
-    H = maps.shape[0]
-    cols = min(4, H)
-    rows = int(np.ceil(H / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), dpi=100, squeeze=False)
-    vmax = float(maps.max()) if shared_scale else None
-    for h in range(rows * cols):
-        ax = axes[h // cols][h % cols]
-        if h >= H:
-            ax.axis("off")
-            continue
-        heat = token_heatmap(maps[h], result.geometry)
-        _show_image(ax, result.image)
-        im = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
-                       extent=(0, result.image.width, result.image.height, 0))
-        ax.set_title(f"head {h}", fontsize=8)
-    fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02).set_label("attention", fontsize=8)
-    fig.suptitle(f"layer {layer}, per head — {token_label(result, token)}", fontsize=9)
+def head_grid(result, layer, token="mean", row="predicts", shared_scale: bool = True, max_cols: int = 4,
+              size_px=None):
+    """One overlay per head of `layer`, at most `max_cols` per row. Each panel is sized from the token grid
+    (~10 px per token, 200–360 px). `shared_scale=False` gives every head its own colour scale (0 … its own max,
+    noted in its title), so a few strong heads do not wash out the rest."""
+    maps = np.asarray(result.head_maps(layer, token=token, row=row), np.float64)
+    n = maps.shape[0]
+    cols = max(1, min(int(max_cols), n))
+    rows = int(np.ceil(n / cols))
+    image, geo = result.image, result.geometry
+    nx, ny = token_grid(geo)
+    side = float(np.clip(PANEL_PX_PER_TOKEN * max(nx, ny), PANEL_MIN_PX, PANEL_MAX_PX))
+    gap, title_h, sup_h = 10, 20, 40
+    if size_px:  # shrink (or grow) the panels to fit the box
+        pw0, ph0 = _fit(image.size, side)
+        k = min((size_px[0] - 2 * _PAD - (cols - 1) * gap - _CB_GAP - _CB_W - _CB_TEXT) / (cols * pw0),
+                (size_px[1] - sup_h - _PAD - rows * (title_h + gap)) / (rows * ph0))
+        side *= max(k, 0.1)
+    pw, ph = _fit(image.size, side)
+    fig = _figure(2 * _PAD + cols * pw + (cols - 1) * gap + _CB_GAP + _CB_W + _CB_TEXT,
+                  sup_h + rows * (title_h + ph + gap) + _PAD)
+    gray = _gray(image, (pw, ph))
+    fs = 8 if pw < 260 else 9
+    peaks = maps.max(axis=1)
+    vmax = float(peaks.max()) or 1e-9
+    for h in range(n):
+        r, c = divmod(h, cols)
+        ax = _add_axes(fig, _PAD + c * (pw + gap), sup_h + r * (title_h + ph + gap) + title_h, pw, ph)
+        img_mass = result.mass_split(layer=layer, head=h, token=token, row=row)["image"]
+        if shared_scale:
+            im = _draw(ax, image, geo, maps[h], (pw, ph), 0, vmax, gray=gray)
+            ax.set_title(f"head {h} · image {img_mass:.2f}", fontsize=fs)
+        else:
+            im = _draw(ax, image, geo, maps[h] / (peaks[h] or 1e-9), (pw, ph), 0, 1, gray=gray)
+            ax.set_title(f"head {h} · image {img_mass:.2f} · max {peaks[h]:.2g}", fontsize=fs)
+    cax = _add_axes(fig, _PAD + cols * pw + (cols - 1) * gap + _CB_GAP, sup_h + title_h, _CB_W,
+                    rows * (title_h + ph + gap) - gap - title_h)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(MASS_LABEL if shared_scale else "share of the head's own max", fontsize=fs)
+    cb.ax.tick_params(labelsize=fs - 1)
+    scale = "one colour scale" if shared_scale else "each head on its own scale"
+    fig.suptitle(f"layer {layer}, per head ({scale}) — {token_label(result, token)}", fontsize=fs + 1,
+                 y=1 - 12 / (fig.get_figheight() * DPI), va="top")
+    return fig
+
+
+SUMMARY_METRICS = {  # metric → (title, colour-bar label)
+    "image_mass": ("attention on the image", "share of the attention row on visual tokens"),
+    "entropy": ("entropy of the image attention", "normalised entropy (0: one token, 1: spread evenly)")}
+
+
+def layer_head_values(result, metric: str = "image_mass", token="mean", row="predicts") -> np.ndarray:
+    """[layers, heads] of `metric`, averaged over the selected answer rows: 'image_mass' (share of the attention row
+    on visual tokens) or 'entropy' (entropy of the row's attention over visual tokens, renormalised to sum 1, divided
+    by log(number of visual tokens))."""
+    if metric not in SUMMARY_METRICS:
+        raise ValueError(f"metric must be one of {list(SUMMARY_METRICS)}")
+    rows = result._rows(token, row)
+    if metric == "image_mass":
+        return result.mass[:, :, rows, 0].mean(axis=-1)
+    v = np.asarray(result.visual[:, :, rows], np.float64)
+    p = v / np.maximum(v.sum(-1, keepdims=True), 1e-12)
+    ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
+    return ent.mean(axis=-1) / max(np.log(v.shape[-1]), 1e-12)
+
+
+def layer_head_summary(result, metric: str = "image_mass", token="mean", row="predicts", size_px=None):
+    """One cell per (captured layer, head): `metric` ('image_mass' or 'entropy', see `layer_head_values`) as a heatmap.
+    Cells are 16–44 px wide and 12–36 px high, so 16 heads × 36 layers fit in ~0.9 × 0.8 k pixels; values are printed
+    in the cells when there are at most 64."""
+    vals = layer_head_values(result, metric, token, row)
+    L, H = vals.shape
+    left, top, bottom = 64, 52, 48
+    cw, ch = float(np.clip(560 / H, 16, 44)), float(np.clip(560 / L, 12, 36))
+    if size_px:
+        cw = max((size_px[0] - left - _CB_GAP - _CB_W - _CB_TEXT - _PAD) / H, 2)
+        ch = max((size_px[1] - top - bottom) / L, 2)
+    fig = _figure(left + H * cw + _CB_GAP + _CB_W + _CB_TEXT + _PAD, top + L * ch + bottom)
+    ax = _add_axes(fig, left, top, H * cw, L * ch)
+    vmax = 1.0 if metric == "entropy" else (float(vals.max()) or 1e-9)
+    im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+    step_x, step_y = max(1, int(np.ceil(16 / cw))), max(1, int(np.ceil(11 / ch)))  # tick labels that do not overlap
+    ax.set_xticks(range(0, H, step_x), [str(h) for h in range(0, H, step_x)], fontsize=8)
+    ax.set_yticks(range(0, L, step_y), [str(result.layers[i]) for i in range(0, L, step_y)], fontsize=8)
+    ax.set_xlabel("head", fontsize=9)
+    ax.set_ylabel("decoder layer", fontsize=9)
+    if L * H <= 64:
+        for (i, j), v in np.ndenumerate(vals):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if v > 0.6 * vmax else "white")
+    cax = _add_axes(fig, left + H * cw + _CB_GAP, top, _CB_W, L * ch)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(SUMMARY_METRICS[metric][1], fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    ax.set_title(f"{SUMMARY_METRICS[metric][0]} per layer × head\n{token_label(result, token)}", fontsize=9)
     return fig
 
 
@@ -88,14 +257,14 @@ def token_label(result, token) -> str:
     return f"token {int(token)} {result.answer_tokens[int(token)]!r}"
 
 
-def inspection_overlay(result, layer="mean", head="mean", token="mean", row="predicts", boxes=()):
+def inspection_overlay(result, layer="mean", head="mean", token="mean", row="predicts", boxes=(), size_px=None):
     """Head-mean (by default) overlay for an InspectionResult, titled with what it shows."""
     v = result.visual_map(layer=layer, head=head, token=token, row=row)
     m = result.mass_split(layer=layer, head=head, token=token, row=row)
     lay = "mean over layers" if layer in (None, "mean") else f"layer {layer}"
     hd = "mean over heads" if head in (None, "mean") else f"head {head}"
     title = f"{lay}, {hd}\n{token_label(result, token)} · image mass {m['image']:.2f}"
-    return overlay(result.image, result.geometry, v, title=title, vmin=0, boxes=boxes)
+    return overlay(result.image, result.geometry, v, title=title, vmin=0, boxes=boxes, size_px=size_px)
 
 
 def save_figure(fig, path) -> Path:
