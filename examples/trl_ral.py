@@ -96,6 +96,8 @@ def main():
     trainer.remove_callback(PrinterCallback)  # TRL's full log dicts; a summary of them is printed below
     t0 = time.perf_counter()
     trainer.train()
+    if not trainer.accelerator.is_main_process:  # under accelerate launch every process gets here
+        return
     logs = [h for h in trainer.state.log_history if "reward" in h]
     print(f"\n{a.steps} steps in {time.perf_counter() - t0:.0f} s; per logging window (TRL's logs, ral/ = ours):")
     for h in logs:
