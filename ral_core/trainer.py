@@ -74,9 +74,9 @@ class Precision:
 
 def resolve_precision(setting: str, storage: torch.dtype, device) -> Precision:
     """`precision` of the config → a Precision. 'auto' follows the checkpoint: an fp32 one trains in fp32; a bf16/fp16
-    one gets fp32 master weights, with bf16 autocast on a CUDA GPU (frozen weights stay bf16) and fp32 compute on the
-    CPU, where bf16 matmuls are slower than fp32 ones unless the CPU has AMX. In pure bf16 most updates of an AdamW
-    step at lr 5e-5 round away (issue 14: 57 % of N(0, 0.02²) weights moved, 100 % in fp32)."""
+    one gets fp32 master weights, with bf16 autocast on a CUDA GPU (frozen weights keep the checkpoint's dtype: half
+    the memory) and fp32 compute on the CPU, where bf16 matmuls are slower than fp32 ones unless the CPU has AMX. In
+    pure bf16 most updates of an AdamW step at lr 5e-5 round away (issue 14: 57 % of N(0, 0.02²) weights moved)."""
     dev = torch.device(device).type
     bf16_ok = dev != "cuda" or torch.cuda.is_bf16_supported()
     if setting == "auto":
@@ -102,15 +102,16 @@ def apply_precision(model: torch.nn.Module, prec: Precision) -> None:
             p.data = p.data.to(torch.float32 if p.requires_grad else prec.frozen)
 
 
-def storage_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict:
-    """The model's state dict with floating tensors in `dtype` (the checkpoint's), tied tensors still shared, so
-    save_pretrained drops the alias as it does for the model's own state dict."""
+def storage_state_dict(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> dict:
+    """The model's state dict with each floating tensor back in its checkpoint dtype (`dtypes`, by key), tied tensors
+    still shared, so save_pretrained drops the alias as it does for the model's own state dict."""
     out, seen = {}, {}
     for k, v in model.state_dict().items():
-        if v.is_floating_point() and v.dtype != dtype:
-            key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        dt = dtypes.get(k, v.dtype)
+        if v.is_floating_point() and v.dtype != dt:
+            key = (v.data_ptr(), dt, tuple(v.shape), v.stride())
             if key not in seen:
-                seen[key] = v.detach().to(dtype)
+                seen[key] = v.detach().to(dt)
             v = seen[key]
         out[k] = v
     return out
@@ -149,6 +150,7 @@ class Trainer:
         self.adapter = adapter or load_adapter(cfg.model, device=str(self.acc.device))
         model = self.adapter.model
         self.precision = resolve_precision(cfg.precision, model.dtype, self.acc.device)
+        self._saved_dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # what checkpoints write back
         for n, p in model.named_parameters():
             p.requires_grad_(not (cfg.freeze_vision and is_vision_param(n)))
         self.ref_model = None
@@ -473,18 +475,18 @@ class Trainer:
         return final
 
     def _save_weights(self, model, directory: Path):
-        """Weights in the checkpoint's dtype (a bf16 model stays a bf16 checkpoint), plus the fp32 master copy of the
-        trainable weights that this dtype would round (MASTER_WEIGHTS), so that resuming continues exactly."""
+        """Weights in the checkpoint's dtypes (a bf16 model stays a bf16 checkpoint), plus the fp32 master copy of the
+        trainable weights that they would round (MASTER_WEIGHTS), so that resuming continues exactly."""
         from safetensors.torch import save_file
         st = self.precision.storage
-        model.save_pretrained(directory, state_dict=storage_state_dict(model, st))
+        model.save_pretrained(directory, state_dict=storage_state_dict(model, self._saved_dtypes))
         cfg_file = directory / "config.json"
         c = json.loads(cfg_file.read_text())
         if c.get("dtype") != str(st).removeprefix("torch."):  # save_pretrained writes the fp32 masters' dtype
             c["dtype"] = str(st).removeprefix("torch.")
             cfg_file.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
         masters = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad and p.dtype != st}
+                   if p.requires_grad and p.dtype != self._saved_dtypes.get(n, p.dtype)}
         if masters:
             save_file(masters, str(directory / MASTER_WEIGHTS))
 

@@ -29,7 +29,7 @@ def _save(adapter, d):
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory):
-    """A tiny Qwen2-VL (weights N(0, 0.02²) as transformers initialises them) saved in bf16, as real checkpoints are."""
+    """A tiny Qwen2-VL (weights N(0, 0.02²), transformers' init) saved in bf16, as real checkpoints are."""
     from ral_core.models.tiny import tiny_qwen2_vl
     a = tiny_qwen2_vl(layers=2)
     a.model.to(torch.bfloat16)
