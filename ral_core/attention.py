@@ -64,6 +64,12 @@ def _fit_bias(bias, k_len):
 
 
 def _row_probs(module, query, key, attention_mask, scaling, rows, bias):
+    # fp32 rows also under bf16 autocast (mixed-precision training), where matmul would otherwise run in bf16
+    with torch.autocast(query.device.type, enabled=False):
+        return _row_probs_fp32(module, query, key, attention_mask, scaling, rows, bias)
+
+
+def _row_probs_fp32(module, query, key, attention_mask, scaling, rows, bias):
     B, H, Lq, D = query.shape
     k_len = key.shape[2]
     if rows is None:

@@ -234,3 +234,22 @@ def test_precision_choice_and_validation(monkeypatch):
         resolve_precision("bf16-mixed", bf, "cuda")
     with pytest.raises(RALError, match="precision must be auto, fp32 or bf16-mixed"):
         build_config(None, ["precision=bf16"])
+
+
+def test_captured_rows_stay_fp32_under_autocast(tiny_qwen, task):
+    """bf16-mixed training runs the forward under autocast: the captured rows must still be fp32 softmaxes."""
+    from ral_core.attention import capture
+
+    s = task.sample(0)
+    mi = tiny_qwen.build_inputs([s.image], [s.question])["model_inputs"]
+    L = mi["input_ids"].shape[1]
+    rows = torch.tensor([[L - 1]])
+    with torch.no_grad(), capture(tiny_qwen.model, layers="last", rows=rows) as ref:
+        tiny_qwen.model(**mi)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            capture(tiny_qwen.model, layers="last", rows=rows) as mixed:
+        tiny_qwen.model(**mi)
+    (layer,) = ref
+    assert mixed[layer].dtype == torch.float32
+    assert torch.allclose(mixed[layer].sum(-1), torch.ones(()), atol=1e-6)
+    assert (mixed[layer] - ref[layer]).abs().max() < 5e-2  # bf16 q/k from the forward, fp32 softmax
