@@ -76,7 +76,7 @@ def attention_metrics(adapter, samples, answers, layer: int = -1, batch_size: in
         j = torch.arange(R)[None]
         rows = (L - n_ans[:, None] - 1 + torch.minimum(j, n_ans[:, None] - 1)).to(mi["input_ids"].device)
         with capture(adapter.model, layers=[layer], rows=rows) as maps:
-            adapter.model(**mi)
+            adapter.model(**mi, logits_to_keep=1, use_cache=False)  # only the maps are read: no [B, L, vocab]
         a = maps[layer].mean(1)  # [B, R, L] head mean
         vis = adapter.visual_mask(mi["input_ids"])
         for k, s in enumerate(chunk):
@@ -115,8 +115,11 @@ def expected_reward(adapter, samples, batch_size: int = 32) -> float:
         ch = samples[i:i + batch_size]
         b = adapter.build_inputs([s.image for s in ch], [s.question for s in ch], [s.answer for s in ch])
         mi, resp = b["model_inputs"], b["response_mask"]
-        logp = torch.log_softmax(model(**mi).logits[:, :-1].float(), -1)
-        tok = logp.gather(-1, mi["input_ids"][:, 1:, None]).squeeze(-1)
-        ps.append((tok * resp[:, 1:]).sum(1).exp())
+        # answers sit at the end (left padding): logits only for the rows that predict the last K tokens
+        K = int(resp.sum(1).max()) + 1
+        logits = model(**mi, logits_to_keep=K, use_cache=False).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1)
+        tok = logp.gather(-1, mi["input_ids"][:, -K + 1:, None]).squeeze(-1)
+        ps.append((tok * resp[:, -K + 1:]).sum(1).exp())
     model.train(was)
     return float(torch.cat(ps).mean())
