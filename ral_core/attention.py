@@ -214,7 +214,8 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
     token = _STATE.set(st)
     try:
         st.maps.natural = st.natural
-        yield st.maps
+        with _checkpointing_replays(model):
+            yield st.maps
     finally:
         _STATE.reset(token)
 
@@ -241,8 +242,33 @@ def checkpoint_context():
     return nullcontext(), _replay(_STATE.get())
 
 
+@contextmanager
+def _checkpointing_replays(model):
+    """While capturing, layers under gradient checkpointing recompute with `checkpoint_context` (however the
+    checkpointing was switched on: transformers, TRL, accelerate). Reentrant checkpointing runs the first forward
+    without autograd, so rows captured there could carry no gradient: refused while gradients are on."""
+    mods = [m for m in unwrap(model).modules()
+            if getattr(m, "gradient_checkpointing", False) and callable(getattr(m, "_gradient_checkpointing_func", None))
+            and not getattr(m._gradient_checkpointing_func, "_ral_replays", False)]
+    if mods and torch.is_grad_enabled() and any(
+            getattr(m._gradient_checkpointing_func, "keywords", {}).get("use_reentrant") for m in mods):
+        raise RALError("attention capture needs non-reentrant gradient checkpointing: enable it with "
+                       "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), or "
+                       "call ral_core.attention.enable_gradient_checkpointing(model)")
+    saved = [m._gradient_checkpointing_func for m in mods]
+    for m, fn in zip(mods, saved):
+        def replaying(function, *args, _fn=fn, **kwargs):
+            return _fn(function, *args, context_fn=checkpoint_context, **kwargs)
+        replaying._ral_replays = True
+        m._gradient_checkpointing_func = replaying
+    try:
+        yield
+    finally:
+        for m, fn in zip(mods, saved):
+            m._gradient_checkpointing_func = fn
+
+
 def enable_gradient_checkpointing(model) -> None:
-    """Gradient checkpointing that keeps capture exact: without it the recomputation in backward would run without
-    the capture state (a different number of saved tensors, or a bias silently missing from the recomputed pass)."""
-    unwrap(model).gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+    """Non-reentrant gradient checkpointing, the kind capture supports: while a `capture` block is open its layers
+    recompute under the capture state, so rows, biases and gradients equal those of the unchecked pass."""
+    unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -47,7 +46,6 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head
 
-from ral_core import attention as _attention
 from ral_core.attention import capture, decoder_attention_modules, resolve_layers, unwrap
 from ral_core.errors import RALError
 from ral_core.losses import LOSSES, LossContext, Window, attention_policy, combined_loss, window_weight
@@ -164,23 +162,6 @@ def _select_rows(m: torch.Tensor, row: str) -> torch.Tensor:
     return m[:, :, 1:] if row == "own" else m[:, :, :-1]
 
 
-def _checkpoint_context_fn():
-    """context_fn of torch.utils.checkpoint: non-reentrant gradient checkpointing re-runs each layer's forward during
-    backward, outside the capture block, and the re-run must save the same tensors as the first run, our row
-    computation included. So the recomputation re-enters the capture state of the first run (a private of
-    ral_core.attention, read here on purpose)."""
-    state = _attention._STATE.get()
-
-    @contextmanager
-    def recompute():
-        token = _attention._STATE.set(state)
-        try:
-            yield
-        finally:
-            _attention._STATE.reset(token)
-    return nullcontext(), recompute()
-
-
 class _Capturing:
     """Stands in for the model in one TRL scoring call: each forward TRL makes through it (one per chunk) runs under
     capture of the policy rows P−1 … P+T−1, and keeps that chunk's attention policy per layer."""
@@ -197,7 +178,7 @@ class _Capturing:
         N, L = ids.shape
         P, T = L - self.T, self.T
         rows = torch.arange(P - 1, L, device=ids.device)[None].expand(N, T + 1)
-        with capture(self.model, layers=self.spec.layers, rows=rows) as maps, _checkpointing_recaptures(self.model):
+        with capture(self.model, layers=self.spec.layers, rows=rows) as maps:  # replays under checkpointing
             out = self.model(**inputs)
         valid = key_validity({"input_ids": ids, "attention_mask": am}, ids == self.image_token_id, P, T,
                              self.spec.support)
@@ -208,23 +189,6 @@ class _Capturing:
     def policies(self) -> list[torch.Tensor]:
         """Per layer [N, H|1, T, K] over all chunks."""
         return [torch.cat([c[j] for c in self.chunks]) for j in range(len(self.spec.layers))]
-
-
-@contextmanager
-def _checkpointing_recaptures(model):
-    """While capturing, give non-reentrant gradient checkpointing (TRL's default) our recompute context."""
-    layers = [m for m in unwrap(model).modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_gradient_checkpointing_func")]
-    saved = [m._gradient_checkpointing_func for m in layers]
-    for m, fn in zip(layers, saved):
-        def with_context(function, *args, _fn=fn, **kwargs):
-            return _fn(function, *args, context_fn=_checkpoint_context_fn, **kwargs)
-        m._gradient_checkpointing_func = with_context
-    try:
-        yield
-    finally:
-        for m, fn in zip(layers, saved):
-            m._gradient_checkpointing_func = fn
 
 
 class RALGRPOTrainer(GRPOTrainer):
