@@ -55,11 +55,12 @@ def _fit(image_size, long_side: float) -> tuple[int, int]:
 
 
 def _gray(image, size) -> np.ndarray:
-    """The image in gray at `size` pixels: Lanczos when shrinking, nearest when enlarging (the pixels the model got,
-    not a blur of them)."""
+    """The image in gray at `size` pixels: an enlargement by a whole factor (84 px digit grid → 336) repeats pixels,
+    so it shows the pixels the model got rather than a blur of them; anything else is resampled with Lanczos."""
     g = image.convert("L")
     if g.size != tuple(size):
-        g = g.resize(size, Image.LANCZOS if size[0] < g.width else Image.NEAREST)
+        whole = size[0] % g.width == 0 and size[1] % g.height == 0
+        g = g.resize(size, Image.NEAREST if whole else Image.LANCZOS)
     return np.asarray(g)
 
 
@@ -106,7 +107,7 @@ _PAD, _CB_GAP, _CB_W, _CB_TEXT = 12, 12, 16, 72
 
 
 def _overlay_layout(image_size, title_lines: int, size_px=None):
-    """(figure, image axes, colour-bar axes, font size) for one overlay."""
+    """(figure, image axes, colour-bar axes, font size, image size in pixels) for one overlay."""
     if size_px:
         bw, bh = size_px
         long_side = max(image_size) * min((bw - 2 * _PAD - _CB_GAP - _CB_W - _CB_TEXT) / image_size[0],
