@@ -81,8 +81,10 @@ class Server:
 
 
 def _client(url):
+    """A client that does not fetch the result files: a browser fetches only the two images it shows, and on this
+    one machine the client's own downloading would compete with the server it measures."""
     from gradio_client import Client
-    return Client(url, verbose=False)
+    return Client(url, verbose=False, download_files=False)
 
 
 def burst(url: str, n: int) -> dict:
@@ -114,10 +116,16 @@ def burst(url: str, n: int) -> dict:
     t_start[0] = time.time()
     for t in threads:
         t.join(300)
-    done = sorted(x for x in lat if x is not None)
+    return {"lat": [x for x in lat if x is not None], "errors": errors, "start": t_start[0], "end": time.time()}
+
+
+def summary(bursts: list[dict]) -> dict:
+    """p50 / p95 / max over every request of every burst, and the errors."""
+    done = sorted(x for b in bursts for x in b["lat"])
+    errors = [e for b in bursts for e in b["errors"]]
     q = (lambda p: done[min(len(done) - 1, int(round(p * (len(done) - 1))))]) if done else (lambda p: float("nan"))
-    return {"n": n, "ok": len(done), "errors": len(errors), "error_samples": errors[:3], "p50": q(0.5),
-            "p95": q(0.95), "max": done[-1] if done else float("nan"), "start": t_start[0], "end": time.time()}
+    return {"requests": len(done) + len(errors), "ok": len(done), "errors": len(errors), "error_samples": errors[:3],
+            "p50": q(0.5), "p95": q(0.95), "max": done[-1] if done else float("nan")}
 
 
 def single(url: str, reps: int = 5) -> float:
@@ -142,7 +150,11 @@ class StepWatch(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            for f in self.sessions.rglob("metrics.jsonl"):
+            try:
+                files = list(self.sessions.rglob("metrics.jsonl"))
+            except OSError:  # a session folder removed while listing (a cancelled run cleaned up)
+                files = []
+            for f in files:
                 try:
                     for ln in f.read_text().splitlines():
                         if ln.strip():
@@ -153,7 +165,9 @@ class StepWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def with_training(url: str, sessions: Path, n: int, steps: int) -> dict:
+def with_training(url: str, sessions: Path, n: int, steps: int, rounds: int) -> dict:
+    """`rounds` bursts while a training run goes on. Its slowdown: the mean duration of the steps that overlapped a
+    burst over the mean of the steps between bursts (the first two steps, warm-up, left out)."""
     trainer = _client(url)
     out = trainer.predict("grounding", None, "grpo", "default", None, steps, 1e-4, 1.0, 8, 8, 1.0, 1.0, "levers", 12,
                           100, 0, "", api_name="/train_start")
@@ -161,27 +175,39 @@ def with_training(url: str, sessions: Path, n: int, steps: int) -> dict:
         raise RuntimeError(f"training did not start: {out[0]}")
     watch = StepWatch(sessions)
     watch.start()
-    t0 = time.time()
-    while len(watch.seen) < 6 and time.time() - t0 < 300:  # 2 warm-up steps + 4 baseline steps
-        time.sleep(0.2)
-    before = [st for s, (_, st) in sorted(watch.seen.items()) if s >= 2]
-    b = burst(url, n)
-    time.sleep(0.5)
-    # steps that overlapped the burst: finished after it began and started before it ended
-    during = [st for s, (seen, st) in watch.seen.items() if seen > b["start"] and seen - st < b["end"]]
+
+    def wait_steps(k, after=0.0):
+        t0 = time.time()
+        while sum(seen > after for seen, _ in watch.seen.values()) < k and time.time() - t0 < 300:
+            time.sleep(0.1)
+    wait_steps(6)
+    bursts = []
+    for _ in range(rounds):
+        bursts.append(burst(url, n))
+        wait_steps(4, after=bursts[-1]["end"])  # the step running at the end, then 3 quiet ones
     watch.stop.set()
     trainer.predict(api_name="/train_cancel")
-    base = statistics.mean(before) if before else float("nan")
+    spans = [(seen - st, seen, st) for s, (seen, st) in watch.seen.items() if s >= 2]
+    over = lambda a, b: any(a < x["end"] and b > x["start"] for x in bursts)  # noqa: E731
+    during = [st for a, b, st in spans if over(a, b)]
+    quiet = [st for a, b, st in spans if not over(a, b)]
+    base = statistics.mean(quiet) if quiet else float("nan")
     slow = statistics.mean(during) if during else float("nan")
-    return {**b, "step_before": base, "step_during": slow, "slowdown": slow / base, "steps_during": len(during)}
+    return {**summary(bursts), "step_before": base, "step_during": slow, "slowdown": slow / base,
+            "steps_during": len(during), "steps_quiet": len(quiet)}
 
 
-def measure(label: str, code_dir: Path, work: Path, n: int, steps: int) -> dict:
+def measure(label: str, code_dir: Path, work: Path, n: int, steps: int, rounds: int) -> dict:
     srv = Server(code_dir, work)
     try:
         single(srv.url, 2)  # warm-up: model load, render workers
-        res = {"label": label, "single": single(srv.url), "idle": burst(srv.url, n)}
-        res["train"] = with_training(srv.url, srv.sessions, n, steps)
+        res = {"label": label, "single": single(srv.url)}
+        idle = []
+        for _ in range(rounds):
+            idle.append(burst(srv.url, n))
+            time.sleep(1.0)
+        res["idle"] = summary(idle)
+        res["train"] = with_training(srv.url, srv.sessions, n, steps, rounds)
         return res
     finally:
         srv.close()
@@ -192,7 +218,8 @@ def main():
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.md"))
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--baseline-rev", default="04a5bda", help="commit of the serial server to compare with")
-    p.add_argument("--steps", type=int, default=60, help="length of the training run (it is cancelled after)")
+    p.add_argument("--steps", type=int, default=200, help="length of the training run (it is cancelled after)")
+    p.add_argument("--rounds", type=int, default=3, help="bursts per scenario")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ral_load_"))
     load0 = os.getloadavg()
@@ -202,7 +229,7 @@ def main():
         for label, code in ((f"serial (commit {a.baseline_rev})", old), ("this checkout", ROOT)):
             work = tmp / label.split()[0]
             work.mkdir()
-            rows.append(measure(label, code, work, a.clients, a.steps))
+            rows.append(measure(label, code, work, a.clients, a.steps, a.rounds))
             print(json.dumps(rows[-1], default=str)[:600], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,18 +239,22 @@ def main():
 def write(a, rows, load0):
     f = lambda x: f"{x:.2f}"  # noqa: E731
     lines = ["# Many users at once: concurrent inspects against a served app", "",
-             f"Command: `python bench/load_bench.py --clients {a.clients}` (`make bench-load`) · "
+             f"Command: `python {' '.join(['bench/load_bench.py'] + sys.argv[1:])}` (`make bench-load`) · "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {os.cpu_count()} cores · load average before "
-             f"{load0[0]:.2f} · default model, {a.clients} gradio_client sessions firing together, each uploading "
-             "an example image with its own question (16 new tokens, greedy).", "",
+             f"{load0[0]:.2f} · default model; {a.rounds} bursts per scenario of {a.clients} gradio_client sessions "
+             "firing together (percentiles over all their requests), each uploading "
+             "an example image with its own question (16 new tokens, greedy); clients do not download the result files. "
+             "The training run is GRPO on the bundled task (8 prompts × 8 rollouts, 12 new tokens), started from the "
+             "Train endpoint; its slowdown is the mean time of the steps that overlapped a burst over the mean of the steps "
+             "between bursts.", "",
              "| server | one request alone s | idle: p50 s | idle: p95 s | idle: errors | with training: p50 s | "
-             "with training: p95 s | errors | training s/step before → during | slowdown |",
+             "with training: p95 s | errors | training s/step between → during bursts (steps) | slowdown |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         i, t = r["idle"], r["train"]
         lines.append(f"| {r['label']} | {f(r['single'])} | {f(i['p50'])} | {f(i['p95'])} | {i['errors']} | "
                      f"{f(t['p50'])} | {f(t['p95'])} | {t['errors']} | {f(t['step_before'])} → {f(t['step_during'])} "
-                     f"({t['steps_during']} steps) | {t['slowdown']:.2f}× |")
+                     f"({t['steps_quiet']} / {t['steps_during']} steps) | {t['slowdown']:.2f}× |")
     if len(rows) == 2:
         o, n = rows
         lines += ["", f"Ratios (this checkout / serial): idle p95 {n['idle']['p95'] / o['idle']['p95']:.2f}, "
