@@ -135,7 +135,7 @@ def fixed_batches(trainers, seed=1234):
             m = ro.group == gi
             a[m] = (a[m] - a[m].mean()) / (a[m].std() + 1e-4)
         ro.advantages = a.to(ro.advantages.device)
-    ro_g = dataclasses.replace(ro, old_attn=[], key_valid=None, shared_rows=None)
+    ro_g = dataclasses.replace(ro, old_attn=[], key_valid=None, row_class=None)
     return ro_g, ro, synthetic
 
 
