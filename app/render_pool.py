@@ -37,7 +37,7 @@ def _init(parent: int):
     # Drawing yields to the server and to training runs (RAL_RENDER_NICE): a burst of figures then costs
     # visitors some latency instead of stalling a run.
     try:
-        os.nice(int(os.environ.get("RAL_RENDER_NICE", 10)))
+        os.nice(int(os.environ.get("RAL_RENDER_NICE", 4)))
     except (OSError, ValueError):
         pass
     import torch
