@@ -27,11 +27,8 @@ def on_zerogpu() -> bool:
 
 def declared_seconds(*_args, **_kwargs) -> int:
     """What a call declares to ZeroGPU: the per-request limit plus slack for moving the model to the GPU."""
-    try:
-        limit = float(os.environ.get("RAL_REQUEST_SECONDS", 10))
-    except ValueError:
-        limit = 10.0
-    return int(min(120, max(5, limit + 15)))
+    from ral_core.limits import request_seconds
+    return int(min(120, max(5, request_seconds() + 15)))
 
 
 def gpu_task(fn):

@@ -23,7 +23,7 @@ from ral_core.errors import RALError
 from ral_core.images import check_image, load_image
 from ral_core.inspection import ROWS, inspect, inspect_explored
 from ral_core.levers import lever_map
-from ral_core.limits import REQUEST_SECONDS, check_question_length, deadline
+from ral_core.limits import check_question_length, deadline, request_seconds
 
 from app import figures, gpu, registry, render_pool, sessions, uploads
 
@@ -117,13 +117,7 @@ def _question(q) -> str:
     return check_question_length("" if q is None else q)
 
 
-def _limit() -> float:
-    """Seconds one request may hold a model (RAL_REQUEST_SECONDS, read per request so a server can tune it)."""
-    import os
-    try:
-        return max(0.5, float(os.environ.get("RAL_REQUEST_SECONDS", REQUEST_SECONDS)))
-    except ValueError:
-        return REQUEST_SECONDS
+_limit = request_seconds  # seconds one request may hold a model
 
 
 def _shown(tok: str) -> str:
@@ -245,15 +239,10 @@ def inspect_svg(state, request: gr.Request = None) -> FilesOut:
     return FilesOut("", _existing(*png, over, heads, st["zip"]))
 
 
-def _adapter(name: str, spec: str):
-    """The loaded model for a resolved spec (the name only labels results)."""
-    return registry.get_adapter_for_spec(name, spec)
-
-
 @gpu.gpu_task
 def _inspect_work(name, spec, img, q, opts):
     """Model work of one inspection (on ZeroGPU: inside spaces.GPU, arguments and result pickled)."""
-    adapter = _adapter(name, spec)
+    adapter = registry.get_adapter_for_spec(name, spec)
     if opts["do_sample"] or gpu.on_zerogpu():  # a sampled answer has its own seed: not batched with others
         with deadline(_limit()), adapter.lock:
             return inspect(adapter, img, q, **opts)
@@ -262,7 +251,7 @@ def _inspect_work(name, spec, img, q, opts):
 
 @gpu.gpu_task
 def _levers_work(name, spec, sample, strength):
-    adapter = _adapter(name, spec)
+    adapter = registry.get_adapter_for_spec(name, spec)
     with deadline(_limit()), adapter.lock:
         if not sample["answer"]:  # a whitespace-only answer is still the model's answer: score it as generated
             sample = dict(sample, answer=adapter.tokenizer.decode(sample.pop("answer_ids"), skip_special_tokens=True))
@@ -274,14 +263,14 @@ def _levers_work(name, spec, sample, strength):
 
 @gpu.gpu_task
 def _explored_work(name, spec, image, question, layers, sigma, seed, n):
-    adapter = _adapter(name, spec)
+    adapter = registry.get_adapter_for_spec(name, spec)
     with deadline(_limit()), adapter.lock:
         return inspect_explored(adapter, image, question, layers=layers, sigma=sigma, seed=seed, max_new_tokens=n)
 
 
 @gpu.gpu_task
 def _compare_work(names, specs, img, q, opts):
-    a, b = (_adapter(n, s) for n, s in zip(names, specs))  # the same model twice is one object; compare() only reads
+    a, b = (registry.get_adapter_for_spec(n, s) for n, s in zip(names, specs))  # the same model twice is one object; compare() only reads
     first, second = sorted((a, b), key=id)  # a fixed order, so two compares never deadlock (RLock: a is b is fine)
     with deadline(_limit()), first.lock, second.lock:
         return compare(a, b, img, q, **opts)

@@ -17,10 +17,16 @@ from ral_core.limits import Deadline, check_question, deadline
 
 
 class _Job:
-    __slots__ = ("image", "question", "key", "deadline", "future")
+    __slots__ = ("image", "question", "max_new_tokens", "layers", "deadline", "future")
 
-    def __init__(self, image, question, key, dl):
-        self.image, self.question, self.key, self.deadline, self.future = image, question, key, dl, Future()
+    def __init__(self, image, question, max_new_tokens, layers, dl):
+        self.image, self.question, self.deadline, self.future = image, question, dl, Future()
+        self.max_new_tokens, self.layers = max_new_tokens, layers
+
+    @property
+    def key(self) -> tuple:
+        """Requests batch together when they ask for the same generation length and layers."""
+        return self.max_new_tokens, repr(self.layers)
 
 
 class InspectBatcher:
@@ -40,7 +46,7 @@ class InspectBatcher:
     def submit(self, image, question: str, max_new_tokens: int = 16, layers="all", seconds: float = 10.0):
         """The InspectionResult of a greedy inspection of (image, question), run with whatever else is waiting."""
         q = check_question(self.adapter, question)  # refuse bad questions here, never inside someone's batch
-        job = _Job(image, q, (int(max_new_tokens), repr(layers)), Deadline(seconds))
+        job = _Job(image, q, int(max_new_tokens), layers, Deadline(seconds))
         self._q.put(job)
         try:
             return job.future.result(timeout=seconds + 30)  # the worker enforces the limit; this is a backstop
@@ -82,8 +88,8 @@ class InspectBatcher:
                             " try again in a moment"))
                     else:
                         groups.setdefault(j.key, []).append(j)
-                for (n, _), group in groups.items():
-                    self._answer(inspect_many, group, n, eval_layers(group[0].key[1]))
+                for group in groups.values():
+                    self._answer(inspect_many, group, group[0].max_new_tokens, group[0].layers)
                     self.batches.append(len(group))
 
     def _answer(self, inspect_many, group, n, layers):
@@ -101,8 +107,3 @@ class InspectBatcher:
         for j, r in zip(group, results):
             j.future.set_result(r)
 
-
-def eval_layers(text: str):
-    """The `layers` argument back from its repr (a string like 'all', an int or a list of ints)."""
-    import ast
-    return ast.literal_eval(text)

@@ -34,6 +34,16 @@ MAX_QUESTION_TOKENS = _env_number("RAL_MAX_QUESTION_TOKENS", 256)
 REQUEST_SECONDS = _env_number("RAL_REQUEST_SECONDS", 10.0, float)
 
 
+def request_seconds() -> float:
+    """The per-request limit now: RAL_REQUEST_SECONDS read at call time (a server or a test may change it), at
+    least 0.5 s; an unreadable value falls back to the one checked at import."""
+    try:
+        v = float(os.environ.get("RAL_REQUEST_SECONDS", REQUEST_SECONDS))
+    except ValueError:
+        return REQUEST_SECONDS
+    return max(0.5, v) if math.isfinite(v) else REQUEST_SECONDS
+
+
 # ---- questions ----------------------------------------------------------------------------------------------
 def check_question_length(question) -> str:
     """The stripped question; refuses non-text, empty and over-long questions without a tokenizer."""
