@@ -220,6 +220,16 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
         _STATE.reset(token)
 
 
+@contextmanager
+def paused():
+    """No capture (and no bias) for the passes inside, e.g. a shared prompt pass whose rows nobody asked for."""
+    token = _STATE.set(None)
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
 # ---- gradient checkpointing ------------------------------------------------------------------------------------
 @contextmanager
 def _replay(st: _State | None):

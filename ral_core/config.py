@@ -26,6 +26,8 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda
     threads: int = 1                     # torch threads per process on CPU
     precision: str = "auto"              # auto | fp32 | bf16-mixed (Trainer: fp32 master weights for half checkpoints)
+    dist: str = "auto"                   # several processes: ddp | fsdp (torch FSDP2, sharded) | auto (fsdp under an
+                                         # accelerate FSDP config, else ddp); see ral_core/distributed.py
     # data: 'grounding' (bundled digit grids) or a JSONL file (image, question, answer[, boxes])
     dataset: str = "grounding"
     task_kinds: list = field(default_factory=lambda: ["cell", "row", "where"])
@@ -79,6 +81,10 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     freeze_vision: bool = True           # vision tower and projector
+    # speed (issue 13): exact reuse of work the G rollouts of a step share
+    vision_cache: bool = True            # each distinct image encoded once per step (only while the vision is frozen)
+    share_prompt: str = "auto"           # each group's prompt prefilled once and computed once per pass: auto (when
+                                         # the prompt is ≥ 4× the answer budget, where it pays) | true | false
     # bookkeeping
     save_every: int = 0                  # 0: only at the end (and on cancel)
     keep_checkpoints: int = 2
@@ -133,6 +139,7 @@ class TrainConfig:
         need(self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine")
         need(self.advantage_scale in ("std", "none"), "advantage_scale must be std or none")
         need(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+        need(self.dist in ("auto", "ddp", "fsdp"), "dist must be auto, ddp or fsdp")
         need(self.precision in PRECISIONS,
              f"precision must be auto, fp32 or bf16-mixed (got {self.precision!r}): auto trains a bf16/fp16 checkpoint "
              "with fp32 master weights (bf16 autocast on a GPU, fp32 compute on the CPU) and an fp32 one in fp32")
@@ -140,6 +147,8 @@ class TrainConfig:
         need(self.explore_keys in ("visual", "all"), "explore_keys must be visual or all")
         need(self.explore_row in ("own", "predicts"), "explore_row must be own or predicts")
         need(self.explore_schedule in ("constant", "linear"), "explore_schedule must be constant or linear")
+        self.share_prompt = str(self.share_prompt).lower()
+        need(self.share_prompt in ("auto", "true", "false"), "share_prompt must be auto, true or false")
         need(self.attn_metrics_every >= 0, "attn_metrics_every must be ≥ 0 (0 = never)")
         need(self.explore_top_k >= 1, "explore_top_k must be ≥ 1")
         need(self.explore_lever_strength > 0, "explore_lever_strength must be > 0 (a logit bias, e.g. 1 or 3)")

@@ -9,6 +9,8 @@ import torch
 from ral_core.attention import capture
 from ral_core.inspection import generate_answer
 from ral_core.losses import attention_policy, entropy, token_logprobs
+from ral_core.prefix_share import group_generate, shared_prompt_forward, worth_sharing
+from ral_core.vision_cache import VisionCache, distinct_images
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Rollouts:
     explored_attn: list = field(default_factory=list)  # behaviour attention p̃ at the explore layers
     natural_attn_old: list = field(default_factory=list)  # the same rows without the bias
     zero_var_groups: int = 0
+    vision: VisionCache | None = None   # each distinct image's features, encoded once this step (issue 13)
+    image_rows: torch.Tensor = None     # [N] each sequence's image among `vision`'s
+    share_prompt: bool = False          # teacher-forced passes compute each group's prompt once (prefix_share)
 
     def select(self, idx: torch.Tensor) -> "Rollouts":
         """A mini-batch of sequences (all tensors indexed on dim 0)."""
@@ -140,13 +145,23 @@ def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "Exp
     and `natural` (the same rows without it)."""
     N, T = ro.completion.shape
     P = ro.P
-    rows = torch.arange(P - 1, P + T, device=ro.completion.device)[None].expand(N, T + 1)
+    dev = ro.completion.device
     layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
     bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
-    # logits only for the T rows that predict the response (P−1 … P+T−2), not [N, P+T, vocab]; no KV cache
-    keep = torch.arange(P - 1, P + T - 1, device=ro.completion.device)
-    with capture(model, layers=layers, rows=rows, bias=bias) as maps:
-        out = model(**ro.inputs, logits_to_keep=keep, use_cache=False)
+    cached = ro.vision is not None and ro.vision.serves(model)
+    if cached and ro.share_prompt and bias is None:
+        # each group's prompt once; this pass holds positions P−1 … P+T−1, so rows and kept logits count from P−1
+        rows = torch.arange(T + 1, device=dev)[None].expand(N, T + 1)
+        with capture(model, layers=layers, rows=rows) as maps:
+            out = shared_prompt_forward(model, ro.inputs, ro.group, P, ro.vision, ro.image_rows,
+                                        keep=torch.arange(T, device=dev))
+    else:
+        rows = torch.arange(P - 1, P + T, device=dev)[None].expand(N, T + 1)
+        # logits only for the T rows that predict the response (P−1 … P+T−2), not [N, P+T, vocab]; no KV cache
+        keep = torch.arange(P - 1, P + T - 1, device=dev)
+        inputs = ro.vision.model_inputs(ro.inputs, ro.image_rows) if cached else ro.inputs
+        with capture(model, layers=layers, rows=rows, bias=bias) as maps:
+            out = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = out.logits.float()
     # the policy that sampled is softmax(logits / T): the ratio, the KL and the gradient must refer to it (as TRL's)
     res = {"logp": token_logprobs(logits, ro.completion, ro.temperature),
@@ -249,24 +264,40 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "s
 @torch.no_grad()
 def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, spec: PolicySpec | None,
                   max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                  adv_scale: str = "std", gen_model=None, explore: ExploreSpec | None = None) -> Rollouts:
+                  adv_scale: str = "std", gen_model=None, explore: ExploreSpec | None = None,
+                  vision_cache: bool = False, share_prompt="false") -> Rollouts:
     """Sample G completions per prompt and score them; fill old log-probs/attention under capture. With
-    `explore`, each rollout samples under its own attention bias, which stays part of its state."""
+    `explore`, each rollout samples under its own attention bias, which stays part of its state.
+
+    `vision_cache`: each distinct image is encoded once for the whole step (generation, scoring, every update;
+    valid while the vision path gets no gradient). `share_prompt` auto | true | false (with the cache): each
+    group's prompt is prefilled once for sampling and computed once per pass in scoring and updates (not under an
+    exploration bias, which differs per rollout; auto: where the prompt is long enough to repay it). Sampled tokens and old log-probs equal the plain path's (tests/test_step_sharing.py)."""
     G = group_size
-    b = adapter.build_inputs([s["image"] for s in samples for _ in range(G)],
-                             [s["question"] for s in samples for _ in range(G)])
+    images = [s["image"] for s in samples for _ in range(G)]
+    b = adapter.build_inputs(images, [s["question"] for s in samples for _ in range(G)])
     gm = gen_model if gen_model is not None else adapter.model
     was_training = gm.training
     gm.eval()
     bias = {}
+    mi = b["model_inputs"]
     if explore is not None:
-        mi = b["model_inputs"]
         bias = explore.sample_bias(adapter.visual_mask(mi["input_ids"]), mi["attention_mask"], adapter.num_heads)
+    vision = image_rows = None
+    if vision_cache:
+        uniq, image_rows = distinct_images(images)
+        vision = VisionCache.encode(adapter, uniq, model=gm)
+    group = torch.arange(len(samples)).repeat_interleave(G)
+    share = vision is not None and not bias and worth_sharing(share_prompt, mi["input_ids"].shape[1], max_new_tokens)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
     with capture(gm, layers=[], bias=bias):
-        comp = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=True, temperature=temperature,
-                               top_p=top_p)
+        if share:
+            comp = group_generate(adapter, mi, group, vision, image_rows, **kw)
+        else:
+            comp = generate_answer(adapter, vision.model_inputs(mi, image_rows) if vision is not None else mi, **kw)
     ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b,
-                                   explore=explore, explore_bias=bias, temperature=temperature)
+                                   explore=explore, explore_bias=bias, temperature=temperature, vision=vision,
+                                   image_rows=image_rows, share_prompt=share)
     gm.train(was_training)
     return ro
 
@@ -274,7 +305,9 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
 @torch.no_grad()
 def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, reward_model, spec,
                               adv_scale: str = "std", model=None, built=None, explore: ExploreSpec | None = None,
-                              explore_bias: dict | None = None, temperature: float = 1.0) -> Rollouts:
+                              explore_bias: dict | None = None, temperature: float = 1.0,
+                              vision: VisionCache | None = None, image_rows: torch.Tensor | None = None,
+                              share_prompt: bool = False) -> Rollouts:
     """Everything after sampling: mask through the first EOS, rewards, advantages, old log-probs (at the sampling
     `temperature`) and the old attention policy from one teacher-forced pass. `comp` is [N, T] with
     N = len(samples) · group_size."""
@@ -294,7 +327,8 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
     group = torch.arange(len(samples), device=comp.device).repeat_interleave(G)
     inputs = adapter.extend_inputs(mi, comp, mask)
     ro = Rollouts(inputs=inputs, P=P, completion=comp, mask=mask, texts=texts, group=group, samples=samples,
-                  temperature=temperature)
+                  temperature=temperature, vision=vision, share_prompt=share_prompt and vision is not None,
+                  image_rows=None if image_rows is None else image_rows.to(comp.device))
     if reward_model is not None:
         scores = [reward_model(t, samples[int(g)]) for t, g in zip(texts, group.tolist())]
         ro.rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32)
