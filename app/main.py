@@ -36,6 +36,14 @@ EXPLAIN_MASS = ("**Where the attention went.** Of all the attention at this poin
 EXPLAIN_HEADS = ("**Per-head maps.** Each layer has several attention heads that look independently; one map per "
                  "head, on one shared colour scale. With 'mean over layers' this shows the last layer (heads of "
                  "different layers are unrelated, so they are not averaged).")
+EXPLAIN_SUMMARY = ("**Every layer and head at once.** One cell per decoder layer (rows) and attention head (columns): "
+                   "how much of its attention went to the image, or how spread out that attention is over the image "
+                   "(entropy: 0 = one patch, 1 = evenly everywhere). Click a cell to see that head's map over the "
+                   "image, or pick a layer and a head below. Only layers with softmax attention are listed (Qwen3.5 "
+                   "mixes in linear-attention layers, which have no attention map).")
+BUDGET_INFO = ("The image processor's max pixels per image: fewer pixels → fewer visual tokens → a faster, coarser "
+               "map (Qwen: capped smart resize; SmolVLM: fewer tiles; LLaVA / Gemma 3: fixed size, no effect). "
+               "0: the model's own setting. e.g. 401408 ≈ 512 Qwen2-VL tokens.")
 EXPLAIN_COMPARE = ("**A | B | B − A.** Model A answers; then both models are fed A's answer token by token, so "
                    "both maps describe exactly the same words. Left and middle share one colour scale. Right: the "
                    "signed difference B − A — red where B looks more than A, blue where less.")
@@ -78,8 +86,9 @@ def _explain(text):
     return gr.Markdown(text, elem_classes=["explain"])
 
 
-def _inputs(prefix: str, choices: list[str], two_models: bool):
-    """Model picker(s), image, question, generation options, run button, status, examples."""
+def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = False):
+    """Model picker(s), image, question, generation options (and the visual-token budget), run button, status,
+    examples."""
     first = registry.initial_model()
     if two_models:
         second = next((c for c in choices if c != first), first)
@@ -96,12 +105,17 @@ def _inputs(prefix: str, choices: list[str], two_models: bool):
         max_new = gr.Slider(1, 64, value=16, step=1, label="max new tokens")
         sample = gr.Checkbox(False, label="sample instead of greedy decoding")
         temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
+    extra = []
+    if budget:
+        extra = [gr.Number(0, precision=0, minimum=0, maximum=handlers.max_budget(), step=50176,
+                           label=f"visual-token budget: max pixels per image (≤ {handlers.max_budget():,})",
+                           info=BUDGET_INFO, elem_id=f"{prefix}-budget")]
     run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
     status = gr.Markdown(label="status", elem_id=f"{prefix}-status")
     ex = handlers.examples()
     if ex:
         gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
-    return models, image, question, max_new, sample, temp, run, status
+    return (models, image, question, max_new, sample, temp, run, status) + tuple(extra)
 
 
 def _selectors(prefix: str):
@@ -117,7 +131,7 @@ def _selectors(prefix: str):
 def _inspect_tab(choices):
     with gr.Row():
         with gr.Column(scale=2, min_width=300):
-            (model,), image, q, max_new, sample, temp, run, status = _inputs("i", choices, False)
+            (model,), image, q, max_new, sample, temp, run, status, budget = _inputs("i", choices, False, True)
         with gr.Column(scale=5):
             answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.", label="answer")
             tokens, layer, row = _selectors("i")
@@ -131,7 +145,25 @@ def _inspect_tab(choices):
                     _explain(EXPLAIN_MASS)
             heads = gr.Image(label="Per-head maps", show_label=False, format="png", interactive=False,
                              elem_id="i-heads")
+            head_scale = gr.Checkbox(False, label="each head on its own colour scale (0 … its own max)",
+                                     elem_id="i-head-scale")
             _explain(EXPLAIN_HEADS)
+            with gr.Accordion("Layer × head summary — click a cell for its map", open=True,
+                              elem_id="i-summary-section"):
+                _explain(EXPLAIN_SUMMARY)
+                metric = gr.Radio(handlers.SUMMARY_METRICS, value="image_mass", label="Each cell shows",
+                                  elem_id="i-metric")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        summary = gr.Image(label="Layer × head summary (click a cell)", show_label=False,
+                                           format="png", interactive=False, elem_id="i-summary")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            cell_layer = gr.Dropdown([], value=None, label="layer", elem_id="i-cell-layer")
+                            cell_head = gr.Dropdown([], value=None, label="head", elem_id="i-cell-head")
+                        cell = gr.Image(label="That layer and head over the image", show_label=False, format="png",
+                                        interactive=False, elem_id="i-cell", height=330)
+                summary_status = gr.Markdown(elem_id="i-summary-status")
             files = gr.File(label="Downloads: figures (PNG) and the raw result (zip)", file_count="multiple",
                             interactive=False)
             svg = gr.Button("Add SVG versions of these figures", size="sm", elem_id="i-svg")
@@ -162,12 +194,24 @@ def _inspect_tab(choices):
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
     # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
     outs = [status, answer, tokens, layer, overlay, heads, mass, files, state]
-    ins = [model, image, q, max_new, sample, temp, layer, row]
+    ins = [model, image, q, max_new, sample, temp, layer, row, head_scale, budget]
+    s_ins, s_outs = [state, metric, tokens, row], [summary_status, summary, cell_layer, cell_head]
+    c_ins, c_outs = [state, cell_layer, cell_head, tokens, row], [summary_status, cell_layer, cell_head, cell]
     for ev in (run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False),
                q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
         ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
-    gr.on([tokens.input, layer.select, row.input], handlers.inspect_view, [state, layer, tokens, row],
-          [status, overlay, heads, mass, files], api_name="inspect_view", show_progress="minimal")
+        ev.then(handlers.clear_cell, None, c_outs[1:], api_visibility="private", show_progress="hidden") \
+          .then(handlers.inspect_summary, s_ins, s_outs, api_visibility="private", preprocess=False)
+    gr.on([tokens.input, layer.select, row.input, head_scale.input], handlers.inspect_view,
+          [state, layer, tokens, row, head_scale], [status, overlay, heads, mass, files], api_name="inspect_view",
+          show_progress="minimal")
+    gr.on([tokens.input, row.input, metric.input], handlers.inspect_summary, s_ins, s_outs, api_name="inspect_summary",
+          show_progress="minimal", preprocess=False) \
+        .then(handlers.inspect_cell, c_ins, c_outs, api_visibility="private", show_progress="minimal", preprocess=False)
+    summary.select(handlers.summary_select, [state, metric, tokens, row], c_outs, api_visibility="private",
+                   preprocess=False)
+    gr.on([cell_layer.input, cell_head.input], handlers.inspect_cell, c_ins, c_outs, api_name="inspect_cell",
+          preprocess=False)
     svg.click(handlers.inspect_svg, state, [status, files], api_name="inspect_svg")
     lv_run.click(handlers.run_levers, [state, lv_box, lv_answer, lv_strength], [status, lv_chart, lv_summary],
                  api_name="levers", preprocess=False)

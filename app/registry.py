@@ -73,8 +73,14 @@ def get_adapter(name: str, request=None):
     return get_adapter_for_spec(name, resolve(name, request))
 
 
-def get_adapter_for_spec(name: str, spec: str):
-    """`get_adapter` for a spec already resolved (and so checked) by `resolve`."""
+def is_loaded(spec: str) -> bool:
+    """Whether the model of this spec is loaded already (a request then has no load stage to report)."""
+    return spec in _CACHE
+
+
+def get_adapter_for_spec(name: str, spec: str, progress=None):
+    """`get_adapter` for a spec already resolved (and so checked) by `resolve`. `progress(desc, n, total)` follows a
+    hub download (ral_core.hub)."""
     with _LOAD_LOCK:
         if spec in _CACHE:
             _CACHE.move_to_end(spec)
@@ -82,8 +88,12 @@ def get_adapter_for_spec(name: str, spec: str):
         else:
             from ral_core.models import load_adapter
 
-            adapter = load_adapter(spec, device="auto", dtype="auto")  # bf16 on a GPU (e.g. a Space), fp32 on CPU
+            from app.progress import install
+
+            # bf16 on a GPU (e.g. a Space), fp32 on CPU
+            adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
             adapter.lock, adapter.batcher = threading.RLock(), None
+            install(adapter)  # the progress hook, before any other thread can run the model
             _CACHE[spec] = adapter
             while len(_CACHE) > max(CACHE_SIZE, 1):
                 _retire(_CACHE.popitem(last=False)[1])

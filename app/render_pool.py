@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -87,6 +87,32 @@ def call(fn, *args, timeout: float = 60.0):
         return fn(*args)
 
 
+def call_many(jobs, done=None, timeout: float = 60.0) -> list:
+    """[(fn, *args), …] → their results in order, drawn side by side in the workers (in-process one by one when
+    RAL_RENDER_WORKERS=0 or the pool broke). `done(k, n)` is called here, in the caller's process, as each finishes:
+    the handler's progress counts figures as they come back."""
+    global _POOL
+    n, results = len(jobs), [None] * len(jobs)
+    if workers():
+        try:
+            futs = {_pool().submit(j[0], *j[1:]): i for i, j in enumerate(jobs)}
+            for k, f in enumerate(as_completed(futs, timeout=timeout), 1):
+                results[futs[f]] = f.result()
+                if done is not None:
+                    done(k, n)
+            return results
+        except BrokenProcessPool:
+            log.warning("a render worker died; drawing in-process and restarting the pool")
+            with _POOL_LOCK:
+                _POOL = None
+    for k, j in enumerate(jobs, 1):
+        with LOCAL_LOCK:
+            results[k - 1] = j[0](*j[1:])
+        if done is not None:
+            done(k, n)
+    return results
+
+
 # ---- jobs (run in a worker; arguments and results are plain data) -------------------------------------------
 def _result(result_dir: str):
     from ral_core.inspection import InspectionResult
@@ -108,16 +134,56 @@ def save_both(fig, stem: Path) -> list[str]:
     return [str(render.save_figure(fig, stem.with_suffix(".png"))), str(stem.with_suffix(".svg"))]
 
 
-def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png") -> tuple[str, str]:
+def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png",
+                 shared_scale: bool = True) -> tuple[str, str]:
     """Overlay and per-head grid of a saved inspection → (overlay path, heads path) in `fmt` (png | svg).
 
     The page shows PNGs; SVGs are drawn only when asked for (drawing both for every view doubled its cost)."""
+    return (overlay_job(result_dir, boxes, lay, tok, row, out_dir, fmt),
+            heads_job(result_dir, lay, tok, row, out_dir, fmt, shared_scale))
+
+
+def overlay_job(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png", head="mean") -> str:
+    """Head-mean overlay (or one head's, `head`) of a saved inspection → its path."""
     from ral_core import render
 
     res, d = _result(result_dir), Path(out_dir)
-    grid_layer = res.layers[-1] if lay == "mean" else lay  # heads of different layers are unrelated: no mean grid
-    over = render.save_figure(render.inspection_overlay(res, layer=lay, token=tok, row=row, boxes=boxes),
-                              d / f"attention_L{lay}_T{tok}_{row}.{fmt}")
-    heads = render.save_figure(render.head_grid(res, grid_layer, token=tok, row=row),
-                               d / f"heads_L{grid_layer}_T{tok}_{row}.{fmt}")
-    return str(over), str(heads)
+    name = f"attention_L{lay}_T{tok}_{row}" + ("" if head in (None, "mean") else f"_H{head}")
+    return str(render.save_figure(render.inspection_overlay(res, layer=lay, head=head, token=tok, row=row,
+                                                            boxes=boxes), d / f"{name}.{fmt}"))
+
+
+def heads_job(result_dir: str, lay, tok, row, out_dir: str, fmt: str = "png", shared_scale: bool = True) -> str:
+    """Per-head grid of one layer (the last for 'mean': heads of different layers are unrelated) → its path."""
+    from ral_core import render
+
+    res, d = _result(result_dir), Path(out_dir)
+    grid_layer = res.layers[-1] if lay == "mean" else lay
+    scale = "" if shared_scale else "_own"
+    return str(render.save_figure(render.head_grid(res, grid_layer, token=tok, row=row, shared_scale=shared_scale),
+                                  d / f"heads_L{grid_layer}_T{tok}_{row}{scale}.{fmt}"))
+
+
+def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[str, dict]:
+    """Layer × head summary (ral_core.render.layer_head_summary) → (PNG path, where its cells are in that PNG).
+
+    The grid's box is measured on the figure as saved (a tight bounding box, padded), so a click's pixel in the PNG
+    maps to one (layer, head): {"box": [x0, y0, x1, y1], "size": [w, h], "layers": [...], "heads": H}."""
+    import matplotlib.pyplot as plt
+
+    from ral_core import render
+
+    res, d = _result(result_dir), Path(out_dir)
+    fig = render.layer_head_summary(res, metric, token=tok, row=row)
+    ax = fig.axes[0]  # the grid (the colour bar's axes comes second)
+    fig.canvas.draw()
+    rend = fig.canvas.get_renderer()
+    pad, dpi = float(plt.rcParams["savefig.pad_inches"]), fig.dpi
+    tight = fig.get_tightbbox(rend)  # inches
+    x_off, y_top = (tight.x0 - pad) * dpi, (tight.y1 + pad) * dpi
+    ext = ax.get_window_extent(rend)  # display pixels, origin at the bottom left
+    geo = {"box": [float(v) for v in (ext.x0 - x_off, y_top - ext.y1, ext.x1 - x_off, y_top - ext.y0)],
+           "size": [float((tight.width + 2 * pad) * dpi), float((tight.height + 2 * pad) * dpi)],
+           "layers": [int(x) for x in res.layers], "heads": int(res.num_heads)}
+    path = render.save_figure(fig, d / f"summary_{metric}_T{tok}_{row}.png")
+    return str(path), geo
