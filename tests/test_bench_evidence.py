@@ -78,3 +78,91 @@ def test_grid_recipe_continues_a_checkpoint_on_a_bigger_grid(tiny_model_dir, tmp
     assert info["args"]["vision_steps"] == 0  # the vision tower is not re-warmed from scratch
     from ral_core.models import load_adapter
     assert load_adapter(str(out)).model.config.text_config.hidden_size == 64
+
+
+# ---- statistics (issue 11): paired t-test and Holm, no scipy -------------------------------------------------
+def test_t_distribution_two_sided_p_matches_tables():
+    ev = _evidence()
+    # 97.5 % quantiles of Student's t (two-sided p = 0.05), e.g. scipy.stats.t.ppf(0.975, df)
+    for df, t in ((1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (4, 2.776445105), (5, 2.570581836),
+                  (9, 2.262157163), (30, 2.042272456)):
+        assert ev.t_two_sided_p(t, df) == pytest.approx(0.05, abs=1e-8), df
+    assert ev.t_two_sided_p(1.0, 1) == pytest.approx(0.5)          # Cauchy: P(|T| ≥ 1) = 1/2
+    assert ev.t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / 6 ** 0.5)  # df 2: 1 − t/√(2+t²)
+    assert ev.t_two_sided_p(0.0, 4) == 1.0 and ev.t_two_sided_p(-2.776445105, 4) == pytest.approx(0.05)
+    assert ev.t_two_sided_p(float("inf"), 4) == 0.0
+
+
+def test_paired_t_against_a_hand_computed_case():
+    ev = _evidence()
+    # d = (1, 2, 3, 4, 5)/100: mean 0.03, sd √(2.5)/100, SE = sd/√5 = 0.00707107, t = 4.2426407, df 4;
+    # two-sided p for df 4 from A&S 26.7.4: θ = atan(t/2), p = 1 − sinθ (1 + cos²θ/2) = 0.0132356
+    r = ev.paired_t([0.01, 0.02, 0.03, 0.04, 0.05])
+    assert r["n"] == 5 and r["mean"] == pytest.approx(0.03)
+    assert r["se"] == pytest.approx(0.0070710678) and r["t"] == pytest.approx(4.2426407)
+    assert r["p"] == pytest.approx(0.0132356, abs=1e-6)
+    assert ev.paired_t([0, 0, 0])["p"] == 1.0                      # identical on every seed
+    assert ev.paired_t([0.02, 0.02, 0.02])["p"] == 0.0            # the same non-zero difference every seed
+    assert ev.paired_t([0.02])["p"] != ev.paired_t([0.02])["p"]   # one seed: no test (nan)
+
+
+def test_holm_on_known_p_values():
+    ev = _evidence()
+    # sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → monotone 0.06; returned in input order
+    assert ev.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert ev.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])       # 0.5·2 = 1, then monotone
+    out = ev.holm([0.01, float("nan"), 0.02])                     # nan: no test, not counted in m
+    assert out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.02) and out[1] != out[1]
+
+
+def test_default_plan_runs_every_arm_on_at_least_five_seeds():
+    ev = _evidence()
+    import argparse
+    # the argparse defaults of bench/evidence.py, without running it
+    src = (ROOT / "bench" / "evidence.py").read_text()
+    assert 'p.add_argument("--seeds", type=int, default=5' in src
+    _, args = _args(seeds=5)
+    seeds = {}
+    for j in ev.plan(args):
+        seeds.setdefault((j["task"], j["method"]), set()).add(j["seed"])
+        assert j["record"].endswith(f"{j['task']}/{j['method']}_s{j['seed']}.json")
+    assert all(len(s) >= 5 for s in seeds.values())
+
+
+def test_results_home_regenerates_byte_identical_from_the_committed_records(tmp_path):
+    """docs/results_home.md is written by `bench/home_regime.py --collect` from bench/records/ alone (no model,
+    no run cache), so a fresh clone reproduces it byte for byte. The PNG is not compared (matplotlib's bytes
+    depend on its version)."""
+    doc = ROOT / "docs" / "results_home.md"
+    if not doc.exists():
+        pytest.skip("no home-regime document yet")
+    out = tmp_path / "results_home.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "home_regime.py"), "--collect", "--no-plot", "--out",
+                        str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_bytes() == doc.read_bytes()
+
+
+def test_restat_rederives_p_values_from_a_printed_document():
+    ev = _evidence()
+    text = "\n".join([
+        "# Evidence", "", "## Summary (generated from the tables below)", "",
+        "- Methods better than GRPO beyond seed noise (|paired mean| ≥ 2 SE): `x` on `t` (+0.020).",
+        "- Worse than GRPO beyond seed noise: none.",
+        "- Exploration against its own noise-only control (what the exploration term adds, greedy accuracy): none.",
+        "", "## Task `t`: ['cell'] on a 3×3 grid", "",
+        "| method | greedy acc | Δ acc vs GRPO (paired, mean ± sd) | Δ reward vs GRPO |", "|---|---|---|---|",
+        "| grpo | 0.5 ± 0.1 |  |  |",
+        "| x | 0.52 ± 0.1 | +0.020 ± 0.010 (n=5) | +0.010 ± 0.010 (n=5) |", "",
+        "What the `t` numbers show (paired by seed against GRPO, greedy accuracy):",
+        "- `x`: +0.020 (per seed +0.007, +0.013, +0.020, +0.027, +0.033) — better than GRPO.", ""])
+    cmp = ev.restat_comparisons(text)
+    assert [(c["arm"], c["metric"]) for c in cmp] == [("x", "sampled reward"), ("x", "greedy acc")]
+    acc = cmp[1]
+    # per seed k/150 for k = 1..5: mean 0.02, SE = (1/150)·√2.5/√5, t = 4.2426, df 4 → p 0.0132 (Holm ×2 → 0.0265)
+    assert acc["p"] == pytest.approx(0.0132356, abs=1e-6) and acc["p_holm"] == pytest.approx(2 * 0.0132356, abs=1e-6)
+    new = ev.restat_document(text)
+    assert "beyond seed noise (|paired" not in new and "— p 0.013, Holm 0.026: better than GRPO." in new
+    assert "named 1 difference from GRPO" in new
+    with pytest.raises(ValueError):
+        ev.restat_document(new)
