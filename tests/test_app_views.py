@@ -322,6 +322,7 @@ def test_browser_budget_and_summary_click_through(tmp_path_factory, tiny_model_d
             geo = json.loads(next((d / "sessions").rglob("summary_image_mass_Tmean_predicts.json")).read_text())
             target = (len(geo["layers"]) - 1, 2)  # the last layer, head 2
             cx, cy = _center(geo, *target)
+            page.locator("#i-summary img").scroll_into_view_if_needed()
             box = page.evaluate("""() => { const i = document.querySelector('#i-summary img');
                 const r = i.getBoundingClientRect();
                 return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight] }""")
