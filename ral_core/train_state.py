@@ -7,6 +7,7 @@ non-string keys are tagged objects (`{"__tensor__": key}` …). Decoding knows o
 file can at worst fail to load."""
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import random
@@ -23,6 +24,9 @@ STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_PICKLE = "trainer_state.pt"
 FORMAT = "ral-trainer-state"
 VERSION = 1
+# Set by ral_core.distributed.full_state around a multi-process save: every process's RNG streams in rank order, so
+# that each process of a resumed run continues its own stream (one stream for all would resume only rank 0 exactly).
+RANK_RNG: contextvars.ContextVar[list | None] = contextvars.ContextVar("ral_rank_rng", default=None)
 
 
 # ---- a JSON tree plus a flat tensor dict -------------------------------------------------------------------
@@ -96,6 +100,8 @@ def save_state(directory, step: int, optimizer, scheduler, history_len: int) -> 
             "optimizer": _encode(optimizer.state_dict(), tensors, "optimizer"),
             "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler"),
             "rng": _encode(rng_state(), tensors, "rng")}
+    if RANK_RNG.get():
+        tree["rng_ranks"] = _encode(RANK_RNG.get(), tensors, "rng_ranks")
     save_file(tensors, str(d / STATE_TENSORS))
     (d / STATE_JSON).write_text(json.dumps(tree))
 
@@ -121,6 +127,7 @@ def load_state(directory, optimizer, scheduler) -> dict:
         if tree.get("version") != VERSION:
             raise ValueError(f"format version {tree.get('version')}, this version reads {VERSION}")
         st = {k: _decode(tree[k], tensors) for k in ("optimizer", "scheduler", "rng")}
+        st["rng"] = _rank_rng(tree, tensors, st["rng"])
         step, history_len = int(tree["step"]), int(tree["history_len"])
     except (ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError) as e:
         raise RALError(f"the trainer state in checkpoint '{d}' is unreadable ({e}); resume from another "
@@ -133,6 +140,15 @@ def load_state(directory, optimizer, scheduler) -> dict:
         raise RALError(f"the trainer state in checkpoint '{d}' does not match this run's optimizer "
                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume with the same config") from None
     return {"step": step, "history_len": history_len}
+
+
+def _rank_rng(tree: dict, tensors: dict, default: dict) -> dict:
+    """This process's RNG streams: its own when the checkpoint holds one per process of a run of this size."""
+    import torch.distributed as dist
+    if "rng_ranks" not in tree or not (dist.is_available() and dist.is_initialized()):
+        return default
+    ranks = _decode(tree["rng_ranks"], tensors)
+    return ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else default
 
 
 # ---- leftovers of killed writers ----------------------------------------------------------------------------
