@@ -31,6 +31,8 @@ CONFIGS = {
     # LoRA with a k3 KL to the adapter-free model, attention exploration on the last layer
     "lora": lambda d: ["lora_r=4", "beta=0.04", "explore=true", "explore_layers=last", "explore_sigma=1"],
 }
+# resume only: a bf16 checkpoint under bf16-mixed (fp32 sharded masters all-gathered in bf16, master_weights file)
+RESUME_ONLY = {"bf16": lambda d: [f"model={d}-bf16", "precision=bf16-mixed"]}
 
 
 def world() -> tuple[int, int]:
@@ -87,7 +89,7 @@ def resume(model_dir, out, name: str) -> dict:
     import shutil
     rank, n = world()
     base = [f"model={model_dir}", "prompts_per_step=2", "minibatch_size=4", "dist=fsdp", "steps=3", "save_every=2",
-            "keep_checkpoints=3", *COMMON, *CONFIGS[name](model_dir)]
+            "keep_checkpoints=3", *COMMON, *{**CONFIGS, **RESUME_ONLY}[name](model_dir)]
     full = Trainer(build_config(None, base + [f"output_dir={out}/full-{name}"]))
     at2 = {}
 

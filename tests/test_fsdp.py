@@ -14,9 +14,14 @@ import fsdp_worker
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("fsdp")
+    from ral_core.models.tiny import tiny_qwen2_vl
+    bf16 = tiny_qwen2_vl(layers=3, dtype=torch.bfloat16)
+    bf16.model.save_pretrained(f"{tiny_model_dir}-bf16")
+    bf16.tokenizer.save_pretrained(f"{tiny_model_dir}-bf16")
+    bf16.image_processor.save_pretrained(f"{tiny_model_dir}-bf16")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           str(Path(__file__).parent / "fsdp_worker.py"), str(tiny_model_dir), str(out), "full", "lora"]
+           str(Path(__file__).parent / "fsdp_worker.py"), str(tiny_model_dir), str(out), "full", "lora", "bf16"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
     return torch.load(out / "fsdp.pt", weights_only=False), torch.load(out / "shards1.pt", weights_only=False), out
@@ -55,7 +60,7 @@ def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, tiny_model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(fsdp_worker.CONFIGS))
+@pytest.mark.parametrize("name", [*fsdp_worker.CONFIGS, *fsdp_worker.RESUME_ONLY])
 def test_fsdp_resume_is_exact(fsdp_run, tiny_model_dir, name):
     res, _, out = fsdp_run
     r = res[f"resume-{name}"]
@@ -76,6 +81,11 @@ def test_fsdp_resume_is_exact(fsdp_run, tiny_model_dir, name):
         saved = dict(AutoModelForImageTextToText.from_pretrained(ck).named_parameters())
         for k, v in r["at2"].items():
             assert torch.equal(saved[k].detach(), v), k
+    elif name == "bf16":  # weights stay bf16 on disk; the trained ones' fp32 masters beside them
+        from ral_core.trainer import MASTER_WEIGHTS
+        masters = load_file(str(ck / MASTER_WEIGHTS))
+        assert masters and all(torch.equal(v, r["at2"][k]) for k, v in masters.items())
+        assert json.loads((ck / "config.json").read_text())["dtype"] == "bfloat16"
     else:
         w = load_file(str(ck / "adapter_model.safetensors"))
         lora = {k: v for k, v in r["at2"].items() if "lora_" in k}
