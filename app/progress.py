@@ -136,9 +136,9 @@ def _install(adapter):
         return
     adapter._ral_watches = ()
 
-    def pre(_module, args, kwargs):
+    def pre(module, args, kwargs):
         watches = adapter._ral_watches
-        if watches:
+        if watches and module is adapter.model:  # not a copy of the model (a deepcopy keeps its hooks)
             try:
                 kind = _kind(args, kwargs)
                 for w in watches:

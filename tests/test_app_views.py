@@ -43,7 +43,8 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir):
-    """The tiny model and a tiny hybrid Qwen3.5 (softmax attention in layers 3 and 7 only) in a model list."""
+    """The tiny model and a tiny hybrid Qwen3.5 (8 layers, softmax attention in layers 3 and 7 only) in a model
+    list. Figures are drawn in a render worker process (the running pool if an earlier test started one)."""
     from ral_core.models.tiny import tiny_qwen3_5
 
     d = tmp_path_factory.mktemp("views_env")
@@ -57,9 +58,11 @@ def env(tmp_path_factory, tiny_model_dir):
         mp.setenv("RAL_RENDER_WORKERS", "1")  # figures in a worker process: progress must still come from here
         from app import handlers, registry, render_pool, sessions
         registry.clear_cache()
+        had_pool = render_pool._POOL is not None
         yield SimpleNamespace(dir=d, h=handlers, registry=registry, sessions=sessions)
         registry.clear_cache()
-        render_pool.shutdown()
+        if not had_pool:
+            render_pool.shutdown()
 
 
 def _ok(out):
@@ -99,6 +102,25 @@ def test_inspect_progress_reports_each_stage_from_the_handler_process(env):
     view = Recorder()
     _ok(h.inspect_view(out.state, "0", "mean", "own", request=req("p1"), progress=view))
     assert view.descs[-1] == "drawing figures: 2/2 done"
+
+
+def test_model_load_reports_a_hub_download(env, monkeypatch):
+    """The registry hands the request's reporter to ral_core's download hook: bytes show in the load stage."""
+    import ral_core.models as models
+
+    real = models.load_adapter
+
+    def load(spec, *a, progress=None, **k):
+        for n in (0, 6 * 2**20, 12 * 2**20):  # what ral_core.hub's bars report while fetching the weights
+            progress("model.safetensors", n, 12 * 2**20)
+        return real(spec, *a, **k)
+    monkeypatch.setattr(models, "load_adapter", load)
+    env.registry.clear_cache()
+    rec = Recorder()
+    _ok(env.h.run_inspect("tiny-a", str(EXAMPLE), "Read row 1.", 2, request=req("dl"), progress=rec))
+    got = [c for c in rec.calls if c[1].startswith("downloading")]
+    assert [c[1] for c in got] == [f"downloading tiny-a: model.safetensors {n}/12 MB" for n in (0, 6, 12)]
+    assert got[0][0] < got[1][0] < got[2][0] <= rec.calls[rec.first("encoding")][0]
 
 
 def test_compare_levers_explored_report_their_passes(env):
@@ -285,8 +307,8 @@ def test_summary_lists_only_softmax_attention_layers_of_qwen3_5(env):
     cell = _ok(h.summary_select(out.state, "image_mass", "mean", "predicts",
                                 SimpleNamespace(index=_center(geo, 1, res.num_heads - 1)), request=req("q35")))
     assert (cell.cell_layer["value"], cell.cell_head["value"]) == ("7", str(res.num_heads - 1))
-    assert "layer 7" in " ".join(c[0] for c in out.layer["choices"]) and \
-        "layer 4" not in " ".join(c[0] for c in out.layer["choices"])
+    listed = [c[0] for c in out.layer["choices"]]
+    assert "layer 3" in listed and "layer 7" in listed and not {f"layer {i}" for i in (0, 1, 2, 4, 5, 6)} & set(listed)
 
 
 # ---- in a browser ------------------------------------------------------------------------------------------------------
