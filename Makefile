@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl evidence evidence-long evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench-load: install
 bench-trl: install
 	$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/python bench/trl_bench.py --out bench/results/trl.md
+
+# One RAL step of a 7B VLM (Qwen2-VL-7B shape) on 8 GPUs with FSDP: one decoder layer measured at real width (CPU,
+# ≈ 10 min on 2 shared cores; `--device cuda` on a GPU), the rest modelled from the shapes.
+bench-scale: install
+	$(BIN)/python bench/scale_bench.py --out bench/results/scale.md
 
 bench: bench-capture bench-train bench-inspect
 
