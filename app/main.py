@@ -200,8 +200,7 @@ def _inspect_tab(choices):
     for ev in (run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False),
                q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
         ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
-        ev.then(handlers.clear_cell, None, c_outs[1:], api_visibility="private", show_progress="hidden") \
-          .then(handlers.inspect_summary, s_ins, s_outs, api_visibility="private", preprocess=False)
+        ev.then(handlers.new_summary, s_ins, s_outs + [cell], api_visibility="private", preprocess=False)
     gr.on([tokens.input, layer.select, row.input, head_scale.input], handlers.inspect_view,
           [state, layer, tokens, row, head_scale], [status, overlay, heads, mass, files], api_name="inspect_view",
           show_progress="minimal")

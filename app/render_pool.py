@@ -3,6 +3,7 @@ requests drawn in threads take turns on one core; worker processes draw them sid
 outside any model lock. RAL_RENDER_WORKERS=0 draws in-process (one at a time, under handlers' RENDER_LOCK)."""
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -87,6 +88,19 @@ def call(fn, *args, timeout: float = 60.0):
         return fn(*args)
 
 
+def submit(fn, *args):
+    """fn(*args) started in a worker without waiting → its Future; None when drawing in-process (nothing started)."""
+    global _POOL
+    if not workers():
+        return None
+    try:
+        return _pool().submit(fn, *args)
+    except BrokenProcessPool:
+        with _POOL_LOCK:
+            _POOL = None
+        return None
+
+
 def call_many(jobs, done=None, timeout: float = 60.0) -> list:
     """[(fn, *args), …] → their results in order, drawn side by side in the workers (in-process one by one when
     RAL_RENDER_WORKERS=0 or the pool broke). `done(k, n)` is called here, in the caller's process, as each finishes:
@@ -168,7 +182,8 @@ def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[s
     """Layer × head summary (ral_core.render.layer_head_summary) → (PNG path, where its cells are in that PNG).
 
     The grid's box is measured on the figure as saved (a tight bounding box, padded), so a click's pixel in the PNG
-    maps to one (layer, head): {"box": [x0, y0, x1, y1], "size": [w, h], "layers": [...], "heads": H}."""
+    maps to one (layer, head): {"box": [x0, y0, x1, y1], "size": [w, h], "layers": [...], "heads": H}, also written
+    beside the PNG (same name, .json)."""
     import matplotlib.pyplot as plt
 
     from ral_core import render
@@ -186,4 +201,5 @@ def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[s
            "size": [float((tight.width + 2 * pad) * dpi), float((tight.height + 2 * pad) * dpi)],
            "layers": [int(x) for x in res.layers], "heads": int(res.num_heads)}
     path = render.save_figure(fig, d / f"summary_{metric}_T{tok}_{row}.png")
+    path.with_suffix(".json").write_text(json.dumps(geo))  # beside the PNG: what a click on it hits
     return str(path), geo
