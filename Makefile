@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,13 @@ bench-trl: install
 bench-scale: install
 	$(BIN)/python bench/scale_bench.py --out bench/results/scale.md
 
+# Shape twins of SmolVLM-256M, Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3.5-0.8B (assets/twins/, random weights)
+# → bench/results/real.md. Rows are written as they finish and a rerun skips done ones (bench/real_bench.py --only
+# TWIN[:ROW] --force redoes some); hours on 2 shared cores. GPU table: scripts/gpu_check.sh.
+.PHONY: bench-real
+bench-real: install
+	$(BIN)/python bench/real_bench.py --nice 5 --out bench/results/real.md
+
 bench: bench-capture bench-train bench-inspect
 
 # Checkpoints of the evidence benchmark (built once, kept in bench/_work/):
@@ -84,6 +91,15 @@ evidence-teacher: evidence-models
 
 evidence: install evidence-models
 	$(BIN)/python bench/evidence.py --out docs/results.md
+
+# RAL in its home regime (docs/results_home.md): pilot, then GRPO vs RAL λ ∈ {0.5, 1, 5, 100} × 5 seeds; no
+# extra checkpoints. Each run writes bench/records/home*/; `evidence-home-collect` rewrites the document from them.
+evidence-home: install
+	$(BIN)/python bench/home_regime.py --pilot
+	$(BIN)/python bench/home_regime.py
+
+evidence-home-collect:
+	$(BIN)/python bench/home_regime.py --collect
 
 # 3× longer runs of the main contrasts on the 4×4 tasks with headroom (about 45 min on 2 cores)
 evidence-long: install evidence-models

@@ -35,21 +35,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "bench" / "records"
 DOC = ROOT / "docs" / "results_home.md"
 TASK = {"task_kinds": ["row"], "grid_rows": 4, "grid_cols": 3, "max_new_tokens": 8}
-COMMON = {"prompts_per_step": 8, "group_size": 8, "epochs": 2, "minibatch_size": 32, "temperature": 1.0,
-          "lr": 3e-4, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1,
+COMMON = {"prompts_per_step": 8, "group_size": 8, "epochs": 2, "minibatch_size": 32, "temperature": 1.5,
+          "lr": 1e-4, "reward_weights": {"exact_match": 0.5, "home_rewards:digit_match": 0.5},
+          "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1,
           "attn_metrics_every": 0}
 ARMS = {"grpo": {}, "ral_l0.5": {"lambda_attn": 0.5}, "ral_l1": {"lambda_attn": 1.0}, "ral_l5": {"lambda_attn": 5.0},
-        "ral_l25": {"lambda_attn": 25.0}}
+        "ral_l100": {"lambda_attn": 100.0}}
+# λ = 100: the measured ‖∇RAL‖/‖∇GRPO‖ per unit λ here is ≈ 0.3 % (pilot), so the paper's 0.5–5 give the term
+# ≤ 2 % of GRPO's push; 100 gives it about a third
 # pilot variants (GRPO, one seed): learning rate and sampling temperature
+EXACT = {"reward_weights": {"exact_match": 1.0}, "temperature": 1.0, "steps": 60}
 PILOT = {"where_lr1e-4_T1": {"task_kinds": ["where"], "grid_rows": 3, "grid_cols": 3, "max_new_tokens": 10,
-                             "lr": 1e-4},
+                             "lr": 1e-4, **EXACT},
          "where_lr3e-4_T1": {"task_kinds": ["where"], "grid_rows": 3, "grid_cols": 3, "max_new_tokens": 10,
-                             "lr": 3e-4},
-         "row_lr3e-5_T1": {"task_kinds": ["row"], "grid_rows": 3, "grid_cols": 3, "lr": 3e-5},
-         "row_lr3e-5_T1.3": {"task_kinds": ["row"], "grid_rows": 3, "grid_cols": 3, "lr": 3e-5, "temperature": 1.3},
-         "row43_lr5e-5_T1": {"lr": 5e-5}, "row43_lr1.5e-4_T1": {"lr": 1.5e-4}}
-STEPS, PILOT_STEPS = 60, 60
-N_EVAL, N_SAMPLED, EVAL_EVERY, GRAD_EVERY = 300, 100, 15, 5
+                             "lr": 3e-4, **EXACT},
+         "row_lr3e-5_T1": {"task_kinds": ["row"], "grid_rows": 3, "grid_cols": 3, "lr": 3e-5, **EXACT},
+         "row_lr3e-5_T1.3": {"task_kinds": ["row"], "grid_rows": 3, "grid_cols": 3, "lr": 3e-5,
+                             **EXACT, "temperature": 1.3},
+         "row43_lr5e-5_T1": {"lr": 5e-5, **EXACT}, "row43_lr1.5e-4_T1": {"lr": 1.5e-4, **EXACT},
+         "row43_partial_lr1e-4_T1": {"lr": 1e-4, "temperature": 1.0},
+         "row43_partial_lr1e-4_T1.5": {"lr": 1e-4, "temperature": 1.5}}
+STEPS, PILOT_STEPS = 30, 30
+N_EVAL, N_SAMPLED, EVAL_EVERY, GRAD_EVERY = 300, 100, 10, 5
 CURVE_KEYS = ("reward", "attn_target_mass", "ral_rows_zero_var", "ral_rows_cancelled", "ral_rows_acting",
               "ral_effective_weight", "grad_norm", "grad_grpo", "grad_ral_unit", "grad_ratio_unit")
 
@@ -70,30 +77,41 @@ def dump_record(path: Path, rec: dict):
     path.write_text(json.dumps(_r(rec), sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
-def grad_ratio(tr) -> dict:
-    """‖∇L_GRPO‖ and ‖∇L_RAL‖ (unit λ) on the step's rollout batch, at the policy after the step's updates (where
-    p_θ ≠ p_old, as on every update after the first): the size of the attention term's push per unit λ. Measured
-    with the term's own gradient whatever λ the run uses (for GRPO runs: what λ = 1 would have added)."""
+def grad_ratio(tr, theta_old: list, frac: float) -> dict:
+    """‖∇L_GRPO‖ and ‖∇L_RAL‖ (unit λ) on the step's rollout batch, at θ_old + frac·(θ_new − θ_old) with frac =
+    1/updates: about where the second optimizer update of the step stands (p_θ ≠ p_old, so the RAL term is not at
+    its zero-gradient point; the policy has not yet drifted so far that the ratio clip removes most of GRPO's
+    gradient, as it does at θ_new). Measured with the term's own gradient whatever λ the run uses (in GRPO runs:
+    what λ = 1 would add). The weights are restored afterwards."""
     import torch
 
     from ral_core.losses import LOSSES, LossContext
     from ral_core.rollout import forward_policies
     ro, cfg = tr.last_rollouts, tr.cfg
     params = [p for p in tr.model.parameters() if p.requires_grad]
-    with torch.enable_grad():
-        r = forward_policies(tr.model, ro, tr.spec, None)
-        ctx = LossContext(mask=ro.mask, logp=r["logp"], old_logp=ro.old_logp, advantages=ro.advantages,
-                          attn=r["attn"], attn_old=ro.old_attn, norm=cfg.loss_norm, max_len=cfg.max_new_tokens,
-                          clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-        lg, _ = LOSSES["grpo"](ctx)
-        la, _ = LOSSES["ral_attn"](ctx)
-        gg = torch.autograd.grad(lg, params, retain_graph=True, allow_unused=True)
-        ga = torch.autograd.grad(la, params, allow_unused=True)
+    theta_new = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, o, n in zip(params, theta_old, theta_new):
+            p.copy_(o + frac * (n - o))
+    try:
+        with torch.enable_grad():
+            r = forward_policies(tr.model, ro, tr.spec, None)
+            ctx = LossContext(mask=ro.mask, logp=r["logp"], old_logp=ro.old_logp, advantages=ro.advantages,
+                              attn=r["attn"], attn_old=ro.old_attn, norm=cfg.loss_norm, max_len=cfg.max_new_tokens,
+                              clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+            lg, _ = LOSSES["grpo"](ctx)
+            la, _ = LOSSES["ral_attn"](ctx)
+            gg = torch.autograd.grad(lg, params, retain_graph=True, allow_unused=True)
+            ga = torch.autograd.grad(la, params, allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for p, n in zip(params, theta_new):
+                p.copy_(n)
+        tr.model.zero_grad(set_to_none=True)
 
     def norm(gs):
         return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))
     n_g, n_a = norm(gg), norm(ga)
-    tr.model.zero_grad(set_to_none=True)
     return {"grad_grpo": n_g, "grad_ral_unit": n_a, "grad_ratio_unit": n_a / n_g if n_g > 0 else float("nan")}
 
 
@@ -105,6 +123,8 @@ def _eval_task(kinds=None, rows=None, cols=None, split_seed: int = 1234):
 
 def evaluate_adapter(adapter, n_eval: int, n_sampled: int, kinds=None, max_new_tokens=None, rows=None,
                      cols=None) -> dict:
+    """Greedy exact-match accuracy and attention metrics on held-out items, plus the exact-match reward of
+    temperature-1 samples."""
     from evidence import sampled_reward
 
     from ral_core.evaluate import evaluate
@@ -155,9 +175,12 @@ def run_one(job: dict) -> dict:
     shutil.rmtree(overrides["output_dir"], ignore_errors=True)
     evals = []
 
+    prev = {}
+
     def callback(tr, m):
         if tr.step % GRAD_EVERY == 0 or tr.step == 1:
-            m.update(grad_ratio(tr))
+            m.update(grad_ratio(tr, prev["theta"], 1 / tr.cfg.updates_per_step))
+        prev["theta"] = [p.detach().clone() for p in tr.model.parameters() if p.requires_grad]
         if tr.step % EVAL_EVERY == 0 and tr.step < job["steps"]:
             a = tr.adapter_for_inference()
             a.model.eval()
@@ -167,6 +190,7 @@ def run_one(job: dict) -> dict:
 
     t0, c0 = time.time(), time.process_time()
     tr = Trainer(build_config(None, overrides), callbacks=[callback])
+    prev["theta"] = [p.detach().clone() for p in tr.model.parameters() if p.requires_grad]
     tr.train()
     ev = evaluate_adapter(tr.adapter_for_inference(), job["n_eval"], job["n_sampled"], overrides["task_kinds"],
                           overrides["max_new_tokens"], overrides["grid_rows"], overrides["grid_cols"])
@@ -215,7 +239,7 @@ def plan(args) -> list[dict]:
     jobs = []
     for s in range(args.seeds):  # seed-major: a cut-short sweep still has every arm at its first seeds
         for name, ov in variants.items():
-            jobs.append({"doc": doc, "arm": name, "seed": s, "overrides": ov, "steps": args.steps,
+            jobs.append({"doc": doc, "arm": name, "seed": s, "overrides": ov, "steps": ov.get("steps", args.steps),
                          "n_eval": args.n_eval, "n_sampled": args.n_sampled,
                          "record": str(RECORDS / doc / f"{name}_s{s}.json")})
     return jobs
@@ -236,6 +260,33 @@ def load_records(doc: str) -> tuple[dict, dict]:
 def _curve_mean(r: dict, key: str) -> float:
     v = [c[key] for c in r["curve"] if c.get(key) is not None]
     return float(np.mean(v)) if v else float("nan")
+
+
+REWARD_NAMES = {"exact_match": "exact match", "home_rewards:digit_match": "share of digits read right "
+                "(`bench/home_rewards.py`)"}
+
+
+def _pilot_share(pilot_runs: dict, key: str, exact: bool) -> float:
+    """Mean of a silence share over the pilot runs on the sweep's task with (exact=True) or without exact-match-only
+    reward."""
+    v = [_curve_mean(r, key) for rs in pilot_runs.values() for r in rs.values()
+         if task_key(r["config"]) == task_key(TASK)
+         and (r["config"].get("reward_weights", {"exact_match": 1.0}) == {"exact_match": 1.0}) == exact]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _grad_ratio(r: dict) -> float:
+    """A run's ‖∇RAL‖/‖∇GRPO‖ per unit λ: Σ‖∇RAL‖ / Σ‖∇GRPO‖ over its measured steps (steps with GRPO gradient 0 —
+    every group zero-variance — carry no information and drop out; a mean of per-step ratios would be dominated by
+    steps where ‖∇GRPO‖ is nearly 0)."""
+    pts = [(c["grad_ral_unit"], c["grad_grpo"]) for c in r["curve"] if c.get("grad_grpo")]
+    return sum(a for a, _ in pts) / sum(g for _, g in pts) if pts else float("nan")
+
+
+# RAL (λ = 1) − GRPO greedy accuracy on the earlier evidence tasks (docs/results.md, 12-step runs, 5 seeds), at the
+# acting share measured on their starting checkpoint (README 'Where the attention term acts': 64 prompts × 8
+# rollouts): drawn as hollow markers beside this document's runs
+EARLIER_TASKS = {"read3": (0.23, -0.001), "cell3": (0.0, 0.000)}
 
 
 def _ms(v) -> str:
@@ -281,20 +332,28 @@ def pilot_lines() -> list[str]:
     if not runs:
         return []
     out = ["## Pilot: does GRPO move greedy accuracy, and does the term act?", "",
-           f"GRPO, one seed per variant, {next(iter(next(iter(runs.values())).values()))['config']['steps']} steps; "
-           "greedy accuracy on the held-out `where` items during training; acting share = mean over all steps of "
-           "the share of response rows where the RAL term acts (net advantage of the row's prefix class ≠ 0).", "",
-           "| variant | greedy acc by step | Δ greedy acc vs start | sampled reward | acting rows | zero-variance rows "
-           "| cancelled rows | ‖∇RAL‖/‖∇GRPO‖ per unit λ |", "|---|---|---|---|---|---|---|---|"]
-    b = base["eval"] if base else {}
+           "GRPO, one seed per variant (`python bench/home_regime.py --pilot`, records in `bench/records/home_pilot/`). "
+           "Greedy accuracy on the variant's held-out items during training (step 0 = the starting checkpoint); "
+           "acting / zero-variance / cancelled = shares of response rows, mean over all steps (the trainer's "
+           "silence diagnostic); reward `exact` = exact match, `0.5 exact + 0.5 digits` adds credit per digit "
+           "read right (`bench/home_rewards.py`).", "",
+           "| variant | task | reward | lr | T | steps | greedy acc by step | Δ greedy acc | sampled reward (exact) "
+           "| acting rows | zero-variance rows | cancelled rows |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_task = (base or {}).get("by_task", {})
     for name in PILOT:
         for s, r in sorted(runs.get(name, {}).items()):
+            c = r["config"]
+            b = by_task.get(task_key(c), {})
+            b_acc = b.get("accuracy", float("nan"))
+            rw = "exact" if c.get("reward_weights", {"exact_match": 1.0}) == {"exact_match": 1.0} else \
+                "0.5 exact + 0.5 digits"
             curve = ", ".join(f"{e['step']}: {e['accuracy']:.3f}" for e in r["evals"])
-            out.append(f"| {name} | 0: {b.get('accuracy', float('nan')):.3f}, {curve} | "
-                       f"{r['eval']['accuracy'] - b.get('accuracy', float('nan')):+.3f} | "
-                       f"{r['eval']['sampled_reward']:.3f} | {_curve_mean(r, 'ral_rows_acting'):.3f} | "
-                       f"{_curve_mean(r, 'ral_rows_zero_var'):.3f} | {_curve_mean(r, 'ral_rows_cancelled'):.3f} | "
-                       f"{_curve_mean(r, 'grad_ratio_unit'):.4f} |")
+            out.append(f"| {name} | `{task_key(c)}` | {rw} | {c['lr']:g} | {c['temperature']:g} | {c['steps']} | "
+                       f"0: {b_acc:.3f}, {curve} | {r['eval']['accuracy'] - b_acc:+.3f} | "
+                       f"{b.get('sampled_reward', float('nan')):.3f} → {r['eval']['sampled_reward']:.3f} | "
+                       f"{_curve_mean(r, 'ral_rows_acting'):.3f} | {_curve_mean(r, 'ral_rows_zero_var'):.3f} | "
+                       f"{_curve_mean(r, 'ral_rows_cancelled'):.3f} |")
     return out + [""]
 
 
@@ -315,17 +374,23 @@ def summarise(doc: str = "home") -> str:
         wall = sum(r["wall_s"] for r in all_recs) + sum(r["wall_s"] for r in pilot_recs)
         cpu = sum(r["cpu_s"] for r in all_recs) + sum(r["cpu_s"] for r in pilot_recs)
         lines += [
-            f"- Task: `{'/'.join(cfg['task_kinds'])}` on the {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
-            "(\"Where is the 7?\" → \"row 2 column 3\"), from `assets/default_model` (its weakest question kind). "
-            "The group shares the first answer word, diverges on the row number, and the rows after the divergence "
-            "belong to smaller prefix classes whose advantages do not cancel.",
+            f"- Task: `{task_key(cfg)}`: read a whole row of a {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
+            "(\"Read row 4.\" → \"9 7 1\"), from `assets/default_model`, which was trained on 3×3 grids only: with "
+            "12 cells digits repeat (the 3×3 grids never repeat one) and row 4 is new, so it starts low (it drops "
+            "repeated digits: \"1 1 3\" → \"1 3\"). The answer is three digits; rollouts of a group diverge at "
+            "the digit the model is unsure of, and every row after the divergence belongs to a smaller prefix class "
+            "whose advantages do not cancel.",
             f"- Every run: {cfg['steps']} steps of {cfg['prompts_per_step']} prompts × {cfg['group_size']} rollouts "
             f"at temperature {cfg['temperature']:g}, {cfg['epochs']} epochs × "
             f"{-(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])} mini-batches of "
             f"{cfg['minibatch_size']} = {cfg['epochs'] * -(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])}"
             f" optimizer updates per rollout batch, lr {cfg['lr']:g}, max {cfg['max_new_tokens']} new tokens, "
-            f"reward exact match; vision tower frozen.",
-            f"- Held-out evaluation: {all_recs[0]['n_eval']} test-split `where` items (handwriting never seen in "
+            "reward " + " + ".join(f"{w:g}·{REWARD_NAMES.get(k, k)}" for k, w in sorted(cfg["reward_weights"].items()))
+            + "; vision tower frozen. Why these settings: see the pilot at the end (on this task exact match alone "
+            f"left {_pilot_share(pilot_runs, 'ral_rows_zero_var', exact=True):.0%} of rows in zero-variance groups "
+            "(the tiny model's samples of one prompt are mostly identical); temperature 1.5 instead of 1 keeps "
+            "groups diverse as the model improves).",
+            f"- Held-out evaluation: {all_recs[0]['n_eval']} test-split `{task_key(cfg)}` items (handwriting never seen in "
             f"training), greedy; sampled reward from {all_recs[0]['n_sampled']} of them × 4 samples at temperature 1.",
             f"- Seeds: " + ", ".join(f"`{a}` {len(runs[a])}" for a in ARMS if a in runs) + ". Statistics: paired by "
             "seed against GRPO (same seed = same prompts and the same first rollout batch), two-sided paired t-test, "
@@ -346,8 +411,9 @@ def summarise(doc: str = "home") -> str:
         acting = [_curve_mean(r, "ral_rows_acting") for r in all_recs]
         lines.append(f"- (b) The RAL term acts on {np.mean(acting):.3f} of the response rows (mean over all steps "
                      f"of all runs; range over runs {min(acting):.3f}–{max(acting):.3f}).")
-        ratio = [_curve_mean(r, "grad_ratio_unit") for r in all_recs]
-        lines.append(f"- ‖∇RAL‖/‖∇GRPO‖ per unit λ, after each step's updates: {np.mean(ratio):.4f} on average "
+        ratio = [_grad_ratio(r) for r in all_recs]
+        lines.append(f"- ‖∇RAL‖/‖∇GRPO‖ per unit λ (every {GRAD_EVERY} steps, at about the step's second update): "
+                     f"{np.mean(ratio):.4f} on average "
                      f"(range over runs {min(ratio):.4f}–{max(ratio):.4f}).")
     sig = [c for c in cmp if c["p_holm"] < 0.05 and not np.all(c["d"] == 0)]
     lines.append("- Differences from GRPO that survive Holm (p_Holm < 0.05): " + (", ".join(
@@ -374,7 +440,7 @@ def summarise(doc: str = "home") -> str:
             lines.append(f"| {arm} | {len(rs)} | " + " | ".join(_ms([r['eval'][k] for r in rs]) for k, _, _ in METRICS)
                          + f" | {_ms([_curve_mean(r, 'ral_rows_acting') for r in rs])} | "
                          f"{_ms([_curve_mean(r, 'ral_effective_weight') for r in rs])} | "
-                         f"{np.mean([_curve_mean(r, 'grad_ratio_unit') for r in rs]):.4f} |")
+                         f"{np.mean([_grad_ratio(r) for r in rs]):.4f} |")
         lines += ["", "Paired differences against GRPO (mean ± SE over seeds; two-sided paired t-test; Holm over all "
                   f"{len(cmp)} rows):", "",
                   "| arm | metric | Δ vs GRPO | per seed | t | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
@@ -383,13 +449,15 @@ def summarise(doc: str = "home") -> str:
                          + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {_fmt_p(c['p'])} | "
                          f"{_fmt_p(c['p_holm'])} | {_verdict(c)} |")
         lines += ["", "![Δ greedy accuracy vs acting share](evidence_home_delta_vs_acting.png)", ""]
-        lines += ["Greedy accuracy during training (mean over seeds, held-out items):", "",
-                  "| arm | " + " | ".join(f"step {e['step']}" for e in next(iter(runs[next(iter(runs))].values()))["evals"])
-                  + " |", "|---|" + "---|" * len(next(iter(runs[next(iter(runs))].values()))["evals"])]
+        steps = [e["step"] for e in next(iter(runs[next(iter(runs))].values()))["evals"]]
+        lines += ["Greedy accuracy during training (mean over seeds, held-out items; step 0 = the starting checkpoint):",
+                  "", "| arm | step 0 | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|---|" + "---|" * len(steps)]
         for arm in ARMS:
             if arm in runs:
                 ev = np.array([[e["accuracy"] for e in runs[arm][s]["evals"]] for s in sorted(runs[arm])])
-                lines.append(f"| {arm} | " + " | ".join(f"{x:.3f}" for x in ev.mean(0)) + " |")
+                lines.append(f"| {arm} | {b.get('accuracy', float('nan')):.3f} | "
+                             + " | ".join(f"{x:.3f}" for x in ev.mean(0)) + " |")
         lines.append("")
     lines += pilot_lines()
     return "\n".join(lines) + "\n"
@@ -411,6 +479,9 @@ def plot(doc: str, out_dir: Path):
         ax.scatter(xs, ys, label=arm, s=22, color=plt.get_cmap("tab10").colors[i])
         ax.errorbar([np.mean(xs)], [np.mean(ys)], yerr=[np.std(ys, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else 0],
                     fmt="D", ms=7, color=plt.get_cmap("tab10").colors[i], mec="k")
+    for t, (x, y) in EARLIER_TASKS.items():
+        ax.scatter([x], [y], marker="o", facecolors="none", edgecolors="k", s=40)
+        ax.annotate(f"{t} (λ 1, results.md)", (x, y), fontsize=6.5, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("share of response rows where the RAL term acts (mean over steps)")
     ax.set_ylabel("Δ greedy accuracy vs GRPO (same seed)")
