@@ -1,6 +1,7 @@
 """FSDP (dist=fsdp: torch FSDP2 over 2 CPU processes, gloo) against one process on the same global batch, and exact
 resume under sharding. One torchrun launch (tests/fsdp_worker.py) runs every 2-process part; the reference runs here."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ def fsdp_run(tmp_path_factory, tiny_model_dir):
     bf16.tokenizer.save_pretrained(f"{tiny_model_dir}-bf16")
     bf16.image_processor.save_pretrained(f"{tiny_model_dir}-bf16")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    with socket.socket() as sock:  # a free port: other test runs on this machine may hold a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(Path(__file__).parent / "fsdp_worker.py"), str(tiny_model_dir), str(out), "full", "lora", "bf16"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
