@@ -84,7 +84,7 @@ class TrainConfig:
     # speed (issue 13): exact reuse of work the G rollouts of a step share
     vision_cache: bool = True            # each distinct image encoded once per step (only while the vision is frozen)
     share_prompt: str = "auto"           # each group's prompt prefilled once and computed once per pass: auto (when
-                                         # the prompt is ≥ 4× the answer budget, where it pays) | true | false
+                                         # the prompt is at least as long as max_new_tokens) | true | false
     # bookkeeping
     save_every: int = 0                  # 0: only at the end (and on cancel)
     keep_checkpoints: int = 2

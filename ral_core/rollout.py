@@ -9,7 +9,7 @@ import torch
 from ral_core.attention import capture
 from ral_core.inspection import generate_answer
 from ral_core.losses import attention_policy, entropy, token_logprobs
-from ral_core.prefix_share import group_generate, shared_prompt_forward, worth_sharing
+from ral_core.prefix_share import group_generate, shared_prompt_forward, shares_with_grad, worth_sharing
 from ral_core.vision_cache import VisionCache, distinct_images
 
 
@@ -149,7 +149,7 @@ def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "Exp
     layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
     bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
     cached = ro.vision is not None and ro.vision.serves(model)
-    if cached and ro.share_prompt and bias is None:
+    if cached and ro.share_prompt and bias is None and (not torch.is_grad_enabled() or shares_with_grad(model)):
         # each group's prompt once; this pass holds positions P−1 … P+T−1, so rows and kept logits count from P−1
         rows = torch.arange(T + 1, device=dev)[None].expand(N, T + 1)
         with capture(model, layers=layers, rows=rows) as maps:

@@ -26,9 +26,9 @@ from ral_core.losses import LossContext, Window, accumulation_windows, combined_
 from ral_core.rewards import RewardModel
 from ral_core.rollout import (ExploreSpec, PolicySpec, attention_stats, forward_policies, make_rollouts,
                               policy_forward)
+from ral_core.vision_cache import VISION_PREFIXES, is_vision_param, vision_frozen  # noqa: F401 (re-exported)
 
 MASTER_WEIGHTS = "master_weights.safetensors"  # fp32 trainable weights of a checkpoint saved in bf16/fp16
-VISION_PREFIXES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "merger")
 
 
 def dataset_for(cfg: TrainConfig, split: str = "train"):
@@ -46,11 +46,6 @@ def dataset_for(cfg: TrainConfig, split: str = "train"):
         return _Src()
     from ral_core.data.jsonl import JsonlDataset
     return JsonlDataset(cfg.dataset)
-
-
-def is_vision_param(name: str) -> bool:
-    parts = name.split(".")
-    return any(p in VISION_PREFIXES for p in parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,16 +183,48 @@ class Trainer:
         if cfg.explore:
             self.explore = ExploreSpec(self._explore_layers(), cfg.explore_sigma, cfg.explore_per_head,
                                        cfg.explore_keys, cfg.explore_row)
+        from ral_core import distributed
+        self.fsdp = distributed.use_fsdp(cfg.dist, self.acc)
+        if self.fsdp:  # FSDP2 by us (accelerate's CPU mode would silently run DDP): before the optimizer sees params
+            model = self._shard(model)
+        self.notes: list[str] = []  # what the run log says about choices made for this run
+        self.vision_cache = cfg.vision_cache and vision_frozen(model)
+        if cfg.vision_cache and not self.vision_cache:
+            self.notes.append("vision-feature cache off: the vision path is trained (freeze_vision=false), so every "
+                              "pass encodes its images itself")
+        self.share_prompt = cfg.share_prompt if self.vision_cache else "false"
+        if self.share_prompt != "false" and self.explore is not None:
+            self.notes.append("exploration: each rollout's prompt runs under its own attention bias, so prompts are "
+                              "not shared within a group (images are still encoded once)")
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total_updates = cfg.steps * cfg.updates_per_step
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda(total_updates))
-        self.model, self.opt = self.acc.prepare(model, self.opt)
+        if self.fsdp:
+            self.model = model
+            distributed.shard_optimizer_state(self.opt)
+        else:
+            self.model, self.opt = self.acc.prepare(model, self.opt)
         self.step = 0
         self.history: list[dict] = []
         self.status = "ready"
 
     # ---- setup helpers --------------------------------------------------------------------------------
+    def _shard(self, model):
+        """dist=fsdp: every model of the run sharded over the processes (ral_core/distributed.py)."""
+        from ral_core import distributed
+        if self.cfg.snapshot_every:
+            raise RALError("snapshot_every is not supported with dist=fsdp yet (snapshots run on one process); "
+                           "inspect a saved checkpoint instead")
+        # a shared prompt's KV cache carries gradient into its layers around their outputs, where FSDP hooks the
+        # re-gather for backward: the prompt is computed per sequence under FSDP (images are still encoded once)
+        self.cfg.share_prompt = "false"
+        dt = self.precision.compute
+        for m in (self.ref_model, self.teacher.model if self.teacher is not None else None):
+            if m is not None:
+                distributed.shard(m, dt)
+        return distributed.shard(model, dt)
+
     def _add_lora(self, model):
         from peft import LoraConfig, get_peft_model
         targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -205,6 +232,10 @@ class Trainer:
         lcfg = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                           target_modules=targets)
         return get_peft_model(model, lcfg)
+
+    def _gathered(self):
+        from ral_core.distributed import gathered
+        return gathered(self.model) if self.fsdp else contextlib.nullcontext()
 
     def _explore_layers(self) -> list[int]:
         """'levers': the layers whose attention moves the answer most on a few training samples."""
@@ -312,10 +343,11 @@ class Trainer:
         if self.explore is not None and cfg.explore_schedule == "linear":
             self.explore.sigma = cfg.explore_sigma * (1 - self.step / cfg.steps)
         try:
-            with self.precision.autocast():
+            with self.precision.autocast(), self._gathered():  # dist=fsdp: sampling with the model gathered once
                 ro = make_rollouts(self.adapter, self._prompts(self.step), cfg.group_size, self.rewarder, self.spec,
                                    cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.advantage_scale,
-                                   gen_model=gen_model, explore=self.explore)
+                                   gen_model=gen_model, explore=self.explore, vision_cache=self.vision_cache,
+                                   share_prompt=self.share_prompt)
         except RuntimeError as e:
             if "inf" in str(e) or "nan" in str(e):  # sampling from non-finite probabilities
                 raise FloatingPointError(f"non-finite model outputs while sampling at step {self.step}") from None
@@ -366,6 +398,9 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if self.notes:
+                with open(self.out / "run.log", "a") as f:
+                    f.write("".join(f"step {self.step}: {n}\n" for n in self.notes))
         tb = self._tensorboard() if (main and cfg.log_tensorboard) else None
         self.status = "running"
         last_good = None
@@ -440,7 +475,13 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Atomically write checkpoints/step-N (weights loadable by load_adapter + trainer state)."""
+        """Atomically write checkpoints/step-N (weights loadable by load_adapter + trainer state). Every process
+        calls it: under dist=fsdp the shards are gathered first, and each process's RNG streams are kept."""
+        from ral_core.distributed import full_state
+        with full_state(self.model, self.opt, sharded=self.fsdp):
+            return self._write_checkpoint()
+
+    def _write_checkpoint(self) -> Path | None:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
@@ -517,9 +558,7 @@ class Trainer:
                 bad = [n for n, t in masters.items() if n not in params or params[n].shape != t.shape]
                 if bad:
                     raise RALError(f"checkpoint '{path}': {MASTER_WEIGHTS} does not match the model ({bad[0]})")
-                with torch.no_grad():
-                    for n, t in masters.items():
-                        params[n].copy_(t)
+                model.load_state_dict(masters, strict=False)  # (not param.copy_: a sharded parameter takes it too)
         from ral_core.train_state import load_state
         st = load_state(path, self.opt, self.sched)  # optimizer, scheduler and RNG streams; refuses pickles
         self.step = int(st["step"])

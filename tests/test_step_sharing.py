@@ -164,5 +164,5 @@ def test_cache_off_when_the_vision_tower_trains(tmp_path):
 
 
 def test_share_prompt_rule():
-    assert worth_sharing("auto", 1000, 32) and not worth_sharing("auto", 40, 16)
+    assert worth_sharing("auto", 1000, 32) and worth_sharing("auto", 29, 12) and not worth_sharing("auto", 12, 16)
     assert worth_sharing("true", 10, 100) and not worth_sharing("false", 1000, 1) and not worth_sharing(False, 9e9, 1)
