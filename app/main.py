@@ -154,10 +154,10 @@ def _inspect_tab(choices):
                 metric = gr.Radio(handlers.SUMMARY_METRICS, value="image_mass", label="Each cell shows",
                                   elem_id="i-metric")
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=4, min_width=480):  # 36 layers × 16 heads: cells ≥ 13 px on a laptop
                         summary = gr.Image(label="Layer × head summary (click a cell)", show_label=False,
                                            format="png", interactive=False, elem_id="i-summary")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=2, min_width=240):
                         with gr.Row():
                             cell_layer = gr.Dropdown([], value=None, label="layer", elem_id="i-cell-layer")
                             cell_head = gr.Dropdown([], value=None, label="head", elem_id="i-cell-head")
