@@ -104,11 +104,12 @@ def _idefics3_image_processor(pre: dict):
 
 
 def build_twin(name: str, text_layers: int | None = None, vision_depth: int | None = None, dtype=None,
-               attn: str = "sdpa", seed: int = 0, device=None, meta: bool = False):
+               attn: str = "sdpa", seed: int = 0, device=None, meta: bool = False, tokenizer_cache=None):
     """The twin's adapter: real model class at the published shapes (random weights, `seed`), the family's image
     processor at the published settings, a tokenizer of the config's vocabulary size with the family's special
     tokens at the config's ids. `meta=True` builds the weights on the meta device (shapes and parameter counts, no
-    memory, cannot run)."""
+    memory, cannot run). `tokenizer_cache`: a folder where the built tokenizer is kept and reused (a 150 k-entry
+    vocabulary takes seconds to assemble)."""
     import contextlib
 
     import torch
@@ -120,14 +121,22 @@ def build_twin(name: str, text_layers: int | None = None, vision_depth: int | No
     files = twin_files(name)
     cfg = twin_config(name, text_layers, vision_depth)
     vocab = int(_text(cfg).get("vocab_size") or cfg["vocab_size"])
-    # the family's special tokens at the ids of the published tokenizer (special_tokens.json), the rest filler
-    if family == "idefics3":
-        tok = build_tokenizer(IDEFICS3_SPECIALS, vocab_size=vocab, eos="<end_of_utterance>", pad="<|endoftext|>",
-                              ids=files["special_tokens"])
-    else:
-        tok = build_tokenizer(QWEN_SPECIALS, vocab_size=vocab, ids=files["special_tokens"])
+    tok = None
+    if tokenizer_cache is not None and (Path(tokenizer_cache) / name / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast.from_pretrained(str(Path(tokenizer_cache) / name))
+    if tok is None or len(tok) != vocab:
+        # the family's special tokens at the ids of the published tokenizer (special_tokens.json), the rest filler
+        if family == "idefics3":
+            tok = build_tokenizer(IDEFICS3_SPECIALS, vocab_size=vocab, eos="<end_of_utterance>", pad="<|endoftext|>",
+                                  ids=files["special_tokens"])
+        else:
+            tok = build_tokenizer(QWEN_SPECIALS, vocab_size=vocab, ids=files["special_tokens"])
+        if tokenizer_cache is not None:
+            tok.save_pretrained(str(Path(tokenizer_cache) / name))
     kw = dict(config=cfg, attn=attn, seed=seed, dtype=dtype, tokenizer=tok)
-    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    # random initialisation straight on the device (a GPU initialises billions of weights in a moment)
+    ctx = torch.device("meta" if meta else device) if (meta or device is not None) else contextlib.nullcontext()
     with ctx:
         if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             a = tiny_qwen2_vl(variant=family, **kw)

@@ -1,0 +1,767 @@
+"""Benchmark at real sizes: shape twins of SmolVLM-256M, Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and Qwen3.5-0.8B
+(`ral_core/models/twins.py`: published configs, real classes, random weights) → bench/results/real.md.
+
+    .venv/bin/python bench/real_bench.py                           # CPU, bf16 weights, all twins, all rows (long)
+    .venv/bin/python bench/real_bench.py --only qwen2_vl_2b        # one twin (all its rows)
+    .venv/bin/python bench/real_bench.py --only qwen2_vl_2b:inspect,smolvlm_256m:capture   # single rows
+    .venv/bin/python bench/real_bench.py --force --only …          # rerun rows that are already done
+    .venv/bin/python bench/real_bench.py --quick                   # smoke test: short inputs, cut twins, prints
+    .venv/bin/python bench/real_bench.py --device cuda --dtype bfloat16   # the GPU table (its own section)
+
+Rows per twin, each measured in a fresh subprocess (one torch thread on the CPU) so peak memory is its own:
+  static    parameters (meta device: no memory) and visual tokens of a 1024×768 photo at the published settings
+  inspect   `ral inspect` (ral_core.cli.main: 16 generated tokens, capture of every layer, overlay + head grid +
+            layer×head summary) on the full-depth twin, with the model-loading step replaced by the twin builder
+            (no weights are stored to load); wall time and peak RSS (CUDA: peak allocated)
+  capture   capture vs eager `output_attentions` vs plain SDPA, forward under no_grad at 2k, 8k and 16k tokens at the
+            twin's real width (hidden, heads, head_dim, vocabulary) with ONE decoder layer with softmax attention and
+            a one-block vision tower (a full-depth 16k forward of a 2 B model does not fit 2 cores' time); one process
+            per mode; extra peak memory over the loaded model and forward time; eager is run only where its computed
+            need fits --eager-limit-gb, else its need is computed. Full-depth figures scale the per-layer ones.
+  train     one LoRA RAL step (group 4, 32 new tokens, 2 updates per rollout batch: rollout with the old-policy
+            pass, then the trainer's own update phase) at 1 and 2 decoder layers (real width, one-block vision tower),
+            with and without gradient checkpointing; time and peak memory, extrapolated per layer to full depth.
+Results go to a JSON file row by row (bench/results/real.json; the GPU run: real_cuda.json) and the markdown is
+rewritten after every row, so a partial run gives a valid partial table and a rerun skips rows already done.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+WORK = os.path.join(ROOT, "bench", "_work", "real")
+TOK_CACHE = os.path.join(WORK, "tokenizers")  # twins' tokenizers, built once
+PHOTO_SRC = os.path.join(ROOT, "assets", "examples", "photos", "chelsea.jpg")
+QUESTION = "What animal is in the picture?"
+SHOTS = os.path.join(ROOT, "docs", "screenshots")
+SHOT_TWIN = "qwen2_vl_2b"
+TWIN_ORDER = ["qwen2_vl_2b", "smolvlm_256m", "qwen3_5_0_8b", "qwen3_vl_2b", "qwen2_5_vl_3b"]
+CAPTURE_MODES = ["sdpa", "capture", "eager"]
+TRAIN_UNITS = [(1, False), (1, True), (2, False), (2, True)]
+ROWS_CAPTURED = 16  # query rows capture keeps (the last ones), as in bench/capture_bench.py
+
+
+def log(msg):
+    print(f"[real_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================================== worker side
+
+def photo_path() -> str:
+    """The bench photo: chelsea.jpg (451×300) center-cropped to 4:3 and resized to 1024×768 (Lanczos)."""
+    from PIL import Image
+
+    p = os.path.join(WORK, "photo_1024x768.png")
+    if not os.path.exists(p):
+        os.makedirs(WORK, exist_ok=True)
+        im = Image.open(PHOTO_SRC).convert("RGB")
+        w, h = im.size
+        cw = min(w, round(h * 4 / 3))
+        ch = min(h, round(cw * 3 / 4))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im.crop((left, top, left + cw, top + ch)).resize((1024, 768), Image.LANCZOS).save(p + ".tmp.png")
+        os.replace(p + ".tmp.png", p)
+    return p
+
+
+class Meter:
+    """Peak memory over a region: CUDA peak allocated, or on the CPU the kernel's RSS high-water mark (reset through
+    /proc/self/clear_refs), both minus the level just before; and wall time."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.cuda = torch, str(device).startswith("cuda")
+
+    def now_mb(self) -> float:
+        if self.cuda:
+            return self.torch.cuda.memory_allocated() / 2 ** 20
+        return C.proc_status_mb()["VmRSS"]
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            C.reset_peak_rss()
+        self.base = self.now_mb()
+        self.c0, self.t0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.peak = self.torch.cuda.max_memory_allocated() / 2 ** 20
+        else:
+            self.peak = C.proc_status_mb()["VmHWM"]
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        self.extra = self.peak - self.base
+        return False
+
+
+def _setup(args):
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    return torch
+
+
+def _dtype(args):
+    import torch
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+
+
+def _process_peak_mb(device) -> float:
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return C.proc_status_mb()["VmHWM"]
+
+
+def w_static(args) -> dict:
+    from PIL import Image
+
+    from ral_core.models.twins import build_twin, describe, parameter_count
+    from ral_core.trainer import is_vision_param
+
+    a = build_twin(args.twin, meta=True, tokenizer_cache=TOK_CACHE)
+    img = Image.open(photo_path()).convert("RGB")
+    proc = a.process_images([img])
+    n_vision = sum(p.numel() for n, p in a.model.named_parameters() if is_vision_param(n))
+    meta = proc["meta"][0]
+    g = a.geometry_from_meta(img.size, meta)
+    resized = g.groups[0].get("resized") if "resized" in g.groups[0] else None
+    L = len(a.prompt_ids(proc["n_tokens"][0], QUESTION, meta))
+    return {**describe(args.twin), "params": parameter_count(a), "vision_params": n_vision,
+            "visual_tokens": int(proc["n_tokens"][0]), "prompt_tokens": L, "resized": resized,
+            "tiles": [meta.get("rows"), meta.get("cols")] if "rows" in meta else None,
+            "pixel_note": a.pixel_budget_note() if hasattr(a, "pixel_budget_note") else ""}
+
+
+def w_inspect(args) -> dict:
+    """`ral inspect` itself (argument parsing, inspect(), figures), with its model loader replaced by the twin."""
+    import ral_core.cli as cli
+    import ral_core.inspection as insp
+    from ral_core.models.twins import build_twin, parameter_count
+
+    torch = _setup(args)
+    out = os.path.join(WORK, f"{args.device}-{args.dtype}", args.twin, "inspect")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    depth = dict(text_layers=1, vision_depth=1) if args.quick else {}
+    adapter = build_twin(args.twin, dtype=_dtype(args), device=args.device, tokenizer_cache=TOK_CACHE, **depth)
+    t_build = time.perf_counter() - t0
+    rss_model = C.proc_status_mb()["VmRSS"] if args.device == "cpu" else torch.cuda.memory_allocated() / 2 ** 20
+    cli._load = lambda a, device=None: adapter  # noqa: E731 — the twin instead of load_adapter
+    timing = {}
+    orig = insp.inspect
+
+    def timed_inspect(*a, **k):
+        c = time.perf_counter()
+        try:
+            return orig(*a, **k)
+        finally:
+            timing["inspect_s"] = time.perf_counter() - c
+
+    insp.inspect = timed_inspect
+    argv = ["--debug", "inspect", "--image", photo_path(), "--question", QUESTION, "--out", out, "--no-progress",
+            "--max-new-tokens", str(4 if args.quick else 16), "--per-head-scale"]
+    c0, t1 = time.process_time(), time.perf_counter()
+    rc = cli.main(argv)
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c0
+    if rc != 0:
+        raise RuntimeError(f"ral inspect returned {rc}")
+    res = {"rc": rc, "build_s": t_build, "wall_s": wall, "cpu_s": cpu, "inspect_s": timing.get("inspect_s"),
+           "figures_s": wall - timing.get("inspect_s", 0.0), "peak_mb": _process_peak_mb(args.device),
+           "model_mb": rss_model, "params": parameter_count(adapter), "argv": ["ral"] + argv[1:],
+           "answer_tokens": None, "out": os.path.relpath(out, ROOT)}
+    try:
+        import numpy as np  # noqa: F401
+        from ral_core.inspection import InspectionResult
+        r = InspectionResult.load(os.path.join(out, "result"))
+        res["answer_tokens"] = len(r.answer_ids)
+        res["visual_tokens"] = int(r.geometry.n_tokens)
+        res["layers_captured"] = len(r.layers)
+    except Exception as e:  # noqa: BLE001 — the counts are a nicety
+        res["load_note"] = f"{type(e).__name__}: {e}"
+    if args.device != "cpu":
+        res["peak_rss_mb"] = C.proc_status_mb()["VmHWM"]
+    return res
+
+
+def _inputs(adapter, target: int, image):
+    """Model inputs of exactly `target` tokens: the photo plus the question padded with one-token words."""
+    base = adapter.build_inputs([image], [QUESTION])["model_inputs"]["input_ids"].shape[1]
+    fill = max(0, target - base)
+    b = adapter.build_inputs([image], [QUESTION + " one" * fill])
+    mi = b["model_inputs"]
+    return mi, int(mi["input_ids"].shape[1]), int(adapter.visual_mask(mi["input_ids"][0]).sum())
+
+
+def eager_layer_need_mb(heads: int, L: int, dtype_bytes: int) -> float:
+    """Peak extra of one eager attention layer with output_attentions: scores and their scaled/masked copies in the
+    model dtype, the fp32 softmax, its cast back (kept) — about heads·L²·(3·b + 4) bytes."""
+    return heads * L * L * (3 * dtype_bytes + 4) / 2 ** 20
+
+
+def w_capture(args) -> dict:
+    from PIL import Image
+
+    from ral_core.attention import capture
+    from ral_core.inspection import CAPTURE_ONLY
+    from ral_core.models.twins import build_twin, describe
+
+    torch = _setup(args)
+    mode = args.mode
+    d = describe(args.twin)
+    adapter = build_twin(args.twin, text_layers=1, vision_depth=1, dtype=_dtype(args), device=args.device,
+                         tokenizer_cache=TOK_CACHE)
+    model = adapter.model
+    if mode == "eager":
+        model.set_attn_implementation({"text_config": "eager"})
+    # a small image (448×336 of the photo: 64–192 visual tokens) so the vision tower, the same in every mode, stays a
+    # small part of the forward; the rest of the length is text
+    img = Image.open(photo_path()).convert("RGB").resize((448, 336), Image.LANCZOS)
+    b = torch.finfo(_dtype(args)).bits // 8
+    res = {"mode": mode, "lengths": {}, "heads": d["heads"], "dtype_bytes": b, "rows": ROWS_CAPTURED}
+    limit_mb = args.eager_limit_gb * 1024
+
+    def call(mi, L):
+        rows = torch.arange(L - ROWS_CAPTURED, L, device=mi["input_ids"].device)[None]
+        if mode == "sdpa":
+            with torch.no_grad():
+                return model(**mi, **CAPTURE_ONLY), None
+        if mode == "capture":
+            with torch.no_grad(), capture(model, "all", rows) as maps:
+                out = model(**mi, **CAPTURE_ONLY)
+            return (out, dict(maps)), float(next(iter(maps.values()))[..., :].sum())
+        with torch.no_grad():
+            out = model(**mi, output_attentions=True, **CAPTURE_ONLY)
+        return out, float(out.attentions[-1][:, :, -ROWS_CAPTURED:].float().sum())
+
+    warm = False
+    for target in args.lengths:
+        mi, L, nv = _inputs(adapter, target, img)
+        need = eager_layer_need_mb(d["heads"], L, b)
+        entry = {"L": L, "visual": nv, "eager_layer_need_mb": need}
+        if mode == "eager" and need > limit_mb:
+            entry["skipped"] = f"computed need {need:.0f} MB > limit {limit_mb:.0f} MB"
+            res["lengths"][str(target)] = entry
+            log(f"{args.twin} {mode} L={L}: skipped ({entry['skipped']})")
+            continue
+        if not warm:  # one warm-up call (lazy initialisation, allocator) at the first length
+            keep, _ = call(mi, L)
+            del keep
+            warm = True
+        with Meter(args.device) as m:
+            keep, check = call(mi, L)
+        del keep
+        entry.update({"wall_s": m.wall, "cpu_s": m.cpu, "extra_mb": m.extra, "check": check})
+        res["lengths"][str(target)] = entry
+        log(f"{args.twin} {mode} L={L}: {m.wall:.1f} s, extra {m.extra:.1f} MB")
+        del mi
+        gc.collect()
+    return res
+
+
+def w_train(args) -> dict:
+    import train_bench as TB
+    from accelerate import Accelerator
+
+    from ral_core.attention import enable_gradient_checkpointing
+    from ral_core.config import build_config
+    from ral_core.models.twins import build_twin
+    from ral_core.trainer import Trainer
+
+    torch = _setup(args)
+    k, ckpt = args.layers, bool(args.ckpt)
+    tmp = tempfile.mkdtemp(prefix="real_train_")
+    data = os.path.join(tmp, "data.jsonl")
+    from PIL import Image
+    tw, th = (int(x) for x in args.train_size.split("x"))
+    img_path = os.path.join(tmp, f"photo_{tw}x{th}.png")
+    Image.open(photo_path()).convert("RGB").resize((tw, th), Image.LANCZOS).save(img_path)
+    with open(data, "w") as f:
+        f.write(json.dumps({"image": img_path, "question": QUESTION, "answer": "a cat"}) + "\n")
+    adapter = build_twin(args.twin, text_layers=k, vision_depth=1, dtype=_dtype(args), device=args.device,
+                         tokenizer_cache=TOK_CACHE)
+    half = args.dtype != "float32"
+    cfg = build_config("ral", {"device": "cuda" if args.device.startswith("cuda") else "cpu",
+                               "threads": args.threads, "seed": 0, "steps": 1, "save_every": 0, "snapshot_every": 0,
+                               "eval_every": 0, "prompts_per_step": 1, "group_size": 4,
+                               "max_new_tokens": 4 if args.quick else 32, "epochs": 2, "minibatch_size": 4,
+                               "lora_r": 8, "lora_alpha": 16, "dataset": data, "output_dir": os.path.join(tmp, "run"),
+                               "precision": "bf16-mixed" if half else "fp32"})
+    assert cfg.updates_per_step == 2 and cfg.lambda_attn > 0
+    tr = Trainer(cfg, adapter=adapter, accelerator=Accelerator(cpu=args.device == "cpu"))
+    torch.set_num_threads(args.threads)
+    if ckpt:
+        enable_gradient_checkpointing(tr.model)
+    n_train = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    with Meter(args.device) as m_roll:
+        with tr.precision.autocast():
+            _, ro, synthetic = TB.fixed_batches({"ral": tr})
+    peak_roll = m_roll.peak
+    with Meter(args.device) as m_upd:
+        n_upd = TB.update_phase(tr, ro)
+    base = m_roll.base
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"layers": k, "ckpt": ckpt, "rollout_s": m_roll.wall, "update_s": m_upd.wall,
+            "step_s": m_roll.wall + m_upd.wall, "cpu_s": m_roll.cpu + m_upd.cpu,
+            "extra_mb": max(peak_roll, m_upd.peak) - base, "update_extra_mb": m_upd.extra, "base_mb": base,
+            "updates": n_upd, "L": int(ro.inputs["input_ids"].shape[1]), "P": int(ro.P),
+            "T": int(ro.completion.shape[1]), "N": len(ro.texts), "trainable": n_train, "synthetic_adv": synthetic,
+            "image": args.train_size, "visual": int(ro.visual_keys[0].sum()),
+            "precision": tr.precision.mode}
+
+
+def worker_main(args) -> None:
+    fn = {"static": w_static, "inspect": w_inspect, "capture": w_capture, "train": w_train}[args.worker]
+    res = fn(args)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ============================================================================================== parent side
+
+def units_for(twin: str, rows: list[str]) -> list[tuple[str, dict]]:
+    out = []
+    for r in rows:
+        if r == "static":
+            out.append(("static", {}))
+        elif r == "inspect":
+            out.append(("inspect", {}))
+        elif r == "capture":
+            out += [(f"capture:{m}", {"mode": m}) for m in CAPTURE_MODES]
+        elif r == "train":
+            out += [(f"train:{k}:{'ckpt' if c else 'plain'}", {"layers": k, "ckpt": int(c)}) for k, c in TRAIN_UNITS]
+    return out
+
+
+def plan(args) -> list[tuple[str, str, dict]]:
+    """(twin, unit, params): every static row first (cheap), then all rows of Qwen2-VL-2B (the goal twin), then
+    inspect and capture of the others twin by twin, then their training rows (the slowest)."""
+    twins = [t for t in TWIN_ORDER if t in args.twins]
+    sel = args.only_rows
+    want = lambda t, r: r in args.rows and (sel.get(t) is None or r in sel[t])  # noqa: E731
+    units = [(t, u, p) for t in twins if want(t, "static") for u, p in units_for(t, ["static"])]
+    first, rest = [t for t in twins if t == SHOT_TWIN], [t for t in twins if t != SHOT_TWIN]
+    for stages, group in (((("inspect", "capture", "train"),), first), ((("inspect", "capture"), ("train",)), rest)):
+        for stage in stages:
+            for t in group:
+                for r in stage:
+                    if want(t, r):
+                        units += [(t, u, p) for u, p in units_for(t, [r])]
+    return units
+
+
+def run_unit(args, twin, unit, params, logdir) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads), RAL_THREADS=str(args.threads))
+    if args.device == "cpu":
+        env.update(C.MALLOC_ENV)  # freed tensors go back to the OS at once, so RSS follows live memory
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", unit.split(":")[0], "--twin", twin,
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--eager-limit-gb", str(args.eager_limit_gb), "--train-size", args.train_size,
+           "--lengths", *map(str, args.lengths)]
+    if args.quick:
+        cmd.append("--quick")
+    for k, v in params.items():
+        cmd += [f"--{k}", str(v)]
+    if args.nice and args.device == "cpu":
+        cmd = ["nice", "-n", str(args.nice)] + cmd
+    logf = os.path.join(logdir, f"{twin}-{unit.replace(':', '-')}.log")
+    t0 = time.perf_counter()
+    with open(logf, "w") as lf:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=ROOT, env=env,
+                           timeout=args.unit_timeout)
+    res = None
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+    if p.returncode != 0 or res is None:
+        tail = open(logf).read()[-2500:]
+        raise RuntimeError(f"{twin} {unit} failed (rc {p.returncode}); log {logf}:\n{tail}")
+    res["unit_s"] = time.perf_counter() - t0
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res["loadavg"] = C.loadavg()
+    return res
+
+
+def load_results(path) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"meta": {}, "rows": {}}
+
+
+def save_results(path, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def copy_screenshots(res: dict) -> list[str]:
+    """The Qwen2-VL-2B twin's overlay, head grid and layer×head summary into docs/screenshots/."""
+    os.makedirs(SHOTS, exist_ok=True)
+    out = []
+    for name in ("overlay", "heads", "layers_heads"):
+        src = os.path.join(ROOT, res["out"], f"{name}.png")
+        if os.path.exists(src):
+            dst = os.path.join(SHOTS, f"real_{SHOT_TWIN}_{name}.png")
+            shutil.copyfile(src, dst)
+            out.append(os.path.relpath(dst, ROOT))
+    ans = os.path.join(ROOT, res["out"], "answer.txt")
+    if os.path.exists(ans):
+        res["answer"] = open(ans).read().strip()
+    return out
+
+
+# ============================================================================================== report
+
+def _f(x, nd=0, unit=""):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:,.{nd}f}{unit}"
+
+
+def _gb(mb):
+    return "–" if mb is None else (f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB")
+
+
+def _fit(p1, p2, n):
+    """Linear extrapolation from 1 and 2 layers to n layers."""
+    return p1 + (p2 - p1) * (n - 1)
+
+
+def report(data: dict, args) -> str:
+    rows, meta = data["rows"], data.get("meta", {})
+    dev, dt = args.device, args.dtype
+    key = lambda t, u: f"{dev}/{dt}/{t}/{u}"  # noqa: E731
+    get = lambda t, u: rows.get(key(t, u))  # noqa: E731
+    L = []
+    w = L.append
+    gpu = dev != "cpu"
+    w(f"# Real sizes: shape twins of real VLMs on {'a GPU' if gpu else 'this CPU'} ({dev}, {dt} weights)"
+      + (" — QUICK smoke run, not measurements" if args.quick else ""))
+    w("")
+    w(f"- Command: `make bench-real` = `{meta.get('command', 'HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py')}`"
+      " (rows are written as they finish; a rerun skips done rows, `--only TWIN[:ROW]` / `--force` redo some)")
+    w(f"- Machine: {meta.get('machine', '–')}")
+    w(f"- Twins (`ral_core/models/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
+      "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
+      "with the real vocabulary size and special-token ids. Answers are therefore noise; sizes, token counts, memory "
+      "and time are the real models'. Weights in "
+      f"{dt}{' (as the checkpoints are published; fp32 would need 4 × parameters bytes: 15 GB for the 3B, more than this shared 23 GB machine can spare)' if dt == 'bfloat16' and not gpu else ''}; "
+      f"{args.threads} torch thread(s) per measuring process; every row in a fresh process.")
+    w(f"- Photo: `assets/examples/photos/chelsea.jpg` center-cropped to 4:3 and resized to 1024×768; question "
+      f"\"{QUESTION}\".")
+    w("")
+    twins = [t for t in TWIN_ORDER]
+
+    # ---- sizes
+    w("## Sizes and visual tokens (1024×768 photo, published processor settings)")
+    w("")
+    w("| twin (hub repo) | parameters (vision) | decoder: layers (softmax-attention) × hidden, heads / KV × head_dim | "
+      "vocab | visual tokens | prompt tokens | how the photo is cut |")
+    w("|---|---:|---|---:|---:|---:|---|")
+    for t in twins:
+        s = get(t, "static")
+        if not s:
+            w(f"| {t} | not measured yet | | | | | |")
+            continue
+        cut = (f"{s['tiles'][0]}×{s['tiles'][1]} tiles of 512² + global image, 64 tokens each" if s.get("tiles")
+               else f"resized to {s['resized'][0]}×{s['resized'][1]} px" if s.get("resized") else "")
+        w(f"| {t} (`{s['repo']}`) | {s['params'] / 1e9:.3f} B ({s['vision_params'] / 1e6:.0f} M) | {s['layers']} "
+          f"({s['attn_layers']}) × {s['hidden']}, {s['heads']} / {s['kv_heads']} × {s['head_dim']} | {s['vocab']:,} | "
+          f"**{s['visual_tokens']:,}** | {s['prompt_tokens']:,} | {cut} |")
+    w("")
+
+    # ---- inspect
+    w("## `ral inspect` on the full-depth twins (16 new tokens, capture of every layer, 3 figures)")
+    w("")
+    w("| twin | inspect wall (inspect() / figures) | CPU time | model build (not in wall) | peak "
+      + ("GPU memory" if gpu else "RSS") + " | weights in memory | answer tokens | visual tokens | layers captured |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in twins:
+        r = get(t, "inspect")
+        if not r:
+            w(f"| {t} | not measured yet | | | | | | | |")
+            continue
+        w(f"| {t} | **{r['wall_s']:.0f} s** ({_f(r.get('inspect_s'), 0)} s / {_f(r.get('figures_s'), 1)} s) | "
+          f"{r['cpu_s']:.0f} s | {r['build_s']:.0f} s | **{_gb(r['peak_mb'])}** | {_gb(r['model_mb'])} | "
+          f"{_f(r.get('answer_tokens'))} | {_f(r.get('visual_tokens'))} | {_f(r.get('layers_captured'))} |")
+    w("")
+    w("Wall = `ral_core.cli.main(['inspect', …])` from argument parsing to the last figure written: image processing, "
+      "greedy generation of 16 tokens (a random model never stops early), the capture pass over prompt + answer with "
+      "every decoder layer's rows for the answer tokens (no logits), saving the result, the overlay, the per-head grid "
+      "(own colour scale per head) and the layer×head summary. The loader is the one thing replaced (the twin builder "
+      "instead of `load_adapter`, there being no weights to load); building the random model is listed apart. Peak "
+      "RSS is the process's high-water mark, model building included.")
+    w("")
+
+    # ---- capture
+    w("## Capture vs eager `output_attentions` at real width")
+    w("")
+    w("Measured on the twin cut to **one decoder layer with softmax attention** (real hidden size, heads, KV heads, "
+      "head_dim, MLP and vocabulary) and a one-block vision tower, forward under no_grad with logits for the last "
+      "position only; input: the photo at 448×336 (64–192 visual tokens, so the vision tower, the same in every "
+      "mode, stays small) plus the question padded with text to the length; one warm-up call, then one measured call per "
+      "length, each mode in its own process (returning allocator: RSS follows live memory, page faults included in "
+      f"the times). Capture keeps the last {ROWS_CAPTURED} query rows of every layer. Extra = peak over the loaded "
+      "model. Eager was run where its computed need (heads·L²·(3·b+4) bytes for one layer: scores, their scaled and "
+      f"masked copies, the fp32 softmax and the kept maps) was under {args.eager_limit_gb:g} GB; elsewhere the "
+      "column gives that computed need. **Full depth** scales per layer: capture adds its rows per softmax layer "
+      f"(heads × {ROWS_CAPTURED} × L × 4 B); eager keeps every layer's maps (heads × L² × b) on top of the one-layer "
+      "peak.")
+    w("")
+    w("| twin | tokens (visual) | SDPA s | capture s | eager s | capture/SDPA time | SDPA extra | capture extra | "
+      "eager extra, 1 layer | full depth: capture extra | full depth: eager extra | capture/eager (full depth) |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    goal = None
+    for t in twins:
+        cs = {m: get(t, f"capture:{m}") for m in CAPTURE_MODES}
+        s = get(t, "static")
+        if not any(cs.values()) or not s:
+            w(f"| {t} | not measured yet | | | | | | | | | | |")
+            continue
+        lens = sorted({int(x) for c in cs.values() if c for x in c["lengths"]})
+        for tgt in lens:
+            e = {m: (cs[m] or {}).get("lengths", {}).get(str(tgt)) for m in CAPTURE_MODES}
+            any_e = next(x for x in e.values() if x)
+            n_tok, nv = any_e["L"], any_e["visual"]
+            H, b, n_attn = s["heads"], (cs["capture"] or cs["sdpa"] or cs["eager"])["dtype_bytes"], s["attn_layers"]
+            sd, ca, ea = e["sdpa"], e["capture"], e["eager"]
+            ea_meas = ea and "extra_mb" in ea
+            e1 = ea["extra_mb"] if ea_meas else eager_layer_need_mb(H, n_tok, b)
+            cap_full = ca["extra_mb"] + (n_attn - 1) * H * ROWS_CAPTURED * n_tok * 4 / 2 ** 20 if ca else None
+            eag_full = e1 + (n_attn - 1) * H * n_tok * n_tok * b / 2 ** 20
+            ratio = cap_full / eag_full if cap_full is not None else None
+            if t == SHOT_TWIN and tgt == max(lens) and ratio is not None:
+                goal = (n_tok, cap_full, eag_full, ratio, ea_meas)
+            w(f"| {t} | {n_tok:,} ({nv:,}) | {_f(sd and sd['wall_s'], 1)} | {_f(ca and ca['wall_s'], 1)} | "
+              f"{_f(ea['wall_s'], 1) if ea_meas else '– (not run)'} | "
+              f"{_f(ca['wall_s'] / sd['wall_s'], 3) if ca and sd else '–'} | {_gb(sd and sd['extra_mb'])} | "
+              f"{_gb(ca and ca['extra_mb'])} | {_gb(e1)}{'' if ea_meas else ' (computed)'} | {_gb(cap_full)} | "
+              f"{_gb(eag_full)} | {_f(ratio, 4) if ratio is not None else '–'} |")
+    w("")
+
+    # ---- train
+    w("## One LoRA RAL training step (group 4, 32 new tokens, 2 updates per rollout batch)")
+    w("")
+    w(f"Recipe `ral` (λ_attn 1, last softmax layer, head mean) with LoRA r 8 on q/k/v/o, one prompt (the photo at "
+      f"{args.train_size.replace('x', '×')}, chosen so the rows fit this CPU's time; the 1024×768 photo has ~5× the visual "
+      "tokens) × 4 "
+      "rollouts of 32 new tokens, 2 epochs × 1 mini-batch of 4 = 2 optimizer updates; precision "
+      f"{'bf16-mixed (frozen weights bf16, LoRA and optimizer fp32, bf16 autocast)' if dt != 'float32' else 'fp32'}. "
+      "Step = rollout (sampling with the vision tower, rewards, the no-grad old-policy pass with capture) + the "
+      "trainer's update phase (`Trainer.update_phase`, via bench/train_bench.py's helpers; synthetic group-centred "
+      "advantages because a random model earns no reward, as in train_bench). Measured at 1 and 2 decoder layers "
+      "(real width, one-block vision tower) in fresh processes; **full depth** = linear extrapolation per decoder "
+      "layer (time and peak memory), the vision tower's remaining blocks not included.")
+    w("")
+    w("| twin | checkpointing | tokens / sequence: prompt (visual) + new | 1 layer: step s (rollout + update) / extra "
+      "peak (update phase) | 2 layers: same | full depth (layers): step s | full depth: extra peak (update phase) |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    for t in twins:
+        s = get(t, "static")
+        for ck in ("plain", "ckpt"):
+            r1, r2 = get(t, f"train:1:{ck}"), get(t, f"train:2:{ck}")
+            if not (r1 or r2):
+                if ck == "plain":
+                    w(f"| {t} | not measured yet | | | | | |")
+                continue
+            cell = lambda r: (f"{r['step_s']:.1f} ({r['rollout_s']:.1f} + {r['update_s']:.1f}) / {_gb(r['extra_mb'])} "  # noqa: E731
+                              f"({_gb(r['update_extra_mb'])})" if r else "–")
+            full_t = full_m = "–"
+            if r1 and r2 and s:
+                n = s["layers"]
+                full_t = f"{_fit(r1['step_s'], r2['step_s'], n):.0f} ({n})"
+                full_m = (f"{_gb(_fit(r1['extra_mb'], r2['extra_mb'], n))} "
+                          f"({_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))})")
+            rr = r1 or r2
+            w(f"| {t} | {'on (non-reentrant)' if ck == 'ckpt' else 'off'} | {rr['P']:,} ({rr.get('visual', '?')}) + {rr['T']} | "
+              f"{cell(r1)} | {cell(r2)} | {full_t} | {full_m} |")
+    w("")
+
+    # ---- goals
+    w("## Goals")
+    w("")
+    r = get(SHOT_TWIN, "inspect")
+    if r:
+        w(f"- `ral inspect` on the Qwen2-VL-2B twin with a 1024×768 photo **completes**: {r['wall_s']:.0f} s, peak "
+          f"{_gb(r['peak_mb'])}, {_f(r.get('visual_tokens'))} visual tokens.")
+    else:
+        w("- `ral inspect` on the Qwen2-VL-2B twin: not measured yet.")
+    if goal:
+        n_tok, cf, ef, ratio, meas = goal
+        w(f"- Capture's extra memory at {n_tok:,} tokens ≤ 1/50 of eager's (Qwen2-VL-2B twin, full depth): "
+          f"{_gb(cf)} vs {_gb(ef)} = 1/{1 / ratio:,.0f} → **{'met' if ratio <= 1 / 50 else 'MISSED'}** "
+          f"(eager {'measured for one layer and scaled' if meas else 'computed: it does not fit'}).")
+    else:
+        w("- Capture vs eager at 16k on the Qwen2-VL-2B twin: not measured yet.")
+    w("")
+    # ---- screenshots
+    if not gpu:
+        w("## Screenshots (Qwen2-VL-2B twin, random weights)")
+        w("")
+        shots = [f for f in ("overlay", "heads", "layers_heads")
+                 if os.path.exists(os.path.join(SHOTS, f"real_{SHOT_TWIN}_{f}.png"))]
+        if shots and r:
+            w(f"`{' '.join(r['argv'])}` with the loader replaced by the twin (random weights: the maps show an "
+              "untrained model's attention, the layout and readability are what these show). Last decoder layer, mean "
+              "over the answer tokens.")
+            w("")
+            for f in shots:
+                w(f"![{f}](../../docs/screenshots/real_{SHOT_TWIN}_{f}.png)")
+                w("")
+        else:
+            w("Not made yet (they come with the Qwen2-VL-2B inspect row).")
+            w("")
+    w("## Contention")
+    w("")
+    w("This 2-core machine was shared with other work during the run; wall times are inflated accordingly (CPU time "
+      "next to wall where it matters). Load average when each row finished: "
+      + "; ".join(f"{k.split('/', 2)[2]} {v.get('loadavg', '?')}" for k, v in rows.items()
+                  if k.startswith(f"{dev}/{dt}/")) + ".")
+    w("")
+    return "\n".join(L) + "\n"
+
+
+# ============================================================================================== main
+
+def parse_only(spec: str | None):
+    """'qwen2_vl_2b,smolvlm_256m:inspect' → (twins, {twin: rows or None})."""
+    from ral_core.models.twins import twin_names
+    if not spec:
+        return list(TWIN_ORDER), {}
+    twins, sel = [], {}
+    for part in spec.split(","):
+        t, _, row = part.strip().partition(":")
+        if t not in twin_names():
+            raise SystemExit(f"--only: unknown twin '{t}'; choose from {', '.join(twin_names())}")
+        if t not in twins:
+            twins.append(t)
+        if row:
+            sel.setdefault(t, set()).add(row)
+        else:
+            sel[t] = None
+    return twins, {t: (sorted(v) if v else None) for t, v in sel.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--only", default=None, help="twins and rows to run: TWIN or TWIN:ROW, comma separated "
+                    "(rows: static, inspect, capture, train)")
+    ap.add_argument("--rows", default="static,inspect,capture,train")
+    ap.add_argument("--quick", action="store_true", help="smoke test: cut twins, 512/1024 tokens, 4 new tokens; "
+                    "results in bench/_work/real/quick.json, report printed")
+    ap.add_argument("--force", action="store_true", help="rerun rows that are already in the results file")
+    ap.add_argument("--out", default=None, help="markdown (default bench/results/real.md; cuda: real_cuda.md)")
+    ap.add_argument("--json", default=None, help="row results (default bench/results/real.json; cuda: real_cuda.json)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="capture lengths (2048 8192 16384)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-size", default="448x336", help="photo size WxH of the training rows (448x336: "
+                    "64–192 visual tokens; the 1024×768 photo would multiply the step time on this CPU)")
+    ap.add_argument("--nice", type=int, default=0, help="run the measuring processes under nice -n N (CPU)")
+    ap.add_argument("--eager-limit-gb", type=float, default=None,
+                    help="run eager only where one layer's computed need is below this (CPU 6.5, GPU 24)")
+    ap.add_argument("--unit-timeout", type=float, default=3600, help="seconds per row before it is abandoned")
+    ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no row after this time")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--twin", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.eager_limit_gb is None:
+        args.eager_limit_gb = 6.5 if args.device == "cpu" else 24.0
+    if args.lengths is None:
+        args.lengths = [512, 1024] if args.quick else [2048, 8192, 16384]
+    if args.worker:
+        return worker_main(args)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    if args.quick:
+        args.json = args.json or os.path.join(WORK, f"quick{suffix}.json")
+    args.json = args.json or os.path.join(ROOT, "bench", "results", f"real{suffix}.json")
+    args.out = None if args.quick and not args.out else (args.out or os.path.join(ROOT, "bench", "results",
+                                                                                   f"real{suffix}.md"))
+    args.rows = [r.strip() for r in args.rows.split(",")]
+    args.twins, args.only_rows = parse_only(args.only)
+    photo_path()
+    data = load_results(args.json)
+    import torch
+    import transformers
+    data["meta"] = {"command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py " + " ".join(argv or sys.argv[1:]),
+                    "machine": (f"nproc {os.cpu_count()}, CPU `{C.cpu_model()}`, Python {sys.version.split()[0]}, "
+                                f"torch {torch.__version__}, transformers {transformers.__version__}"
+                                + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""))}
+    logdir = os.path.join(WORK, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    todo = plan(args)
+    failed = []
+    for twin, unit, params in todo:
+        key = f"{args.device}/{args.dtype}/{twin}/{unit}"
+        if key in data["rows"] and not args.force:
+            continue
+        if args.deadline:
+            hh, mm = map(int, args.deadline.split(":"))
+            now = time.gmtime()
+            if (now.tm_hour, now.tm_min) >= (hh, mm):
+                log(f"deadline {args.deadline} UTC reached; stopping before {twin} {unit}")
+                break
+        log(f"{twin} {unit} …")
+        try:
+            res = run_unit(args, twin, unit, params, logdir)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"FAILED: {e}")
+            failed.append(f"{twin} {unit}")
+            continue
+        if unit == "inspect" and twin == SHOT_TWIN and args.device == "cpu" and not args.quick:
+            res["screenshots"] = copy_screenshots(res)
+        data["rows"][key] = res
+        save_results(args.json, data)
+        md = report(data, args)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md)
+        log(f"{twin} {unit} done in {res['unit_s']:.0f} s")
+    md = report(data, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+        log(f"wrote {os.path.relpath(args.out, ROOT)}")
+    else:
+        print(md)
+    if failed:
+        log("failed rows: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main() or 0)
