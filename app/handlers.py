@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -295,25 +294,8 @@ def _flag(value, what: str) -> bool:
     raise RALError(f"{what} must be true or false")
 
 
-_PENDING: dict[str, Any] = {}  # summary PNG path → Future of its drawing, started with an inspection
-_PENDING_LOCK = threading.Lock()
-
-
-def _start_summary(state, tok, row):
-    """Start drawing the default layer × head summary in a worker now, without waiting: the page asks for it right
-    after the inspection (`new_summary`), and the main figures do not wait for it."""
-    d = Path(state["dir"])
-    fut = render_pool.submit(render_pool.summary_job, str(d / "result"), "image_mass", tok, row, str(d))
-    if fut is not None:
-        with _PENDING_LOCK:
-            _PENDING[str(d / f"summary_image_mass_T{tok}_{row}.png")] = fut
-            while len(_PENDING) > 64:
-                _PENDING.pop(next(iter(_PENDING)))
-
-
-def _inspect_view(state, layer, token, row, per_head_scale=False, rep: Reporter | None = None,
-                  summary: bool = False) -> InspectView:
-    """Overlay and head grid (with `summary`, also starts the layer × head summary in a worker)."""
+def _inspect_view(state, layer, token, row, per_head_scale=False, rep: Reporter | None = None) -> InspectView:
+    """Overlay and head grid, drawn side by side in the render workers; progress counts them as they come back."""
     res, d = state["result"], Path(state["dir"])
     lay, tok, row = _sel(res.layers, layer, token, row)
     shared = not _flag(per_head_scale, "the per-head colour scale option")
@@ -327,8 +309,6 @@ def _inspect_view(state, layer, token, row, per_head_scale=False, rep: Reporter 
         rep.report("draw", 0.0, "drawing the overlay and the per-head maps")
         done = lambda k, n: rep.report("draw", k / n, f"drawing figures: {k}/{n} done")  # noqa: E731
     over, heads = render_pool.call_many(jobs, done)
-    if summary:
-        _start_summary(state, tok, row)
     state["view"] = (lay, tok, row, shared)
     m = res.mass_split(layer=lay, token=tok, row=row)
     mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
@@ -439,7 +419,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
              "expected": (ex or {}).get("answer"), "budget": budget,
              "zip": _zip(d / "result", d / "inspection_result")}
     lay = _keep_layer(layer, res.layers)
-    view = _inspect_view(state, lay, MEAN, row, per_head_scale, rep, summary=True)
+    view = _inspect_view(state, lay, MEAN, row, per_head_scale, rep)
     answer = f"**Answer:** {_answer_text(res.answer)} · {res.n_tokens} token(s) · model `{model}`"
     answer += f" · {res.geometry.n_tokens:,} visual tokens"
     if budget is not None:
@@ -495,13 +475,6 @@ def _summary(st, metric, token, row, rep: Reporter | None) -> tuple[str, dict]:
     _, tok, row = _sel(res.layers, LAST, token, row)
     m = _metric(metric)
     png, side = d / f"summary_{m}_T{tok}_{row}.png", d / f"summary_{m}_T{tok}_{row}.json"
-    with _PENDING_LOCK:
-        fut = _PENDING.pop(str(png), None)
-    if fut is not None:  # started with the inspection
-        try:
-            fut.result(timeout=60)
-        except Exception:  # noqa: BLE001 — drawn again below, where a failure is reported
-            log.warning("the layer × head summary drawn with the inspection failed", exc_info=True)
     if png.is_file() and side.is_file():
         return str(png), json.loads(side.read_text())
     if not (d / "result").is_dir():
@@ -542,8 +515,8 @@ class NewSummaryOut(NamedTuple):
 @_guard(NewSummaryOut)
 def new_summary(state, metric="image_mass", token=MEAN, row="predicts", request: gr.Request = None,
                 progress=gr.Progress()) -> NewSummaryOut:
-    """After an inspection: its summary (drawn already with the other figures for the default metric) and no cell
-    picked (the last pick belonged to the previous result)."""
+    """After an inspection (the page chains it; API clients that never look at it cost no drawing): its summary,
+    and no cell picked (the last pick belonged to the previous result)."""
     out = inspect_summary(state, metric, token, row, request=request, progress=progress)
     if out.status or out.summary == gr.update():
         return NewSummaryOut(out.status, *(gr.update() for _ in range(4)))

@@ -88,19 +88,6 @@ def call(fn, *args, timeout: float = 60.0):
         return fn(*args)
 
 
-def submit(fn, *args):
-    """fn(*args) started in a worker without waiting → its Future; None when drawing in-process (nothing started)."""
-    global _POOL
-    if not workers():
-        return None
-    try:
-        return _pool().submit(fn, *args)
-    except BrokenProcessPool:
-        with _POOL_LOCK:
-            _POOL = None
-        return None
-
-
 def call_many(jobs, done=None, timeout: float = 60.0) -> list:
     """[(fn, *args), …] → their results in order, drawn side by side in the workers (in-process one by one when
     RAL_RENDER_WORKERS=0 or the pool broke). `done(k, n)` is called here, in the caller's process, as each finishes:

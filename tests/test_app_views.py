@@ -300,9 +300,10 @@ def test_summary_lists_only_softmax_attention_layers_of_qwen3_5(env):
     res = out.state["result"]
     adapter = env.registry.get_adapter("hybrid")
     assert res.layers == adapter.attention_layers == [3, 7] and adapter.num_layers == 8
-    rec = Recorder()  # drawn in a worker while the inspection returned: nothing left to draw
+    rec = Recorder()  # what the page asks for right after an inspection: the summary, no cell picked yet
     s = _ok(h.new_summary(out.state, "image_mass", "mean", "predicts", request=req("q35"), progress=rec))
-    assert not any("drawing" in x for x in rec.descs) and s.cell is None and s.cell_layer["value"] is None
+    assert rec.descs == ["drawing the layer × head summary (2 layers × 4 heads)", "drew the layer × head summary"]
+    assert s.cell is None and s.cell_layer["value"] is None and s.cell_head["value"] is None
     assert [c[1] for c in s.cell_layer["choices"]] == ["3", "7"]
     geo = json.loads(Path(s.summary).with_suffix(".json").read_text())
     assert geo["layers"] == [3, 7]
