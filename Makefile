@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-step bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-capture: install
 
 bench-train: install
 	$(BIN)/python bench/train_bench.py --out bench/results/train.md
+
+# Issue 13: a full RAL step before / with the vision cache / with shared prompts, on the default model and the
+# Qwen2-VL-2B twin (1024×768 photo; cut in depth, see the script), in one run; writes its section of train.md.
+bench-step: install
+	$(BIN)/python bench/step_bench.py --out bench/results/train.md
 
 bench-inspect: install
 	$(BIN)/python bench/inspect_latency.py --out bench/results/inspect.md
