@@ -96,7 +96,8 @@ def test_shared_prompt_pass_matches_full_sequences(family, samples):
 
 def _run(tmp_path, name, extra):
     cfg = build_config("ral", ["model=default", f"output_dir={tmp_path / name}", "steps=3", "seed=0",
-                               "snapshot_every=0", "save_every=0", "attn_metrics_every=1"] + extra)
+                               "prompts_per_step=4", "group_size=4", "minibatch_size=8", "snapshot_every=0",
+                               "save_every=0", "attn_metrics_every=1"] + extra)
     t = Trainer(cfg)
     t.train()
     return t
