@@ -10,7 +10,7 @@ Modes, each a fresh Trainer from the same initial weights and seed, on the same 
   after    vision_cache=true, share_prompt=true: the cache, plus each group's prompt prefilled once for sampling and
            computed once per pass in scoring and updates (prefix_share).
 Models:
-  default  the embedded digit model, the shipped `ral` recipe (8 prompts × 8, 12 new tokens, 4 updates per batch);
+  default  the embedded digit model, the shipped `ral` recipe (16 prompts × 8, 12 new tokens, 4 updates per batch);
   twin     the Qwen2-VL-2B shape twin (ral_core/models/twins.py: real width, random weights) with a 1024×768 photo,
            G = 8, 32 new tokens, LoRA r = 8 on the language model, 2 updates per rollout batch. Its depth is cut to
            --twin-layers decoder layers and as many vision blocks (the published 28 and 32 would take about an hour
@@ -165,7 +165,7 @@ def main():
             [ts["before"]._prompts(0)[0]["image"]], [ts["before"]._prompts(0)[0]["question"]])["model_inputs"]
         r = measure(ts, 1 if args.smoke else (args.rounds if model == "default" else args.twin_rounds))
         r["prompt_tokens"] = int(ro_inputs["input_ids"].shape[1])
-        r["setting"] = ("`ral` recipe: 8 prompts × 8, 12 new tokens, 4 updates" if model == "default" else
+        r["setting"] = ("`ral` recipe: 16 prompts × 8, 12 new tokens, 4 updates" if model == "default" else
                         "1024×768 photo, G = 8, 32 new tokens, LoRA r 8, 2 updates")
         if model != "default":
             r["twin_layers"] = args.twin_layers
