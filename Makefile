@@ -42,6 +42,7 @@ bench-capture: install
 
 bench-train: install
 	$(BIN)/python bench/train_bench.py --out bench/results/train.md
+	$(BIN)/python bench/step_bench.py --section-only --out bench/results/train.md
 
 # Issue 13: a full RAL step before / with the vision cache / with shared prompts, on the default model and the
 # Qwen2-VL-2B twin (1024×768 photo; cut in depth, see the script), in one run; writes its section of train.md.

@@ -152,7 +152,13 @@ def main():
     p.add_argument("--twin-rounds", type=int, default=1)
     p.add_argument("--twin-layers", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--section-only", action="store_true",
+                   help="rewrite the section of --out from bench/results/step.json without measuring (after bench-train)")
     args = p.parse_args()
+    if args.section_only:
+        write_section(section(json.load(open(RECORDS)), args, {"machine": f"{os.cpu_count()} CPUs, {C.cpu_model()}"}),
+                      args.out or os.path.join(ROOT, "bench", "results", "train.md"))
+        return
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="step_bench_")
     args.dataset = photo_dataset(tmp)
