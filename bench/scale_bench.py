@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from capture_bench import ROOT, Worker, _command, log  # noqa: E402
+from capture_bench import ROOT, Worker, log  # noqa: E402
 
 # Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct language model and vision tower (config.json of the hub repos)
 SHAPE = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064,
@@ -69,6 +69,7 @@ class LayerWorker(Worker):
         else:
             C.reset_peak_rss()
             base = C.proc_status_mb()["VmRSS"] * 2 ** 20
+        self.rows_cpu = 0.0  # CPU time inside capture's own row computation (capture_bench.Worker counts it)
         c0, t0 = time.process_time(), time.perf_counter()
         keep, _ = self.call(target)
         if cuda:
@@ -78,7 +79,8 @@ class LayerWorker(Worker):
         del keep
         self.model.zero_grad(set_to_none=True)
         gc.collect()
-        return {**x["info"], "mode": self.mode, "wall": t1 - t0, "cpu": c1 - c0, "extra_gib": (peak - base) / GiB}
+        return {**x["info"], "mode": self.mode, "wall": t1 - t0, "cpu": c1 - c0, "extra_gib": (peak - base) / GiB,
+                "rows_cpu": self.rows_cpu}
 
 
 def measure(args) -> dict:
@@ -156,8 +158,14 @@ def model(meas: dict | None, args) -> dict:
     R = T + 1
     rows_fwd = 4 * s["heads"] * R * L
     out["rows_bytes_per_seq_layer"] = rows_fwd
-    mem[f"capture rows with grad, last layer, micro-batch of {mb} (probs + scores fp32)"] = 2 * rows_fwd * mb
-    mem[f"capture rows with grad, all 28 layers, micro-batch of {mb}"] = 2 * rows_fwd * mb * s["layers"]
+    # copies of the [H, R, L] fp32 row tensor the training pass keeps (scores, mask, probabilities, …): measured
+    copies = 2.0
+    if meas and out.get("capture_per_token_layer_measured"):
+        copies = out["capture_per_token_layer_measured"] / (4 * meas["width"]["heads"] * meas["rows"])
+    out["row_copies"] = copies
+    what = f"{copies:.1f} fp32 copies, measured with a visual-mass loss" if meas else "2 fp32 copies, assumed"
+    mem[f"capture rows with grad, last layer, micro-batch of {mb} ({what})"] = copies * rows_fwd * mb
+    mem[f"capture rows with grad, all 28 layers, micro-batch of {mb}"] = copies * rows_fwd * mb * s["layers"]
     # p_old per rollout: [1 or H, T, K'] fp32 per policy layer (+ key validity [T, K'] bool)
     pold_mean = 4 * T * L
     pold_heads = 4 * s["heads"] * T * L
@@ -186,6 +194,29 @@ def model(meas: dict | None, args) -> dict:
     out["gather_s"] = (g - 1) / g * 2 * P["total"] / (args.link_gbs * 1e9)
     out["per_layer_gather_bytes"] = 2 * P["layer"]
     return out
+
+
+def rows_share(meas: dict, args) -> str:
+    """Capture's own row work as a share of the capture forward's CPU time, measured, and scaled to R answer rows."""
+    shares = []
+    for modes in meas["runs"].values():
+        xs = modes.get("capture")
+        if xs:
+            shares.append(C.median([x.get("rows_cpu", 0.0) for x in xs]) / C.median([x["cpu"] for x in xs]))
+    if not shares:
+        return ""
+    lo, hi = min(shares), max(shares)
+    k = (args.response + 1) / meas["rows"]
+    return (f"; measured above, capture's own row work is {100 * lo:.1f}–{100 * hi:.1f} % of a layer's forward CPU time "
+            f"for {meas['rows']} rows (≈ {100 * lo * k:.1f}–{100 * hi * k:.1f} % for {args.response + 1} rows, linear in "
+            "R), and the whole-pass differences capture vs sdpa are within the timing noise")
+
+
+def tot_fwd(mdl: dict, args) -> float:
+    """Seconds of the old-log-prob pass, the training passes and the amortised metrics forward at --mfu-tflops."""
+    f = mdl["flops"]
+    keys = [k for k in f if not k.startswith("OPAD")]
+    return sum(f[k] for k in keys) / (args.mfu_tflops * 1e12)
 
 
 def activation_slope(meas: dict, mode: str) -> float | None:
@@ -230,8 +261,11 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
               f"{meas['rows']} rows (the answer rows), a loss on them in the backward modes. Tiny vision tower and "
               "vocabulary (their cost is not part of these numbers). ×28 = the 28-layer language model, by "
               "multiplication, not measured.\n",
-              "| tokens | mode | wall s | CPU s | ×28 layers, s | peak growth | ×28 |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+              "Peak growth of a backward mode includes the layer's fp32 gradients "
+              f"({fmt_b(4 * meas['layer_params'])}, sharded 8 ways under FSDP); the next column leaves them out. "
+              "'rows CPU s': time inside capture's own row computation (forward).\n",
+              "| tokens | mode | wall s | CPU s | rows CPU s | ×28 layers, CPU s | peak growth | without grads | ×28 |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for Lk, modes in meas["runs"].items():
             for m in MODES:
                 xs = modes.get(m)
@@ -240,13 +274,16 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
                 wall = C.median([x["wall"] for x in xs])
                 cpu = C.median([x["cpu"] for x in xs])
                 ex = min(x["extra_gib"] for x in xs)
-                L.append(f"| {xs[0]['L']} | {m} | {wall:.2f} | {cpu:.2f} | {28 * wall:.1f} | {ex:.3f} GiB | "
-                         f"{28 * ex:.1f} GiB |")
+                act = ex - (4 * meas["layer_params"] / GiB if m.endswith("_bwd") else 0)
+                rc = C.median([x.get("rows_cpu", 0.0) for x in xs])
+                L.append(f"| {xs[0]['L']} | {m} | {wall:.2f} | {cpu:.2f} | {rc:.3f} | {28 * cpu:.0f} | {ex:.3f} GiB | "
+                         f"{act:.3f} GiB | {28 * act:.2f} GiB |")
         L.append("")
-        L.append("Ratios at each length (median wall): capture/sdpa (the p_old pass), capture_bwd/sdpa_bwd (the "
-                 "training pass), eager_bwd/capture_bwd:\n")
+        clock = "cpu" if meas["device"] == "cpu" else "wall"
+        L.append(f"Ratios at each length (median {'process CPU time: robust to the neighbours on this shared machine' if clock == 'cpu' else 'wall time'}): "
+                 "capture/sdpa (the p_old pass), capture_bwd/sdpa_bwd (the training pass), eager_bwd/capture_bwd:\n")
         for Lk, modes in meas["runs"].items():
-            med = {m: C.median([x["wall"] for x in modes[m]]) for m in modes}
+            med = {m: C.median([x[clock] for x in modes[m]]) for m in modes}
             ex = {m: min(x["extra_gib"] for x in modes[m]) for m in modes}
             L.append(f"- {modes['sdpa'][0]['L']} tokens: time {med['capture'] / med['sdpa']:.3f}×, "
                      f"{med['capture_bwd'] / med['sdpa_bwd']:.3f}×, {med['eager_bwd'] / med['capture_bwd']:.2f}×; "
@@ -267,7 +304,14 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
     for k, v in mdl["mem"].items():
         L.append(f"| {k} | {fmt_b(v)} |")
     st = sum(v for k, v in mdl["mem"].items() if "shards" in k)
-    L += ["", f"Steady state (shards): {fmt_b(st)}. During rollouts add the gathered model and the KV cache; during "
+    m = mdl["mem"]
+    roll = st + sum(v for k, v in m.items() if k.startswith("rollouts"))
+    upd = st + sum(v for k, v in m.items() if k.startswith(("units", "activations")) or "last layer, micro" in k)
+    L += ["", f"Peak per GPU: ≈ {fmt_b(roll)} while sampling (shards + gathered model + KV cache), ≈ {fmt_b(upd)} "
+          "in an update (shards + gathered layers + one micro-batch's activations + the last layer's rows) — "
+          "within an 80 GB GPU. A frozen reference model (beta > 0 without LoRA) or an OPAD teacher of the same size "
+          f"adds its fp32 shards, {fmt_b(4 * P['total'] / args.gpus)} each.\n",
+          f"Steady state (shards): {fmt_b(st)}. During rollouts add the gathered model and the KV cache; during "
           "updates the gathered units, the activations of one micro-batch and the capture rows. The gathered model "
           "for sampling is what ZeRO-3 / TRL generation does too; it needs the GPU to hold one bf16 copy "
           f"({fmt_b(2 * P['total'])}) next to the shards.\n",
@@ -292,6 +336,11 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
           f"better). Gathering the model once per step moves {fmt_b((args.gpus - 1) / args.gpus * 2 * P['total'])} "
           f"into each GPU: ≈ {mdl['gather_s']:.2f} s at {args.link_gbs} GB/s. FSDP re-gathers each layer "
           f"({fmt_b(mdl['per_layer_gather_bytes'])} bf16) in every forward and backward, overlapped with compute.\n",
+          f"Step total ≈ {mdl['gather_s'] + mdl['decode_s'] + tot_fwd(mdl, args):.1f} s per step without OPAD "
+          "(gather + sampling + old-log-prob pass + training, no vision tower, perfect overlap of FSDP traffic); of "
+          "it the capture rows are "
+          f"{mdl['flops']['capture rows, last layer, fwd (+2× bwd in training)'] / 1e12:.1f} TFLOP of "
+          f"{sum(mdl['flops'].values()) / 1e12:.0f}" + (rows_share(meas, args) if meas else "") + ".\n",
           "What RAL adds to a GRPO step with ≥ 2 updates per batch: the old-log-prob pass exists anyway (TRL computes "
           "`old_per_token_logps` in exactly this regime), so p_old costs only its capture rows; the training pass "
           "adds the rows of the policy layers and the JSD; the attention-metrics forward (`attn_metrics_every`) and "
@@ -304,6 +353,11 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
           "- Activation checkpointing is off (README: FSDP's wrapper would re-run layers outside the capture); with "
           "non-reentrant transformers checkpointing the activation row shrinks to about one layer's worth.", ""]
     return "\n".join(L)
+
+
+def _command(argv) -> str:
+    return " ".join(["HF_HUB_OFFLINE=1", os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
+                     else sys.executable, os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:]))
 
 
 def main(argv=None):
@@ -324,10 +378,11 @@ def main(argv=None):
     ap.add_argument("--mfu-tflops", type=float, default=400.0)
     ap.add_argument("--hbm-tbs", type=float, default=3.35, help="GPU memory bandwidth (H100 SXM 3.35, H200 4.8)")
     ap.add_argument("--link-gbs", type=float, default=300.0, help="all-gather bandwidth per GPU (NVLink, effective)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="also dump the measurements and the model here")
+    ap.add_argument("--from-json", default=None, help="re-render the report from a --json dump (no measuring)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.device == "cpu" and not args.no_measure and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if args.device == "cpu" and not (args.no_measure or args.from_json) and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # RSS must follow live tensors (bench/_common.MALLOC_ENV), one thread: set before Python's allocator starts
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
                   {**os.environ, **C.MALLOC_ENV, **C.THREAD_ENV, "HF_HUB_OFFLINE": "1"})
@@ -343,12 +398,18 @@ def main(argv=None):
         args.lengths = args.lengths or ([256, 512, 1024] if args.device == "cpu" else [1024, 2048, 4096, 8192])
         args.repeats = args.repeats or (1 if args.device == "cpu" else 3)
     info = C.machine_info()
-    meas = None if args.no_measure else measure(args)
+    if args.from_json:
+        with open(args.from_json) as f:
+            dump = json.load(f)
+        meas, info = dump["measured"], dump.get("info", info)
+    else:
+        meas = None if args.no_measure else measure(args)
     mdl = model(meas, args)
-    md = report(meas, mdl, info, args, _command(argv))
+    command = dump.get("command", _command(argv)) if args.from_json else _command(argv)
+    md = report(meas, mdl, info, args, command)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"measured": meas, "model": mdl}, f, indent=1, default=str)
+            json.dump({"measured": meas, "model": mdl, "info": info, "command": command}, f, indent=1, default=str)
     C.write_report(md, args.out, args.smoke, log)
 
 
