@@ -46,7 +46,6 @@ def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, tiny_model_
     assert got["world"] == 2 and ref["world"] == 1
     assert got["rewards"] == ref["rewards"]  # the same global rollout batch
     assert got["updates"] == ref["updates"] == 2
-    # the attention terms really ran under sharding (RAL from the 2nd update; OPAD / exploration when configured)
     # the attention terms ran under sharding: silent on the 1st update (p = p_old), acting on the 2nd. The logged terms
     # are each process's own share, so they are not compared; the gradient norms (over the whole model) are
     terms = got["terms"]
@@ -54,7 +53,7 @@ def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, tiny_model_
         if k in ref["terms"]:
             assert abs(terms[k][1]) > 0, k
     assert terms["loss_ral_attn"][0] == 0
-    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5) and min(ref["grad_norms"]) > 0
     _close(got["params"], ref["params"])
     # really sharded: every trainable parameter and its AdamW state is a DTensor, each process holds about half
     for sh in (got["shards"], shards1[f"eq-{name}"]):
