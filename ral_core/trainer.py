@@ -193,6 +193,9 @@ class Trainer:
             self.notes.append("vision-feature cache off: the vision path is trained (freeze_vision=false), so every "
                               "pass encodes its images itself")
         self.share_prompt = cfg.share_prompt if self.vision_cache else "false"
+        if getattr(self, "_share_off_fsdp", False):
+            self.notes.append("dist=fsdp: each sequence computes its own prompt (a shared prompt's cache would carry "
+                              "gradient past FSDP's re-gather hooks); images are still encoded once per step")
         if self.share_prompt != "false" and self.explore is not None:
             self.notes.append("exploration: each rollout's prompt runs under its own attention bias, so prompts are "
                               "not shared within a group (images are still encoded once)")
@@ -218,6 +221,7 @@ class Trainer:
                            "inspect a saved checkpoint instead")
         # a shared prompt's KV cache carries gradient into its layers around their outputs, where FSDP hooks the
         # re-gather for backward: the prompt is computed per sequence under FSDP (images are still encoded once)
+        self._share_off_fsdp = self.cfg.share_prompt != "false"
         self.cfg.share_prompt = "false"
         dt = self.precision.compute
         for m in (self.ref_model, self.teacher.model if self.teacher is not None else None):
