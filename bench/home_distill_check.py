@@ -71,7 +71,7 @@ def first_step_gradients(tr) -> dict:
     return out, total
 
 
-def run(method: str, seed: int, teacher: str) -> tuple[dict, object]:
+def run(method: str, seed: int, teacher: str, lam: float = 1.0) -> tuple[dict, object]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def run(method: str, seed: int, teacher: str) -> tuple[dict, object]:
     ov = {**COMMON, **{k: t[k] for k in TASK_FIELDS}, "steps": STEPS, "seed": seed,
           "output_dir": f"/tmp/ral_distill_check/{method}_s{seed}"}
     if method == "distill":
-        ov.update({"lambda_token_kl": 1.0, "teacher": teacher})
+        ov.update({"lambda_token_kl": lam, "teacher": teacher})
     import shutil
     shutil.rmtree(ov["output_dir"], ignore_errors=True)
     t0 = time.time()
@@ -111,19 +111,25 @@ def run(method: str, seed: int, teacher: str) -> tuple[dict, object]:
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lambda-kl", type=float, default=1.0, help="weight of the token KL (the benchmark's: 1)")
+    a = ap.parse_args()
     build_teacher()
     teacher_info = json.loads((TEACHER / "training_info.json").read_text())
     recs, vecs = {}, {}
-    for method in ("distill", "grpo"):
+    sfx = "" if a.lambda_kl == 1.0 else f"_kl{a.lambda_kl:g}"
+    methods = ("distill", "grpo") if not sfx else ("distill",)
+    for method in methods:
         for s in SEEDS:
-            rec, vec = run(method, s, str(TEACHER))
+            rec, vec = run(method, s, str(TEACHER), a.lambda_kl)
             recs[(method, s)], vecs[(method, s)] = rec, vec
-            dump_record(OUT / f"{method}_s{s}.json", {k: v for k, v in rec.items() if k != "params"})
+            dump_record(OUT / f"{method}{sfx}_s{s}.json", {k: v for k, v in rec.items() if k != "params"})
             print(method, s, rec["eval"], rec["probe_step1"].get("grad_grpo"), rec["probe_step1"].get("grad_token_rkl"),
                   f"{rec['wall_s']:.0f}s", flush=True)
     summary = {"teacher": {"steps": teacher_info["steps"], "test_accuracy": teacher_info["test_accuracy"]["accuracy"],
                            "init": "assets/default_model"}}
-    for method in ("distill", "grpo"):
+    for method in methods:
         rs = [recs[(method, s)] for s in SEEDS]
         ans = [r["answers"] for r in rs]
         differ = sum(len({a[i] for a in ans}) > 1 for i in range(N_EVAL))
@@ -137,7 +143,8 @@ def main():
                 differ, "first_batch_texts_distinct_across_seeds": len({tuple(r["probe_step1"]["texts"]) for r in rs}),
             "grad_norm_step1": {k: [r["probe_step1"].get(f"grad_{k}") for r in rs] for k in ("grpo", "token_rkl")},
             "cosine_step1_total_gradient_between_seeds": cos, "final_param_distance_between_seeds": dist}
-    dump_record(OUT / "summary.json", summary)
+    summary["lambda_token_kl"] = a.lambda_kl
+    dump_record(OUT / f"summary{sfx}.json", summary)
     print(json.dumps(summary, indent=1))
 
 
