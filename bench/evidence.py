@@ -79,6 +79,9 @@ ARMS = [("explore_last", "noise_last"), ("explore_last_w10", "noise_last"), ("ex
 MORE_SEEDS = ("grpo", "opad", "distill")
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 DEFAULT_STEPS = 12
+HOME_LINE = ("- RAL where its term acts (a task on which GRPO gains ≥ 5 points and the term acts on about half the "
+             "rows; GRPO vs RAL λ ∈ {0.5, 1, 5, 100}, 5 seeds): [results_home.md](results_home.md) "
+             "(`make evidence-home`, regenerated from committed records).")
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
           "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
@@ -286,6 +289,8 @@ def summarise(results: list[dict], base: dict, args) -> str:
     if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_long.md").exists():
         lines.append("- 3× longer runs (36 steps) of GRPO, RAL and lever-layer exploration on `pair4` and `cell4`: "
                      "[results_long.md](results_long.md) (`make evidence-long`).")
+    if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_home.md").exists():
+        lines.append(HOME_LINE)
     lines.append("")
     lines += overall_summary(by, base) + [""]
     for task in tasks:

@@ -55,6 +55,9 @@ PILOT = {"where_lr1e-4_T1": {"task_kinds": ["where"], "grid_rows": 3, "grid_cols
          "row43_lr5e-5_T1": {"lr": 5e-5, **EXACT}, "row43_lr1.5e-4_T1": {"lr": 1.5e-4, **EXACT},
          "row43_partial_lr1e-4_T1": {"lr": 1e-4, "temperature": 1.0},
          "row43_partial_lr1e-4_T1.5": {"lr": 1e-4, "temperature": 1.5}}
+# the sweeps (each its own records folder; one document, one Holm family over both): temperature 1.5 (the pilot's
+# choice) and 2.0 (more diverse groups, so the term acts on more rows)
+SWEEPS = {"home": {}, "home_t2": {"temperature": 2.0}}
 STEPS, PILOT_STEPS = 30, 30
 N_EVAL, N_SAMPLED, EVAL_EVERY, GRAD_EVERY = 300, 100, 10, 5
 CURVE_KEYS = ("reward", "attn_target_mass", "ral_rows_zero_var", "ral_rows_cancelled", "ral_rows_acting",
@@ -233,9 +236,10 @@ def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None) -> dict:
 
 
 def plan(args) -> list[dict]:
-    doc = "home_pilot" if args.pilot else "home"
+    doc = "home_pilot" if args.pilot else args.doc
+    extra = SWEEPS[doc] if doc in SWEEPS else {}
     variants = {k: PILOT[k] for k in args.variants.split(",")} if args.pilot else {
-        a: ARMS[a] for a in args.arms.split(",")}
+        a: {**extra, **ARMS[a]} for a in args.arms.split(",")}
     jobs = []
     for s in range(args.seeds):  # seed-major: a cut-short sweep still has every arm at its first seeds
         for name, ov in variants.items():
@@ -298,21 +302,28 @@ METRICS = [("accuracy", "greedy acc", "eval"), ("sampled_reward", "sampled rewar
            ("target_mass", "target mass", "eval")]
 
 
-def comparisons(runs: dict) -> list[dict]:
-    """Every paired comparison the document reports: each RAL arm − GRPO, per seed, on each metric."""
+def comparisons(sweeps: dict) -> list[dict]:
+    """Every paired comparison the document reports: in each sweep, each RAL arm − GRPO per seed on each metric;
+    Holm-adjusted over all of them together (one family per document)."""
     out = []
-    g = runs.get("grpo", {})
-    for arm in ARMS:
-        if arm == "grpo" or arm not in runs:
-            continue
-        for key, label, _ in METRICS:
-            seeds = [s for s in sorted(runs[arm]) if s in g]
-            d = np.array([runs[arm][s]["eval"][key] - g[s]["eval"][key] for s in seeds])
-            out.append({"arm": arm, "key": key, "label": label, "d": d, **paired_t(d)})
+    for sweep, runs in sweeps.items():
+        g = runs.get("grpo", {})
+        for arm in ARMS:
+            if arm == "grpo" or arm not in runs:
+                continue
+            for key, label, _ in METRICS:
+                seeds = [s for s in sorted(runs[arm]) if s in g]
+                d = np.array([runs[arm][s]["eval"][key] - g[s]["eval"][key] for s in seeds])
+                out.append({"sweep": sweep, "arm": arm, "key": key, "label": label, "d": d, **paired_t(d)})
     adj = holm([c["p"] for c in out])
     for c, a in zip(out, adj):
         c["p_holm"] = a
     return out
+
+
+def _t(sweep_runs: dict) -> str:
+    r = next(iter(next(iter(sweep_runs.values())).values()))
+    return f"T = {r['config']['temperature']:g}"
 
 
 def _verdict(c: dict, alpha: float = 0.05) -> str:
@@ -357,22 +368,29 @@ def pilot_lines() -> list[str]:
     return out + [""]
 
 
-def summarise(doc: str = "home") -> str:
-    base, runs = load_records(doc)
-    all_recs = [r for rs in runs.values() for r in rs.values()]
+def summarise() -> str:
+    sweeps, base = {}, None
+    for doc in SWEEPS:
+        b, runs = load_records(doc)
+        if runs:
+            sweeps[doc] = runs
+            base = base or b
+    all_recs = [r for runs in sweeps.values() for rs in runs.values() for r in rs.values()]
     pilot_base, pilot_runs = load_records("home_pilot")
     pilot_recs = [r for rs in pilot_runs.values() for r in rs.values()]
     cfg = all_recs[0]["config"] if all_recs else {}
-    cmp = comparisons(runs)
+    cmp = comparisons(sweeps)
     b = base["eval"] if base else {}
     lines = ["# RAL in its home regime: answers that diverge inside a group", "",
-             "Command: `python bench/home_regime.py --pilot` then `python bench/home_regime.py` (each run writes "
-             "`bench/records/<doc>/<arm>_s<seed>.json`); `python bench/home_regime.py --collect` rewrites this file "
-             "from the committed records alone, byte-identical (tested). The plot is regenerated but not "
-             "byte-checked.", ""]
+             "Command: `make evidence-home` (= `python bench/home_regime.py --pilot`, then `python bench/home_regime.py"
+             " --doc home` and `--doc home_t2`; each run writes `bench/records/<sweep>/<arm>_s<seed>.json`); "
+             "`python bench/home_regime.py --collect` rewrites this file from the committed records alone, "
+             "byte-identical (tested in `tests/test_bench_evidence.py`). The plot is regenerated too but not "
+             "byte-checked (matplotlib's PNG bytes depend on its version).", ""]
     if all_recs:
-        wall = sum(r["wall_s"] for r in all_recs) + sum(r["wall_s"] for r in pilot_recs)
-        cpu = sum(r["cpu_s"] for r in all_recs) + sum(r["cpu_s"] for r in pilot_recs)
+        wall = sum(r["wall_s"] for r in all_recs + pilot_recs)
+        cpu = sum(r["cpu_s"] for r in all_recs + pilot_recs)
+        ups = cfg['epochs'] * -(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])
         lines += [
             f"- Task: `{task_key(cfg)}`: read a whole row of a {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
             "(\"Read row 4.\" → \"9 7 1\"), from `assets/default_model`, which was trained on 3×3 grids only: with "
@@ -380,55 +398,72 @@ def summarise(doc: str = "home") -> str:
             "repeated digits: \"1 1 3\" → \"1 3\"). The answer is three digits; rollouts of a group diverge at "
             "the digit the model is unsure of, and every row after the divergence belongs to a smaller prefix class "
             "whose advantages do not cancel.",
-            f"- Every run: {cfg['steps']} steps of {cfg['prompts_per_step']} prompts × {cfg['group_size']} rollouts "
-            f"at temperature {cfg['temperature']:g}, {cfg['epochs']} epochs × "
-            f"{-(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])} mini-batches of "
-            f"{cfg['minibatch_size']} = {cfg['epochs'] * -(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])}"
-            f" optimizer updates per rollout batch, lr {cfg['lr']:g}, max {cfg['max_new_tokens']} new tokens, "
-            "reward " + " + ".join(f"{w:g}·{REWARD_NAMES.get(k, k)}" for k, w in sorted(cfg["reward_weights"].items()))
-            + "; vision tower frozen. Why these settings: see the pilot at the end (on this task exact match alone "
-            f"left {_pilot_share(pilot_runs, 'ral_rows_zero_var', exact=True):.0%} of rows in zero-variance groups "
-            "(the tiny model's samples of one prompt are mostly identical); temperature 1.5 instead of 1 keeps "
-            "groups diverse as the model improves).",
-            f"- Held-out evaluation: {all_recs[0]['n_eval']} test-split `{task_key(cfg)}` items (handwriting never seen in "
-            f"training), greedy; sampled reward from {all_recs[0]['n_sampled']} of them × 4 samples at temperature 1.",
-            f"- Seeds: " + ", ".join(f"`{a}` {len(runs[a])}" for a in ARMS if a in runs) + ". Statistics: paired by "
-            "seed against GRPO (same seed = same prompts and the same first rollout batch), two-sided paired t-test, "
-            f"Holm correction over all {len(cmp)} comparisons of this document; 'better/worse than GRPO' only where "
-            "the Holm-adjusted p < 0.05.",
-            f"- Compute: {len(all_recs)} sweep runs + {len(pilot_recs)} pilot runs, {cpu / 60:.1f} CPU-minutes "
-            f"({wall / 60:.1f} min of worker wall time, one thread per run, 2 workers at a time, on a 2-core machine "
-            "shared with other jobs, niced).", ""]
+            f"- Every run: {cfg['steps']} steps of {cfg['prompts_per_step']} prompts × {cfg['group_size']} rollouts, "
+            f"{cfg['epochs']} epochs × {ups // cfg['epochs']} mini-batches of {cfg['minibatch_size']} = {ups} optimizer "
+            f"updates per rollout batch, lr {cfg['lr']:g}, max {cfg['max_new_tokens']} new tokens, reward "
+            + " + ".join(f"{w:g}·{REWARD_NAMES.get(k, k)}" for k, w in sorted(cfg["reward_weights"].items()))
+            + "; vision tower frozen. Two sweeps that differ only in the sampling temperature: "
+            + ", ".join(f"`{d}` {_t(r)}" for d, r in sweeps.items()) + ". Why these settings: see the pilot at the "
+            f"end (on this task exact match alone left {_pilot_share(pilot_runs, 'ral_rows_zero_var', exact=True):.0%}"
+            " of rows in zero-variance groups: the tiny model's samples of one prompt are mostly identical; a higher "
+            "temperature keeps groups diverse as the model improves).",
+            f"- Held-out evaluation: {all_recs[0]['n_eval']} test-split `{task_key(cfg)}` items (handwriting never "
+            f"seen in training), greedy; sampled reward = exact match of {all_recs[0]['n_sampled']} of them × 4 "
+            "samples at temperature 1.",
+            "- Seeds: " + "; ".join(f"`{d}`: " + ", ".join(f"`{a}` {len(runs[a])}" for a in ARMS if a in runs)
+                                   for d, runs in sweeps.items())
+            + ". Statistics: paired by seed against GRPO of the same sweep (same seed = same prompts and the same "
+            "first rollout batch), two-sided paired t-test (exact t distribution), Holm correction over all "
+            f"{len(cmp)} comparisons of this document; 'better/worse than GRPO' only where the Holm-adjusted "
+            "p < 0.05.",
+            f"- ‖∇RAL‖/‖∇GRPO‖ per unit λ: every {GRAD_EVERY} steps, the norms of the two terms' gradients on the "
+            "step's rollout batch at θ_old + (θ_new − θ_old)/updates (about where the step's second update "
+            "stands: p_θ ≠ p_old, and the ratio clip has not yet removed most of GRPO's gradient), the RAL term at "
+            "unit weight; per run Σ‖∇RAL‖ / Σ‖∇GRPO‖ over those steps.",
+            f"- Compute: {len(all_recs)} sweep runs + {len(pilot_recs)} pilot runs = {cpu / 60:.1f} CPU-minutes "
+            f"({wall / 60:.1f} min of worker wall time; one thread per run, 2 runs at a time, niced, on a 2-core "
+            "machine shared with other jobs, so wall time is 1–5× CPU time).", ""]
     lines += ["## Summary (generated from the records)", ""]
-    g = runs.get("grpo", {})
-    if g and base:
+    for d, runs in sweeps.items():
+        recs = [r for rs in runs.values() for r in rs.values()]
+        g = runs.get("grpo", {})
         acc = np.array([r["eval"]["accuracy"] for r in g.values()])
-        lines.append(f"- (a) GRPO moved held-out greedy accuracy from {b['accuracy']:.3f} to {acc.mean():.3f} "
-                     f"({acc.mean() - b['accuracy']:+.3f}, min over seeds {acc.min() - b['accuracy']:+.3f}); sampled "
-                     f"reward {b['sampled_reward']:.3f} → "
-                     f"{np.mean([r['eval']['sampled_reward'] for r in g.values()]):.3f}.")
-    if all_recs:
-        acting = [_curve_mean(r, "ral_rows_acting") for r in all_recs]
-        lines.append(f"- (b) The RAL term acts on {np.mean(acting):.3f} of the response rows (mean over all steps "
-                     f"of all runs; range over runs {min(acting):.3f}–{max(acting):.3f}).")
-        ratio = [_grad_ratio(r) for r in all_recs]
-        lines.append(f"- ‖∇RAL‖/‖∇GRPO‖ per unit λ (every {GRAD_EVERY} steps, at about the step's second update): "
-                     f"{np.mean(ratio):.4f} on average "
-                     f"(range over runs {min(ratio):.4f}–{max(ratio):.4f}).")
+        acting = [_curve_mean(r, "ral_rows_acting") for r in recs]
+        ratio = [_grad_ratio(r) for r in recs]
+        lines.append(
+            f"- `{d}` ({_t(runs)}): (a) GRPO moved held-out greedy accuracy from {b['accuracy']:.3f} to "
+            f"{acc.mean():.3f} ({acc.mean() - b['accuracy']:+.3f}; smallest gain over seeds "
+            f"{acc.min() - b['accuracy']:+.3f}); sampled reward {b['sampled_reward']:.3f} → "
+            f"{np.mean([r['eval']['sampled_reward'] for r in g.values()]):.3f}. (b) The RAL term acts on "
+            f"{np.mean(acting):.3f} of the response rows (mean over all steps of all runs; {min(acting):.3f}–"
+            f"{max(acting):.3f} over runs; {sum(a >= 0.5 for a in acting)} of {len(acting)} runs ≥ 0.5). "
+            f"‖∇RAL‖/‖∇GRPO‖ per unit λ {np.mean(ratio):.4f} ({min(ratio):.4f}–{max(ratio):.4f}): at λ = 100 the "
+            f"term's push is about {100 * np.mean(ratio):.0%} of GRPO's.")
     sig = [c for c in cmp if c["p_holm"] < 0.05 and not np.all(c["d"] == 0)]
     lines.append("- Differences from GRPO that survive Holm (p_Holm < 0.05): " + (", ".join(
-        f"`{c['arm']}` {c['label']} {c['mean']:+.3f} ({'better' if c['mean'] > 0 else 'worse'}, p_Holm "
-        f"{_fmt_p(c['p_holm'])})" for c in sig) if sig else "**none**") + ".")
+        f"`{c['arm']}` ({c['sweep']}) {c['label']} {c['mean']:+.3f} ({'better' if c['mean'] > 0 else 'worse'}, "
+        f"p_Holm {_fmt_p(c['p_holm'])})" for c in sig) if sig else "**none** — no λ of RAL beats or loses to GRPO "
+        "on greedy accuracy, sampled reward or target mass in this regime either") + ".")
     acc_c = [c for c in cmp if c["key"] == "accuracy"]
     if acc_c:
-        best = max(acc_c, key=lambda c: c["mean"])
-        lines.append(f"- Largest greedy-accuracy difference: `{best['arm']}` {best['mean']:+.3f} ± {best['se']:.3f} "
-                     f"(SE, n={best['n']}; raw p {_fmt_p(best['p'])}, Holm {_fmt_p(best['p_holm'])}).")
+        best, worst = max(acc_c, key=lambda c: c["mean"]), min(acc_c, key=lambda c: c["mean"])
+        lines.append(f"- Greedy accuracy, RAL − GRPO: from {worst['mean']:+.3f} (`{worst['arm']}`, {worst['sweep']}) "
+                     f"to {best['mean']:+.3f} (`{best['arm']}`, {best['sweep']}); "
+                     f"{sum(c['p_holm'] < 0.05 for c in acc_c)} of {len(acc_c)} survive Holm (smallest raw p "
+                     f"{_fmt_p(min(c['p'] for c in acc_c))}). Seed-to-seed sd of GRPO itself: "
+                     + ", ".join(f"{np.std([r['eval']['accuracy'] for r in runs['grpo'].values()], ddof=1):.3f} "
+                                 f"({d})" for d, runs in sweeps.items() if "grpo" in runs) + ".")
+    tm = [c for c in cmp if c["key"] == "target_mass" and c["p"] < 0.05]
+    if tm:
+        lines.append("- Target mass (the last layer's attention on the row being read), RAL − GRPO with raw p < 0.05: "
+                     + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {_fmt_p(c['p'])}, Holm "
+                                 f"{_fmt_p(c['p_holm'])})" for c in tm)
+                     + f"; {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
     lines.append("- OPAD is not in this document: it needs a teacher checkpoint (`bench/_work/teacher_l6`, ≈ 60 "
                  "CPU-minutes to build) that this machine did not have.")
     lines.append("")
-    if runs:
-        lines += ["## GRPO vs RAL (λ sweep)", "",
+    for d, runs in sweeps.items():
+        lines += [f"## Sweep `{d}`: GRPO vs RAL (λ sweep), {_t(runs)}", "",
                   "| arm | seeds | " + " | ".join(l for _, l, _ in METRICS) + " | acting rows | effective weight | "
                   "‖∇RAL‖/‖∇GRPO‖ per unit λ |", "|---|---|" + "---|" * (len(METRICS) + 3)]
         lines.append("| base (no RL) | | " + " | ".join(f"{b.get(k, float('nan')):.3f}" for k, _, _ in METRICS)
@@ -442,16 +477,16 @@ def summarise(doc: str = "home") -> str:
                          f"{_ms([_curve_mean(r, 'ral_effective_weight') for r in rs])} | "
                          f"{np.mean([_grad_ratio(r) for r in rs]):.4f} |")
         lines += ["", "Paired differences against GRPO (mean ± SE over seeds; two-sided paired t-test; Holm over all "
-                  f"{len(cmp)} rows):", "",
+                  f"{len(cmp)} comparisons of the document):", "",
                   "| arm | metric | Δ vs GRPO | per seed | t | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
         for c in cmp:
-            lines.append(f"| {c['arm']} | {c['label']} | {c['mean']:+.4f} ± {c['se']:.4f} | "
-                         + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {_fmt_p(c['p'])} | "
-                         f"{_fmt_p(c['p_holm'])} | {_verdict(c)} |")
-        lines += ["", "![Δ greedy accuracy vs acting share](evidence_home_delta_vs_acting.png)", ""]
+            if c["sweep"] == d:
+                lines.append(f"| {c['arm']} | {c['label']} | {c['mean']:+.4f} ± {c['se']:.4f} | "
+                             + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {_fmt_p(c['p'])} | "
+                             f"{_fmt_p(c['p_holm'])} | {_verdict(c)} |")
         steps = [e["step"] for e in next(iter(runs[next(iter(runs))].values()))["evals"]]
-        lines += ["Greedy accuracy during training (mean over seeds, held-out items; step 0 = the starting checkpoint):",
-                  "", "| arm | step 0 | " + " | ".join(f"step {s}" for s in steps) + " |",
+        lines += ["", "Greedy accuracy during training (mean over seeds, held-out items; step 0 = the starting "
+                  "checkpoint):", "", "| arm | step 0 | " + " | ".join(f"step {s}" for s in steps) + " |",
                   "|---|---|" + "---|" * len(steps)]
         for arm in ARMS:
             if arm in runs:
@@ -459,34 +494,49 @@ def summarise(doc: str = "home") -> str:
                 lines.append(f"| {arm} | {b.get('accuracy', float('nan')):.3f} | "
                              + " | ".join(f"{x:.3f}" for x in ev.mean(0)) + " |")
         lines.append("")
+    if sweeps:
+        lines += ["## Δ against the acting share", "",
+                  "![Δ greedy accuracy vs acting share](evidence_home_delta_vs_acting.png)", "",
+                  "Per seed: RAL − GRPO greedy accuracy against the share of response rows where the term acted in "
+                  "that run, one colour per λ, one marker per sweep; hollow circles: RAL (λ = 1) on the earlier "
+                  "`read3` and `cell3` tasks of [results.md](results.md), at the acting share measured on their "
+                  "starting checkpoint (README).", ""]
     lines += pilot_lines()
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: str, out_dir: Path):
-    """Δ greedy accuracy vs GRPO (per seed) against the run's acting-row share, one colour per λ."""
-    base, runs = load_records(doc)
-    if "grpo" not in runs:
-        return
+def plot(out_dir: Path):
+    """Δ greedy accuracy vs GRPO (per seed) against the run's acting-row share, one colour per λ, one marker
+    per sweep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
-    for i, arm in enumerate(a for a in ARMS if a != "grpo" and a in runs):
-        xs = [_curve_mean(runs[arm][s], "ral_rows_acting") for s in sorted(runs[arm]) if s in runs["grpo"]]
-        ys = [runs[arm][s]["eval"]["accuracy"] - runs["grpo"][s]["eval"]["accuracy"] for s in sorted(runs[arm])
-              if s in runs["grpo"]]
-        ax.scatter(xs, ys, label=arm, s=22, color=plt.get_cmap("tab10").colors[i])
-        ax.errorbar([np.mean(xs)], [np.mean(ys)], yerr=[np.std(ys, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else 0],
-                    fmt="D", ms=7, color=plt.get_cmap("tab10").colors[i], mec="k")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    colours = plt.get_cmap("tab10").colors
+    any_pts = False
+    for mk, doc in zip(("o", "^", "s"), SWEEPS):
+        _, runs = load_records(doc)
+        if "grpo" not in runs:
+            continue
+        for i, arm in enumerate(a for a in ARMS if a != "grpo"):
+            if arm not in runs:
+                continue
+            seeds = [s for s in sorted(runs[arm]) if s in runs["grpo"]]
+            xs = [_curve_mean(runs[arm][s], "ral_rows_acting") for s in seeds]
+            ys = [runs[arm][s]["eval"]["accuracy"] - runs["grpo"][s]["eval"]["accuracy"] for s in seeds]
+            ax.scatter(xs, ys, marker=mk, s=22, color=colours[i], label=f"{arm} ({_t(runs)})")
+            any_pts = True
+    if not any_pts:
+        plt.close(fig)
+        return
     for t, (x, y) in EARLIER_TASKS.items():
         ax.scatter([x], [y], marker="o", facecolors="none", edgecolors="k", s=40)
         ax.annotate(f"{t} (λ 1, results.md)", (x, y), fontsize=6.5, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("share of response rows where the RAL term acts (mean over steps)")
+    ax.set_xlabel("share of response rows where the RAL term acts (run mean over steps)")
     ax.set_ylabel("Δ greedy accuracy vs GRPO (same seed)")
-    ax.set_title("where (3×3): RAL − GRPO per seed; diamonds: mean ± SE", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{task_key(TASK)}: RAL − GRPO per seed", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out_dir / "evidence_home_delta_vs_acting.png", metadata={"Software": None})
     plt.close(fig)
@@ -495,6 +545,7 @@ def plot(doc: str, out_dir: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pilot", action="store_true")
+    p.add_argument("--doc", default="home", choices=list(SWEEPS), help="which sweep (records folder) to run")
     p.add_argument("--variants", default=",".join(PILOT))
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seeds", type=int, default=None, help="default: 5 (sweep), 1 (pilot)")
@@ -521,7 +572,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(summarise())
     if not args.no_plot:
-        plot("home", out.parent)
+        plot(out.parent)
     print(f"wrote {out}")
 
 
