@@ -330,6 +330,7 @@ def w_train(args) -> dict:
     base = m_roll.base
     shutil.rmtree(tmp, ignore_errors=True)
     return {"layers": k, "ckpt": ckpt, "rollout_s": m_roll.wall, "update_s": m_upd.wall,
+            "rollout_cpu_s": m_roll.cpu, "update_cpu_s": m_upd.cpu,
             "step_s": m_roll.wall + m_upd.wall, "cpu_s": m_roll.cpu + m_upd.cpu,
             "extra_mb": max(peak_roll, m_upd.peak) - base, "update_extra_mb": m_upd.extra, "base_mb": base,
             "updates": n_upd, "L": int(ro.inputs["input_ids"].shape[1]), "P": int(ro.P),
@@ -471,7 +472,8 @@ def report(data: dict, args) -> str:
       + (" — QUICK smoke run, not measurements" if args.quick else ""))
     w("")
     w(f"- Command: `make bench-real` = `{meta.get('command', 'HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py')}`"
-      " (rows are written as they finish; a rerun skips done rows, `--only TWIN[:ROW]` / `--force` redo some)")
+      " (rows are written as they finish; a rerun skips done rows, `--only TWIN[:ROW]` / `--force` redo some)"
+      + ("; rows redone later: " + "; ".join(f"`{x}`" for x in meta.get("reruns", [])) if meta.get("reruns") else ""))
     w(f"- Machine: {meta.get('machine', '–')}")
     w(f"- Twins (`ral_core/models/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
       "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
@@ -595,11 +597,15 @@ def report(data: dict, args) -> str:
       "Step = rollout (sampling with the vision tower, rewards, the no-grad old-policy pass with capture) + the "
       "trainer's update phase (`Trainer.update_phase`, via bench/train_bench.py's helpers; synthetic group-centred "
       "advantages because a random model earns no reward, as in train_bench). Measured at 1 and 2 decoder layers "
-      "(real width, one-block vision tower) in fresh processes; **full depth** = linear extrapolation per decoder "
-      "layer (time and peak memory), the vision tower's remaining blocks not included.")
+      "(real width, one-block vision tower) in fresh processes, one step each (no warm-up); **full depth** = linear "
+      "extrapolation per decoder layer of the update phase (time, CPU time, its peak over the trainer's resident "
+      "memory) and of the rollout (where 2 layers cost more than 1; its per-layer cost is small next to generation's "
+      "fixed cost and the noise of this shared machine); the vision tower's remaining blocks are not included. "
+      "Extra peak = the highest RSS over the step minus the RSS with model, LoRA and optimizer resident.")
     w("")
-    w("| twin | checkpointing | tokens / sequence: prompt (visual) + new | 1 layer: step s (rollout + update) / extra "
-      "peak (update phase) | 2 layers: same | full depth (layers): step s | full depth: extra peak (update phase) |")
+    w("| twin | checkpointing | tokens / sequence: prompt (visual) + new | 1 layer: step s (rollout + update; CPU) / "
+      "extra peak (update phase) | 2 layers: same | full depth (layers): update phase s (CPU s) / its extra peak | "
+      "full depth: rollout s (CPU s) |")
     w("|---|---|---:|---:|---:|---:|---:|")
     for t in twins:
         s = get(t, "static")
@@ -611,17 +617,23 @@ def report(data: dict, args) -> str:
                 continue
             cell = lambda r: (f"{r['step_s']:.1f} ({r['rollout_s']:.1f} + {r['update_s']:.1f}; CPU {r['cpu_s']:.0f}) / {_gb(r['extra_mb'])} "  # noqa: E731
                               f"({_gb(r['update_extra_mb'])})" if r else "–")
-            full_t = full_m = "–"
+            full_u = full_r = "–"
             if r1 and r2 and s:
                 n = s["layers"]
-                ft, fc = _fit(r1["step_s"], r2["step_s"], n), _fit(r1["cpu_s"], r2["cpu_s"], n)
-                full_t = (f"{ft:.0f} (CPU {fc:.0f}) ({n})" if r2["cpu_s"] > r1["cpu_s"] else
-                          f"– (2 layers took no more CPU time than 1: per-layer cost below the noise) ({n})")
-                full_m = (f"{_gb(_fit(r1['extra_mb'], r2['extra_mb'], n))} "
-                          f"({_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))})")
+                cu1, cu2 = r1.get("update_cpu_s"), r2.get("update_cpu_s")
+                full_u = (f"{_fit(r1['update_s'], r2['update_s'], n):.0f}"
+                          + (f" ({_fit(cu1, cu2, n):.0f})" if cu1 is not None and cu2 is not None else "")
+                          + f" / {_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))} ({n})")
+                rc1, rc2 = r1.get("rollout_cpu_s"), r2.get("rollout_cpu_s")
+                if rc1 is not None and rc2 is not None and rc2 > rc1:
+                    full_r = f"{_fit(r1['rollout_s'], r2['rollout_s'], n):.0f} ({_fit(rc1, rc2, n):.0f})"
+                elif r2["rollout_s"] > r1["rollout_s"]:
+                    full_r = f"{_fit(r1['rollout_s'], r2['rollout_s'], n):.0f}"
+                else:
+                    full_r = "– (1→2 layers within the noise)"
             rr = r1 or r2
             w(f"| {t} | {'on (non-reentrant)' if ck == 'ckpt' else 'off'} | {rr['P']:,} ({rr.get('visual', '?')}) + {rr['T']} | "
-              f"{cell(r1)} | {cell(r2)} | {full_t} | {full_m} |")
+              f"{cell(r1)} | {cell(r2)} | {full_u} | {full_r} |")
     w("")
 
     # ---- goals
@@ -750,7 +762,12 @@ def main(argv=None):
             f.write(md)
         log(f"wrote {os.path.relpath(args.out, ROOT)} from {os.path.relpath(args.json, ROOT)}")
         return 0
-    data["meta"] = {"command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py " + " ".join(argv or sys.argv[1:]),
+    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py " + " ".join(argv or sys.argv[1:])
+    reruns = data.get("meta", {}).get("reruns", [])
+    if args.only:  # a partial rerun keeps the full run's command and is listed apart
+        reruns = reruns + [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {cmd}"]
+        cmd = data.get("meta", {}).get("command", cmd)
+    data["meta"] = {"command": cmd, "reruns": reruns,
                     "machine": (f"nproc {os.cpu_count()}, CPU `{C.cpu_model()}`, Python {sys.version.split()[0]}, "
                                 f"torch {torch.__version__}, transformers {transformers.__version__}"
                                 + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""))}
