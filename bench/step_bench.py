@@ -104,7 +104,7 @@ def measure(ts: dict, rounds: int) -> dict:
 
 
 def section(results: dict, args, meta: dict) -> str:
-    cut = results.get("twin", {}).get("twin_layers", args.twin_layers)
+    cuts = " and ".join(str(v["twin_layers"]) for k, v in results.items() if k != "default") or args.twin_layers
     lines = [BEGIN, "## Issue 13: the step's shared work done once (`bench/step_bench.py`)", "",
              f"Command: `make bench-step` (rows kept in `bench/results/step.json`; `--models twin` reruns one row) · "
              f"{meta['machine']} · one torch thread · fp32", "",
@@ -119,7 +119,8 @@ def section(results: dict, args, meta: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         c, w = r["cpu"], r["wall"]
-        lines.append(f"| {name} | {r['setting']} | {r['prompt_tokens']} | {c['before']:.2f} ({w['before']:.2f}) | "
+        label = name if name == "default" else f"Qwen2-VL-2B twin, {r['twin_layers']} + {r['twin_layers']} layers"
+        lines.append(f"| {label} | {r['setting']} | {r['prompt_tokens']} | {c['before']:.2f} ({w['before']:.2f}) | "
                      f"{c['cache']:.2f} ({w['cache']:.2f}) | {c['after']:.2f} ({w['after']:.2f}) | "
                      f"{c['before'] / c['cache']:.2f}× | **{c['before'] / c['after']:.2f}×** | {r['n']} | "
                      f"{r['date']}, {r['load']} |")
@@ -128,9 +129,10 @@ def section(results: dict, args, meta: dict) -> str:
               "`share_prompt=auto` (the default) shares where the prompt is at least as long as the answer budget "
               "(`max_new_tokens`): on for both rows here.",
               f"The twin is Qwen2-VL-2B at its real width (hidden 1536, 12 heads, vision width 1280, full 151,936-token "
-              f"embedding and head) cut to {cut} decoder layer(s) and {cut} vision block(s) "
-              "of the published 28 and 32, random weights; the ratio of a full-depth step is close to it because "
-              "both stacks are cut alike.", END]
+              f"embedding and head) cut to {cuts} decoder layer(s) and as many vision block(s) "
+              "of the published 28 and 32, random weights: both stacks are cut alike, so the vision : language work "
+              "ratio stays close to the real model's, while the full-size embedding and head weigh more than at full "
+              "depth.", END]
     return "\n".join(lines) + "\n"
 
 
@@ -176,12 +178,13 @@ def main():
         if model != "default":
             r["twin_layers"] = args.twin_layers
         r["date"], r["load"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_model)), load_model
-        results[model] = r
+        results[model if model == "default" else f"twin_l{args.twin_layers}"] = r
         del ts
     if args.out and not args.smoke:
         stored = json.load(open(RECORDS)) if os.path.exists(RECORDS) else {}
         stored.update(results)
-        results = {k: stored[k] for k in ("default", "twin") if k in stored}
+        stored = {("twin_l1" if k == "twin" else k): v for k, v in stored.items()}
+        results = {k: stored[k] for k in sorted(stored, key=lambda k: (k != "default", k))}
         with open(RECORDS, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
     meta = {"machine": f"{os.cpu_count()} CPUs, {C.cpu_model()}"}
