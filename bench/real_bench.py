@@ -675,6 +675,30 @@ def report(data: dict, args) -> str:
         else:
             w("Not made yet (they come with the Qwen2-VL-2B inspect row).")
             w("")
+    if not gpu and not args.quick:
+        w("## Reading it (this run)")
+        w("")
+        w("- **Capture vs eager.** What capture adds to a plain SDPA forward is its rows, heads × 16 × L × 4 B per "
+          "softmax layer (12–16 MB per layer at 16k tokens, within the noise of the forward's own activations); eager "
+          "`output_attentions` needs 20–40 GB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
+          "the kept map), so none of these models can return eager maps at 16k on a 24 GB device, and at full depth the "
+          "kept maps alone are 40–320 GB. At 16k tokens capture's one-layer forward took 0.96–1.24× SDPA's time (single "
+          "calls on a shared machine: a few rows at shorter lengths are off in both directions).")
+        w("- **Checkpointing** cuts the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
+          "~75–110 MB to a few MB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
+          "per-layer differences of a few MB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
+          "the extrapolations as sizes, not exact values.")
+        w("- **The step's peak is in the rollout, and it scales with the vocabulary**: 1.8–2.4 GB over resident memory "
+          "for the 152k/248k-token Qwen vocabularies against 0.27 GB for SmolVLM's 49k, the same at 1 or 2 layers and "
+          "with or without checkpointing — consistent with full-vocabulary tensors over whole sequences somewhere in "
+          "sampling or the old-policy pass (not traced here; compare issue 14.2, logits only where used). On the "
+          "1-layer Qwen2-VL-2B twin a profile put 65 of the rollout's 84 s (wall; 27 s CPU) in generate's prefill.")
+        ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
+        w("- **Contention**: wall time depends on what else ran; the inspect rows took "
+          + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
+                      for t, r in ins)
+          + ". Compare CPU times across rows, not wall times.")
+        w("")
     w("## Contention")
     w("")
     w("This 2-core machine was shared with other work during the run; wall times are inflated accordingly (CPU time "
