@@ -688,11 +688,14 @@ def report(data: dict, args) -> str:
           "~75–110 MB to a few MB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
           "per-layer differences of a few MB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
           "the extrapolations as sizes, not exact values.")
-        w("- **The step's peak is in the rollout, and it scales with the vocabulary**: 1.8–2.4 GB over resident memory "
-          "for the 152k/248k-token Qwen vocabularies against 0.27 GB for SmolVLM's 49k, the same at 1 or 2 layers and "
-          "with or without checkpointing — consistent with full-vocabulary tensors over whole sequences somewhere in "
-          "sampling or the old-policy pass (not traced here; compare issue 14.2, logits only where used). On the "
-          "1-layer Qwen2-VL-2B twin a profile put 65 of the rollout's 84 s (wall; 27 s CPU) in generate's prefill.")
+        w("- **The step's peak is in the rollout and scales with the embedding matrix**: 1.8–2.4 GB over resident "
+          "memory for the Qwen twins against 0.27 GB for SmolVLM, the same at 1 or 2 layers and with or without "
+          "checkpointing, and each time about twice the fp32 size of the (tied) embedding / LM-head matrix (Qwen2-VL-2B "
+          "2 × 0.93 GB, Qwen3-VL-2B and Qwen2.5-VL-3B 2 × 1.24 GB, Qwen3.5-0.8B 2 × 1.02 GB, SmolVLM 2 × 0.11 GB). The "
+          "old-policy pass keeps logits for the response rows only (`rollout.forward_policies`), and bf16 autocast "
+          "alone does not copy an embedding or LM head (checked), so something else in sampling materialises fp32 "
+          "copies of that matrix; not traced further here. On the 1-layer Qwen2-VL-2B twin a profile put 65 of the "
+          "rollout's 84 s (wall, at a load average of ~8; 27 s CPU) in generate's prefill.")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
           + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
