@@ -692,10 +692,14 @@ def report(data: dict, args) -> str:
           "memory for the Qwen twins against 0.27 GB for SmolVLM, the same at 1 or 2 layers and with or without "
           "checkpointing, and each time about twice the fp32 size of the (tied) embedding / LM-head matrix (Qwen2-VL-2B "
           "2 × 0.93 GB, Qwen3-VL-2B and Qwen2.5-VL-3B 2 × 1.24 GB, Qwen3.5-0.8B 2 × 1.02 GB, SmolVLM 2 × 0.11 GB). The "
-          "old-policy pass keeps logits for the response rows only (`rollout.forward_policies`), and bf16 autocast "
-          "alone does not copy an embedding or LM head (checked), so something else in sampling materialises fp32 "
-          "copies of that matrix; not traced further here. On the 1-layer Qwen2-VL-2B twin a profile put 65 of the "
-          "rollout's 84 s (wall, at a load average of ~8; 27 s CPU) in generate's prefill.")
+          "old-policy pass keeps logits for the response rows only (`rollout.forward_policies`); a memory profile "
+          "of the 1-layer SmolVLM twin's rollout traced the peak to generate's **prefill LM head**: the last-position "
+          "slice `hidden[:, -1:, :]` of the batch of 4 is not contiguous, so `F.linear` on the CPU goes through "
+          "`matmul` → `bmm` with the weight expanded **and copied** to [4, hidden, vocab] (`aten::contiguous`, 217 MB "
+          "for SmolVLM; 4 × 151,936 × 1,536 × 2 B = 1.87 GB for Qwen2-VL-2B). Making the head's input contiguous (a "
+          "forward pre-hook on the LM head, or `.contiguous()` before it) should remove both this peak and much of the "
+          "prefill time: on the 1-layer Qwen2-VL-2B twin a profile put 65 of the rollout's 84 s (wall, load ~8; 27 s "
+          "CPU) in the prefill. Not changed here (rollout code is outside this bench).")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
           + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
