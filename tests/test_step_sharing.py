@@ -167,3 +167,14 @@ def test_cache_off_when_the_vision_tower_trains(tmp_path):
 def test_share_prompt_rule():
     assert worth_sharing("auto", 1000, 32) and worth_sharing("auto", 29, 12) and not worth_sharing("auto", 12, 16)
     assert worth_sharing("true", 10, 100) and not worth_sharing("false", 1000, 1) and not worth_sharing(False, 9e9, 1)
+
+
+def test_lm_head_gets_a_contiguous_input(samples):
+    """generate's prefill slices the last position of a batch (a non-contiguous view); the CPU matmul would then
+    broadcast the head's weight per sequence (bench/results/real.md). Every adapter's head sees contiguous input."""
+    ad = tiny_adapter("qwen2_vl")
+    seen = []
+    ad.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    b, vc, rows, group = _batch(ad, samples)
+    generate_answer(ad, b, 2)
+    assert seen and all(seen)
