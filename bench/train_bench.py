@@ -123,7 +123,8 @@ def fixed_batches(trainers, seed=1234):
     cfg = tr.cfg
     torch.manual_seed(seed)
     ro = make_rollouts(tr.adapter, tr._prompts(0), cfg.group_size, tr.rewarder, tr.spec, cfg.max_new_tokens,
-                       cfg.temperature, cfg.top_p, cfg.advantage_scale, gen_model=tr.acc.unwrap_model(tr.model))
+                       cfg.temperature, cfg.top_p, cfg.advantage_scale, gen_model=tr.acc.unwrap_model(tr.model),
+                       vision_cache=tr.vision_cache, share_prompt=tr.share_prompt)  # as Trainer.train_step does
     synthetic = bool((ro.advantages == 0).all())
     if synthetic:
         # a random model earns no reward, so every advantage is 0 and the updates would not move the weights;
@@ -136,6 +137,11 @@ def fixed_batches(trainers, seed=1234):
             a[m] = (a[m] - a[m].mean()) / (a[m].std() + 1e-4)
         ro.advantages = a.to(ro.advantages.device)
     ro_g = dataclasses.replace(ro, old_attn=[], key_valid=None, row_class=None)
+    if ro.vision is not None and "grpo" in trainers:  # the GRPO trainer's own model encodes the step's images
+        from ral_core.vision_cache import VisionCache, distinct_images
+        g = trainers["grpo"]
+        uniq, _ = distinct_images([p["image"] for p in tr._prompts(0)])
+        ro_g.vision = VisionCache.encode(g.adapter, uniq, model=g.acc.unwrap_model(g.model))
     return ro_g, ro, synthetic
 
 
