@@ -39,8 +39,11 @@ def worth_sharing(mode, prompt_len: int, new_tokens: int) -> bool:
 def shares_with_grad(model) -> bool:
     """Whether a prompt pass can be shared under autograd. Not in hybrid models (Qwen3.5): their linear-attention
     layers update the cached recurrent state in place, which the backward pass of the rows on top still needs;
-    there only no-grad passes (sampling, old-policy scoring) share the prompt."""
+    there only no-grad passes (sampling, old-policy scoring) share the prompt. Nor under gradient checkpointing
+    (transformers turns the cache off while training with it)."""
     from ral_core.attention import decoder_attention_modules
+    if any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules()):
+        return False  # a checkpointed layer recomputes in the backward and would append to the shared cache again
     return all(m is not None for m in decoder_attention_modules(model))
 
 

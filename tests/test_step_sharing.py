@@ -178,3 +178,18 @@ def test_lm_head_gets_a_contiguous_input(samples):
     b, vc, rows, group = _batch(ad, samples)
     generate_answer(ad, b, 2)
     assert seen and all(seen)
+
+
+def test_gradient_checkpointing_trains_without_sharing_the_prompt_in_updates(tmp_path):
+    """Checkpointed layers recompute in the backward and transformers drops the cache while training with them:
+    updates then run full sequences (scoring still shares), and the step trains."""
+    from ral_core.attention import enable_gradient_checkpointing
+    cfg = build_config("ral", ["model=default", f"output_dir={tmp_path / 'c'}", "steps=1", "prompts_per_step=8",
+                               "group_size=4", "minibatch_size=16", "share_prompt=true", "snapshot_every=0"])
+    t = Trainer(cfg)
+    enable_gradient_checkpointing(t.model)
+    assert not shares_with_grad(t.model)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    m = t.train_step()
+    assert t.last_rollouts.share_prompt and m["updates"] == 4
+    assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
