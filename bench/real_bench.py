@@ -621,9 +621,14 @@ def report(data: dict, args) -> str:
             if r1 and r2 and s:
                 n = s["layers"]
                 cu1, cu2 = r1.get("update_cpu_s"), r2.get("update_cpu_s")
-                full_u = (f"{_fit(r1['update_s'], r2['update_s'], n):.0f}"
-                          + (f" ({_fit(cu1, cu2, n):.0f})" if cu1 is not None and cu2 is not None else "")
-                          + f" / {_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))} ({n})")
+                # a second layer that measured cheaper than the first is noise, not a negative per-layer cost
+                t_ok = r2["update_s"] > r1["update_s"] and (cu1 is None or cu2 is None or cu2 > cu1)
+                m_ok = r2["update_extra_mb"] > r1["update_extra_mb"]
+                full_u = ((f"{_fit(r1['update_s'], r2['update_s'], n):.0f}"
+                           + (f" ({_fit(cu1, cu2, n):.0f})" if cu1 is not None and cu2 is not None else ""))
+                          if t_ok else "– (time: 1→2 layers within the noise)")
+                full_u += (f" / {_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))} ({n})" if m_ok
+                           else f" / – (memory: 1→2 layers within the noise) ({n})")
                 rc1, rc2 = r1.get("rollout_cpu_s"), r2.get("rollout_cpu_s")
                 if rc1 is not None and rc2 is not None and rc2 > rc1:
                     full_r = f"{_fit(r1['rollout_s'], r2['rollout_s'], n):.0f} ({_fit(rc1, rc2, n):.0f})"
