@@ -693,19 +693,15 @@ def report(data: dict, args) -> str:
           "~75–110 MB to a few MB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
           "per-layer differences of a few MB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
           "the extrapolations as sizes, not exact values.")
-        w("- **The step's peak is in the rollout and scales with the LM head**: 1.8–2.4 GB over resident "
-          "memory for the Qwen twins against 0.27 GB for SmolVLM, the same at 1 or 2 layers and with or without "
-          "checkpointing, and each time about one bf16 copy of the LM-head matrix per sequence of the group (4 × 0.47 GB "
-          "for Qwen2-VL-2B, 4 × 0.62 GB for Qwen3-VL-2B and Qwen2.5-VL-3B, 4 × 0.51 GB for Qwen3.5-0.8B, 4 × 0.05 GB "
-          "for SmolVLM). The "
-          "old-policy pass keeps logits for the response rows only (`rollout.forward_policies`); a memory profile "
-          "of the 1-layer SmolVLM twin's rollout traced the peak to generate's **prefill LM head**: the last-position "
-          "slice `hidden[:, -1:, :]` of the batch of 4 is not contiguous, so `F.linear` on the CPU goes through "
-          "`matmul` → `bmm` with the weight expanded **and copied** to [4, hidden, vocab] (`aten::contiguous`, 217 MB "
-          "for SmolVLM; 4 × 151,936 × 1,536 × 2 B = 1.87 GB for Qwen2-VL-2B). Making the head's input contiguous (a "
-          "forward pre-hook on the LM head, or `.contiguous()` before it) should remove both this peak and much of the "
-          "prefill time: on the 1-layer Qwen2-VL-2B twin a profile put 65 of the rollout's 84 s (wall, load ~8; 27 s "
-          "CPU) in the prefill. Not changed here (rollout code is outside this bench).")
+        w("- **The rollout's LM-head peak, found here and fixed**: the first run of these rows peaked in the rollout at "
+          "1.8–2.4 GB over resident memory for the Qwen twins (0.27 GB for SmolVLM), about one bf16 copy of the "
+          "LM-head matrix per sequence of the group. A memory profile traced it to generate's prefill: the "
+          "last-position slice `hidden[:, -1:, :]` of a batch is not contiguous, so `F.linear` on the CPU went through "
+          "`matmul` → `bmm` with the weight expanded and copied to [4, hidden, vocab] (1.87 GB for Qwen2-VL-2B), which "
+          "also made the prefill slow (65 of a rollout's 84 s on the 1-layer Qwen2-VL-2B twin). Every adapter's head "
+          "now gets a contiguous input (`ral_core/models/base.contiguous_head`; measured alone: bf16, 151,936 × 1536 "
+          "head, batch 8: 25.8 s → 0.06 s). The training rows above are after the fix and on the trainer's own "
+          "rollout path (image cache, shared prompts): rollout peaks 0.16–0.72 GB.")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
           + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
