@@ -272,7 +272,8 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
     `vision_cache`: each distinct image is encoded once for the whole step (generation, scoring, every update;
     valid while the vision path gets no gradient). `share_prompt` auto | true | false (with the cache): each
     group's prompt is prefilled once for sampling and computed once per pass in scoring and updates (not under an
-    exploration bias, which differs per rollout; auto: where the prompt is long enough to repay it). Sampled tokens and old log-probs equal the plain path's (tests/test_step_sharing.py)."""
+    exploration bias, which differs per rollout; auto: where the prompt is long enough to repay it). Sampled tokens
+    and old log-probs equal the plain path's (tests/test_step_sharing.py)."""
     G = group_size
     images = [s["image"] for s in samples for _ in range(G)]
     b = adapter.build_inputs(images, [s["question"] for s in samples for _ in range(G)])

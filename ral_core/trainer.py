@@ -192,8 +192,10 @@ class Trainer:
         if cfg.vision_cache and not self.vision_cache:
             self.notes.append("vision-feature cache off: the vision path is trained (freeze_vision=false), so every "
                               "pass encodes its images itself")
-        self.share_prompt = cfg.share_prompt if self.vision_cache else "false"
-        if getattr(self, "_share_off_fsdp", False):
+        # under FSDP a shared prompt's KV cache carries gradient into its layers around their outputs, where FSDP
+        # hooks the re-gather for backward: the prompt is computed per sequence (images are still encoded once)
+        self.share_prompt = cfg.share_prompt if (self.vision_cache and not self.fsdp) else "false"
+        if self.fsdp and cfg.share_prompt != "false":
             self.notes.append("dist=fsdp: each sequence computes its own prompt (a shared prompt's cache would carry "
                               "gradient past FSDP's re-gather hooks); images are still encoded once per step")
         if self.share_prompt != "false" and self.explore is not None:
@@ -219,10 +221,6 @@ class Trainer:
         if self.cfg.snapshot_every:
             raise RALError("snapshot_every is not supported with dist=fsdp yet (snapshots run on one process); "
                            "inspect a saved checkpoint instead")
-        # a shared prompt's KV cache carries gradient into its layers around their outputs, where FSDP hooks the
-        # re-gather for backward: the prompt is computed per sequence under FSDP (images are still encoded once)
-        self._share_off_fsdp = self.cfg.share_prompt != "false"
-        self.cfg.share_prompt = "false"
         dt = self.precision.compute
         for m in (self.ref_model, self.teacher.model if self.teacher is not None else None):
             if m is not None:

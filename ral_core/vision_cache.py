@@ -80,11 +80,7 @@ class VisionCache:
         """Run the vision path of `model` (default: the adapter's) once over `images` (distinct ones)."""
         model = model if model is not None else adapter.model
         owner = _encoder_owner(model)
-        tensors = adapter.process_images(images)["tensors"]
-        dev = adapter.device
-        tensors = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in tensors.items()}
-        if "pixel_values" in tensors and tensors["pixel_values"].is_floating_point():
-            tensors["pixel_values"] = tensors["pixel_values"].to(adapter.model.dtype)
+        tensors = adapter.to_model(adapter.process_images(images)["tensors"])
         params = inspect.signature(owner.get_image_features).parameters
         kw = {k: v for k, v in tensors.items() if k in params}
         out = owner.get_image_features(**kw, return_dict=True)

@@ -250,12 +250,17 @@ class VLMAdapter:
                 resp[i, L - resp_lens[i]:] = True
         out = {"input_ids": input_ids, "attention_mask": attn, **proc["tensors"]}
         out.update(self.extra_model_inputs(input_ids))
+        out = self.to_model(out)
+        return {"model_inputs": out, "prompt_lens": prompt_lens, "response_mask": resp.to(self.device),
+                "geometry": [self.geometry_from_meta(im.size, m) for im, m in zip(images, proc["meta"])]}
+
+    def to_model(self, tensors: dict) -> dict:
+        """Model inputs on the model's device, pixel values in its dtype."""
         dev = self.device
-        out = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in out.items()}
+        out = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in tensors.items()}
         if "pixel_values" in out and out["pixel_values"].is_floating_point():
             out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
-        return {"model_inputs": out, "prompt_lens": prompt_lens, "response_mask": resp.to(dev),
-                "geometry": [self.geometry_from_meta(im.size, m) for im, m in zip(images, proc["meta"])]}
+        return out
 
     def extend_inputs(self, model_inputs: dict, new_ids: torch.Tensor, new_mask: torch.Tensor) -> dict:
         """Model inputs for the prompt followed by generated tokens (teacher-forced re-scoring)."""
