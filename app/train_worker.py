@@ -1,4 +1,5 @@
-"""The child process of one training run (started by `app.training` with multiprocessing's 'spawn' context).
+"""The child process of one training run (started by `app.training` from a fork server, or spawned where there is
+none).
 
 A run in a thread of the server shares the GIL with Gradio's event loop and every request's handler thread, and
 a tiny model's training loop is mostly Python: a burst of requests slowed it 4×. In its own process the OS
@@ -35,6 +36,14 @@ def _watch(cancel, trainer_cancel: threading.Event) -> None:
             cancel.wait(0.2)
         if cancel.is_set():
             trainer_cancel.set()
+
+
+def start(target, environ: dict, *args) -> None:
+    """The child's entry point: the server's environment as it is now (a forkserver child inherits the fork
+    server's, frozen when the first run started), then `target` (normally `main`)."""
+    os.environ.clear()
+    os.environ.update(environ)
+    target(*args)
 
 
 def main(cfg, reward_modules: list[str], conn, cancel, gone) -> None:

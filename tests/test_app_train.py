@@ -92,7 +92,8 @@ def _child_reporting_modules(cfg, *args):
     from app.train_worker import main
     main(cfg, *args)
     gradio = sorted(m for m in sys.modules if m.split(".")[0] == "gradio")
-    (Path(cfg.output_dir).parent / "child.json").write_text(json.dumps({"pid": os.getpid(), "gradio": gradio}))
+    (Path(cfg.output_dir).parent / "child.json").write_text(json.dumps({
+        "pid": os.getpid(), "gradio": gradio, "env": os.environ.get("RAL_TEST_SET_AFTER_START")}))
 
 
 def start(env, session, algorithm="ral", steps=4, dataset="grounding", upload=None, teacher=None, name="", **kw):
@@ -222,16 +223,23 @@ def test_closing_the_tab_stops_the_run_and_deletes_the_folder(env):
 
 def test_a_run_trains_in_its_own_process_without_gradio(env, monkeypatch):
     monkeypatch.setattr(env.t.QUEUE, "target", _child_reporting_modules)
+    start(env, "twarm", steps=1)  # the fork server (where there is one) exists from here on
+    wait(env, "twarm")
+    monkeypatch.setenv("RAL_TEST_SET_AFTER_START", "seen")
     start(env, "tproc", steps=2)
     run = wait(env, "tproc")
     child = json.loads((run.dir / "child.json").read_text())
     assert run.status == "done" and child["pid"] == run.pid != os.getpid(), run.message
     assert child["gradio"] == []  # the child imports ral_core only: no web server in the training process
+    assert child["env"] == "seen"  # the server's environment as it is when the run starts, not the fork server's
     assert [m["step"] for m in run.history()] == [1, 2] and run.checkpoint == "ral-1"
 
 
 def test_an_unexpected_error_in_the_child_is_one_line_and_a_logged_trace(env, monkeypatch, capfd):
     monkeypatch.setattr(env.t.QUEUE, "target", _child_with_a_bug)
+    if env.t._MP.get_start_method() == "forkserver":  # children write to the fork server's stderr: the server's
+        from multiprocessing import forkserver        # when the first run started; start a new one under capfd
+        forkserver._forkserver._stop()
     start(env, "tbug", steps=2)
     run = wait(env, "tbug")
     assert run.status == "failed" and run.step == 0 and run.checkpoint is None
