@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-step bench-inspect bench-load bench-trl bench-scale evidence evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
+.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-step bench-inspect bench-load bench-trl bench-scale evidence evidence-collect evidence-short evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -93,19 +93,29 @@ evidence-models: install
 	test -f $(W)/teacher4_l6/config.json || $(BIN)/python scripts/train_default_model.py --out $(W)/teacher4_l6 \
 	  --init $(W)/teacher_l6 --rows 4 --cols 4 --kinds cell,row,where,pair --steps 3000 --lr 5e-4 --minutes 60
 
-evidence-teacher: evidence-models
+# The archived 12-step document (276 runs; its run cache was not kept): docs/results_short.md
+evidence-short: install evidence-models
+	$(BIN)/python bench/evidence.py --out docs/results_short.md
 
-evidence: install evidence-models
-	$(BIN)/python bench/evidence.py --out docs/results.md
+# The evidence document docs/results.md: RAL in its home regime (bench/home_regime.py). The OPAD/distill teacher
+# (bench/_work/teacher43: the default model continued 600 supervised steps on 4×3 grids) is built only when missing;
+# then the pilot and the sweeps `home` (T 1.5) and `home_t2` (T 2): GRPO, RAL λ ∈ {0.5, 1, 5, 100}, OPAD, distill ×
+# 5 seeds. Each run writes bench/records/home*/ and a run whose record exists is skipped; `make evidence
+# RERUN=--rerun` redoes everything (teacher included). `evidence-collect` rewrites the document from the records.
+RERUN ?=
+evidence-teacher: install
+	$(BIN)/python bench/home_regime.py --build-teacher $(RERUN)
 
-# RAL in its home regime (docs/results_home.md): pilot, then GRPO vs RAL λ ∈ {0.5, 1, 5, 100} × 5 seeds; no
-# extra checkpoints. Each run writes bench/records/home*/; `evidence-home-collect` rewrites the document from them.
-evidence-home: install
-	$(BIN)/python bench/home_regime.py --pilot
-	$(BIN)/python bench/home_regime.py
+evidence: install evidence-teacher
+	$(BIN)/python bench/home_regime.py --pilot $(RERUN)
+	$(BIN)/python bench/home_regime.py --doc home $(RERUN)
+	$(BIN)/python bench/home_regime.py --doc home_t2 $(RERUN)
 
-evidence-home-collect:
+evidence-collect:
 	$(BIN)/python bench/home_regime.py --collect
+
+evidence-home: evidence
+evidence-home-collect: evidence-collect
 
 # 3× longer runs of the main contrasts on the 4×4 tasks with headroom (about 45 min on 2 cores)
 evidence-long: install evidence-models

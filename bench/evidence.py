@@ -1,11 +1,12 @@
-"""Evidence: does optimizing attention beat optimizing tokens? (`make evidence`)
+"""Evidence: does optimizing attention beat optimizing tokens? (`make evidence-short`: the archived 12-step document)
 
 From one supervised checkpoint (the embedded default model), with equal rollouts and optimizer updates per
 method (COMMON's `updates_per_step` for all), trains GRPO, RAL (paper defaults, the "predicts" row,
 visual-only support, a λ sweep), OPAD and token-level distillation (teacher: a larger model trained longer),
 and attention exploration (last layer vs the lever map's top layers, a σ sweep, noise-only controls), over
-several seeds and tasks; evaluates on held-out handwriting; writes docs/results.md with tables, paired
-differences against GRPO per seed and learning curves.
+several seeds and tasks; evaluates on held-out handwriting; writes docs/results_short.md with tables, paired
+differences against GRPO per seed and learning curves. (The current evidence document, docs/results.md, is
+bench/home_regime.py's; this benchmark also provides its statistics helpers: `paired_t`, `holm`.)
 
 Runs are cached under bench/_work/evidence/ (rerunning resumes) and each writes a small record under
 bench/records/results/ that `--collect` reads; two worker processes, one thread each.
@@ -80,8 +81,8 @@ MORE_SEEDS = ("grpo", "opad", "distill")
 BASE_METHODS = ("grpo", "ral", "ral_predicts", "ral_visual", "ral_l5", "ral_l25", "opad", "distill")
 DEFAULT_STEPS = 12
 HOME_LINE = ("- RAL where its term acts (a task on which GRPO gains ≥ 5 points and the term acts on about half the "
-             "rows; GRPO vs RAL λ ∈ {0.5, 1, 5, 100}, 5 seeds): [results_home.md](results_home.md) "
-             "(`make evidence-home`, regenerated from committed records).")
+             "rows; GRPO vs RAL λ ∈ {0.5, 1, 5, 100}, OPAD and token distillation, 5 seeds): the current evidence "
+             "document, [results.md](results.md) (`make evidence`, regenerated from committed records).")
 COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size": 64, "temperature": 1.0,
           "lr": 5e-5, "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1}
 
@@ -261,8 +262,9 @@ def summarise(results: list[dict], base: dict, args) -> str:
     global _FAMILY
     _FAMILY = doc_family(by, tasks, args.explore_tasks.split(","))
     lines = ["# Evidence: does optimizing attention beat optimizing tokens?", "",
-             ("Command: `make evidence` (= `python bench/evidence.py --out docs/results.md`" if args.steps == DEFAULT_STEPS
-              else "Longer runs of the main contrasts; the full matrix is in [results.md](results.md). Command: "
+             ("Command: `make evidence-short` (= `python bench/evidence.py --out docs/results_short.md`"
+              if args.steps == DEFAULT_STEPS
+              else "Longer runs of the main contrasts; the full matrix is in [results_short.md](results_short.md). Command: "
                    "`make evidence-long` (its arguments are in the Makefile")
              + ", after `make evidence-models` builds the 4×4 checkpoints and the teachers). Machine: "
              f"{max([r.get('cpus') or 0 for r in results] or [0]) or os.cpu_count()} CPU cores. "
@@ -289,7 +291,8 @@ def summarise(results: list[dict], base: dict, args) -> str:
     if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_long.md").exists():
         lines.append("- 3× longer runs (36 steps) of GRPO, RAL and lever-layer exploration on `pair4` and `cell4`: "
                      "[results_long.md](results_long.md) (`make evidence-long`).")
-    if args.steps == DEFAULT_STEPS and (Path(args.out).parent / "results_home.md").exists():
+    if (args.steps == DEFAULT_STEPS and Path(args.out).name != "results.md"
+            and (Path(args.out).parent / "results.md").exists()):
         lines.append(HOME_LINE)
     lines.append("")
     lines += overall_summary(by, base) + [""]
@@ -693,7 +696,7 @@ def plan(args) -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results_short.md"))
     p.add_argument("--model", default="default", help="supervised checkpoint for the 3×3 tasks")
     p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher_l6"), help="… and their teacher")
     p.add_argument("--checkpoints", default=str(ROOT / "bench" / "_work"),
@@ -821,7 +824,7 @@ def _p_from_summary(mean: float, spread: float, n: int, kind: str) -> dict:
 
 
 def restat_comparisons(text: str, n_eval: int = 150) -> list[dict]:
-    """Every paired comparison `docs/results.md` prints, with a two-sided paired t-test: greedy accuracy from the
+    """Every paired comparison `docs/results_short.md` prints, with a two-sided paired t-test: greedy accuracy from the
     printed per-seed differences (snapped to multiples of 1/n_eval, so exact), the sampled reward from the table's
     mean ± sd (n), and the exploration tables' decisive-row mass vs GRPO and both 'vs its control' columns from
     their mean ± SE (n). Returns dicts with task, arm, metric, ref, source, and paired_t's fields."""
@@ -878,8 +881,8 @@ def _word(c: dict, alpha: float = 0.05) -> str:
     return "not distinguishable from GRPO" if c["ref"] == "grpo" else "not distinguishable from its control"
 
 
-def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/results.md") -> str:
-    """Rewrite the statistical wording of an existing results.md from its own printed numbers (the run cache that
+def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/results_short.md") -> str:
+    """Rewrite the statistical wording of an existing results_short.md from its own printed numbers (the run cache that
     produced it is gone): verdicts carry p and Holm-adjusted p over every comparison in the document, the summary
     names only differences that survive Holm, exploration-table bold marks follow Holm, and the lines issue 11
     found wrong (updates per rollout batch, the 'shared rows cancel' wording) are corrected."""
@@ -969,7 +972,7 @@ def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/res
                             "prefix usually share the sign of A, so their terms add. These runs predate the "
                             "diagnostic of where the term acts; measured later on the default model: `read3` acts on "
                             "26.6 % of rows, `cell3` is silent because 97.9 % of rows sit in zero-variance groups "
-                            "(and [results_home.md](results_home.md) measures it per run).")
+                            "(and [results.md](results.md) measures it per run).")
         out.append(line)
     text = "\n".join(out) + "\n"
     stat = [f"## Statistics (re-derived from the printed numbers, issue 11)", "",

@@ -1,19 +1,28 @@
 """RAL in its home regime (issue 11): a task and run length where GRPO itself moves held-out greedy accuracy and
-the RAL attention term acts on most response rows; then GRPO vs RAL over a λ sweep, paired by seed, with a Holm
-correction over every comparison in the document (docs/results_home.md).
+the RAL attention term acts on most response rows; then GRPO vs RAL over a λ sweep, OPAD and token distillation,
+paired by seed, with a Holm correction over every comparison in the document (docs/results.md, the evidence
+document; `make evidence`).
 
-Task: `where` on the 3×3 digit grid ("Where is the 7?" → "row 2 column 3"), the default model's weakest kind
-(held-out greedy accuracy ≈ 0.2). The answer is four words; the group shares the prefix "row", diverges on the row
-number, and every row after the divergence belongs to a smaller prefix class whose advantages do not cancel.
+Task: `row` on the 4×3 digit grid ("Read row 4." → "9 7 1") from `assets/default_model`, which was trained on 3×3
+grids only (held-out greedy accuracy 0.077 at the start). The answer is three digits; rollouts of a group diverge at
+the digit the model is unsure of, and every row after the divergence belongs to a smaller prefix class whose
+advantages do not cancel. Reward 0.5 · exact match + 0.5 · share of digits right (bench/home_rewards.py).
 
+Arms (5 seeds each, in two sweeps that differ only in the sampling temperature: `home` T 1.5, `home_t2` T 2):
+`grpo`; `ral_l<λ>` for λ ∈ {0.5, 1, 5, 100}; `opad` (γ_opad 1) and `distill` (token-level reverse KL, λ_KL 1), both
+with the teacher bench/_work/teacher43: the default model continued 600 supervised steps on 4×3 grids
+(`--build-teacher`; the same architecture, so the teacher knows the task).
+
+    python bench/home_regime.py --build-teacher     # the OPAD/distill teacher, if missing (+ its record)
     python bench/home_regime.py --pilot             # cheap pilot: does GRPO move greedy accuracy, does the term act?
-    python bench/home_regime.py                     # the sweep: GRPO and RAL λ ∈ {0.5, 1, 5, 25}, 5 seeds each
-    python bench/home_regime.py --collect           # rewrite docs/results_home.md from bench/records/home/ only
+    python bench/home_regime.py --doc home          # a sweep: every arm × 5 seeds (runs with a record are skipped;
+    python bench/home_regime.py --doc home_t2       #   --rerun redoes them)
+    python bench/home_regime.py --collect           # rewrite docs/results.md from bench/records/home*/ only
 
-Every finished run writes one small JSON record (config, curves, evaluation; rounded, sorted keys) under
-bench/records/; `--collect` needs nothing else (no model, no torch), so the document regenerates byte-identical on
-a fresh clone (tests/test_bench_evidence.py checks that). The plot is regenerated too but not byte-checked
-(matplotlib's PNG bytes depend on its version).
+Every finished run writes one small JSON record (config, curves, evaluation, CPU and wall time; rounded, sorted keys)
+under bench/records/; `--collect` needs nothing else (no model, no torch, no teacher), so the document regenerates
+byte-identical on a fresh clone (tests/test_bench_evidence.py checks that). The plot is regenerated too but not
+byte-checked (matplotlib's PNG bytes depend on its version).
 """
 from __future__ import annotations
 
@@ -33,14 +42,22 @@ from evidence import holm, paired_t  # noqa: E402  (the statistics live with the
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "bench" / "records"
-DOC = ROOT / "docs" / "results_home.md"
+DOC = ROOT / "docs" / "results.md"
 TASK = {"task_kinds": ["row"], "grid_rows": 4, "grid_cols": 3, "max_new_tokens": 8}
 COMMON = {"prompts_per_step": 8, "group_size": 8, "epochs": 2, "minibatch_size": 32, "temperature": 1.5,
           "lr": 1e-4, "reward_weights": {"exact_match": 0.5, "home_rewards:digit_match": 0.5},
           "log_attention": True, "save_every": 0, "snapshot_every": 0, "threads": 1,
           "attn_metrics_every": 0}
 ARMS = {"grpo": {}, "ral_l0.5": {"lambda_attn": 0.5}, "ral_l1": {"lambda_attn": 1.0}, "ral_l5": {"lambda_attn": 5.0},
-        "ral_l100": {"lambda_attn": 100.0}}
+        "ral_l100": {"lambda_attn": 100.0}, "opad": {"gamma_opad": 1.0, "teacher": "@teacher"},
+        "distill": {"lambda_token_kl": 1.0, "teacher": "@teacher"}}
+RAL_ARMS = [a for a in ARMS if a.startswith("ral_")]
+TEACHER_ARMS = [a for a in ARMS if ARMS[a].get("teacher")]
+# the OPAD / distillation teacher: the default model continued with supervised steps on 4×3 grids (the same
+# architecture, so it knows the task); `make evidence-teacher` builds it with exactly this command
+TEACHER = ROOT / "bench" / "_work" / "teacher43"
+TEACHER_ARGS = ["--init", "assets/default_model", "--rows", "4", "--cols", "3", "--kinds", "row,cell,where",
+                "--steps", "600", "--lr", "5e-4", "--minutes", "40"]
 # λ = 100: the measured ‖∇RAL‖/‖∇GRPO‖ per unit λ here is ≈ 0.3 % (pilot), so the paper's 0.5–5 give the term
 # ≤ 2 % of GRPO's push; 100 gives it about a third
 # pilot variants (GRPO, one seed): learning rate and sampling temperature
@@ -61,7 +78,8 @@ SWEEPS = {"home": {}, "home_t2": {"temperature": 2.0}}
 STEPS, PILOT_STEPS = 30, 30
 N_EVAL, N_SAMPLED, EVAL_EVERY, GRAD_EVERY = 300, 100, 10, 5
 CURVE_KEYS = ("reward", "attn_target_mass", "ral_rows_zero_var", "ral_rows_cancelled", "ral_rows_acting",
-              "ral_effective_weight", "grad_norm", "grad_grpo", "grad_ral_unit", "grad_ratio_unit")
+              "ral_effective_weight", "grad_norm", "grad_grpo", "grad_ral_unit", "grad_ratio_unit", "grad_opad_unit",
+              "grad_kl_unit", "attn_jsd_teacher", "token_rkl")
 
 
 def _r(x, sig: int = 5):
@@ -98,14 +116,23 @@ def grad_ratio(tr, theta_old: list, frac: float) -> dict:
             p.copy_(o + frac * (n - o))
     try:
         with torch.enable_grad():
-            r = forward_policies(tr.model, ro, tr.spec, None)
+            r = forward_policies(tr.model, ro, tr.spec, None,
+                                 need_logits=getattr(ro, "teacher_logits", None) is not None)
             ctx = LossContext(mask=ro.mask, logp=r["logp"], old_logp=ro.old_logp, advantages=ro.advantages,
                               attn=r["attn"], attn_old=ro.old_attn, norm=cfg.loss_norm, max_len=cfg.max_new_tokens,
                               clip_low=cfg.clip_low, clip_high=cfg.clip_high)
             lg, _ = LOSSES["grpo"](ctx)
             la, _ = LOSSES["ral_attn"](ctx)
             gg = torch.autograd.grad(lg, params, retain_graph=True, allow_unused=True)
-            ga = torch.autograd.grad(la, params, allow_unused=True)
+            ga = torch.autograd.grad(la, params, retain_graph=True, allow_unused=True)
+            extra = {}  # teacher arms: the OPAD term (attention JSD to the teacher) and token-KL, each at unit weight
+            if getattr(ro, "teacher_attn", None):
+                ctx.attn_teacher = ro.teacher_attn
+                extra["grad_opad_unit"] = torch.autograd.grad(LOSSES["opad_attn"](ctx)[0], params,
+                                                              retain_graph=True, allow_unused=True)
+            if r.get("logits") is not None and getattr(ro, "teacher_logits", None) is not None:
+                ctx.logits, ctx.teacher_logits = r["logits"], ro.teacher_logits
+                extra["grad_kl_unit"] = torch.autograd.grad(LOSSES["token_rkl"](ctx)[0], params, allow_unused=True)
     finally:
         with torch.no_grad():
             for p, n in zip(params, theta_new):
@@ -115,7 +142,8 @@ def grad_ratio(tr, theta_old: list, frac: float) -> dict:
     def norm(gs):
         return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))
     n_g, n_a = norm(gg), norm(ga)
-    return {"grad_grpo": n_g, "grad_ral_unit": n_a, "grad_ratio_unit": n_a / n_g if n_g > 0 else float("nan")}
+    return {"grad_grpo": n_g, "grad_ral_unit": n_a, "grad_ratio_unit": n_a / n_g if n_g > 0 else float("nan"),
+            **{k: norm(v) for k, v in extra.items()}}
 
 
 def _eval_task(kinds=None, rows=None, cols=None, split_seed: int = 1234):
@@ -140,12 +168,13 @@ def evaluate_adapter(adapter, n_eval: int, n_sampled: int, kinds=None, max_new_t
 
 
 def engine_commit() -> str:
-    """The commit of the engine that ran (RAL_ENGINE_COMMIT when the runs use a snapshot of ral_core)."""
+    """The last commit that changed the engine (ral_core/) that ran (RAL_ENGINE_COMMIT when the runs use a
+    snapshot of ral_core). Records made before this rule name the repository's HEAD at the time instead."""
     if os.environ.get("RAL_ENGINE_COMMIT"):
         return os.environ["RAL_ENGINE_COMMIT"][:12]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.environ.get(
-            "RAL_ENGINE_DIR", ROOT)).stdout.strip()[:12]
+        return subprocess.run(["git", "log", "-1", "--format=%H", "--", "ral_core"], capture_output=True, text=True,
+                              cwd=os.environ.get("RAL_ENGINE_DIR", ROOT)).stdout.strip()[:12]
     except OSError:
         return ""
 
@@ -170,10 +199,12 @@ def run_one(job: dict) -> dict:
     from ral_core.trainer import Trainer
 
     out = Path(job["record"])
-    if out.exists():
+    if out.exists() and not job.get("rerun"):
         return json.loads(out.read_text())
     overrides = {**COMMON, **{k: TASK[k] for k in TASK}, **job["overrides"], "steps": job["steps"],
                  "seed": job["seed"], "output_dir": f"/tmp/ral_home/{job['doc']}/{job['arm']}_s{job['seed']}"}
+    if overrides.get("teacher") == "@teacher":
+        overrides["teacher"] = str(TEACHER)
     import shutil
     shutil.rmtree(overrides["output_dir"], ignore_errors=True)
     evals = []
@@ -198,6 +229,8 @@ def run_one(job: dict) -> dict:
     ev = evaluate_adapter(tr.adapter_for_inference(), job["n_eval"], job["n_sampled"], overrides["task_kinds"],
                           overrides["max_new_tokens"], overrides["grid_rows"], overrides["grid_cols"])
     evals.append({"step": job["steps"], "accuracy": ev["accuracy"]})
+    if overrides.get("teacher"):
+        overrides["teacher"] = os.path.relpath(overrides["teacher"], ROOT)
     rec = {"doc": job["doc"], "arm": job["arm"], "seed": job["seed"], "engine_commit": engine_commit(),
            "config": {k: overrides[k] for k in sorted(overrides) if k not in ("output_dir", "threads")},
            "eval": ev, "evals": evals, "n_eval": job["n_eval"], "n_sampled": job["n_sampled"],
@@ -208,10 +241,10 @@ def run_one(job: dict) -> dict:
     return rec
 
 
-def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None) -> dict:
+def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None, rerun: bool = False) -> dict:
     """The starting checkpoint on each task (question-kind set) the runs use: `eval` for TASK, `by_task` for all."""
     out = RECORDS / doc / "base.json"
-    rec = json.loads(out.read_text()) if out.exists() else {}
+    rec = json.loads(out.read_text()) if out.exists() and not rerun else {}
     want = {task_key({**TASK, **k}) for k in (kind_sets or [{}])}
     have = set(rec.get("by_task", {}))
     if want <= have:
@@ -235,6 +268,52 @@ def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None) -> dict:
     return rec
 
 
+def build_teacher(rerun: bool = False) -> None:
+    """Train the OPAD/distillation teacher (TEACHER_ARGS, a fixed step count well inside its --minutes cap, so the
+    checkpoint is reproducible) unless it exists; record its build time (wall and CPU) beside its own training info."""
+    import resource
+    if (TEACHER / "config.json").exists() and not rerun:
+        return
+    c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    subprocess.run([sys.executable, "scripts/train_default_model.py", "--out", os.path.relpath(TEACHER, ROOT),
+                    *TEACHER_ARGS], check=True, cwd=ROOT)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (TEACHER / "build_time.json").write_text(json.dumps(
+        {"wall_s": round(time.time() - t0, 1), "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1)})
+        + "\n")
+
+
+def teacher_record(n_eval: int, n_sampled: int, rerun: bool = False) -> dict:
+    """The teacher on the sweep's own held-out evaluation (the same items and samples as every run), with its
+    training facts: bench/records/home_teacher/teacher.json."""
+    out = RECORDS / "home_teacher" / "teacher.json"
+    if out.exists() and not rerun:
+        return json.loads(out.read_text())
+    if not (TEACHER / "config.json").exists():
+        sys.exit(f"the OPAD/distill teacher {os.path.relpath(TEACHER, ROOT)} is missing: `make evidence-teacher` "
+                 "(= python bench/home_regime.py --build-teacher) builds it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    torch.set_num_threads(1)
+    from ral_core.models import load_adapter
+    info = json.loads((TEACHER / "training_info.json").read_text())
+    bt = TEACHER / "build_time.json"
+    build = json.loads(bt.read_text()) if bt.exists() else {}
+    t0 = time.time()
+    ev = evaluate_adapter(load_adapter(str(TEACHER)), n_eval, n_sampled)
+    rec = {"doc": "home_teacher", "arm": "teacher", "model": os.path.relpath(TEACHER, ROOT),
+           "command": "python scripts/train_default_model.py --out " + os.path.relpath(TEACHER, ROOT) + " "
+                      + " ".join(TEACHER_ARGS),
+           "training": {k: info[k] for k in ("init", "steps", "steps_planned", "batch_size", "parameters", "task",
+                                             "train_wall_s", "torch")},
+           "training_test_accuracy": info["test_accuracy"], "lr": info["args"]["lr"],
+           "build_wall_s": build.get("wall_s"), "build_cpu_s": build.get("cpu_s"),
+           "eval": ev, "n_eval": n_eval, "n_sampled": n_sampled, "eval_wall_s": time.time() - t0,
+           "engine_commit": engine_commit()}
+    dump_record(out, rec)
+    return rec
+
+
 def plan(args) -> list[dict]:
     doc = "home_pilot" if args.pilot else args.doc
     extra = SWEEPS[doc] if doc in SWEEPS else {}
@@ -244,7 +323,7 @@ def plan(args) -> list[dict]:
     for s in range(args.seeds):  # seed-major: a cut-short sweep still has every arm at its first seeds
         for name, ov in variants.items():
             jobs.append({"doc": doc, "arm": name, "seed": s, "overrides": ov, "steps": ov.get("steps", args.steps),
-                         "n_eval": args.n_eval, "n_sampled": args.n_sampled,
+                         "n_eval": args.n_eval, "n_sampled": args.n_sampled, "rerun": args.rerun,
                          "record": str(RECORDS / doc / f"{name}_s{s}.json")})
     return jobs
 
@@ -279,15 +358,15 @@ def _pilot_share(pilot_runs: dict, key: str, exact: bool) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def _grad_ratio(r: dict) -> float:
+def _grad_ratio(r: dict, key: str = "grad_ral_unit") -> float:
     """A run's ‖∇RAL‖/‖∇GRPO‖ per unit λ: Σ‖∇RAL‖ / Σ‖∇GRPO‖ over its measured steps (steps with GRPO gradient 0 —
     every group zero-variance — carry no information and drop out; a mean of per-step ratios would be dominated by
-    steps where ‖∇GRPO‖ is nearly 0)."""
-    pts = [(c["grad_ral_unit"], c["grad_grpo"]) for c in r["curve"] if c.get("grad_grpo")]
+    steps where ‖∇GRPO‖ is nearly 0). key="grad_opad_unit" / "grad_kl_unit": the same for the teacher arms' terms."""
+    pts = [(c[key], c["grad_grpo"]) for c in r["curve"] if c.get("grad_grpo") and c.get(key) is not None]
     return sum(a for a, _ in pts) / sum(g for _, g in pts) if pts else float("nan")
 
 
-# RAL (λ = 1) − GRPO greedy accuracy on the earlier evidence tasks (docs/results.md, 12-step runs, 5 seeds), at the
+# RAL (λ = 1) − GRPO greedy accuracy on the earlier evidence tasks (docs/results_short.md, 12-step runs, 5 seeds), at the
 # acting share measured on their starting checkpoint (README 'Where the attention term acts': 64 prompts × 8
 # rollouts): drawn as hollow markers beside this document's runs
 EARLIER_TASKS = {"read3": (0.23, -0.001), "cell3": (0.0, 0.000)}
@@ -303,8 +382,8 @@ METRICS = [("accuracy", "greedy acc", "eval"), ("sampled_reward", "sampled rewar
 
 
 def comparisons(sweeps: dict) -> list[dict]:
-    """Every paired comparison the document reports: in each sweep, each RAL arm − GRPO per seed on each metric;
-    Holm-adjusted over all of them together (one family per document)."""
+    """Every paired comparison the document reports: in each sweep, each arm (RAL λ sweep, OPAD, distill) − GRPO per
+    seed on each metric; Holm-adjusted over all of them together (one family per document)."""
     out = []
     for sweep, runs in sweeps.items():
         g = runs.get("grpo", {})
@@ -376,29 +455,118 @@ def pilot_lines() -> list[str]:
     return out
 
 
+ARM_DOC = {"opad": "OPAD", "distill": "distill (token KL)"}
+TERM_KEY = {"opad": "grad_opad_unit", "distill": "grad_kl_unit"}
+
+
+def _arm_ratio(arm: str, rs: list) -> str:
+    """The arm's own extra term's ‖∇‖/‖∇GRPO‖ per unit weight (RAL for GRPO and the λ sweep, what λ = 1 adds)."""
+    return f"{np.mean([_grad_ratio(r, TERM_KEY.get(arm, 'grad_ral_unit')) for r in rs]):.4f}"
+
+
+def _sum_time(recs: list, key: str) -> float:
+    return float(sum(r.get(key) or 0 for r in recs))
+
+
+def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | None) -> list[str]:
+    """The compute behind the document, from the records alone."""
+    rows = [("pilot (GRPO)", pilot_recs)]
+    for d, runs in sweeps.items():
+        for label, arms in (("GRPO + RAL", ["grpo", *RAL_ARMS]), ("OPAD + distill", TEACHER_ARMS)):
+            recs = [r for a in arms for r in runs.get(a, {}).values()]
+            if recs:
+                rows.append((f"`{d}` {label}", recs))
+    runs_all = [r for _, rs in rows for r in rs]
+    cpu = _sum_time(runs_all, "cpu_s")
+    out = ["## Compute (from the records)", "",
+           "Every run records its worker's CPU time (`cpu_s`, the process's user + system time) and wall time "
+           "(`wall_s`). One thread per run, two runs at a time (`--workers 2`), niced, on a 2-core machine that "
+           "other jobs shared while they ran.", "",
+           "| part | runs | CPU time (min) | worker wall time (min) | CPU s per run |", "|---|---|---|---|---|"]
+    for label, rs in rows:
+        out.append(f"| {label} | {len(rs)} | {_sum_time(rs, 'cpu_s') / 60:.1f} | {_sum_time(rs, 'wall_s') / 60:.1f} | "
+                   f"{min(r['cpu_s'] for r in rs):.0f}–{max(r['cpu_s'] for r in rs):.0f} |")
+    out.append(f"| all runs | {len(runs_all)} | {cpu / 60:.1f} | {_sum_time(runs_all, 'wall_s') / 60:.1f} | |")
+    base_wall = _sum_time(bases, "wall_s")
+    extra = [f"- Starting-checkpoint evaluations (`base.json`, one per records folder, in the main process before "
+             f"the workers start): {base_wall / 60:.1f} min wall (CPU time not recorded)."]
+    t_cpu = 0.0
+    if teacher:
+        t_cpu = teacher.get("build_cpu_s") or 0.0
+        extra.append(f"- Teacher build (`make evidence-teacher`, one process, one thread): "
+                     f"{teacher['training']['train_wall_s'] / 60:.1f} min of training wall time"
+                     + (f"; the whole build {teacher['build_wall_s'] / 60:.1f} min wall, {t_cpu / 60:.1f} CPU-min"
+                        if teacher.get("build_cpu_s") else "")
+                     + f"; its evaluation {teacher['eval_wall_s'] / 60:.1f} min wall.")
+    commits = sorted({r.get("engine_commit", "") for r in runs_all})
+    extra.append(f"- How long `make evidence` takes on an idle 2-core machine: **not measured** (no idle machine "
+                 f"was available). A lower bound from the records: the teacher build's CPU time plus half the runs' "
+                 f"CPU time (two runs at a time on two cores) = {(t_cpu + cpu / 2) / 60:.0f} min, excluding the "
+                 "starting-checkpoint and teacher evaluations, whose CPU time is not recorded."
+                 + ("" if len(commits) == 1 else f" The runs span engine commits {', '.join(commits)}, whose "
+                    "speeds differ, so this bound describes these records, not the current engine."))
+    timing = RECORDS / "make_evidence_timing.json"
+    if timing.exists():
+        t = json.loads(timing.read_text())
+        extra.append(f"- Measured once: `{t['command']}` (every run, the teacher and the evaluations redone) took "
+                     f"{t['wall_s'] / 60:.0f} min of wall time on {t['date']}, on this 2-core machine while "
+                     f"{t['load']}; an idle machine is faster.")
+    return out + [""] + extra + [""]
+
+
+def _teacher_line(teacher: dict, b: dict, grpo_acc: float) -> str:
+    tr, ev = teacher["training"], teacher["eval"]
+    own = teacher["training_test_accuracy"]
+    per = ", ".join(f"{k} {v:.2f}" for k, v in sorted(own.get("per_kind", {}).items()))
+    return (f"- Teacher (OPAD and distill): `{teacher['model']}`, `{tr['init']}` continued for {tr['steps']} supervised "
+            f"steps (batch {tr['batch_size']}, lr {teacher['lr']:g}) on {tr['task']['rows']}×{tr['task']['cols']} "
+            f"grids, question kinds {', '.join(tr['task']['kinds'])} (its own test split: {per}): **the same "
+            f"architecture ({tr['parameters']:,} parameters) trained on the target grid, so the teacher knows the "
+            f"task.** On this document's held-out evaluation it reads {ev['accuracy']:.3f} of the rows right "
+            f"(greedy; sampled reward {ev['sampled_reward']:.3f}), against the student's {b['accuracy']:.3f} at the "
+            f"start and GRPO's {grpo_acc:.3f} after {STEPS} steps; its last layer's target mass is "
+            f"{ev['target_mass']:.3f} (student {b['target_mass']:.3f}): it reads the row right without its last "
+            f"layer looking at it more. Built by `make evidence-teacher` (= `{teacher['command']}`; a fixed step "
+            "count well inside the --minutes cap, so the build is reproducible).")
+
+
 def summarise() -> str:
     sweeps, base = {}, None
+    bases = []
     for doc in SWEEPS:
         b, runs = load_records(doc)
         if runs:
             sweeps[doc] = runs
             base = base or b
+            bases += [b] if b else []
     all_recs = [r for runs in sweeps.values() for rs in runs.values() for r in rs.values()]
     pilot_base, pilot_runs = load_records("home_pilot")
+    bases += [pilot_base] if pilot_base else []
     pilot_recs = [r for rs in pilot_runs.values() for r in rs.values()]
+    tf = RECORDS / "home_teacher" / "teacher.json"
+    teacher = json.loads(tf.read_text()) if tf.exists() else None
     cfg = all_recs[0]["config"] if all_recs else {}
     cmp = comparisons(sweeps)
     b = base["eval"] if base else {}
-    lines = ["# RAL in its home regime: answers that diverge inside a group", "",
-             "Command: `make evidence-home` (= `python bench/home_regime.py --pilot`, then `python bench/home_regime.py"
-             " --doc home` and `--doc home_t2`; each run writes `bench/records/<sweep>/<arm>_s<seed>.json`); "
-             "`python bench/home_regime.py --collect` rewrites this file from the committed records alone, "
-             "byte-identical (tested in `tests/test_bench_evidence.py`). The plot is regenerated too but not "
-             "byte-checked (matplotlib's PNG bytes depend on its version).", ""]
+    has_teacher = any(a in runs for runs in sweeps.values() for a in TEACHER_ARMS)
+    lines = ["# Evidence: RAL in its home regime — GRPO, RAL (λ sweep), OPAD and token distillation", "",
+             "Command: `make evidence` (builds the OPAD/distill teacher if it is missing, then runs `python "
+             "bench/home_regime.py --pilot`, `--doc home` and `--doc home_t2`; each run writes "
+             "`bench/records/<sweep>/<arm>_s<seed>.json` and a run whose record exists is skipped; `make evidence "
+             "RERUN=--rerun` redoes everything, teacher included). `make evidence-collect` (= `python "
+             "bench/home_regime.py --collect`) rewrites this file from the committed records alone, byte-identical "
+             "(tested in `tests/test_bench_evidence.py`). The plot is regenerated too but not byte-checked "
+             "(matplotlib's PNG bytes depend on its version).", "",
+             "Earlier evidence, in a regime where the term barely acted: [results_short.md](results_short.md) (12-step "
+             "runs on five digit-grid tasks, 276 runs; archived: its run cache was not kept, so it cannot be "
+             "regenerated, and its statistics were re-derived from its printed numbers) and "
+             "[results_long.md](results_long.md) (3× longer runs of its main contrasts).", ""]
     if all_recs:
-        wall = sum(r["wall_s"] for r in all_recs + pilot_recs)
-        cpu = sum(r["cpu_s"] for r in all_recs + pilot_recs)
         ups = cfg['epochs'] * -(-cfg['prompts_per_step'] * cfg['group_size'] // cfg['minibatch_size'])
+        g_acc = np.mean([r["eval"]["accuracy"] for runs in sweeps.values() for r in runs.get("grpo", {}).values()])
+        commits = {}
+        for r in all_recs:
+            commits[r.get("engine_commit", "")] = commits.get(r.get("engine_commit", ""), 0) + 1
         lines += [
             f"- Task: `{task_key(cfg)}`: read a whole row of a {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
             "(\"Read row 4.\" → \"9 7 1\"), from `assets/default_model`, which was trained on 3×3 grids only: with "
@@ -415,6 +583,15 @@ def summarise() -> str:
             f"end (on this task exact match alone left {_pilot_share(pilot_runs, 'ral_rows_zero_var', exact=True):.0%}"
             " of rows in zero-variance groups: the tiny model's samples of one prompt are mostly identical; a higher "
             "temperature keeps groups diverse as the model improves).",
+            "- Arms: `grpo`; `ral_l<λ>`: GRPO + λ·RAL (the advantage-weighted attention JSD to the rollout policy); "
+            "`opad`: GRPO + γ·OPAD with γ = 1 (mean over response tokens of the JSD between the student's and the "
+            "teacher's attention rows, the teacher run teacher-forced on the student's own samples; no advantage); "
+            "`distill`: GRPO + 1·token-level reverse KL(student ‖ teacher) over the vocabulary on the same samples "
+            "— the control for 'is it the attention, or just the teacher?'.",
+        ]
+        if teacher:
+            lines.append(_teacher_line(teacher, b, g_acc))
+        lines += [
             f"- Held-out evaluation: {all_recs[0]['n_eval']} test-split `{task_key(cfg)}` items (handwriting never "
             f"seen in training), greedy; sampled reward = exact match of {all_recs[0]['n_sampled']} of them × 4 "
             "samples at temperature 1.",
@@ -424,16 +601,16 @@ def summarise() -> str:
             "first rollout batch), two-sided paired t-test (exact t distribution), Holm correction over all "
             f"{len(cmp)} comparisons of this document; 'better/worse than GRPO' only where the Holm-adjusted "
             "p < 0.05.",
-            f"- ‖∇RAL‖/‖∇GRPO‖ per unit λ: every {GRAD_EVERY} steps, the norms of the two terms' gradients on the "
+            f"- ‖∇term‖/‖∇GRPO‖ per unit weight: every {GRAD_EVERY} steps, the norms of the terms' gradients on the "
             "step's rollout batch at θ_old + (θ_new − θ_old)/updates (about where the step's second update "
-            "stands: p_θ ≠ p_old, and the ratio clip has not yet removed most of GRPO's gradient), the RAL term at "
-            "unit weight; per run Σ‖∇RAL‖ / Σ‖∇GRPO‖ over those steps.",
-            f"- Compute: {len(all_recs)} sweep runs + {len(pilot_recs)} pilot runs = {cpu / 60:.1f} CPU-minutes "
-            f"({wall / 60:.1f} min of worker wall time; one thread per run, 2 runs at a time, niced, on a 2-core "
-            "machine shared with other jobs, so wall time is 1–5× CPU time).", ""]
+            "stands: p_θ ≠ p_old, and the ratio clip has not yet removed most of GRPO's gradient), each term at "
+            "unit weight; per run Σ‖∇term‖ / Σ‖∇GRPO‖ over those steps. The term is RAL's (λ = 1) for `grpo` and "
+            "the λ sweep, OPAD's (γ = 1) for `opad`, the token KL's for `distill`.",
+            "- Engine: " + ", ".join(f"{n} runs on commit `{c}`" for c, n in sorted(commits.items()))
+            + "." + _engine_check_line(sweeps), ""]
     lines += ["## Summary (generated from the records)", ""]
     for d, runs in sweeps.items():
-        recs = [r for rs in runs.values() for r in rs.values()]
+        recs = [r for a in ["grpo", *RAL_ARMS] for r in runs.get(a, {}).values()]
         g = runs.get("grpo", {})
         acc = np.array([r["eval"]["accuracy"] for r in g.values()])
         acting = [_curve_mean(r, "ral_rows_acting") for r in recs]
@@ -443,55 +620,69 @@ def summarise() -> str:
             f"{acc.mean():.3f} ({acc.mean() - b['accuracy']:+.3f}; smallest gain over seeds "
             f"{acc.min() - b['accuracy']:+.3f}); sampled reward {b['sampled_reward']:.3f} → "
             f"{np.mean([r['eval']['sampled_reward'] for r in g.values()]):.3f}. (b) The RAL term acts on "
-            f"{np.mean(acting):.3f} of the response rows (mean over all steps of all runs; {min(acting):.3f}–"
+            f"{np.mean(acting):.3f} of the response rows (GRPO and RAL runs, mean over all steps; {min(acting):.3f}–"
             f"{max(acting):.3f} over runs; {sum(a >= 0.5 for a in acting)} of {len(acting)} runs ≥ 0.5). "
             f"‖∇RAL‖/‖∇GRPO‖ per unit λ {np.mean(ratio):.4f} ({min(ratio):.4f}–{max(ratio):.4f}): at λ = 100 the "
             f"term's push is about {100 * np.mean(ratio):.0%} of GRPO's.")
     sig = [c for c in cmp if c["p_holm"] < 0.05 and not np.all(c["d"] == 0)]
-    lines.append("- Differences from GRPO that survive Holm (p_Holm < 0.05): " + (", ".join(
-        f"`{c['arm']}` ({c['sweep']}) {c['label']} {c['mean']:+.3f} ({'better' if c['mean'] > 0 else 'worse'}, "
-        f"p_Holm {_fmt_p(c['p_holm'])})" for c in sig) if sig else "**none** — no λ of RAL beats or loses to GRPO "
-        "on greedy accuracy, sampled reward or target mass in this regime either") + ".")
-    acc_c = [c for c in cmp if c["key"] == "accuracy"]
+    lines.append("- **What wins, where, by how much** (differences from GRPO with Holm-adjusted p < 0.05 over all "
+                 f"{len(cmp)} comparisons): " + ("; ".join(
+                     f"`{c['arm']}` in `{c['sweep']}`: {c['label']} {c['mean']:+.3f} "
+                     f"({'better' if c['mean'] > 0 else 'worse'} than GRPO; p {_fmt_p(c['p'])}, p_Holm "
+                     f"{_fmt_p(c['p_holm'])})" for c in sig) if sig else
+                     "**nothing** — no arm (no λ of RAL" + "".join(f", not {ARM_DOC[a]}" for a in TEACHER_ARMS
+                                                            if any(a in runs for runs in sweeps.values()))
+                     + ") beats or loses to GRPO on greedy accuracy, sampled reward or target mass") + ".")
+    acc_c = [c for c in cmp if c["key"] == "accuracy" and c["arm"] in RAL_ARMS]
     if acc_c:
         best, worst = max(acc_c, key=lambda c: c["mean"]), min(acc_c, key=lambda c: c["mean"])
-        lines.append(f"- Greedy accuracy, RAL − GRPO: from {worst['mean']:+.3f} (`{worst['arm']}`, {worst['sweep']}) "
+        lines.append(f"- RAL − GRPO, greedy accuracy: from {worst['mean']:+.3f} (`{worst['arm']}`, {worst['sweep']}) "
                      f"to {best['mean']:+.3f} (`{best['arm']}`, {best['sweep']}); "
                      f"{sum(c['p_holm'] < 0.05 for c in acc_c)} of {len(acc_c)} survive Holm (smallest raw p "
                      f"{_fmt_p(min(c['p'] for c in acc_c))}). Seed-to-seed sd of GRPO itself: "
                      + ", ".join(f"{np.std([r['eval']['accuracy'] for r in runs['grpo'].values()], ddof=1):.3f} "
                                  f"({d})" for d, runs in sweeps.items() if "grpo" in runs) + ".")
+    for arm in TEACHER_ARMS:
+        ac = [c for c in cmp if c["arm"] == arm]
+        if not ac:
+            continue
+        lines.append(f"- {ARM_DOC[arm]} − GRPO: " + "; ".join(
+            f"`{d}` " + ", ".join(f"{c['label']} {c['mean']:+.3f} (p {_fmt_p(c['p'])}, Holm {_fmt_p(c['p_holm'])})"
+                                  for c in ac if c["sweep"] == d) for d in sweeps if any(c["sweep"] == d for c in ac))
+            + f". Its term's gradient is {np.mean([_grad_ratio(r, TERM_KEY[arm]) for runs in sweeps.values() for r in runs.get(arm, {}).values()]):.2f}"
+            " × GRPO's per unit weight.")
     tm = [c for c in cmp if c["key"] == "target_mass" and c["p"] < 0.05]
     if tm:
-        lines.append("- Target mass (the last layer's attention on the row being read), RAL − GRPO with raw p < 0.05: "
+        lines.append("- Target mass (the last layer's attention on the row being read), arm − GRPO with raw p < 0.05: "
                      + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {_fmt_p(c['p'])}, Holm "
                                  f"{_fmt_p(c['p_holm'])})" for c in tm)
                      + f"; {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
-    mad = {a: np.mean([np.mean(np.abs(c["d"])) for c in acc_c if c["arm"] == a]) for a in ARMS
-           if any(c["arm"] == a for c in acc_c)}
+    acc_all = [c for c in cmp if c["key"] == "accuracy"]
+    mad = {a: np.mean([np.mean(np.abs(c["d"])) for c in acc_all if c["arm"] == a]) for a in ARMS
+           if any(c["arm"] == a for c in acc_all)}
     ratio_all = np.mean([_grad_ratio(r) for r in all_recs]) if all_recs else float("nan")
-    lines.append("- A RAL run shares only its first rollout batch with the GRPO run of the same seed: any λ > 0 "
-                 "changes the first update, hence every later rollout, so RAL − GRPO differences also carry "
+    lines.append("- An arm's run shares only its first rollout batch with the GRPO run of the same seed: any extra "
+                 "term changes the first update, hence every later rollout, so arm − GRPO differences also carry "
                  "trajectory noise. Mean |Δ greedy accuracy| per seed: " + ", ".join(
-                     f"`{a}` {v:.3f}" for a, v in mad.items()) + f" — at λ = 0.5 the term's push is "
+                     f"`{a}` {v:.3f}" for a, v in mad.items()) + f" — at λ = 0.5 the RAL term's push is "
                  f"≈ {0.5 * ratio_all:.2%} of GRPO's.")
-    lines.append("- OPAD is not in this document: it needs a teacher checkpoint (`bench/_work/teacher_l6`, ≈ 60 "
-                 "CPU-minutes to build) that this machine did not have.")
     lines.append("")
     for d, runs in sweeps.items():
-        lines += [f"## Sweep `{d}`: GRPO vs RAL (λ sweep), {_t(runs)}", "",
+        lines += [f"## Sweep `{d}`: every arm against GRPO, {_t(runs)}", "",
                   "| arm | seeds | " + " | ".join(l for _, l, _ in METRICS) + " | acting rows | effective weight | "
-                  "‖∇RAL‖/‖∇GRPO‖ per unit λ |", "|---|---|" + "---|" * (len(METRICS) + 3)]
+                  "‖∇term‖/‖∇GRPO‖ per unit weight |", "|---|---|" + "---|" * (len(METRICS) + 3)]
         lines.append("| base (no RL) | | " + " | ".join(f"{b.get(k, float('nan')):.3f}" for k, _, _ in METRICS)
                      + " | | | |")
+        if teacher:
+            lines.append("| teacher (no RL) | | " + " | ".join(f"{teacher['eval'].get(k, float('nan')):.3f}"
+                                                              for k, _, _ in METRICS) + " | | | |")
         for arm in ARMS:
             if arm not in runs:
                 continue
             rs = [runs[arm][s] for s in sorted(runs[arm])]
             lines.append(f"| {arm} | {len(rs)} | " + " | ".join(_ms([r['eval'][k] for r in rs]) for k, _, _ in METRICS)
                          + f" | {_ms([_curve_mean(r, 'ral_rows_acting') for r in rs])} | "
-                         f"{_ms([_curve_mean(r, 'ral_effective_weight') for r in rs])} | "
-                         f"{np.mean([_grad_ratio(r) for r in rs]):.4f} |")
+                         f"{_ms([_curve_mean(r, 'ral_effective_weight') for r in rs])} | {_arm_ratio(arm, rs)} |")
         lines += ["", "Paired differences against GRPO (mean ± SE over seeds; two-sided paired t-test; Holm over all "
                   f"{len(cmp)} comparisons of the document):", "",
                   "| arm | metric | Δ vs GRPO | per seed | t | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
@@ -513,52 +704,81 @@ def summarise() -> str:
     if sweeps:
         lines += ["## Δ against the acting share", "",
                   "![Δ greedy accuracy vs acting share](evidence_home_delta_vs_acting.png)", "",
-                  "Per seed: RAL − GRPO greedy accuracy against the share of response rows where the term acted in "
-                  "that run, one colour per λ, one marker per sweep; hollow circles: RAL (λ = 1) on the earlier "
-                  "`read3` and `cell3` tasks of [results.md](results.md), at the acting share measured on their "
-                  "starting checkpoint (README).", ""]
+                  "Left: per seed, RAL − GRPO greedy accuracy against the share of response rows where the RAL term "
+                  "acted in that run, one colour per λ, one marker per sweep; hollow circles: RAL (λ = 1) on the "
+                  "earlier `read3` and `cell3` tasks of [results_short.md](results_short.md), at the acting share "
+                  "measured on their starting checkpoint (README). Right: every arm's per-seed difference from GRPO "
+                  "(dots) and its mean (bar), both sweeps; OPAD and distill use the teacher, the RAL arms do not.", ""]
+        lines += compute_lines(sweeps, pilot_recs, bases, teacher if has_teacher else None)
     lines += pilot_lines()
     return "\n".join(lines) + "\n"
 
 
+def _engine_check_line(sweeps: dict) -> str:
+    """A record of one GRPO run repeated on a later engine commit (bench/records/home_engine_check/): whether the
+    engine changes between the records' commits changed the numbers."""
+    out = []
+    for f in sorted((RECORDS / "home_engine_check").glob("*.json")):
+        r = json.loads(f.read_text())
+        o = sweeps.get(r["doc"], {}).get(r["arm"], {}).get(r["seed"])
+        if o is None or o.get("engine_commit") == r.get("engine_commit"):
+            continue
+        same = all(abs(r["eval"][k] - o["eval"][k]) < 1e-4 for k, _, _ in METRICS)
+        out.append(f" `{r['arm']}` seed {r['seed']} of `{r['doc']}` rerun on commit `{r['engine_commit']}` "
+                   + ("reproduces" if same else "does **not** reproduce") + f" its record from `{o['engine_commit']}` "
+                   + "(" + ", ".join(f"{l} {r['eval'][k]:.4f} vs {o['eval'][k]:.4f}" for k, l, _ in METRICS) + ").")
+    return "".join(out)
+
+
 def plot(out_dir: Path):
-    """Δ greedy accuracy vs GRPO (per seed) against the run's acting-row share, one colour per λ, one marker
-    per sweep."""
+    """Left: Δ greedy accuracy vs GRPO (per seed) against the run's acting-row share, one colour per λ, one marker
+    per sweep. Right: every arm's per-seed Δ (RAL λ sweep, OPAD, distill) per sweep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, gridspec_kw={"width_ratios": [1.1, 1]})
     colours = plt.get_cmap("tab10").colors
     any_pts = False
-    for mk, doc in zip(("o", "^", "s"), SWEEPS):
+    others = [a for a in ARMS if a != "grpo"]
+    for j, (mk, doc) in enumerate(zip(("o", "^", "s"), SWEEPS)):
         _, runs = load_records(doc)
         if "grpo" not in runs:
             continue
-        for i, arm in enumerate(a for a in ARMS if a != "grpo"):
+        for i, arm in enumerate(others):
             if arm not in runs:
                 continue
             seeds = [s for s in sorted(runs[arm]) if s in runs["grpo"]]
             xs = [_curve_mean(runs[arm][s], "ral_rows_acting") for s in seeds]
             ys = [runs[arm][s]["eval"]["accuracy"] - runs["grpo"][s]["eval"]["accuracy"] for s in seeds]
-            ax.scatter(xs, ys, marker=mk, s=22, color=colours[i], label=f"{arm} ({_t(runs)})")
-            any_pts = True
+            if arm in RAL_ARMS:
+                ax.scatter(xs, ys, marker=mk, s=22, color=colours[i], label=f"{arm} ({_t(runs)})")
+                any_pts = True
+            x0 = i + (j - 0.5) * 0.36
+            bx.scatter([x0] * len(ys), ys, marker=mk, s=18, color=colours[i], alpha=0.8,
+                       label=_t(runs) if i == 0 else None)
+            bx.hlines(np.mean(ys), x0 - 0.15, x0 + 0.15, color="k", lw=1.5)
     if not any_pts:
         plt.close(fig)
         return
     for t, (x, y) in EARLIER_TASKS.items():
         ax.scatter([x], [y], marker="o", facecolors="none", edgecolors="k", s=40)
-        ax.annotate(f"{t} (λ 1, results.md)", (x, y), fontsize=6.5, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{t} (λ 1, 12 steps)", (x, y), fontsize=6.5, xytext=(4, -10), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("share of response rows where the RAL term acts (run mean over steps)")
     ax.set_ylabel("Δ greedy accuracy vs GRPO (same seed)")
     ax.set_title(f"{task_key(TASK)}: RAL − GRPO per seed", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
+    bx.axhline(0, color="grey", lw=0.8)
+    bx.set_xticks(range(len(others)), others, fontsize=7)
+    bx.set_ylabel("Δ greedy accuracy vs GRPO (same seed)")
+    bx.set_title("every arm − GRPO per seed (bar: mean); o T 1.5, ^ T 2", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "evidence_home_delta_vs_acting.png", metadata={"Software": None})
     plt.close(fig)
 
 
 def main():
+    global RECORDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pilot", action="store_true")
     p.add_argument("--doc", default="home", choices=list(SWEEPS), help="which sweep (records folder) to run")
@@ -570,15 +790,27 @@ def main():
     p.add_argument("--n-sampled", type=int, default=N_SAMPLED)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--collect", action="store_true", help="write the document from the records only")
+    p.add_argument("--rerun", action="store_true", help="rerun runs (and re-evaluate the base checkpoint and the "
+                   "teacher) whose records exist, overwriting them; by default a run with a record is skipped")
+    p.add_argument("--build-teacher", action="store_true", help="only build the OPAD/distill teacher (if missing, "
+                   "or with --rerun) and write its record")
+    p.add_argument("--records", default=str(RECORDS), help="records folder (default: the committed bench/records/)")
     p.add_argument("--out", default=str(DOC))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
     args.seeds = args.seeds or (1 if args.pilot else 5)
     args.steps = args.steps or (PILOT_STEPS if args.pilot else STEPS)
+    RECORDS = Path(args.records).resolve()
+    if args.build_teacher:
+        build_teacher(args.rerun)
+        teacher_record(N_EVAL, N_SAMPLED, args.rerun)
+        return
     if not args.collect:
         jobs = plan(args)
         base_record(jobs[0]["doc"], args.n_eval, args.n_sampled,
-                    [j["overrides"] for j in jobs])
+                    [j["overrides"] for j in jobs], args.rerun)
+        if any(ARMS.get(j["arm"], {}).get("teacher") for j in jobs):
+            teacher_record(N_EVAL, N_SAMPLED, args.rerun)
         with ProcessPoolExecutor(args.workers) as ex:
             for i, r in enumerate(ex.map(run_one, jobs)):
                 print(f"[{i + 1}/{len(jobs)}] {r['arm']} seed {r['seed']}: acc {r['eval']['accuracy']:.3f} "

@@ -129,18 +129,43 @@ def test_default_plan_runs_every_arm_on_at_least_five_seeds():
     assert all(len(s) >= 5 for s in seeds.values())
 
 
-def test_results_home_regenerates_byte_identical_from_the_committed_records(tmp_path):
-    """docs/results_home.md is written by `bench/home_regime.py --collect` from bench/records/ alone (no model,
-    no run cache), so a fresh clone reproduces it byte for byte. The PNG is not compared (matplotlib's bytes
-    depend on its version)."""
-    doc = ROOT / "docs" / "results_home.md"
-    if not doc.exists():
-        pytest.skip("no home-regime document yet")
-    out = tmp_path / "results_home.md"
+def test_results_regenerates_byte_identical_from_the_committed_records(tmp_path):
+    """docs/results.md (RAL in its home regime) is written by `bench/home_regime.py --collect` from bench/records/
+    alone (no model, no run cache, no teacher checkpoint), so a fresh clone reproduces it byte for byte. The PNG is
+    not compared (matplotlib's bytes depend on its version)."""
+    doc = ROOT / "docs" / "results.md"
+    out = tmp_path / "results.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "home_regime.py"), "--collect", "--no-plot", "--out",
                         str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.read_bytes() == doc.read_bytes()
+
+
+def _home():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("home_regime", ROOT / "bench" / "home_regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_home_plan_runs_every_arm_on_five_seeds_in_both_sweeps_and_the_teacher_arms_use_the_teacher():
+    h = _home()
+    for doc in h.SWEEPS:
+        args = Namespace(pilot=False, doc=doc, variants="", arms=",".join(h.ARMS), seeds=5, steps=h.STEPS,
+                         n_eval=h.N_EVAL, n_sampled=h.N_SAMPLED, rerun=False)
+        jobs = h.plan(args)
+        seeds = {}
+        for j in jobs:
+            seeds.setdefault(j["arm"], set()).add(j["seed"])
+            assert j["record"].endswith(f"{doc}/{j['arm']}_s{j['seed']}.json")
+            assert (j["overrides"].get("teacher") == "@teacher") == (j["arm"] in ("opad", "distill"))
+        assert seeds == {a: set(range(5)) for a in h.ARMS}
+    assert h.ARMS["opad"]["gamma_opad"] == 1.0 and h.ARMS["distill"]["lambda_token_kl"] == 1.0
+    # the teacher's recipe: a fixed step count on the sweep's grid, continued from the student's checkpoint
+    a = h.TEACHER_ARGS
+    assert a[a.index("--init") + 1] == "assets/default_model" and a[a.index("--rows") + 1] == "4"
+    assert a[a.index("--cols") + 1] == "3" and "row" in a[a.index("--kinds") + 1].split(",")
 
 
 def test_restat_rederives_p_values_from_a_printed_document():
