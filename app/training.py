@@ -18,7 +18,6 @@ import functools
 import html
 import itertools
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -94,19 +93,7 @@ def max_runs() -> int:
 
 
 # ---- one run -------------------------------------------------------------------------------------------
-def _context():
-    """Where forkserver exists: runs fork from a clean interpreter that imported the trainer once, not from the
-    server (no copy of its threads, locks, models) — each run starts without re-importing torch + transformers +
-    ral_core (≈ 3.5 s on 2 cores). Elsewhere spawn: a fresh interpreter per run."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    # not the default '__main__': the server's main module imports gradio, which the child must not
-    ctx.set_forkserver_preload(["app.train_worker", "ral_core.trainer"])
-    return ctx
-
-
-_MP = _context()
+_MP = train_worker.CONTEXT
 CRASH = "the training process stopped unexpectedly (exit code {code})"
 
 
