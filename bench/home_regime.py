@@ -314,6 +314,55 @@ def teacher_record(n_eval: int, n_sampled: int, rerun: bool = False) -> dict:
     return rec
 
 
+def compare_with(rev: str) -> dict:
+    """After a rerun: compare every run record with the committed one at git revision `rev` (greedy accuracy, sampled
+    reward, target mass; equal = within 1e-4 after rounding), split by whether the engine commit changed; write
+    bench/records/home_rerun_check.json for the document."""
+    def git_show(path: str):
+        r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, cwd=ROOT)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    rev_id = subprocess.run(["git", "rev-parse", "--short=12", rev], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    groups = {}
+    for doc in ("home_pilot", *SWEEPS):
+        for f in sorted((RECORDS / doc).glob("*_s*.json")):
+            new = json.loads(f.read_text())
+            old = git_show(os.path.relpath(f, ROOT))
+            if old is None:
+                continue
+            key = "same engine commit" if old.get("engine_commit") == new.get("engine_commit") else "other engine commit"
+            d = {k: new["eval"][k] - old["eval"][k] for k, _, _ in METRICS}
+            g = groups.setdefault(key, {"records": 0, "identical": 0, "differ": []})
+            g["records"] += 1
+            if max(abs(v) for v in d.values()) < 1e-4:
+                g["identical"] += 1
+            else:
+                g["differ"].append({"record": f"{doc}/{f.name}", "old_engine": old.get("engine_commit"),
+                                    "new_engine": new.get("engine_commit"), "delta": d})
+    rec = {"compared_with": rev_id, "groups": groups}
+    dump_record(RECORDS / "home_rerun_check.json", rec)
+    return rec
+
+
+def _rerun_check_line() -> str:
+    f = RECORDS / "home_rerun_check.json"
+    if not f.exists():
+        return ""
+    c = json.loads(f.read_text())
+    parts = []
+    for key, g in sorted(c["groups"].items()):
+        acc = [abs(x["delta"]["accuracy"]) for x in g["differ"]]
+        parts.append(f"{key}: {g['identical']} of {g['records']} records reproduced exactly"
+                     + (f", {len(g['differ'])} differ (greedy accuracy by up to {max(acc):.3f}; "
+                        + ", ".join(sorted({"`%s` → `%s`" % (x["old_engine"], x["new_engine"]) for x in g["differ"]}))
+                        + ")" if g["differ"] else ""))
+    return (f" A full rerun (`make evidence RERUN=--rerun`), compared with the records it replaced (commit "
+            f"`{c['compared_with']}`): " + "; ".join(parts) + ". Runs on one engine commit are deterministic on CPU; "
+            "across engine commits small numerical differences can change which tokens are sampled, and from then "
+            "on the trajectory (the cause of each difference was not traced). This document uses the rerun's "
+            "records only.")
+
+
 def plan(args) -> list[dict]:
     doc = "home_pilot" if args.pilot else args.doc
     extra = SWEEPS[doc] if doc in SWEEPS else {}
@@ -444,14 +493,32 @@ def pilot_lines() -> list[str]:
                        f"{b.get('sampled_reward', float('nan')):.3f} → {r['eval']['sampled_reward']:.3f} | "
                        f"{_curve_mean(r, 'ral_rows_acting'):.3f} | {_curve_mean(r, 'ral_rows_zero_var'):.3f} | "
                        f"{_curve_mean(r, 'ral_rows_cancelled'):.3f} |")
-    out += ["", "Read together: `where` on 3×3 is near chance for this model (9 places; 0.21 greedy) and GRPO's noisy "
-            "reward drove it down, to 0 at lr 3e-4; on `row` 3×3 the training split is solved (training reward ≈ 1),"
-            " so nearly every group has zero reward variance and nothing moves; on `row` 4×3 GRPO gains 45–57 "
-            "points, but with exact match alone most groups are all-right or all-wrong, so the RAL term acts on "
-            "under 10 % of rows. Credit per digit gives every group whose samples differ a reward spread, and "
-            "temperature 1.5 keeps them differing: the acting share rises to about a half. The sweep's `grpo` seed 0 "
-            "repeats the last pilot run with the same settings and gives the same numbers (the runs are "
-            "deterministic on CPU).", ""]
+    def final(name):
+        r = runs.get(name, {}).get(0)
+        return None if r is None else r["eval"]["accuracy"] - by_task.get(task_key(r["config"]), {}).get("accuracy",
+                                                                                                       float("nan"))
+    gains = [final(n) for n in PILOT if n.startswith("row43") and final(n) is not None]
+    exact43 = [_curve_mean(runs[n][0], "ral_rows_acting") for n in PILOT
+               if n.startswith("row43") and "partial" not in n and 0 in runs.get(n, {})]
+    where = [(runs[n][0]["config"]["lr"], runs[n][0]["eval"]["accuracy"]) for n in PILOT
+             if n.startswith("where") and 0 in runs.get(n, {})]
+    last = runs.get("row43_partial_lr1e-4_T1.5", {}).get(0)
+    _, home = load_records("home")
+    g0 = home.get("grpo", {}).get(0)
+    same = (last is not None and g0 is not None and all(abs(last["eval"][k] - g0["eval"][k]) < 1e-4
+                                                        for k, _, _ in METRICS))
+    out += ["", "Read together: `where` on 3×3 is near chance for this model (9 places; "
+            f"{by_task.get('where@3x3', {}).get('accuracy', float('nan')):.2f} greedy) and GRPO's noisy reward drove it "
+            "down (" + ", ".join(f"{a:.3f} at lr {lr:g}" for lr, a in where) + " after 60 steps); on `row` 3×3 the "
+            "training split is solved (training reward ≈ 1), so nearly every group has zero reward variance and "
+            f"nothing moves; on `row` 4×3 GRPO gains {100 * min(gains):.0f}–{100 * max(gains):.0f} points, but with "
+            "exact match alone most groups are all-right or all-wrong, so the RAL term acts on "
+            f"{max(exact43):.0%} of rows or fewer. Credit per digit gives every group whose samples differ a reward "
+            "spread, and temperature 1.5 keeps them differing: the acting share rises to about a half. The sweep's "
+            "`grpo` seed 0 repeats the last pilot run with the same settings and "
+            + ("gives the same numbers (runs on one engine commit are deterministic on CPU)." if same else
+               "gives different numbers (the two records come from different engine commits).")
+            if gains and exact43 and where else "", ""]
     return out
 
 
@@ -502,7 +569,8 @@ def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | N
     extra.append(f"- How long `make evidence` takes on an idle 2-core machine: **not measured** (no idle machine "
                  f"was available). A lower bound from the records: the teacher build's CPU time plus half the runs' "
                  f"CPU time (two runs at a time on two cores) = {(t_cpu + cpu / 2) / 60:.0f} min, excluding the "
-                 "starting-checkpoint and teacher evaluations, whose CPU time is not recorded."
+                 "starting-checkpoint and teacher evaluations, whose CPU time is not recorded (approximate: CPU "
+                 "time measured while other jobs shared the cores can be somewhat higher than on an idle machine)."
                  + ("" if len(commits) == 1 else f" The runs span engine commits {', '.join(commits)}, whose "
                     "speeds differ, so this bound describes these records, not the current engine."))
     timing = RECORDS / "make_evidence_timing.json"
@@ -607,7 +675,7 @@ def summarise() -> str:
             "unit weight; per run Σ‖∇term‖ / Σ‖∇GRPO‖ over those steps. The term is RAL's (λ = 1) for `grpo` and "
             "the λ sweep, OPAD's (γ = 1) for `opad`, the token KL's for `distill`.",
             "- Engine: " + ", ".join(f"{n} runs on commit `{c}`" for c, n in sorted(commits.items()))
-            + "." + _engine_check_line(sweeps), ""]
+            + "." + _engine_check_line(sweeps) + _rerun_check_line(), ""]
     lines += ["## Summary (generated from the records)", ""]
     for d, runs in sweeps.items():
         recs = [r for a in ["grpo", *RAL_ARMS] for r in runs.get(a, {}).values()]
@@ -795,12 +863,17 @@ def main():
     p.add_argument("--build-teacher", action="store_true", help="only build the OPAD/distill teacher (if missing, "
                    "or with --rerun) and write its record")
     p.add_argument("--records", default=str(RECORDS), help="records folder (default: the committed bench/records/)")
+    p.add_argument("--compare-with", metavar="REV", help="after a rerun: compare the records with those committed at "
+                   "git revision REV (writes bench/records/home_rerun_check.json), then collect")
     p.add_argument("--out", default=str(DOC))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
     args.seeds = args.seeds or (1 if args.pilot else 5)
     args.steps = args.steps or (PILOT_STEPS if args.pilot else STEPS)
     RECORDS = Path(args.records).resolve()
+    if args.compare_with:
+        compare_with(args.compare_with)
+        args.collect = True
     if args.build_teacher:
         build_teacher(args.rerun)
         teacher_record(N_EVAL, N_SAMPLED, args.rerun)
