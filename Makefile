@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/python -m app
 
 test: install chromium
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow and not browser"

@@ -1,5 +1,5 @@
 """Why did `distill` on `read3` give sd 0.000 over 5 seeds (greedy accuracy, sampled reward, target mass) in
-docs/results.md? (issue 11) A measurement, not a guess.
+docs/results_short.md? (issue 11) A measurement, not a guess.
 
 The original teacher (`bench/_work/teacher_l6`, 60 CPU-minutes) is not on this machine, so a stand-in teacher is
 built in about a minute: the default model continued for a few hundred supervised steps on the same 3×3 kinds

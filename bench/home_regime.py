@@ -344,6 +344,46 @@ def compare_with(rev: str) -> dict:
     return rec
 
 
+def cause_check(rev: str, record: str = "home/ral_l1_s0.json") -> dict:
+    """Why do records of an older engine commit differ? Rerun one of them on this engine with the shared prompt
+    pass off (share_prompt=false: every row runs its whole prompt, as before issue 13) and compare with the record
+    committed at `rev`; write bench/records/home_rerun_cause.json for the document."""
+    old = json.loads(subprocess.run(["git", "show", f"{rev}:bench/records/{record}"], capture_output=True,
+                                    text=True, cwd=ROOT, check=True).stdout)
+    doc, name = record.split("/")
+    arm, seed = name[:-len(".json")].rsplit("_s", 1)
+    out = Path("/tmp/ral_home_cause.json")
+    new = run_one({"doc": doc, "arm": arm, "seed": int(seed), "overrides": {**SWEEPS[doc], **ARMS[arm],
+                   "share_prompt": False}, "steps": old["config"]["steps"], "n_eval": old["n_eval"],
+                   "n_sampled": old["n_sampled"], "rerun": True, "record": str(out)})
+    now = json.loads((RECORDS / record).read_text())
+    rec = {"record": record, "old_engine": old["engine_commit"], "engine": new["engine_commit"],
+           "old": {k: old["eval"][k] for k, _, _ in METRICS},
+           "share_prompt_false": {k: new["eval"][k] for k, _, _ in METRICS},
+           "share_prompt_auto": {k: now["eval"][k] for k, _, _ in METRICS}}
+    rec["reproduces_old"] = all(abs(rec["old"][k] - rec["share_prompt_false"][k]) < 1e-4 for k in rec["old"])
+    dump_record(RECORDS / "home_rerun_cause.json", rec)
+    return rec
+
+
+def _cause_line() -> str:
+    f = RECORDS / "home_rerun_cause.json"
+    if not f.exists():
+        return " (the cause of each difference was not traced)"
+    c = json.loads(f.read_text())
+    fmt = lambda e: ", ".join(f"{k.replace('_', ' ')} {e[k]:.4f}" for k in ("accuracy", "sampled_reward",
+                                                                           "target_mass"))
+    return (f". Measured on `{c['record']}` (`python bench/home_regime.py --cause-check REV`): on engine "
+            f"`{c['engine']}` with the shared prompt pass off (`share_prompt=false`, every row runs its whole prompt as "
+            f"on `{c['old_engine']}`) the run " + ("reproduces" if c["reproduces_old"] else "does not reproduce")
+            + f" the old record ({fmt(c['share_prompt_false'])} vs {fmt(c['old'])}; with the default sharing: "
+            f"{fmt(c['share_prompt_auto'])}): " + (
+                "the differences come from the shared prompt pass, whose logits differ from the full pass by float "
+                "rounding (≤ 2.3e-7 on parameters after 3 steps, tests/test_step_sharing.py), enough to change a "
+                "sampled token and from then on the trajectory" if c["reproduces_old"] else
+                "the shared prompt pass alone does not explain it"))
+
+
 def _rerun_check_line() -> str:
     f = RECORDS / "home_rerun_check.json"
     if not f.exists():
@@ -359,8 +399,7 @@ def _rerun_check_line() -> str:
     return (f" A full rerun (`make evidence RERUN=--rerun`), compared with the records it replaced (commit "
             f"`{c['compared_with']}`): " + "; ".join(parts) + ". Runs on one engine commit are deterministic on CPU; "
             "across engine commits small numerical differences can change which tokens are sampled, and from then "
-            "on the trajectory (the cause of each difference was not traced). This document uses the rerun's "
-            "records only.")
+            "on the trajectory" + _cause_line() + ". This document uses the rerun's records only.")
 
 
 def plan(args) -> list[dict]:
@@ -865,6 +904,8 @@ def main():
     p.add_argument("--records", default=str(RECORDS), help="records folder (default: the committed bench/records/)")
     p.add_argument("--compare-with", metavar="REV", help="after a rerun: compare the records with those committed at "
                    "git revision REV (writes bench/records/home_rerun_check.json), then collect")
+    p.add_argument("--cause-check", metavar="REV", help="rerun one record that differs from the one committed at "
+                   "REV with share_prompt=false and compare (bench/records/home_rerun_cause.json)")
     p.add_argument("--out", default=str(DOC))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
@@ -873,6 +914,9 @@ def main():
     RECORDS = Path(args.records).resolve()
     if args.compare_with:
         compare_with(args.compare_with)
+        args.collect = True
+    if args.cause_check:
+        cause_check(args.cause_check)
         args.collect = True
     if args.build_teacher:
         build_teacher(args.rerun)
