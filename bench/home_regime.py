@@ -605,19 +605,28 @@ def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | N
                         if teacher.get("build_cpu_s") else "")
                      + f"; its evaluation {teacher['eval_wall_s'] / 60:.1f} min wall.")
     commits = sorted({r.get("engine_commit", "") for r in runs_all})
-    extra.append(f"- How long `make evidence` takes on an idle 2-core machine: **not measured** (no idle machine "
-                 f"was available). A lower bound from the records: the teacher build's CPU time plus half the runs' "
-                 f"CPU time (two runs at a time on two cores) = {(t_cpu + cpu / 2) / 60:.0f} min, excluding the "
-                 "starting-checkpoint and teacher evaluations, whose CPU time is not recorded (approximate: CPU "
-                 "time measured while other jobs shared the cores can be somewhat higher than on an idle machine)."
-                 + ("" if len(commits) == 1 else f" The runs span engine commits {', '.join(commits)}, whose "
-                    "speeds differ, so this bound describes these records, not the current engine."))
     timing = RECORDS / "make_evidence_timing.json"
-    if timing.exists():
-        t = json.loads(timing.read_text())
-        extra.append(f"- Measured once: `{t['command']}` (every run, the teacher and the evaluations redone) took "
-                     f"{t['wall_s'] / 60:.0f} min of wall time on {t['date']}, on this 2-core machine while "
-                     f"{t['load']}; an idle machine is faster.")
+    t = json.loads(timing.read_text()) if timing.exists() else {}
+    measured = t.get("measurements", [t] if t else [])
+    if not any(m.get("idle") for m in measured):
+        extra.append(f"- How long `make evidence` takes on an idle 2-core machine: **not measured** (no idle machine "
+                     f"was available). A lower bound from the records: the teacher build's CPU time plus half the "
+                     f"runs' CPU time (two runs at a time on two cores) = {(t_cpu + cpu / 2) / 60:.0f} min, excluding "
+                     "the starting-checkpoint and teacher evaluations, whose CPU time is not recorded (approximate: "
+                     "CPU time measured while other jobs shared the cores can be somewhat higher than on an idle "
+                     "machine)." + ("" if len(commits) == 1 else f" The runs span engine commits {', '.join(commits)}"
+                                    ", whose speeds differ, so this bound describes these records, not the current "
+                                    "engine."))
+    for m in measured:
+        b = "**" if m.get("idle") else ""
+        extra.append(f"- {b}Measured: `{m['command']}` (every run, the teacher and the evaluations redone) took "
+                     f"{m['wall_s'] / 60:.0f} min of wall time{b} on {m['date']}"
+                     + (f", engine commit `{m['engine_commit']}`" if m.get("engine_commit") else "")
+                     + f", on this 2-core machine {m['load']}" + ("" if m.get("idle") else "; an idle machine is faster")
+                     + (f"; {m['cpu_s'] / 60:.0f} CPU-min" if m.get("cpu_s") else "")
+                     + (f"; its {m['records_compared']} records equal the committed ones in every field but the "
+                        f"timings ({m['records_reproduced']} of {m['records_compared']})"
+                        if m.get("records_compared") else "") + ".")
     return out + [""] + extra + [""]
 
 
