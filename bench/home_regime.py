@@ -314,20 +314,23 @@ def teacher_record(n_eval: int, n_sampled: int, rerun: bool = False) -> dict:
     return rec
 
 
+def committed_record(rev: str, path: str) -> dict | None:
+    """The record at `path` (relative to the repository) as committed at git revision `rev`; None if absent."""
+    r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, cwd=ROOT)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
 def compare_with(rev: str) -> dict:
     """After a rerun: compare every run record with the committed one at git revision `rev` (greedy accuracy, sampled
     reward, target mass; equal = within 1e-4 after rounding), split by whether the engine commit changed; write
     bench/records/home_rerun_check.json for the document."""
-    def git_show(path: str):
-        r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, cwd=ROOT)
-        return json.loads(r.stdout) if r.returncode == 0 else None
     rev_id = subprocess.run(["git", "rev-parse", "--short=12", rev], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     groups = {}
     for doc in ("home_pilot", *SWEEPS):
         for f in sorted((RECORDS / doc).glob("*_s*.json")):
             new = json.loads(f.read_text())
-            old = git_show(os.path.relpath(f, ROOT))
+            old = committed_record(rev, os.path.relpath(f, ROOT))
             if old is None:
                 continue
             key = "same engine commit" if old.get("engine_commit") == new.get("engine_commit") else "other engine commit"
@@ -348,8 +351,9 @@ def cause_check(rev: str, record: str = "home/ral_l1_s0.json") -> dict:
     """Why do records of an older engine commit differ? Rerun one of them on this engine with the shared prompt
     pass off (share_prompt=false: every row runs its whole prompt, as before issue 13) and compare with the record
     committed at `rev`; write bench/records/home_rerun_cause.json for the document."""
-    old = json.loads(subprocess.run(["git", "show", f"{rev}:bench/records/{record}"], capture_output=True,
-                                    text=True, cwd=ROOT, check=True).stdout)
+    old = committed_record(rev, f"bench/records/{record}")
+    if old is None:
+        sys.exit(f"no record bench/records/{record} at {rev}")
     doc, name = record.split("/")
     arm, seed = name[:-len(".json")].rsplit("_s", 1)
     out = Path("/tmp/ral_home_cause.json")
