@@ -63,7 +63,7 @@ class Worker:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        from ral_core.models.tiny import tiny_qwen2_vl
+        from ral_core.builders.tiny import tiny_qwen2_vl
 
         self.torch = torch
         self.mode = mode

@@ -1,5 +1,5 @@
 """Benchmark at real sizes: shape twins of SmolVLM-256M, Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and Qwen3.5-0.8B
-(`ral_core/models/twins.py`: published configs, real classes, random weights) → bench/results/real.md.
+(`ral_core/builders/twins.py`: published configs, real classes, random weights) → bench/results/real.md.
 
     .venv/bin/python bench/real_bench.py                           # CPU, bf16 weights, all twins, all rows (long)
     .venv/bin/python bench/real_bench.py --only qwen2_vl_2b        # one twin (all its rows)
@@ -137,7 +137,7 @@ def _process_peak_mb(device) -> float:
 def w_static(args) -> dict:
     from PIL import Image
 
-    from ral_core.models.twins import build_twin, describe, parameter_count
+    from ral_core.builders.twins import build_twin, describe, parameter_count
     from ral_core.trainer import is_vision_param
 
     a = build_twin(args.twin, meta=True, tokenizer_cache=TOK_CACHE)
@@ -158,7 +158,7 @@ def w_inspect(args) -> dict:
     """`ral inspect` itself (argument parsing, inspect(), figures), with its model loader replaced by the twin."""
     import ral_core.cli as cli
     import ral_core.inspection as insp
-    from ral_core.models.twins import build_twin, parameter_count
+    from ral_core.builders.twins import build_twin, parameter_count
 
     torch = _setup(args)
     out = os.path.join(WORK, f"{args.device}-{args.dtype}", args.twin, "inspect")
@@ -232,7 +232,7 @@ def w_capture(args) -> dict:
 
     from ral_core.attention import capture
     from ral_core.inspection import CAPTURE_ONLY
-    from ral_core.models.twins import build_twin, describe
+    from ral_core.builders.twins import build_twin, describe
 
     torch = _setup(args)
     mode = args.mode
@@ -293,7 +293,7 @@ def w_train(args) -> dict:
 
     from ral_core.attention import enable_gradient_checkpointing
     from ral_core.config import build_config
-    from ral_core.models.twins import build_twin
+    from ral_core.builders.twins import build_twin
     from ral_core.trainer import Trainer
 
     torch = _setup(args)
@@ -475,7 +475,7 @@ def report(data: dict, args) -> str:
       " (rows are written as they finish; a rerun skips done rows, `--only TWIN[:ROW]` / `--force` redo some)"
       + ("; rows redone later: " + "; ".join(f"`{x}`" for x in meta.get("reruns", [])) if meta.get("reruns") else ""))
     w(f"- Machine: {meta.get('machine', '–')}")
-    w(f"- Twins (`ral_core/models/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
+    w(f"- Twins (`ral_core/builders/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
       "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
       "with the real vocabulary size and special-token ids. Answers are therefore noise; sizes, token counts, memory "
       "and time are the real models'. Weights in "
@@ -722,7 +722,7 @@ def report(data: dict, args) -> str:
 
 def parse_only(spec: str | None):
     """'qwen2_vl_2b,smolvlm_256m:inspect' → (twins, {twin: rows or None})."""
-    from ral_core.models.twins import twin_names
+    from ral_core.builders.twins import twin_names
     if not spec:
         return list(TWIN_ORDER), {}
     twins, sel = [], {}

@@ -11,7 +11,7 @@ Modes, each a fresh Trainer from the same initial weights and seed, on the same 
            computed once per pass in scoring and updates (prefix_share).
 Models:
   default  the embedded digit model, the shipped `ral` recipe (16 prompts × 8, 12 new tokens, 4 updates per batch);
-  twin     the Qwen2-VL-2B shape twin (ral_core/models/twins.py: real width, random weights) with a 1024×768 photo,
+  twin     the Qwen2-VL-2B shape twin (ral_core/builders/twins.py: real width, random weights) with a 1024×768 photo,
            G = 8, 32 new tokens, LoRA r = 8 on the language model, 2 updates per rollout batch. Its depth is cut to
            --twin-layers decoder layers and as many vision blocks (the published 28 and 32 would take about an hour
            per step on 2 cores); both stacks are cut alike, so the vision : language work ratio stays close to the
@@ -77,7 +77,7 @@ def trainers(model: str, args, tmp: str):
             cfg = build_config("ral", ["model=default"] + common)
             out[mode] = Trainer(cfg)
         else:
-            from ral_core.models.twins import build_twin
+            from ral_core.builders.twins import build_twin
             ad = build_twin("qwen2_vl_2b", text_layers=args.twin_layers, vision_depth=args.twin_layers, seed=0)
             cfg = build_config("ral", [f"model={model}", f"dataset={args.dataset}", "prompts_per_step=1",
                                        "group_size=8", "max_new_tokens=32", "lora_r=8", "minibatch_size=4",

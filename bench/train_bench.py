@@ -67,7 +67,7 @@ def make_adapter(kind: str):
     """('default' | 'medium' | 'smoke') → (adapter, label, note)."""
     from ral_core.models import load_adapter
     from ral_core.models.base import DEFAULT_MODEL_DIR
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
 
     if kind == "default":
         if (DEFAULT_MODEL_DIR / "config.json").exists():

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ral_core.data.grounding import GroundingTask  # noqa: E402
 from ral_core.evaluate import accuracy  # noqa: E402
-from ral_core.models.tiny import tiny_qwen2_vl  # noqa: E402
+from ral_core.builders.tiny import tiny_qwen2_vl  # noqa: E402
 
 
 def build(args):

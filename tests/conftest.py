@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_qwen():
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     return tiny_qwen2_vl(layers=3)
 
 

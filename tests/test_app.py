@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning out
 @pytest.fixture(scope="module")
 def app_env(tmp_path_factory, tiny_model_dir, tiny_qwen):
     """Two tiny saved models listed in a temp RAL_MODELS_CONFIG, sessions under a temp root."""
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
 
     d = tmp_path_factory.mktemp("app_env")
     b = tiny_qwen2_vl(layers=3, seed=1, tokenizer=tiny_qwen.tokenizer)

@@ -45,7 +45,7 @@ class Recorder:
 def env(tmp_path_factory, tiny_model_dir):
     """The tiny model and a tiny hybrid Qwen3.5 (8 layers, softmax attention in layers 3 and 7 only) in a model
     list. Figures are drawn in a render worker process (the running pool if an earlier test started one)."""
-    from ral_core.models.tiny import tiny_qwen3_5
+    from ral_core.builders.tiny import tiny_qwen3_5
 
     d = tmp_path_factory.mktemp("views_env")
     q = tiny_qwen3_5()

@@ -187,7 +187,7 @@ def test_limits_accept_what_is_just_inside(env):
     """The bounds refuse only what they should: the edge cases pass and every family's processor takes them."""
     from ral_core.images import MAX_ASPECT, MIN_SIDE
     from ral_core.limits import MAX_QUESTION_TOKENS, context_length, reserved_tokens
-    from ral_core.models.tiny import tiny_adapter
+    from ral_core.builders.tiny import tiny_adapter
     edge = [Image.new("RGB", (MIN_SIDE, MIN_SIDE * MAX_ASPECT)), Image.new("RGB", (MIN_SIDE * MAX_ASPECT, MIN_SIDE))]
     for img in edge:
         check_image(img)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ral_core.models.tiny import (GEMMA3_SPECIALS, IDEFICS3_SPECIALS, LLAVA_SPECIALS, QWEN_SPECIALS, TINY_FAMILIES,
+from ral_core.builders.tiny import (GEMMA3_SPECIALS, IDEFICS3_SPECIALS, LLAVA_SPECIALS, QWEN_SPECIALS, TINY_FAMILIES,
                                   build_tokenizer, tiny_adapter, tiny_qwen2_vl)
 
 SPECIALS = {"qwen2_vl": QWEN_SPECIALS, "qwen2_5_vl": QWEN_SPECIALS, "qwen3_vl": QWEN_SPECIALS, "qwen3_5": QWEN_SPECIALS,
@@ -109,3 +109,17 @@ def test_defaults_unchanged():
 def test_a_given_tokenizer_must_match_the_vocab(tiny_qwen):
     with pytest.raises(ValueError, match="differs"):
         tiny_qwen2_vl(tokenizer=tiny_qwen.tokenizer, vocab_size=999)
+
+
+def test_builders_live_apart_from_adapters_and_task():
+    """`ral_core.models` holds adapters only, and building a model never imports the task data."""
+    import pathlib
+    import subprocess
+    import sys
+
+    models = pathlib.Path(__file__).resolve().parents[1] / "ral_core" / "models"
+    assert not {"tiny.py", "twins.py"} & {p.name for p in models.iterdir()}
+    code = ("import sys, ral_core.builders.tiny, ral_core.builders.twins; "
+            "print([m for m in sys.modules if m.startswith('ral_core.data')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

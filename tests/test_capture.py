@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ral_core.attention import capture  # noqa: E402
-from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter  # noqa: E402
+from ral_core.builders.tiny import TINY_FAMILIES, tiny_adapter  # noqa: E402
 
 torch.set_num_threads(1)
 PROB_TOL = 1e-5

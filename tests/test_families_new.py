@@ -16,7 +16,7 @@ from ral_core.errors import RALError  # noqa: E402
 from ral_core.inspection import InspectionResult, inspect  # noqa: E402
 from ral_core.models import load_adapter  # noqa: E402
 from ral_core.models.qwen3_5 import Qwen3_5Adapter  # noqa: E402
-from ral_core.models.tiny import tiny_gemma3, tiny_qwen3_5  # noqa: E402
+from ral_core.builders.tiny import tiny_gemma3, tiny_qwen3_5  # noqa: E402
 from ral_core.trainer import matched_layers  # noqa: E402
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import fsdp_worker
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("fsdp")
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     bf16 = tiny_qwen2_vl(layers=3, dtype=torch.bfloat16)
     bf16.model.save_pretrained(f"{tiny_model_dir}-bf16")
     bf16.tokenizer.save_pretrained(f"{tiny_model_dir}-bf16")

@@ -14,7 +14,7 @@ from transformers.image_utils import PILImageResampling  # noqa: E402
 from ral_core.models import load_adapter  # noqa: E402
 from ral_core.inspection import inspect  # noqa: E402
 from ral_core.models.idefics3 import Idefics3Adapter  # noqa: E402
-from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter, tiny_idefics3, tiny_llava, tiny_smolvlm  # noqa: E402
+from ral_core.builders.tiny import TINY_FAMILIES, tiny_adapter, tiny_idefics3, tiny_llava, tiny_smolvlm  # noqa: E402
 
 torch.set_num_threads(1)
 

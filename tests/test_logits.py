@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ral_core import inspection
-from ral_core.models.tiny import TINY_FAMILIES, tiny_adapter
+from ral_core.builders.tiny import TINY_FAMILIES, tiny_adapter
 
 
 class _HeadRows:

@@ -216,7 +216,7 @@ def test_attention_term_sign_pulls_for_positive_and_pushes_for_negative(model, t
 
 
 def test_opad_lowers_jsd_to_teacher(model, task):
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     teacher = tiny_qwen2_vl(layers=3, seed=7, tokenizer=model.tokenizer)
     with torch.no_grad():  # random tiny models attend almost uniformly: sharpen the teacher so JSD is sizeable
         for n, p in teacher.model.named_parameters():

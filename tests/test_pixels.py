@@ -6,7 +6,7 @@ from PIL import Image
 
 from ral_core.data import GroundingTask
 from ral_core.models.pixels import SMALL_IMAGES, TASK_TOKENS_84
-from ral_core.models.tiny import tiny_adapter, tiny_gemma3, tiny_idefics3, tiny_llava, tiny_qwen2_vl, tiny_qwen3_5
+from ral_core.builders.tiny import tiny_adapter, tiny_gemma3, tiny_idefics3, tiny_llava, tiny_qwen2_vl, tiny_qwen3_5
 
 # Released processor settings: Qwen2-VL/2.5-VL (min 56², max 28²·16384), Qwen3-VL (patch 16, 256² .. 4096²; Qwen3.5
 # taken to share them), LLaVA-1.5 (336², patch 14), Idefics3-8B (tile 364, longest 1456, patch 14, shuffle 2),

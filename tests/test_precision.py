@@ -30,7 +30,7 @@ def _save(adapter, d):
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory):
     """A tiny Qwen2-VL (weights N(0, 0.02²), transformers' init) saved in bf16, as real checkpoints are."""
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     a = tiny_qwen2_vl(layers=2)
     a.model.to(torch.bfloat16)
     return _save(a, tmp_path_factory.mktemp("bf16_model"))
@@ -138,7 +138,7 @@ def test_bf16_mixed_loss_curve_tracks_fp32(tmp_path, bf16_dir):
     """Same bf16 checkpoint, lr 5e-5: bf16 autocast compute with fp32 masters stays within 2 % (of the starting
     value) of the fp32-compute curve at every mini-batch (measured: 0.5 %), while the curve itself falls by > 25 %;
     pure bf16 training misses it by ~10 %."""
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     from ral_core.models import load_adapter
     teacher = _save(tiny_qwen2_vl(layers=2, seed=1, tokenizer=load_adapter(bf16_dir).tokenizer), tmp_path / "teacher")
     _, fp32 = _curve(tmp_path, "fp32", bf16_dir, teacher, "fp32")
@@ -208,7 +208,7 @@ def test_fp32_checkpoint_is_unchanged(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("family", ["llava", "idefics3", "qwen3_5", "gemma3"])
 def test_bf16_mixed_step_in_every_family(tmp_path, family):
     """The GPU path (fp32 trainable, bf16 frozen, bf16 autocast) runs on the CPU too: one RAL step per family."""
-    from ral_core.models.tiny import tiny_adapter
+    from ral_core.builders.tiny import tiny_adapter
     a = tiny_adapter(family)
     a.model.to(torch.bfloat16)
     t = Trainer(_cfg(tmp_path, family, "default", "steps=1", "epochs=2", "minibatch_size=4", "lambda_attn=1",

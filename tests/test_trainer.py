@@ -202,7 +202,7 @@ def test_lora_training_saves_an_adapter_that_loads(tmp_path, tiny_model_dir, tas
 
 
 def test_opad_reads_a_deeper_teacher_at_the_same_relative_depth(tmp_path, tiny_qwen, tiny_model_dir):
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     from ral_core.trainer import matched_layers
     assert matched_layers([3], 4, 6) == [5] and matched_layers([0, 1, 2, 3], 4, 8) == [1, 3, 5, 7]
     assert matched_layers([0, 1, 2], 3, 3) == [0, 1, 2]

@@ -19,7 +19,7 @@ from ral_core.losses import jsd  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny():
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     return tiny_qwen2_vl(layers=2, seed=0)
 
 
@@ -224,7 +224,7 @@ def test_term_is_normalised_like_trls_loss_type(tiny, dataset, tmp_path, loss_ty
 
 
 def test_opad_acts_from_the_first_update(tiny, dataset, tmp_path):
-    from ral_core.models.tiny import tiny_qwen2_vl
+    from ral_core.builders.tiny import tiny_qwen2_vl
     teacher = tiny_qwen2_vl(layers=3, seed=1, tokenizer=tiny.tokenizer).model
     tr, _ = train(tiny, dataset, tmp_path, trainer_cls=GradProbe, gamma_opad=1.0, num_iterations=1, max_steps=2,
                   trainer_kw={"teacher_model": teacher})  # one update per batch is fine for OPAD

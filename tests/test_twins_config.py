@@ -2,7 +2,7 @@
 the bench expects. No model, no weights, no tokenizer is built here: twins themselves appear only in the bench."""
 import pytest
 
-from ral_core.models.twins import TWINS, describe, twin_config, twin_files
+from ral_core.builders.twins import TWINS, describe, twin_config, twin_files
 
 CLASSES = {"idefics3": "Idefics3Config", "qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig",
            "qwen3_vl": "Qwen3VLConfig", "qwen3_5": "Qwen3_5Config"}

@@ -378,7 +378,7 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def processor_for(adapter):
-    """A Qwen2VLProcessor for one of our Qwen2-VL adapters (the embedded default model, ral_core.models.tiny) that
+    """A Qwen2VLProcessor for one of our Qwen2-VL adapters (the embedded default model, ral_core.builders.tiny) that
     TRL can use as `processing_class`. The stock class also wants a video processor, which needs torchvision; images
     need only the tokenizer and the image processor. Hub models bring their own processor (AutoProcessor)."""
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor

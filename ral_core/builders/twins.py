@@ -1,10 +1,10 @@
 """Shape twins of real vision-language models: the published `config.json` and preprocessing settings (stored in
 `assets/twins/<name>/`, with a SOURCE.md saying where each number comes from), built offline with the real
 transformers class and random weights, the family's real image processor and a tokenizer with the real vocabulary
-size and special-token ids (`ral_core.models.tiny` builders). No weights are stored: a twin has a real model's
+size and special-token ids (`ral_core.builders.tiny` builders). No weights are stored: a twin has a real model's
 shapes and costs, not its answers. Used by the bench (`bench/real_bench.py`), never by the tests.
 
-    from ral_core.models.twins import build_twin
+    from ral_core.builders.twins import build_twin
     adapter = build_twin("qwen2_vl_2b", dtype=torch.bfloat16)                 # full depth, ~2.2 B parameters
     small = build_twin("qwen2_vl_2b", text_layers=1, vision_depth=1)          # real width, one decoder layer
 
@@ -114,7 +114,7 @@ def build_twin(name: str, text_layers: int | None = None, vision_depth: int | No
 
     import torch
 
-    from ral_core.models.tiny import (IDEFICS3_SPECIALS, QWEN_SPECIALS, build_tokenizer, tiny_idefics3, tiny_qwen2_vl,
+    from ral_core.builders.tiny import (IDEFICS3_SPECIALS, QWEN_SPECIALS, build_tokenizer, tiny_idefics3, tiny_qwen2_vl,
                                       tiny_qwen3_5)
 
     repo, family = TWINS[name] if name in TWINS else _check(name)

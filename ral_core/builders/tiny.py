@@ -2,7 +2,8 @@
 configs of the real transformers classes. Used by tests and by `make default-model` (no hub access)."""
 from __future__ import annotations
 
-from ral_core.data.grounding import ORDINALS
+# The training corpus names the ordinals itself (not the task module): builders never import the task data.
+_ORDINALS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -12,7 +13,7 @@ def _corpus() -> list[str]:
     words = ("What digit is in row column ? Where is the How many s are there Read . Which is larger , or "
              "first second same and user assistant system You are a helpful The answer image question look at "
              "zero one two three four five six seven eight nine ten yes no left right top bottom middle "
-             + " ".join(ORDINALS))
+             + " ".join(_ORDINALS))
     lines = [words]
     for r in range(1, 10):
         for c in range(1, 10):
