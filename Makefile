@@ -8,16 +8,24 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast chromium default-model bench bench-capture bench-train bench-step bench-inspect bench-load bench-trl bench-scale evidence evidence-collect evidence-short evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
+.PHONY: install install-dev demo test test-fast chromium default-model bench bench-capture bench-train bench-step bench-inspect bench-load bench-trl bench-scale evidence evidence-collect evidence-short evidence-long evidence-home evidence-home-collect evidence-models evidence-teacher clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q -e ".[trl]"
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
+# runtime only (what a Space installs); the test tools and the TRL integration come with `install-dev`
 install: $(STAMP)
+
+DEV_STAMP := $(VENV)/.installed-dev
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,trl]"
+	touch $(DEV_STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # Debian's Chromium for the browser tests (never `playwright install`: it downloads its own browser).
 chromium:
@@ -27,10 +35,10 @@ chromium:
 demo: install
 	$(BIN)/python -m app
 
-test: install chromium
+test: install-dev chromium
 	$(BIN)/python -m pytest tests --durations=15
 
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest tests -m "not slow and not browser"
 
 # Rebuild the embedded default model from a fixed seed (supervised, CPU).
