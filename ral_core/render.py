@@ -131,7 +131,7 @@ def overlay(image, geometry, values, title: str = "", vmin=None, vmax=None, cmap
     if ax is not None:
         im = _draw(ax, image, geometry, values, _axes_px(ax, image.size), vmin, vmax, cmap, alpha, boxes)
         ax.set_aspect("equal")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, parse_math=False)  # titles carry user text: '$' is a dollar, not math
         cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cb.set_label(colorbar_label, fontsize=8)
         cb.ax.tick_params(labelsize=7)
@@ -139,19 +139,25 @@ def overlay(image, geometry, values, title: str = "", vmin=None, vmax=None, cmap
     lines = title.count("\n") + 1 if title else 0
     fig, ax, cax, fs, px = _overlay_layout(image.size, lines, size_px)
     im = _draw(ax, image, geometry, values, px, vmin, vmax, cmap, alpha, boxes, lw=1.5 if px[0] < 520 else 2.5)
-    ax.set_title(title, fontsize=fs)
+    ax.set_title(title, fontsize=fs, parse_math=False)
     cb = fig.colorbar(im, cax=cax)
     cb.set_label(colorbar_label, fontsize=fs - 1)
     cb.ax.tick_params(labelsize=fs - 2)
     return fig
 
 
-def diff_overlay(image, geometry, values_a, values_b, title="after − before", ax=None, size_px=None):
-    """Signed difference b − a on a symmetric diverging scale (red: more attention after, blue: less)."""
-    d = np.asarray(values_b) - np.asarray(values_a)
-    lim = float(np.abs(d).max()) or 1e-9
+def diff_overlay(image, geometry, values_a, values_b, title="after − before", ax=None, size_px=None, lim=None,
+                 boxes=()):
+    """Signed difference b − a on a symmetric diverging scale (red: more attention after, blue: less). The range is
+    ±`lim`; by default the maps' own range (the larger of a's and b's maxima), so a small change looks small. A range
+    fitted to the difference itself would paint any change, however tiny, at full colour."""
+    a, b = np.asarray(values_a, np.float64), np.asarray(values_b, np.float64)
+    d = b - a
+    if lim is None:
+        lim = max(float(a.max()), float(b.max()))
+    lim = float(lim) or 1e-9
     return overlay(image, geometry, d, title=title, vmin=-lim, vmax=lim, cmap="RdBu_r", alpha=0.75, ax=ax,
-                   colorbar_label="change in attention", size_px=size_px)
+                   colorbar_label="change in attention", size_px=size_px, boxes=boxes)
 
 
 def head_grid(result, layer, token="mean", row="predicts", shared_scale: bool = True, max_cols: int = 4,
@@ -196,7 +202,7 @@ def head_grid(result, layer, token="mean", row="predicts", shared_scale: bool = 
     cb.ax.tick_params(labelsize=fs - 1)
     scale = "one colour scale" if shared_scale else "each head on its own scale"
     fig.suptitle(f"layer {layer}, per head ({scale}) — {token_label(result, token)}", fontsize=fs + 1,
-                 y=1 - 12 / (fig.get_figheight() * DPI), va="top")
+                 y=1 - 12 / (fig.get_figheight() * DPI), va="top", parse_math=False)
     return fig
 
 
@@ -248,14 +254,17 @@ def layer_head_summary(result, metric: str = "image_mass", token="mean", row="pr
     cb = fig.colorbar(im, cax=cax)
     cb.set_label(SUMMARY_METRICS[metric][1], fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    ax.set_title(f"{SUMMARY_METRICS[metric][0]} per layer × head\n{token_label(result, token)}", fontsize=9)
+    ax.set_title(f"{SUMMARY_METRICS[metric][0]} per layer × head\n{token_label(result, token)}", fontsize=9,
+                 parse_math=False)
     return fig
 
 
 def token_label(result, token) -> str:
+    """Answer tokens are counted from 1, as the page's token buttons and `ral inspect --token` count them (the
+    `token` argument stays the 0-based index the results use)."""
     if token is None or token == "mean":
         return "mean over answer tokens"
-    return f"token {int(token)} {result.answer_tokens[int(token)]!r}"
+    return f"answer token {int(token) + 1} of {result.n_tokens}: {result.answer_tokens[int(token)]!r}"
 
 
 def inspection_overlay(result, layer="mean", head="mean", token="mean", row="predicts", boxes=(), size_px=None):
