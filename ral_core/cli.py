@@ -110,12 +110,13 @@ def _add_inspect(sub):
     _add_model_options(p)
     p.add_argument("--layer", type=int, default=-1, help="decoder layer for the overlay and head grid (default: last)")
     p.add_argument("--head", type=int, default=None, help="also render this single head")
-    p.add_argument("--token", type=int, default=None, help="answer token to show (default: mean over the answer)")
+    p.add_argument("--token", type=int, default=None,
+                   help="answer token to show, counted from 1 as in the figure titles (default: mean over the answer)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH",
                    help="pixel budget per image before the vision tower, so fewer visual tokens (e.g. 401408 or "
                         "640x480): Qwen caps its smart resize, Idefics3/SmolVLM the tiled longest edge; LLaVA and "
-                        "Gemma 3 take one fixed size (no effect)")
+                        "Gemma 3 take one fixed size (no effect); 0: the model's own setting (as in the app)")
     p.add_argument("--figsize", type=_figsize, default=None, metavar="W,H",
                    help="the box in pixels each figure must fit in, e.g. 1600,1200 (the image keeps its aspect "
                         "ratio inside it); default: sized from the image (an overlay's long side up to 900 px) "
@@ -129,13 +130,15 @@ def _add_inspect(sub):
 
 
 def _pixels(text: str) -> int:
-    """'401408' or '640x480' (also 640*480) → a positive number of pixels."""
+    """'401408' or '640x480' (also 640*480) → a positive number of pixels; '0' → 0, the model's own setting."""
+    if text.strip() == "0":
+        return 0
     try:
         parts = [int(v) for v in text.lower().replace("*", "x").split("x")]
         n = parts[0] * (parts[1] if len(parts) == 2 else 1)
         assert len(parts) <= 2 and min(parts) > 0
     except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a pixel count (N or WxH, positive)") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a pixel count (N or WxH, positive; 0: the model's own)") from None
     return n
 
 
@@ -167,9 +170,7 @@ def cmd_inspect(a) -> int:
     except OSError as e:
         raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
     adapter = _load(a, device="auto")
-    if a.max_pixels is not None:
-        note = adapter.set_max_pixels(a.max_pixels)
-        print(f"--max-pixels {a.max_pixels}: {note}", file=sys.stderr)
+    _pixel_budget(a, adapter)
     n, attn = adapter.num_layers, adapter.attention_layers
     if not -len(attn) <= a.layer < n:
         raise RALError(f"--layer {a.layer} is out of range: the model has {n} decoder layers (0..{n - 1} or -1)")
@@ -180,9 +181,9 @@ def cmd_inspect(a) -> int:
     steps = _Steps(a)
     with steps.inspect(adapter.model, a.max_new_tokens):
         res = inspect(adapter, image, question, max_new_tokens=a.max_new_tokens)
-    token = "mean" if a.token is None else a.token
-    if a.token is not None and not 0 <= a.token < res.n_tokens:
-        raise RALError(f"--token {a.token} is out of range: the answer has {res.n_tokens} token(s)")
+    token = "mean" if a.token is None else a.token - 1  # counted from 1, as the figure titles count
+    if a.token is not None and not 1 <= a.token <= res.n_tokens:
+        raise RALError(f"--token {a.token} is out of range: the answer has {res.n_tokens} token(s) (1..{res.n_tokens})")
     res.save(out / "result")
     (out / "answer.txt").write_text(res.answer + "\n")
     ext, size = a.format, a.figsize
@@ -205,6 +206,16 @@ def cmd_inspect(a) -> int:
           f"answer {m['answer']:.3f}")
     print("wrote: " + ", ".join(str(f) for f in files + [out / "answer.txt", out / "result"]))
     return 0
+
+
+def _pixel_budget(a, adapter):
+    """--max-pixels: a cap, or 0 for the model's own setting (what the app's 0 means)."""
+    if a.max_pixels is None:
+        return
+    note = adapter.set_max_pixels(a.max_pixels or None)
+    if not a.max_pixels:
+        note = "the model's own setting"
+    print(f"--max-pixels {a.max_pixels}: {note}", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,6 +261,9 @@ def _add_train(sub):
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
     p.add_argument("--allow-download", action="store_true",
                    help="download a hub id model/teacher that is not in the local cache (also RAL_ALLOW_DOWNLOAD=1)")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="write curves.png and probe_before_after.png (the starting model vs the trained one on a "
+                        "held-out probe, as `ral compare` draws it) into output_dir")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=20 lambda_attn=5")
     p.set_defaults(func=cmd_train)
 
@@ -276,7 +290,10 @@ def cmd_train(a) -> int:
                              dynamic_ncols=True))
         bar = bars[0]
         bar.n = t.step
-        bar.set_postfix(reward=f"{m['reward']:.3f}", jsd=f"{m.get('attn_jsd_after_update', 0):.2e}")
+        post = {"reward": f"{m['reward']:.3f}"}
+        if isinstance(m.get("attn_jsd_after_update"), (int, float)):  # measured on some steps only: never a made-up 0
+            post["jsd"] = f"{m['attn_jsd_after_update']:.2e}"
+        bar.set_postfix(post)
         bar.refresh()
     trainer.callbacks.append(progress)
     try:
@@ -293,7 +310,42 @@ def cmd_train(a) -> int:
         f = res["final"]
         print(f"{res['status']}: {res['step']} steps · reward {f.get('reward', float('nan')):.3f} · "
               f"checkpoint {trainer.latest_checkpoint()} · metrics {cfg.output_dir}/metrics.jsonl")
+        if a.figures and trainer.history:
+            _train_figures(trainer)
     return 0
+
+
+def _train_figures(trainer):
+    """curves.png from the run's metrics and probe_before_after.png: the starting model (A) against the trained one
+    (B) on the first held-out probe, with the magnitude line."""
+    from ral_core import render
+    from ral_core.compare import comparison_figure, compare, magnitude
+    from ral_core.models import load_adapter
+
+    out = Path(trainer.cfg.output_dir)
+    files = [render.save_figure(render.training_curves(trainer.history, trainer.cfg.steps,
+                                                       f"{trainer.cfg.output_dir}: {trainer.step} steps"),
+                                out / "curves.png")]
+    probes = trainer.probe_samples() or [trainer.data.sample(0)]
+    s = probes[0]
+    before = load_adapter(trainer.cfg.model, device=str(trainer.adapter.device), dtype=trainer.adapter.model.dtype)
+    before.name = f"{trainer.cfg.model} (before)"
+    after = trainer.adapter_for_inference()
+    after.name = f"step {trainer.step} (after)"
+    was = trainer.model.training
+    trainer.model.eval()
+    try:
+        with trainer.precision.autocast():
+            cmp = compare(before, after, s["image"], s["question"], max_new_tokens=trainer.cfg.max_new_tokens)
+    finally:
+        trainer.model.train(was)
+    boxes, expected = s.get("boxes") or [], s.get("answer")
+    m = magnitude(cmp, layer=cmp.layers[-1], boxes=boxes, expected=expected)
+    files.append(render.save_figure(comparison_figure(cmp, layer=cmp.layers[-1], boxes=boxes, expected=expected),
+                                    out / "probe_before_after.png"))
+    (out / "probe_before_after.json").write_text(json.dumps(dict(m.to_dict(), question=s["question"]), indent=1))
+    print(f"probe {s['question']!r}, layer {m.layer}: {m.line()}")
+    print("wrote: " + ", ".join(str(f) for f in files))
 
 
 def _add_eval(sub):
@@ -395,7 +447,126 @@ def cmd_levers(a) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers]
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="two models on one image and question: A | B | B − A, the heads that moved "
+                                       "and how far attention moved")
+    p.add_argument("model_a", help="model A, which answers: 'default', a model or checkpoint directory, or a hub id")
+    p.add_argument("model_b", help="model B, scored on A's answer")
+    p.add_argument("--image", required=True, help="path of a PNG/JPEG image")
+    p.add_argument("--question", required=True, help="the question to ask")
+    _add_model_options(p)
+    p.add_argument("--layer", default="-1", help="decoder layer (default -1: the last), or 'mean' for the mean over "
+                                                 "layers (the heads are then ranked at the last layer)")
+    p.add_argument("--token", type=int, default=None,
+                   help="answer token, counted from 1 as in the figure titles (default: mean over the answer)")
+    p.add_argument("--row", default="predicts", choices=["predicts", "own"],
+                   help="attention row: the query that predicts each answer token, or the token's own")
+    p.add_argument("--magnify", default="1",
+                   help="divide the B − A panel's colour range by this factor (≥ 1) or 'auto' (the largest change "
+                        "fills it); the title states the factor. Default 1: the A/B maps' own scale")
+    p.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
+                   help="target region in pixels (repeatable): on-target mass A → B; default: the bundled "
+                        "example's box when the image and question are one of assets/examples")
+    p.add_argument("--expected", default=None, help="expected answer to show (default: the bundled example's)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH",
+                   help="pixel budget per image for both models (as `ral inspect`); 0: the models' own setting")
+    p.add_argument("--format", default="png", choices=["png", "svg"], help="figure file format")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a) -> int:
+    from ral_core import render
+    from ral_core.compare import bundled_example, compare, comparison_figure, heads_table, magnitude, parse_magnify
+    from ral_core.errors import RALError
+    from ral_core.images import load_image
+    from ral_core.limits import check_question, reserved_tokens
+    from ral_core.models import load_adapter
+
+    if not a.question.strip():
+        raise RALError("--question is empty; type a question about the image")
+    if not 1 <= a.max_new_tokens <= 512:
+        raise RALError("--max-new-tokens must be between 1 and 512")
+    magnify = parse_magnify(a.magnify)
+    layer_arg = a.layer.strip().lower()
+    if layer_arg != "mean":
+        try:
+            layer_arg = int(layer_arg)
+        except ValueError:
+            raise RALError(f"--layer must be a layer number (-1: the last) or 'mean'; got {a.layer!r}") from None
+    image = load_image(a.image)
+    boxes = []
+    for text in a.box or []:
+        try:
+            b = tuple(float(v) for v in text.split(","))
+            assert len(b) == 4 and b[0] < b[2] and b[1] < b[3]
+        except (ValueError, AssertionError):
+            raise RALError(f"--box must be four numbers x0,y0,x1,y1 with x0 < x1 and y0 < y1; got {text!r}") from None
+        boxes.append(b)
+    ex = bundled_example(image, a.question) or {}
+    boxes = boxes or [tuple(b) for b in ex.get("boxes") or []]
+    expected = a.expected if a.expected is not None else ex.get("answer")
+    out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RALError(f"cannot create output directory '{a.out}': {e.strerror}") from None
+    steps = _Steps(a)
+    adapters = []
+    for spec in (a.model_a, a.model_b):
+        with steps.step(f"load {spec}"):
+            ad = load_adapter(spec, device="auto", dtype=a.dtype, allow_download=a.allow_download or None)
+        _pixel_budget(a, ad)
+        ad.name = spec
+        adapters.append(ad)
+    question = check_question(adapters[0], a.question,
+                              reserved=reserved_tokens(adapters[0], image, a.max_new_tokens))
+    with steps.step("A answers; A and B scored on A's answer"):
+        cmp = compare(adapters[0], adapters[1], image, question, max_new_tokens=a.max_new_tokens)
+    if not cmp.layers:
+        raise RALError(f"the two models have no attention layer in common (A: {cmp.a.layers}, B: {cmp.b.layers})")
+    if layer_arg == "mean":
+        layer = "mean"
+    elif -len(cmp.layers) <= layer_arg < 0:
+        layer = cmp.layers[layer_arg]
+    elif layer_arg in cmp.layers:
+        layer = layer_arg
+    else:
+        raise RALError(f"--layer {a.layer} is not a layer both models captured: {cmp.layers} (or -1, 'mean')")
+    token = "mean"
+    if a.token is not None:
+        if not 1 <= a.token <= cmp.a.n_tokens:
+            raise RALError(f"--token {a.token} is out of range: the answer has {cmp.a.n_tokens} token(s) "
+                           f"(1..{cmp.a.n_tokens})")
+        token = a.token - 1
+    sel = dict(layer=layer, token=token, row=a.row)
+    m = magnitude(cmp, boxes=boxes, expected=expected, **sel)
+    rows = heads_table(cmp, **sel)
+    cmp.a.save(out / "results" / "model_a")
+    cmp.b.save(out / "results" / "model_b")
+    fig_path = render.save_figure(comparison_figure(cmp, magnify=magnify, boxes=boxes, expected=expected, **sel),
+                                  out / f"compare.{a.format}")
+    import csv
+    with open(out / "heads.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "magnitude.json").write_text(json.dumps(m.to_dict(), indent=1))
+    (out / "magnitude.txt").write_text(m.line() + "\n")
+    print(f"A ({a.model_a}) answers: {cmp.free_answer_a!r}")
+    print(f"B ({a.model_b}) answers: {cmp.free_answer_b!r}")
+    print("both maps are measured on A's answer tokens, fed to both models")
+    print(m.line())
+    print(f"heads that moved most at layer {rows[0]['layer']} (JSD, image share A → B):")
+    for r in rows[:5]:
+        print(f"  {r['rank']:>2}. head {r['head']:<3} {r['jsd']:.3g}   {r['image_a']:.3f} → {r['image_b']:.3f}")
+    print("wrote: " + ", ".join(str(p) for p in (fig_path, out / "heads.csv", out / "magnitude.txt",
+                                                 out / "magnitude.json", out / "results")))
+    return 0
+
+
+_EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers, _add_compare]
 
 
 def main(argv=None) -> int:

@@ -318,3 +318,61 @@ def lever_chart(lmap, title: str = "Which layers' attention moves the answer"):
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+CURVES = [  # (title, [(metric key, label)], y label): the per-step metrics the trainer logs
+    ("Reward and accuracy of the sampled answers", [("reward", "reward"), ("accuracy", "accuracy (exact match)")],
+     "mean over rollouts"),
+    ("How far each step moved attention", [("attn_jsd_after_update", "JSD(after ‖ before)")], "JSD (0 … ln 2)"),
+    ("Attention on the answer's region", [("attn_target_mass", "on-target mass")], "share of the attention row"),
+    ("Where the RAL term can act", [("ral_rows_acting", "rows where it acts"),
+                                    ("ral_rows_cancelled", "rows where it cancels"),
+                                    ("ral_rows_zero_var", "rows in all-equal-reward groups")], "share of answer rows"),
+]
+
+
+def _series(history, key):
+    import math
+    pts = [(m["step"], m[key]) for m in history if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def training_curves(history: list[dict], total_steps: int | None = None, title: str = ""):
+    """2×2 panels of a run's per-step metrics (`trainer.history` / metrics.jsonl). A metric measured on some steps
+    only is drawn on those steps; curves equal at every step are drawn once and labelled together (else the legend
+    lists two and one sees one); runs of fewer than 5 steps get markers only, on a padded axis."""
+    fig, axes = plt.subplots(2, 2, figsize=(9.0, 5.2), dpi=100)
+    n_steps = len({m.get("step") for m in history})
+    for ax, (name, keys, ylabel) in zip(axes.flat, CURVES):
+        drawn = []  # (x, y, label)
+        for key, label in keys:
+            x, y = _series(history, key)
+            if not x:
+                continue
+            same = next((d for d in drawn if d[0] == x and np.allclose(d[1], y, rtol=0, atol=1e-12)), None)
+            if same is not None:
+                drawn[drawn.index(same)] = (same[0], same[1], f"{same[2]} = {label} (equal at every step)")
+            else:
+                drawn.append((x, y, label))
+        for x, y, label in drawn:
+            ax.plot(x, y, "o" if n_steps < 5 else "o-", ms=4 if n_steps < 5 else 3, lw=1.4, label=label)
+        if not drawn:
+            why = "not logged yet" if not history else "not logged for this run"
+            if history and keys[0][0] == "attn_target_mass":
+                why += "\n(the data set has no target boxes)"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
+        if len(keys) > 1 and drawn:
+            ax.legend(fontsize=7, loc="best")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        last = max(total_steps or 0, max((m.get("step", 0) for m in history), default=0), 1)
+        ax.set_xlim(0.5, last + 0.5)
+        if last < 5:
+            ax.set_xticks(range(1, last + 1))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10, parse_math=False)
+    fig.tight_layout()
+    return fig
