@@ -2,6 +2,10 @@
 sum of the chosen ones is the reward, and every sub-score is logged.
 
 `sample` is a dict with at least `answer`; optionally `boxes`, `question`, `choices`.
+
+Attention rewards (`ATTENTION_REWARDS`) score where a rollout looked, not what it wrote: they need its captured
+attention, so `RewardModel` leaves them out of the text score and the rollout adds them after its attention pass,
+before the group advantages (`ral_core.grounding.add_attention_reward`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from ral_core.errors import RALError
 
 RewardFn = Callable[[str, dict], float]
 REWARDS: dict[str, RewardFn] = {}
+# name → what it scores; computed from each rollout's own response→image attention and the sample's boxes
+ATTENTION_REWARDS = {"attention_box": "SAYO attention reward: ½(1 + tanh(log((a + ε)/(v + ε)))), a the mean attention "
+                                      "on the target box's visual tokens, v the mean over all visual tokens"}
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 
 
@@ -92,6 +99,9 @@ def resolve(name: str) -> RewardFn:
     """A registered name or a user function given as 'module:function'."""
     if name in REWARDS:
         return REWARDS[name]
+    if name in ATTENTION_REWARDS:
+        raise RALError(f"'{name}' scores a rollout's attention, not its text: it is added by the trainer's rollouts "
+                       "(reward_weights), not by a text reward call")
     if ":" in name:
         mod, fn = name.split(":", 1)
         try:
@@ -101,7 +111,8 @@ def resolve(name: str) -> RewardFn:
         if not callable(f):
             raise RALError(f"reward '{name}' is not callable")
         return f
-    raise RALError(f"unknown reward '{name}'; choose from {sorted(REWARDS)} or give 'module:function'")
+    raise RALError(f"unknown reward '{name}'; choose from {sorted(REWARDS) + sorted(ATTENTION_REWARDS)} or give "
+                   "'module:function'")
 
 
 class RewardModel:
@@ -110,7 +121,8 @@ class RewardModel:
     def __init__(self, weights: dict[str, float]):
         if not weights:
             raise RALError("no reward given; e.g. reward_weights={exact_match: 1.0}")
-        self.weights = {k: float(v) for k, v in weights.items()}
+        self.weights = {k: float(v) for k, v in weights.items() if k not in ATTENTION_REWARDS}
+        self.attention = {k: float(v) for k, v in weights.items() if k in ATTENTION_REWARDS}
         self.fns = {k: resolve(k) for k in self.weights}
 
     def __call__(self, completion: str, sample: dict) -> tuple[float, dict[str, float]]:
