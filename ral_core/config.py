@@ -61,6 +61,9 @@ class TrainConfig:
     gamma_opad: float = 0.0              # OPAD: JSD(p_student ‖ p_teacher)
     lambda_token_kl: float = 0.0         # token-level reverse KL to the teacher
     teacher: str = ""
+    lambda_ground: float = 0.0           # attention target: w_i · D(q_box ‖ p_visual), from update 1 (grounding.py)
+    ground_on: str = "rewarded"          # rollouts the target term acts on: rewarded | advantage (A-weighted)
+    ground_div: str = "kl"               # the target term's divergence: kl (KL(q ‖ p)) | jsd
     attn_layers: typing.Any = "last"     # last | all | int | list of ints
     attn_row: str = "own"                # own (paper) | predicts
     attn_support: str = "all"            # all | visual
@@ -108,7 +111,9 @@ class TrainConfig:
 
     @property
     def uses_policy_attention(self) -> bool:
-        return self.lambda_attn > 0 or self.gamma_opad > 0
+        from ral_core.rewards import ATTENTION_REWARDS
+        return (self.lambda_attn > 0 or self.gamma_opad > 0 or self.lambda_ground > 0
+                or any(k in ATTENTION_REWARDS for k in self.reward_weights))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +131,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         need(self.epochs >= 1 and self.minibatch_size >= 1 and self.grad_accum >= 1,
              "epochs, minibatch_size and grad_accum must be ≥ 1")
-        for k in ("lambda_attn", "gamma_opad", "lambda_token_kl", "beta", "weight_decay", "max_grad_norm"):
+        for k in ("lambda_attn", "gamma_opad", "lambda_token_kl", "lambda_ground", "beta", "weight_decay",
+                  "max_grad_norm"):
             need(getattr(self, k) >= 0, f"{k} must be ≥ 0 (got {getattr(self, k)})")
         need(self.temperature > 0, "temperature must be > 0")
         need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
@@ -155,6 +161,12 @@ class TrainConfig:
         need(self.lora_r >= 0, "lora_r must be ≥ 0 (0 = full fine-tuning)")
         if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:
             raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")
+        need(self.ground_on in ("rewarded", "advantage"), "ground_on must be rewarded or advantage")
+        need(self.ground_div in ("kl", "jsd"), "ground_div must be kl or jsd")
+        if self.teacher and (self.gamma_opad > 0 or self.lambda_token_kl > 0) and _same_model(self.teacher, self.model):
+            raise RALError(f"the teacher is the student itself ({self.teacher!r}): OPAD would distil the model into "
+                           "itself and move nothing — use teacher=teacher (the bundled task-trained teacher) or "
+                           "another model directory")
         if self.lambda_attn > 0 and self.updates_per_step < 2:
             raise RALError(
                 f"lambda_attn > 0 with {self.updates_per_step} optimizer update per rollout batch: the RAL attention "
@@ -162,6 +174,18 @@ class TrainConfig:
                 "would never act. Use ≥ 2 updates per batch: epochs ≥ 2, or minibatch_size < "
                 f"{self.rollouts_per_step} (prompts_per_step × group_size)")
         return self
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same model: equal names, or paths to the same folder ('default' is the
+    embedded model's folder). Light on purpose: no model is loaded."""
+    def where(x):
+        x = str(x).strip()
+        if x in ("", "default"):
+            return str((RECIPES.parent / "default_model").resolve())
+        p = Path(x).expanduser()
+        return str(p.resolve()) if p.exists() else x
+    return where(a) == where(b)
 
 
 # (lowest, highest) of whole-number keys. Upper bounds keep one step (and one app request) bounded:
@@ -216,6 +240,22 @@ def _check_bounds(cfg: "TrainConfig"):
             raise RALError(f"task_kinds {bad or '[]'} unknown; choose from {', '.join(TASK_KINDS)}")
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_bool(value, name: str = "the setting") -> bool:
+    """A yes/no setting from a bool, 0/1, or the words true/false, yes/no, on/off, 1/0 (any case, spaces ignored);
+    anything else is refused in one line. Strings are never truth-tested: bool("false") is True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise RALError(f"{name} must be true or false (also yes/no, on/off, 1/0), got {shown}")
+
+
 def _coerce(name: str, value, hint):
     """Check/convert a value against the dataclass annotation, with a clear message."""
     hint = str(hint)
@@ -229,9 +269,10 @@ def _coerce(name: str, value, hint):
                 raise TypeError
             return float(value)
         if hint in ("bool", "<class 'bool'>"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
+            try:
+                return parse_bool(value)
+            except RALError:
+                raise TypeError from None
         if hint in ("str", "<class 'str'>"):
             if isinstance(value, (dict, list)):
                 raise TypeError

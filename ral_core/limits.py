@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import re
 import time
 from contextlib import contextmanager
 
@@ -45,13 +46,29 @@ def request_seconds() -> float:
 
 
 # ---- questions ----------------------------------------------------------------------------------------------
+# C0/C1 control characters other than tab and newlines, and lone surrogates (which no UTF-8 encoder accepts).
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_text_chars(text: str, what: str = "the question") -> str:
+    """`text` unchanged, or a RALError naming the first NUL, control character or lone surrogate in it."""
+    m = _BAD_CHARS.search(text)
+    if m:
+        c = ord(m.group())
+        kind = "a NUL character" if c == 0 else ("a lone surrogate" if 0xD800 <= c <= 0xDFFF else "a control character")
+        raise RALError(f"{what} contains {kind} (U+{c:04X}) at character {m.start() + 1}; remove it")
+    return text
+
+
 def check_question_length(question) -> str:
-    """The stripped question; refuses non-text, empty and over-long questions without a tokenizer."""
+    """The stripped question; refuses non-text, empty and over-long questions and control characters without a
+    tokenizer."""
     if not isinstance(question, str):
         raise RALError(f"the question must be text, got {type(question).__name__}")
     if len(question) > MAX_QUESTION_CHARS:
         raise RALError(f"the question is {len(question):,} characters; the limit is {MAX_QUESTION_CHARS:,} — "
                        "shorten it")
+    check_text_chars(question)
     q = question.strip()
     if not q:
         raise RALError("the question is empty; type a question about the image")
@@ -79,11 +96,12 @@ def check_question(tokenizer, question, max_tokens: int | None = None, context: 
     question must fit in `context` positions next to the `reserved` ones (prompt template, visual tokens and
     new tokens; see `reserved_tokens`)."""
     q = check_question_length(question)
-    if hasattr(tokenizer, "prompt_ids"):  # an adapter
+    if hasattr(tokenizer, "prompt_ids"):  # an adapter: its control tokens are refused too
         context = context if context is not None else context_length(tokenizer)
-        tokenizer = tokenizer.tokenizer
+        n = len(tokenizer.user_text_ids(q, "the question"))
+    else:
+        n = len(tokenizer(q, add_special_tokens=False)["input_ids"])
     limit = MAX_QUESTION_TOKENS if max_tokens is None else int(max_tokens)
-    n = len(tokenizer(q, add_special_tokens=False)["input_ids"])
     if n > limit:
         raise RALError(f"the question is {n:,} tokens; the limit is {limit:,} — shorten it")
     if context is not None and n + reserved > context:

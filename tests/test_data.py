@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,53 @@ def test_bigger_grid_gives_bigger_image_and_bad_args_are_refused():
     assert GroundingTask(rows=5, cols=5).sample(0).image.size == (140, 140)
     with pytest.raises(ValueError, match="unknown task kind"):
         GroundingTask(kinds=("nope",))
+
+
+# ---- JSONL data sets: every row checked, messages never name the server's folder ------------------------------
+def _jsonl(tmp_path, rows, n_images=1):
+    from PIL import Image
+    for i in range(n_images):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    (tmp_path / "d.jsonl").write_text("".join(line + "\n" for line in lines))
+    return tmp_path / "d.jsonl"
+
+
+def _refused(path, *want):
+    from ral_core.data.jsonl import JsonlDataset
+    from ral_core.errors import RALError
+    with pytest.raises(RALError) as e:
+        JsonlDataset(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path.parent) not in msg, msg
+    for w in want:
+        assert w in msg, msg
+    return msg
+
+
+def test_every_row_is_checked_and_no_message_names_the_folder(tmp_path):
+    good = {"image": "0.png", "question": "What?", "answer": "seven"}
+    rows = [good] * 2500
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    _refused(_jsonl(tmp_path, rows + [dict(good, image="bad.png")]), "line 2501", "'bad.png'", "not an image")
+    _refused(_jsonl(tmp_path, rows + [dict(good, image="gone.png")]), "line 2501", "'gone.png'", "does not exist")
+
+
+def test_a_row_broken_after_the_check_names_no_folder(tmp_path):
+    from ral_core.data.jsonl import JsonlDataset
+    from ral_core.errors import RALError
+    ds = JsonlDataset(_jsonl(tmp_path, [{"image": "0.png", "question": "Q?", "answer": "A"}]))
+    (tmp_path / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(RALError) as e:
+        ds.sample(0)
+    assert "line 1" in str(e.value) and "'0.png'" in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("image", "0.png\u0000x", "NUL"), ("image", "\ud800.png", "lone surrogate"),
+    ("question", "What\u0000?", "NUL"), ("answer", "se\u001bven", "control character"),
+    ("question", "\udfff", "lone surrogate")])
+def test_nul_surrogate_and_control_characters_give_one_line(tmp_path, field, value, kind):
+    row = '{"image": "0.png", "question": "Q?", "answer": "A"}'.replace(
+        {"image": '"0.png"', "question": '"Q?"', "answer": '"A"'}[field], json.dumps(value))
+    _refused(_jsonl(tmp_path, [row]), "line 1", kind, {"image": "image path"}.get(field, field))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ral_core.errors import RALError
-from ral_core.images import load_image
+from ral_core.images import check_image_file, load_image
 
 MAX_LINES = 100_000       # env RAL_MAX_DATASET_LINES
 MAX_LINE_CHARS = 16_384   # env RAL_MAX_LINE_CHARS; a sample is a path, a question and a short answer
@@ -45,10 +45,12 @@ def _lines(p: Path, max_lines: int, max_chars: int):
 
 
 class JsonlDataset:
+    """The rows of a JSONL data set, every one checked when read: JSON, required fields, text free of NULs,
+    control characters and lone surrogates, the question's length, boxes, and (`check_images`) each image's header.
+    Messages name the file, the line and the image path as the row gives it, never the folder it lies in."""
+
     def __init__(self, path, check_images: bool = True, max_lines: int | None = None,
                  max_line_chars: int | None = None):
-        from ral_core.limits import MAX_QUESTION_CHARS
-
         p = Path(path)
         if not p.is_file():
             raise RALError(f"dataset file '{path}' does not exist; give a .jsonl file")
@@ -56,40 +58,87 @@ class JsonlDataset:
         max_chars = max_line_chars or _limit("RAL_MAX_LINE_CHARS", MAX_LINE_CHARS)
         self.path, self.rows = p, []
         for n, line in _lines(p, max_lines, max_chars):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RALError(f"{p.name} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RALError(f"{p.name} line {n}: expected an object with image, question, answer")
-            missing = [k for k in ("image", "question", "answer") if not str(row.get(k, "")).strip()]
-            if missing:
-                raise RALError(f"{p.name} line {n}: missing field(s) {', '.join(missing)}")
-            if len(str(row["question"])) > MAX_QUESTION_CHARS:
-                raise RALError(f"{p.name} line {n}: the question is {len(str(row['question'])):,} characters; the "
-                               f"limit is {MAX_QUESTION_CHARS:,} — shorten it")
-            img = (p.parent / str(row["image"])).resolve()
-            if check_images and not img.is_file():
-                raise RALError(f"{p.name} line {n}: image '{row['image']}' not found (looked in {img.parent})")
-            boxes = row.get("boxes") or []
-            if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and
-                                                    all(isinstance(v, (int, float)) for v in b) for b in boxes)):
-                raise RALError(f"{p.name} line {n}: boxes must be a list of [x0, y0, x1, y1] numbers")
-            self.rows.append({"image_path": img, "question": str(row["question"]), "answer": str(row["answer"]),
-                              "boxes": [tuple(b) for b in boxes], "line": n})
+            if line.strip():
+                self.rows.append(_row(p, n, line, check_images))
         if not self.rows:
             raise RALError(f"dataset file '{path}' has no samples")
 
     def __len__(self):
         return len(self.rows)
 
+    def check_text(self, adapter) -> None:
+        """Refuse (one line naming the row) a question or answer that spells one of `adapter`'s control tokens, for
+        every row, before a run starts rather than at the step that draws the row."""
+        tok, control = adapter.tokenizer, adapter.control_token_ids
+        fields = [(r, k) for r in self.rows for k in ("question", "answer")]
+        for i in range(0, len(fields), 512):  # batched: a fast tokenizer encodes a list in one call
+            chunk = fields[i:i + 512]
+            enc = tok([r[k] for r, k in chunk], add_special_tokens=False)["input_ids"]
+            for (r, k), ids in zip(chunk, enc):
+                if control.intersection(ids):
+                    try:
+                        adapter.user_text_ids(r[k], f"the {k}")
+                    except RALError as e:
+                        raise RALError(f"{self.path.name} line {r['line']}: {e}") from None
+
     def sample(self, index: int) -> dict:
         r = self.rows[index % len(self.rows)]
         try:
-            image = load_image(r["image_path"])
+            image = load_image(r["image_path"], shown=r["image"])
         except RALError as e:
             raise RALError(f"{self.path.name} line {r['line']}: {e}") from None
+        from ral_core.grounding import check_boxes  # the image's size is known only once it is read
+        check_boxes(r["boxes"], image.size, where=f"{self.path.name} line {r['line']}")
         return {"image": image, "question": r["question"], "answer": r["answer"], "boxes": r["boxes"],
                 "kind": "jsonl"}
+
+
+def _row(p: Path, n: int, line: str, check_images: bool) -> dict:
+    """One checked row of `p` (line `n`)."""
+    from ral_core.limits import MAX_QUESTION_CHARS, check_text_chars
+
+    where = f"{p.name} line {n}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RALError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise RALError(f"{where}: expected an object with image, question, answer")
+    missing = [k for k in ("image", "question", "answer") if not str(row.get(k, "")).strip()]
+    if missing:
+        raise RALError(f"{where}: missing field(s) {', '.join(missing)}")
+    text = {k: str(row[k]) for k in ("image", "question", "answer")}
+    for k, v in text.items():
+        try:
+            check_text_chars(v, f"the {'image path' if k == 'image' else k}")
+        except RALError as e:
+            raise RALError(f"{where}: {e}") from None
+    if len(text["question"]) > MAX_QUESTION_CHARS:
+        raise RALError(f"{where}: the question is {len(text['question']):,} characters; the limit is "
+                       f"{MAX_QUESTION_CHARS:,} — shorten it")
+    shown = text["image"][:200]
+    try:
+        img = (p.parent / text["image"]).resolve()
+    except (OSError, ValueError, RuntimeError):
+        raise RALError(f"{where}: image path '{shown}' is not a usable file name") from None
+    size = None
+    if check_images:
+        try:
+            size = check_image_file(img, shown=shown)
+        except RALError as e:
+            raise RALError(f"{where}: {e}") from None
+    from ral_core.grounding import parse_boxes  # `box` (one) or `boxes` (several) in image pixels
+    if "box" in row and "boxes" in row:
+        raise RALError(f"{where}: give either box or boxes, not both")
+    boxes = parse_boxes(row.get("box", row.get("boxes")), where=where)
+    if size is not None and boxes:  # the header's size; EXIF may turn the image, so sample() checks exactly
+        from ral_core.grounding import check_boxes
+        try:
+            check_boxes(boxes, size, where=where)
+        except RALError as e:
+            try:
+                check_boxes(boxes, size[::-1], where=where)
+            except RALError:
+                raise e from None
+    return {"image_path": img, "image": shown, "question": text["question"], "answer": text["answer"],
+            "boxes": boxes, "line": n}

@@ -218,9 +218,43 @@ class VLMAdapter:
         proc = self.process_images([image])
         return self.geometry_from_meta(image.size, proc["meta"][0])
 
+    @property
+    def control_token_ids(self) -> frozenset[int]:
+        """Ids no user text may produce: the tokenizer's special added tokens (chat-turn, BOS/EOS/pad, image and
+        vision markers) and the structural ones (image token, suppressed markers, EOS)."""
+        if getattr(self, "_control_ids", None) is None:
+            ids = {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
+            ids.update(self.suppress_token_ids, self.eos_token_ids, [self.image_token_id])
+            self._control_ids = frozenset(int(i) for i in ids if i is not None)
+        return self._control_ids
+
+    def user_text_ids(self, text: str, what: str = "the question") -> list[int]:
+        """Token ids of user text (a question, an answer to score, a data-set row), refusing in one line text that
+        contains NULs, control characters or a spelling of one of the model's control tokens (`<|im_end|>`,
+        `<|image_pad|>`, `<image>`, `<end_of_turn>`, …).
+
+        Refused rather than tokenised apart as plain text: every accepted prompt then holds exactly the ids the
+        model's own chat template builds (tokenising the user's text on its own changes how SentencePiece-style
+        tokenizers cut the text around it), a chat turn cannot be forged, and a string that spells a control token
+        has no faithful plain reading for the model anyway; the message names the token so the user can edit it."""
+        from ral_core.limits import check_text_chars
+
+        if not isinstance(text, str):
+            raise RALError(f"{what} must be text, got {type(text).__name__}")
+        ids = self.tokenizer(check_text_chars(text, what), add_special_tokens=False)["input_ids"]
+        bad = next((i for i in ids if i in self.control_token_ids), None)
+        if bad is not None:
+            raise RALError(f"{what} contains '{self.tokenizer.convert_ids_to_tokens(bad)}', one of this model's "
+                           "control tokens (chat turns, image markers); remove it — user text may not spell them")
+        return ids
+
+    @property
+    def end_of_answer_id(self) -> int:
+        """The token that closes an answer (the assistant turn)."""
+        return self.tokenizer.eos_token_id
+
     def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
-        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return ids + ([self.tokenizer.eos_token_id] if eos else [])
+        return self.user_text_ids(answer, "the answer") + ([self.end_of_answer_id] if eos else [])
 
     def build_inputs(self, images, questions, answers=None, add_eos: bool = True) -> dict:
         """Left-padded model inputs for (image, question[, answer]) triples.
@@ -230,6 +264,8 @@ class VLMAdapter:
         """
         if len(images) != len(questions):
             raise RALError("give one question per image")
+        for q in set(questions):  # refused before any image work; a rollout batch repeats each question
+            self.user_text_ids(q, "the question")
         proc = self.process_images(images)
         seqs, prompt_lens, resp_lens = [], [], []
         for i, q in enumerate(questions):

@@ -41,13 +41,13 @@ class Gemma3Adapter(VLMAdapter):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
-    def encode_answer(self, answer: str, eos: bool = True) -> list[int]:
+    @property
+    def end_of_answer_id(self) -> int:
         # A chat turn ends with <end_of_turn> (the released tokenizers' eos_token is <eos>, which ends the document).
-        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
         end = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
         if end is None or end == self.tokenizer.unk_token_id:
             end = self.tokenizer.eos_token_id
-        return ids + ([end] if eos else [])
+        return end
 
     def process_images(self, images):
         out = self.image_processor(images=list(images), return_tensors="pt", do_pan_and_scan=False)
