@@ -1,22 +1,37 @@
-"""Shared helpers for the benchmarks in bench/: machine description, peak-RSS tracking on Linux, contention check.
+"""The benchmarks' small library: start-up, machine description, peak-RSS tracking on Linux, contention check,
+records and the paired statistics of the evidence documents.
 
-This machine is shared (see docs/DESIGN §3): benchmarks pin torch threads, compare modes side by side in one run,
-and report the CPU time they actually got next to wall time (CPU/wall well below 1 for a 1-thread run means
-another process was taking the core).
+Benchmarks run as scripts (`python bench/NAME.py`), so this folder is on sys.path and `import _common` just works.
+The machine is shared: benchmarks pin torch threads, compare modes side by side in one run, and report the CPU
+time they actually got next to wall time (CPU/wall well below 1 for a 1-thread run means another process was
+taking the core).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import math
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # glibc settings that make freed tensor memory go back to the OS at once, so that RSS follows live tensors:
 # a fixed mmap threshold (which also switches off glibc's dynamic threshold that would otherwise move large
 # freed blocks into the heap and keep them), a small trim threshold, and few arenas.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
+def start(threads: bool = True) -> None:
+    """The environment every benchmark runs in (values already set win). Call it before torch is imported: OpenMP
+    reads its thread count once, and worker threads start with it."""
+    for k, v in ({**THREAD_ENV, **OFFLINE_ENV} if threads else OFFLINE_ENV).items():
+        os.environ.setdefault(k, v)
 
 
 def proc_status_mb() -> dict[str, float]:
@@ -79,19 +94,55 @@ def busy_processes(limit: int = 4, exclude: set[int] | None = None) -> list[str]
     return rows
 
 
-def machine_info() -> dict[str, str]:
-    import torch
-    import transformers
+# the CPU features that decide how fast fp32 / bf16 matmuls run: bf16 twins are ~3× slower than fp32 without native
+# bf16 (avx512_bf16 or amx_bf16), so a CPU-time figure means little without them
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a figure depends on (the ones importable here)."""
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "numpy", "accelerate", "trl"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine_info() -> dict[str, str]:
+    flags = cpu_flags()
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
     return {
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "nproc": str(os.cpu_count()),
         "cpu": cpu_model(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "cpu_flags": " ".join(f for f in SPEED_FLAGS if f in flags) or "unknown",
+        "native_bf16": "yes" if native_bf16 else "no" if flags else "unknown",
+        **library_versions(),
         "loadavg": loadavg(),
     }
+
+
+def machine_line(meta: dict | None = None) -> str:
+    """One line for a results file or record: CPUs, model, speed flags incl. native bf16, library versions."""
+    m = meta or machine_info()
+    libs = ", ".join(f"{k} {m[k]}" for k in ("python", "torch", "transformers", "numpy", "accelerate", "trl")
+                     if k in m)
+    return (f"{m['nproc']} CPUs, {m['cpu']} (flags: {m.get('cpu_flags', 'unknown')}; native bf16: "
+            f"{m.get('native_bf16', 'unknown')}) · {libs}")
 
 
 def contention_section(meta: dict, worst: float, busy_before: list[str], busy_after: list[str],
@@ -128,3 +179,102 @@ def median(xs):
     if n == 0:
         return float("nan")
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# ---- records: one small JSON per finished run, deterministic bytes for the same numbers ---------------------------
+def round_floats(x, sig: int = 5):
+    """Floats to `sig` significant digits (records stay small and diff-friendly); non-finite → None."""
+    if isinstance(x, float):
+        return float(f"{x:.{sig}g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: round_floats(v, sig) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [round_floats(v, sig) for v in x]
+    return x
+
+
+def dump_record(path: Path, rec: dict) -> None:
+    """Write a record: rounded, sorted keys, one key per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(round_floats(rec), sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+
+
+# ---- paired statistics of the evidence documents (no scipy) --------------------------------------------------------
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value P(|T| ≥ |t|) of Student's t with an integer number of degrees of freedom, exact by the
+    finite series of Abramowitz & Stegun 26.7.3–26.7.4 (θ = atan(|t|/√df))."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"df must be a whole number ≥ 1 (got {df})")
+    if math.isnan(t):
+        return float("nan")
+    if math.isinf(t):
+        return 0.0
+    df = int(df)
+    th = math.atan(abs(t) / math.sqrt(df))
+    s, c = math.sin(th), math.cos(th)
+    if df % 2:  # odd: A = 2/π [θ + sinθ cosθ (1 + 2/3 cos²θ + … + (2·4…(df−3))/(1·3…(df−2)) cos^(df−3)θ)]
+        term, tot = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= (2 * k) / (2 * k + 1) * c * c
+            tot += term
+        a = 2 / math.pi * (th + (s * c * tot if df > 1 else 0.0))
+    else:  # even: A = sinθ [1 + 1/2 cos²θ + (1·3)/(2·4) cos⁴θ + … + (1·3…(df−3))/(2·4…(df−2)) cos^(df−2)θ]
+        term, tot = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c * c
+            tot += term
+        a = s * tot
+    return min(1.0, max(0.0, 1.0 - a))
+
+
+def paired_t(d) -> dict:
+    """Two-sided paired t-test of per-seed differences `d` against 0: mean, SE, t, p, n. All differences exactly
+    0: p = 1 (identical); all equal and non-zero (SE 0): p = 0; fewer than 2 seeds: p = nan (no test)."""
+    import numpy as np
+
+    d = np.asarray(d, dtype=float)
+    n = len(d)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "se": float("nan"), "t": float("nan"), "p": float("nan")}
+    mean = float(d.mean())
+    if n < 2:
+        return {"n": n, "mean": mean, "se": float("nan"), "t": float("nan"), "p": float("nan")}
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    if np.all(d == 0):
+        return {"n": n, "mean": 0.0, "se": 0.0, "t": 0.0, "p": 1.0}
+    t = mean / se if se > 0 else float("inf") * np.sign(mean)
+    return {"n": n, "mean": mean, "se": se, "t": float(t), "p": t_two_sided_p(t, n - 1)}
+
+
+def holm(pvals) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over all of `pvals`, in their order): the
+    i-th smallest p times (m − i + 1), made monotone, capped at 1. nan (no test) stays nan and is not counted."""
+    idx = [i for i, p in enumerate(pvals) if p == p]
+    m = len(idx)
+    out = [float("nan")] * len(pvals)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvals[i])):
+        running = max(running, min(1.0, (m - rank) * pvals[i]))
+        out[i] = running
+    return out
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as the documents print it."""
+    return "1" if p >= 0.9995 else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def sampled_reward(adapter, task, n, max_new_tokens, G=4) -> float:
+    """Mean exact-match reward of temperature-1 samples (can move opposite to greedy accuracy)."""
+    import torch
+
+    from ral_core.rewards import RewardModel
+    from ral_core.rollout import make_rollouts
+    torch.manual_seed(0)
+    rm = RewardModel({"exact_match": 1.0})
+    samples = [{"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes} for s in task.samples(n)]
+    rs = []
+    for i in range(0, n, 8):
+        ro = make_rollouts(adapter, samples[i:i + 8], G, rm, None, max_new_tokens)
+        rs.append(ro.rewards)
+    return float(torch.cat(rs).mean())

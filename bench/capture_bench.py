@@ -38,8 +38,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD_MODES = ["sdpa", "capture", "eager"]
@@ -329,11 +328,16 @@ def bench(args) -> dict:
     finally:
         for p in procs.values():
             p.close()
+    _note_end(info, t_start)
+    return {"info": info, "timing": timing, "warm": warm, "mem": mem, "model_cfg": model_cfg, "modes": modes,
+            "args": vars(args)}
+
+
+def _note_end(info: dict, t_start: float) -> None:
+    """How busy the machine was when the run ended, for the contention check."""
     info["busy_after"] = C.busy_processes(exclude={os.getpid()})
     info["loadavg_after"] = C.loadavg()
     info["elapsed_s"] = time.perf_counter() - t_start
-    return {"info": info, "timing": timing, "warm": warm, "mem": mem, "model_cfg": model_cfg, "modes": modes,
-            "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -368,8 +372,7 @@ def report(res, command) -> str:
     w("")
     w(f"- Command: `{command}`")
     w(f"- Date: {info['date']}; total run time {info['elapsed_s']:.0f} s")
-    w(f"- Machine: nproc {info['nproc']}, CPU `{info['cpu']}`; Python {info['python']}, torch {info['torch']}, "
-      f"transformers {info['transformers']}; load average before {info['loadavg']}, after {info['loadavg_after']}")
+    w(f"- Machine: {C.machine_line(info)}; load average before {info['loadavg']}, after {info['loadavg_after']}")
     w(f"- Model: `Qwen2VLForConditionalGeneration`, random weights, fp32 CPU, batch 1: hidden {cfg['hidden']}, "
       f"{cfg['layers']} decoder layers, {cfg['heads']} heads ({cfg['kv_heads']} KV heads), vision tower depth "
       f"{cfg['vision_depth']} dim {cfg['vision_dim']} (kept small so the shared vision cost does not dilute the "
@@ -391,36 +394,25 @@ def report(res, command) -> str:
     w(f"All workers built identical inputs: {'yes' if same else '**NO**'} (hash of input_ids compared).")
     w("")
 
-    if has(*FWD_MODES):
-        w("## Forward only (no_grad)")
+    for modes, title in ((FWD_MODES, "Forward only (no_grad)"),
+                         (BWD_MODES, "Forward + backward (LM loss on the last rows' logits; capture/eager add a loss "
+                                     "on the captured rows)")):
+        if not has(*modes):
+            continue
+        w(f"## {title}")
         w("")
         w("| tokens | SDPA ms | capture ms | eager ms | capture/SDPA time: wall (CPU median, CPU min) | "
           "SDPA extra MB | capture extra MB | eager extra MB | capture − SDPA MB | capture/eager extra mem |")
         w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for L in lengths:
-            names = FWD_MODES
-            s, c, e = (med_w[L][m] for m in FWD_MODES)
-            sc, cc = med_c[L]["sdpa"], med_c[L]["capture"]
-            ms, mc, me = (ext[L][m] for m in FWD_MODES)
-            mr = min_c[L][names[1]] / min_c[L][names[0]]
+            s, c, e = (med_w[L][m] for m in modes)
+            sc, cc = (med_c[L][m] for m in modes[:2])
+            ms, mc, me = (ext[L][m] for m in modes)
+            mr = min_c[L][modes[1]] / min_c[L][modes[0]]
             w(f"| {toks[L]['L']} | {_fmt(s)} | {_fmt(c)} | {_fmt(e)} | {c / s:.3f} ({cc / sc:.3f}, {mr:.3f}) | {_fmt(ms, 1)} | "
               f"{_fmt(mc, 1)} | {_fmt(me, 1)} | {_fmt(mc - ms, 1)} | {mc / me:.4f} |")
         w("")
     if has(*BWD_MODES):
-        w("## Forward + backward (LM loss on the last rows' logits; capture/eager add a loss on the captured rows)")
-        w("")
-        w("| tokens | SDPA ms | capture ms | eager ms | capture/SDPA time: wall (CPU median, CPU min) | "
-          "SDPA extra MB | capture extra MB | eager extra MB | capture − SDPA MB | capture/eager extra mem |")
-        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for L in lengths:
-            names = BWD_MODES
-            s, c, e = (med_w[L][m] for m in BWD_MODES)
-            sc, cc = med_c[L]["sdpa_bwd"], med_c[L]["capture_bwd"]
-            ms, mc, me = (ext[L][m] for m in BWD_MODES)
-            mr = min_c[L][names[1]] / min_c[L][names[0]]
-            w(f"| {toks[L]['L']} | {_fmt(s)} | {_fmt(c)} | {_fmt(e)} | {c / s:.3f} ({cc / sc:.3f}, {mr:.3f}) | {_fmt(ms, 1)} | "
-              f"{_fmt(mc, 1)} | {_fmt(me, 1)} | {_fmt(mc - ms, 1)} | {mc / me:.4f} |")
-        w("")
         w("Extra memory of the backward modes includes the parameter gradients (allocated afresh in every call: "
           "the workers set `.grad` to None between calls) and everything autograd saves.")
         w("")
@@ -609,9 +601,7 @@ def bench_logits(args) -> dict:
         finally:
             for p in procs.values():
                 p.close()
-    info["busy_after"] = C.busy_processes(exclude={os.getpid()})
-    info["loadavg_after"] = C.loadavg()
-    info["elapsed_s"] = time.perf_counter() - t_start
+    _note_end(info, t_start)
     return {"info": info, "mem": res, "model_cfg": SMALL, "args": vars(args)}
 
 
@@ -622,9 +612,8 @@ def report_logits(res, command) -> str:
     w("## Logits only where used: the inspect capture pass (issue 14)" + (" (SMOKE run)" if a["smoke"] else ""))
     w("")
     w(f"- Command: `{command}` (this section only; the rest of the file comes from the full run above)")
-    w(f"- Date: {info['date']}; run time {info['elapsed_s']:.0f} s; machine: nproc {info['nproc']}, CPU "
-      f"`{info['cpu']}`, torch {info['torch']}, transformers {info['transformers']}; load average before "
-      f"{info['loadavg']}, after {info['loadavg_after']}")
+    w(f"- Date: {info['date']}; run time {info['elapsed_s']:.0f} s; machine: {C.machine_line(info)}; load average "
+      f"before {info['loadavg']}, after {info['loadavg_after']}")
     w(f"- Model: `Qwen2VLForConditionalGeneration`, random weights, tiny width (hidden {cfg['hidden']}, "
       f"{cfg['layers']} decoder layers, {cfg['heads']} heads) with a real-size vocabulary of {a['vocab']:,} tokens "
       "(embeddings resized, LM head tied), batch 1, one torch thread. The pass is the one `inspect()` runs: SDPA with "

@@ -6,7 +6,7 @@ visual-only support, a λ sweep), OPAD and token-level distillation (teacher: a 
 and attention exploration (last layer vs the lever map's top layers, a σ sweep, noise-only controls), over
 several seeds and tasks; evaluates on held-out handwriting; writes docs/results_short.md with tables, paired
 differences against GRPO per seed and learning curves. (The current evidence document, docs/results.md, is
-bench/home_regime.py's; this benchmark also provides its statistics helpers: `paired_t`, `holm`.)
+bench/home_regime.py's; the statistics both use live in bench/_common.py.)
 
 Runs are cached under bench/_work/evidence/ (rerunning resumes) and each writes a small record under
 bench/records/results/ that `--collect` reads; two worker processes, one thread each.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, dump_record, fmt_p, holm, paired_t, sampled_reward, start, t_two_sided_p
+
 WORK = ROOT / "bench" / "_work" / "evidence"
 RECORDS = ROOT / "bench" / "records" / "results"  # committed: one small JSON per finished run (issue 11)
 
@@ -93,23 +94,6 @@ def _same_run(cached: dict, job: dict) -> bool:
     return all(cached.get(k) == job[k] for k in keys)
 
 
-def round_floats(x, sig: int = 5):
-    """Floats to `sig` significant digits (records stay small and diff-friendly); non-finite → None."""
-    if isinstance(x, float):
-        return float(f"{x:.{sig}g}") if np.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: round_floats(v, sig) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [round_floats(v, sig) for v in x]
-    return x
-
-
-def dump_record(path: Path, rec: dict):
-    """One run's record: rounded, sorted keys, one key per line (deterministic bytes for the same numbers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(round_floats(rec), sort_keys=True, indent=1, ensure_ascii=False) + "\n")
-
-
 def _record_job(job: dict) -> dict:
     """The job as a record keeps it: no machine paths (checkpoints relative to the repository)."""
     return {k: (_short(v) if k in ("model", "teacher") else v) for k, v in job.items() if k not in ("out", "record")}
@@ -123,7 +107,7 @@ def run_one(job: dict) -> dict:
         rec = json.loads(rec_path.read_text())
         if _same_run(rec["job"], _record_job(job)):
             return rec
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     import torch
     torch.set_num_threads(1)
     from ral_core.config import build_config
@@ -165,25 +149,9 @@ def run_one(job: dict) -> dict:
     return res
 
 
-def sampled_reward(adapter, task, n, max_new_tokens, G=4) -> float:
-    """Mean exact-match reward of temperature-1 samples (can move opposite to greedy accuracy)."""
-    import torch
-
-    from ral_core.rewards import RewardModel
-    from ral_core.rollout import make_rollouts
-    torch.manual_seed(0)
-    rm = RewardModel({"exact_match": 1.0})
-    samples = [{"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes} for s in task.samples(n)]
-    rs = []
-    for i in range(0, n, 8):
-        ro = make_rollouts(adapter, samples[i:i + 8], G, rm, None, max_new_tokens)
-        rs.append(ro.rewards)
-    return float(torch.cat(rs).mean())
-
-
 def base_eval(model: str, tasks: list[str], n_eval: int) -> dict:
     """The supervised checkpoint before RL, on each task (cached like the runs)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     key = str(Path(model).resolve()) if Path(model).exists() else model
     cache = WORK / "base" / (key.strip("/").replace("/", "_") + f"_n{n_eval}.json")
     record = RECORDS / "base" / (_short(model).strip("/").replace("/", "_") + f"_n{n_eval}.json")
@@ -365,64 +333,6 @@ def _paired(by, task, method, key="accuracy", ref="grpo"):
     return np.array([a[s]["eval"][key] - b[s]["eval"][key] for s in sorted(a) if s in b])
 
 
-def t_two_sided_p(t: float, df: int) -> float:
-    """Two-sided p-value P(|T| ≥ |t|) of Student's t with an integer number of degrees of freedom, exact by the
-    finite series of Abramowitz & Stegun 26.7.3–26.7.4 (θ = atan(|t|/√df)); no scipy needed."""
-    import math
-    if df < 1 or int(df) != df:
-        raise ValueError(f"df must be a whole number ≥ 1 (got {df})")
-    if math.isnan(t):
-        return float("nan")
-    if math.isinf(t):
-        return 0.0
-    df = int(df)
-    th = math.atan(abs(t) / math.sqrt(df))
-    s, c = math.sin(th), math.cos(th)
-    if df % 2:  # odd: A = 2/π [θ + sinθ cosθ (1 + 2/3 cos²θ + … + (2·4…(df−3))/(1·3…(df−2)) cos^(df−3)θ)]
-        term, tot = 1.0, 1.0 if df > 1 else 0.0
-        for k in range(1, (df - 1) // 2):
-            term *= (2 * k) / (2 * k + 1) * c * c
-            tot += term
-        a = 2 / math.pi * (th + (s * c * tot if df > 1 else 0.0))
-    else:  # even: A = sinθ [1 + 1/2 cos²θ + (1·3)/(2·4) cos⁴θ + … + (1·3…(df−3))/(2·4…(df−2)) cos^(df−2)θ]
-        term, tot = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c * c
-            tot += term
-        a = s * tot
-    return min(1.0, max(0.0, 1.0 - a))
-
-
-def paired_t(d) -> dict:
-    """Two-sided paired t-test of per-seed differences `d` against 0: mean, SE, t, p, n. All differences exactly
-    0: p = 1 (identical); all equal and non-zero (SE 0): p = 0; fewer than 2 seeds: p = nan (no test)."""
-    d = np.asarray(d, dtype=float)
-    n = len(d)
-    if n == 0:
-        return {"n": 0, "mean": float("nan"), "se": float("nan"), "t": float("nan"), "p": float("nan")}
-    mean = float(d.mean())
-    if n < 2:
-        return {"n": n, "mean": mean, "se": float("nan"), "t": float("nan"), "p": float("nan")}
-    se = float(d.std(ddof=1) / np.sqrt(n))
-    if np.all(d == 0):
-        return {"n": n, "mean": 0.0, "se": 0.0, "t": 0.0, "p": 1.0}
-    t = mean / se if se > 0 else float("inf") * np.sign(mean)
-    return {"n": n, "mean": mean, "se": se, "t": float(t), "p": t_two_sided_p(t, n - 1)}
-
-
-def holm(pvals) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error control over all of `pvals`, in their order): the
-    i-th smallest p times (m − i + 1), made monotone, capped at 1. nan (no test) stays nan and is not counted."""
-    idx = [i for i, p in enumerate(pvals) if p == p]
-    m = len(idx)
-    out = [float("nan")] * len(pvals)
-    running = 0.0
-    for rank, i in enumerate(sorted(idx, key=lambda i: pvals[i])):
-        running = max(running, min(1.0, (m - rank) * pvals[i]))
-        out[i] = running
-    return out
-
-
 def _se(d) -> float:
     return d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
 
@@ -498,7 +408,7 @@ def overall_summary(by, base) -> list[str]:
     for (t, m, key, ref), c in fam.items():
         if ref == "grpo" and _survives(c):
             (better if c["mean"] > 0 else worse).append(
-                f"`{m}` on `{t}` {dict(METRICS).get(key, key)} ({c['mean']:+.3f}, p_Holm {_pf(c['p_holm'])})")
+                f"`{m}` on `{t}` {dict(METRICS).get(key, key)} ({c['mean']:+.3f}, p_Holm {fmt_p(c['p_holm'])})")
     out = ["## Summary (generated from the tables below)", ""]
     out.append(f"- Better than GRPO after a Holm correction over all {len(fam)} paired comparisons of this document "
                "(two-sided paired t-tests by seed, p_Holm < 0.05): " + (", ".join(better) if better else "**none**")
@@ -552,8 +462,8 @@ def verdicts(by, task) -> list[str]:
         if method == "grpo" or not len(d):
             continue
         c = _FAMILY.get((task, method, "accuracy", "grpo")) or {**paired_t(d), "p_holm": float("nan"), "ref": "grpo"}
-        out.append(f"- `{method}`: {d.mean():+.3f} (per seed {', '.join(f'{x:+.3f}' for x in d)}) — p {_pf(c['p'])}, "
-                   f"Holm {_pf(c['p_holm'])}: {_word({**c, 'ref': 'grpo'})}.")
+        out.append(f"- `{method}`: {d.mean():+.3f} (per seed {', '.join(f'{x:+.3f}' for x in d)}) — p {fmt_p(c['p'])}, "
+                   f"Holm {fmt_p(c['p_holm'])}: {_word({**c, 'ref': 'grpo'})}.")
     return out
 
 
@@ -869,10 +779,6 @@ def binom_tail(k: int, n: int, p: float) -> float:
     return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
 
 
-def _pf(p: float) -> str:
-    return "1" if p >= 0.9995 else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def _word(c: dict, alpha: float = 0.05) -> str:
     if c["mean"] == 0 and c["se"] == 0:
         return "identical to GRPO on every seed" if c["ref"] == "grpo" else "identical to its control"
@@ -910,14 +816,14 @@ def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/res
             worse = [c for c in surv if c["ref"] == "grpo" and c["mean"] < 0]
             out.append(f"- Better than GRPO after a Holm correction over all {n} paired comparisons of this document "
                        "(two-sided paired t-tests by seed, p_Holm < 0.05): "
-                       + (", ".join(f"{name(c)} ({c['mean']:+.3f}, p_Holm {_pf(c['p_holm'])})" for c in better)
+                       + (", ".join(f"{name(c)} ({c['mean']:+.3f}, p_Holm {fmt_p(c['p_holm'])})" for c in better)
                           or "**none**") + ".")
             out.append("- Worse than GRPO after Holm: " + (", ".join(
-                f"{name(c)} ({c['mean']:+.3f}, p_Holm {_pf(c['p_holm'])})" for c in worse) or "**none**") + ".")
+                f"{name(c)} ({c['mean']:+.3f}, p_Holm {fmt_p(c['p_holm'])})" for c in worse) or "**none**") + ".")
             tail = binom_tail(len(raw), n, 0.05)
             out.append(f"- Before the correction {len(raw)} of the {n} comparisons have p < 0.05, where "
                        f"{0.05 * n:.1f} are expected if no method differed from its reference (P(≥ {len(raw)}) = "
-                       f"{_pf(tail)} for independent tests; these are not independent, they share GRPO seeds): "
+                       f"{fmt_p(tail)} for independent tests; these are not independent, they share GRPO seeds): "
                        + ("more than chance, so some of them are probably real, but with 3–5 seeds none is large "
                           "enough relative to its seed spread to survive a correction over the whole document"
                           if tail < 0.05 else "about what chance alone gives")
@@ -941,8 +847,8 @@ def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/res
         sm = _SEED_LINE.match(line) if section == "task" else None
         if sm and (task, sm.group("m"), "greedy acc", "grpo") in by:
             c = by[(task, sm.group("m"), "greedy acc", "grpo")]
-            line = (f"- `{sm.group('m')}`: {sm.group('mean')} (per seed {sm.group('d')}) — p {_pf(c['p'])}, "
-                    f"Holm {_pf(c['p_holm'])}: {_word(c)}.")
+            line = (f"- `{sm.group('m')}`: {sm.group('mean')} (per seed {sm.group('d')}) — p {fmt_p(c['p'])}, "
+                    f"Holm {fmt_p(c['p_holm'])}: {_word(c)}.")
         if line.startswith("What the `") and "numbers show" in line:
             line = line.replace("greedy accuracy):", "greedy accuracy; two-sided paired t-test, Holm over all "
                                 f"{n} comparisons of this document):")
@@ -987,7 +893,7 @@ def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/res
             "| task | arm | metric | vs | Δ (mean) | n | t | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(raw, key=lambda c: c["p"]):
         stat.append(f"| `{c['task']}` | {c['arm']} | {c['metric']} | {'GRPO' if c['ref'] == 'grpo' else 'control'} | "
-                    f"{c['mean']:+.4f} | {c['n']} | {c['t']:.2f} | {_pf(c['p'])} | {_pf(c['p_holm'])} |")
+                    f"{c['mean']:+.4f} | {c['n']} | {c['t']:.2f} | {fmt_p(c['p'])} | {fmt_p(c['p_holm'])} |")
     stat.append("")
     anchor = "\n## Task `"
     i = text.index(anchor)

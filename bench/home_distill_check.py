@@ -15,18 +15,14 @@ built in about a minute: the default model continued for a few hundred supervise
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import ROOT, dump_record, start
+from evidence import COMMON, TASK_FIELDS, TASKS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import COMMON, TASK_FIELDS, TASKS, dump_record  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "records" / "distill_check"
 TEACHER = Path("/tmp/ral_distill_teacher")
 SEEDS, STEPS, N_EVAL = (0, 1, 2), 12, 150
@@ -72,7 +68,7 @@ def first_step_gradients(tr) -> dict:
 
 
 def run(method: str, seed: int, teacher: str, lam: float = 1.0) -> tuple[dict, object]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     import torch
     torch.set_num_threads(1)
     from ral_core.config import build_config

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import holm, paired_t  # noqa: E402  (the statistics live with the main evidence benchmark)
+from _common import dump_record, fmt_p, holm, paired_t, sampled_reward, start
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "bench" / "records"
@@ -80,22 +79,6 @@ N_EVAL, N_SAMPLED, EVAL_EVERY, GRAD_EVERY = 300, 100, 10, 5
 CURVE_KEYS = ("reward", "attn_target_mass", "ral_rows_zero_var", "ral_rows_cancelled", "ral_rows_acting",
               "ral_effective_weight", "grad_norm", "grad_grpo", "grad_ral_unit", "grad_ratio_unit", "grad_opad_unit",
               "grad_kl_unit", "attn_jsd_teacher", "token_rkl")
-
-
-def _r(x, sig: int = 5):
-    """Round for a record: floats to `sig` significant digits (records stay small and diff-friendly)."""
-    if isinstance(x, float):
-        return float(f"{x:.{sig}g}") if np.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _r(v, sig) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_r(v, sig) for v in x]
-    return x
-
-
-def dump_record(path: Path, rec: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_r(rec), sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
 def grad_ratio(tr, theta_old: list, frac: float) -> dict:
@@ -156,7 +139,6 @@ def evaluate_adapter(adapter, n_eval: int, n_sampled: int, kinds=None, max_new_t
                      cols=None) -> dict:
     """Greedy exact-match accuracy and attention metrics on held-out items, plus the exact-match reward of
     temperature-1 samples."""
-    from evidence import sampled_reward
 
     from ral_core.evaluate import evaluate
     adapter.model.eval()
@@ -191,7 +173,7 @@ def task_key(ov: dict) -> str:
 def run_one(job: dict) -> dict:
     """Train one (arm, seed), measure the gradient ratio every GRAD_EVERY steps and greedy accuracy every
     EVAL_EVERY steps, evaluate on held-out handwriting, write the record."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     import torch
     torch.set_num_threads(1)
     from ral_core.config import build_config
@@ -249,7 +231,7 @@ def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None, rerun: bo
     have = set(rec.get("by_task", {}))
     if want <= have:
         return rec
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     import torch
     torch.set_num_threads(1)
     from ral_core.models import load_adapter
@@ -292,7 +274,7 @@ def teacher_record(n_eval: int, n_sampled: int, rerun: bool = False) -> dict:
     if not (TEACHER / "config.json").exists():
         sys.exit(f"the OPAD/distill teacher {os.path.relpath(TEACHER, ROOT)} is missing: `make evidence-teacher` "
                  "(= python bench/home_regime.py --build-teacher) builds it")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(threads=False)
     import torch
     torch.set_num_threads(1)
     from ral_core.models import load_adapter
@@ -503,10 +485,6 @@ def _verdict(c: dict, alpha: float = 0.05) -> str:
     if c["p_holm"] < alpha:
         return "better than GRPO" if c["mean"] > 0 else "worse than GRPO"
     return "not distinguishable from GRPO"
-
-
-def _fmt_p(p: float) -> str:
-    return "1" if p >= 0.9995 else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def pilot_lines() -> list[str]:
@@ -748,8 +726,8 @@ def summarise() -> str:
     lines.append("- **What wins, where, by how much** (differences from GRPO with Holm-adjusted p < 0.05 over all "
                  f"{len(cmp)} comparisons): " + ("; ".join(
                      f"`{c['arm']}` in `{c['sweep']}`: {c['label']} {c['mean']:+.3f} "
-                     f"({'better' if c['mean'] > 0 else 'worse'} than GRPO; p {_fmt_p(c['p'])}, p_Holm "
-                     f"{_fmt_p(c['p_holm'])})" for c in sig) if sig else
+                     f"({'better' if c['mean'] > 0 else 'worse'} than GRPO; p {fmt_p(c['p'])}, p_Holm "
+                     f"{fmt_p(c['p_holm'])})" for c in sig) if sig else
                      "**nothing** — no arm (no λ of RAL" + "".join(f", not {ARM_DOC[a]}" for a in TEACHER_ARMS
                                                             if any(a in runs for runs in sweeps.values()))
                      + ") beats or loses to GRPO on greedy accuracy, sampled reward or target mass") + ".")
@@ -759,7 +737,7 @@ def summarise() -> str:
         lines.append(f"- RAL − GRPO, greedy accuracy: from {worst['mean']:+.3f} (`{worst['arm']}`, {worst['sweep']}) "
                      f"to {best['mean']:+.3f} (`{best['arm']}`, {best['sweep']}); "
                      f"{sum(c['p_holm'] < 0.05 for c in acc_c)} of {len(acc_c)} survive Holm (smallest raw p "
-                     f"{_fmt_p(min(c['p'] for c in acc_c))}). Seed-to-seed sd of GRPO itself: "
+                     f"{fmt_p(min(c['p'] for c in acc_c))}). Seed-to-seed sd of GRPO itself: "
                      + ", ".join(f"{np.std([r['eval']['accuracy'] for r in runs['grpo'].values()], ddof=1):.3f} "
                                  f"({d})" for d, runs in sweeps.items() if "grpo" in runs) + ".")
     for arm in TEACHER_ARMS:
@@ -767,15 +745,15 @@ def summarise() -> str:
         if not ac:
             continue
         lines.append(f"- {ARM_DOC[arm]} − GRPO: " + "; ".join(
-            f"`{d}` " + ", ".join(f"{c['label']} {c['mean']:+.3f} (p {_fmt_p(c['p'])}, Holm {_fmt_p(c['p_holm'])})"
+            f"`{d}` " + ", ".join(f"{c['label']} {c['mean']:+.3f} (p {fmt_p(c['p'])}, Holm {fmt_p(c['p_holm'])})"
                                   for c in ac if c["sweep"] == d) for d in sweeps if any(c["sweep"] == d for c in ac))
             + f". Its term's gradient is {np.mean([_grad_ratio(r, TERM_KEY[arm]) for runs in sweeps.values() for r in runs.get(arm, {}).values()]):.2f}"
             " × GRPO's per unit weight.")
     tm = [c for c in cmp if c["key"] == "target_mass" and c["p"] < 0.05]
     if tm:
         lines.append("- Target mass (the last layer's attention on the row being read), arm − GRPO with raw p < 0.05: "
-                     + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {_fmt_p(c['p'])}, Holm "
-                                 f"{_fmt_p(c['p_holm'])})" for c in tm)
+                     + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {fmt_p(c['p'])}, Holm "
+                                 f"{fmt_p(c['p_holm'])})" for c in tm)
                      + f"; {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
     acc_all = [c for c in cmp if c["key"] == "accuracy"]
     mad = {a: np.mean([np.mean(np.abs(c["d"])) for c in acc_all if c["arm"] == a]) for a in ARMS
@@ -809,8 +787,8 @@ def summarise() -> str:
         for c in cmp:
             if c["sweep"] == d:
                 lines.append(f"| {c['arm']} | {c['label']} | {c['mean']:+.4f} ± {c['se']:.4f} | "
-                             + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {_fmt_p(c['p'])} | "
-                             f"{_fmt_p(c['p_holm'])} | {_verdict(c)} |")
+                             + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {fmt_p(c['p'])} | "
+                             f"{fmt_p(c['p_holm'])} | {_verdict(c)} |")
         steps = [e["step"] for e in next(iter(runs[next(iter(runs))].values()))["evals"]]
         lines += ["", "Greedy accuracy during training (mean over seeds, held-out items; step 0 = the starting "
                   "checkpoint):", "", "| arm | step 0 | " + " | ".join(f"step {s}" for s in steps) + " |",

@@ -37,11 +37,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 WORK = os.path.join(ROOT, "bench", "_work", "real")
 TOK_CACHE = os.path.join(WORK, "tokenizers")  # twins' tokenizers, built once
 PHOTO_SRC = os.path.join(ROOT, "assets", "examples", "photos", "chelsea.jpg")
@@ -155,9 +153,8 @@ def w_static(args) -> dict:
 
 
 def w_inspect(args) -> dict:
-    """`ral inspect` itself (argument parsing, inspect(), figures), with its model loader replaced by the twin."""
+    """`ral inspect` itself (argument parsing, inspect(), figures), given the twin instead of loading --model."""
     import ral_core.cli as cli
-    import ral_core.inspection as insp
     from ral_core.builders.twins import build_twin, parameter_count
 
     torch = _setup(args)
@@ -174,22 +171,11 @@ def w_inspect(args) -> dict:
         C.reset_peak_rss()
     else:
         torch.cuda.reset_peak_memory_stats()
-    cli._load = lambda a, device=None: adapter  # noqa: E731 — the twin instead of load_adapter
     timing = {}
-    orig = insp.inspect
-
-    def timed_inspect(*a, **k):
-        c = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            timing["inspect_s"] = time.perf_counter() - c
-
-    insp.inspect = timed_inspect
     argv = ["--debug", "inspect", "--image", photo_path(), "--question", QUESTION, "--out", out, "--no-progress",
             "--max-new-tokens", str(4 if args.quick else 16), "--per-head-scale"]
     c0, t1 = time.process_time(), time.perf_counter()
-    rc = cli.main(argv)
+    rc = cli.main(argv, adapter=adapter, timings=timing)
     wall, cpu = time.perf_counter() - t1, time.process_time() - c0
     if rc != 0:
         raise RuntimeError(f"ral inspect returned {rc}")
@@ -199,7 +185,6 @@ def w_inspect(args) -> dict:
            "model_mb": rss_model, "params": parameter_count(adapter), "argv": ["ral"] + argv[1:],
            "answer_tokens": None, "out": os.path.relpath(out, ROOT)}
     try:
-        import numpy as np  # noqa: F401
         from ral_core.inspection import InspectionResult
         r = InspectionResult.load(os.path.join(out, "result"))
         res["answer_tokens"] = len(r.answer_ids)
@@ -268,7 +253,7 @@ def w_capture(args) -> dict:
         need = eager_layer_need_mb(d["heads"], L, b)
         entry = {"L": L, "visual": nv, "eager_layer_need_mb": need}
         if mode == "eager" and need > limit_mb:
-            entry["skipped"] = f"computed need {need:.0f} MB > limit {limit_mb:.0f} MB"
+            entry["skipped"] = f"computed need {need:.0f} MiB > limit {limit_mb:.0f} MiB"
             res["lengths"][str(target)] = entry
             log(f"{args.twin} {mode} L={L}: skipped ({entry['skipped']})")
             continue
@@ -281,7 +266,7 @@ def w_capture(args) -> dict:
         del keep
         entry.update({"wall_s": m.wall, "cpu_s": m.cpu, "extra_mb": m.extra, "check": check})
         res["lengths"][str(target)] = entry
-        log(f"{args.twin} {mode} L={L}: {m.wall:.1f} s, extra {m.extra:.1f} MB")
+        log(f"{args.twin} {mode} L={L}: {m.wall:.1f} s, extra {m.extra:.1f} MiB")
         del mi
         gc.collect()
     return res
@@ -451,8 +436,16 @@ def _f(x, nd=0, unit=""):
     return f"{x:,.{nd}f}{unit}"
 
 
-def _gb(mb):
-    return "–" if mb is None else (f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB")
+def _gb(mib):
+    """Memory measured in MiB (2^20 bytes), labelled as such: GiB from 1024 MiB up."""
+    return "–" if mib is None else (f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB")
+
+
+def _twin_rows(w, twins, get, row: str, n_cols: int, line) -> None:
+    """One table row per twin from its `row` measurement (line(twin, record) → markdown), else 'not measured yet'."""
+    for t in twins:
+        r = get(t, row)
+        w(line(t, r) if r else f"| {t} | not measured yet |" + " |" * (n_cols - 2))
 
 
 def _fit(p1, p2, n):
@@ -492,16 +485,13 @@ def report(data: dict, args) -> str:
     w("| twin (hub repo) | parameters (vision) | decoder: layers (softmax-attention) × hidden, heads / KV × head_dim | "
       "vocab | visual tokens | prompt tokens | how the photo is cut |")
     w("|---|---:|---|---:|---:|---:|---|")
-    for t in twins:
-        s = get(t, "static")
-        if not s:
-            w(f"| {t} | not measured yet | | | | | |")
-            continue
+    def size_row(t, s):
         cut = (f"{s['tiles'][0]}×{s['tiles'][1]} tiles of 512² + global image, 64 tokens each" if s.get("tiles")
                else f"resized to {s['resized'][0]}×{s['resized'][1]} px" if s.get("resized") else "")
-        w(f"| {t} (`{s['repo']}`) | {s['params'] / 1e9:.3f} B ({s['vision_params'] / 1e6:.0f} M) | {s['layers']} "
-          f"({s['attn_layers']}) × {s['hidden']}, {s['heads']} / {s['kv_heads']} × {s['head_dim']} | {s['vocab']:,} | "
-          f"**{s['visual_tokens']:,}** | {s['prompt_tokens']:,} | {cut} |")
+        return (f"| {t} (`{s['repo']}`) | {s['params'] / 1e9:.3f} B ({s['vision_params'] / 1e6:.0f} M) | {s['layers']} "
+                f"({s['attn_layers']}) × {s['hidden']}, {s['heads']} / {s['kv_heads']} × {s['head_dim']} | "
+                f"{s['vocab']:,} | **{s['visual_tokens']:,}** | {s['prompt_tokens']:,} | {cut} |")
+    _twin_rows(w, twins, get, "static", 7, size_row)
     w("")
 
     # ---- inspect
@@ -510,14 +500,10 @@ def report(data: dict, args) -> str:
     w("| twin | inspect wall (inspect() / figures) | CPU time | model build (not in wall) | peak "
       + ("GPU memory" if gpu else "RSS") + " | weights in memory | answer tokens | visual tokens | layers captured |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for t in twins:
-        r = get(t, "inspect")
-        if not r:
-            w(f"| {t} | not measured yet | | | | | | | |")
-            continue
-        w(f"| {t} | **{r['wall_s']:.0f} s** ({_f(r.get('inspect_s'), 0)} s / {_f(r.get('figures_s'), 1)} s) | "
-          f"{r['cpu_s']:.0f} s | {r['build_s']:.0f} s | **{_gb(r['peak_mb'])}** | {_gb(r['model_mb'])} | "
-          f"{_f(r.get('answer_tokens'))} | {_f(r.get('visual_tokens'))} | {_f(r.get('layers_captured'))} |")
+    _twin_rows(w, twins, get, "inspect", 9, lambda t, r: (
+        f"| {t} | **{r['wall_s']:.0f} s** ({_f(r.get('inspect_s'), 0)} s / {_f(r.get('figures_s'), 1)} s) | "
+        f"{r['cpu_s']:.0f} s | {r['build_s']:.0f} s | **{_gb(r['peak_mb'])}** | {_gb(r['model_mb'])} | "
+        f"{_f(r.get('answer_tokens'))} | {_f(r.get('visual_tokens'))} | {_f(r.get('layers_captured'))} |"))
     w("")
     w("Wall = `ral_core.cli.main(['inspect', …])` from argument parsing to the last figure written: image processing, "
       "greedy generation of 16 tokens (a random model never stops early), the capture pass over prompt + answer with "
@@ -538,7 +524,7 @@ def report(data: dict, args) -> str:
       "length, each mode in its own process (returning allocator: RSS follows live memory, page faults included in "
       f"the times). Capture keeps the last {ROWS_CAPTURED} query rows of every layer. Extra = peak over the loaded "
       "model. Eager was run where its computed need (heads·L²·(3·b+4) bytes for one layer: scores, their scaled and "
-      f"masked copies, the fp32 softmax and the kept maps) was under {args.eager_limit_gb:g} GB; elsewhere the "
+      f"masked copies, the fp32 softmax and the kept maps) was under {args.eager_limit_gb:g} GiB; elsewhere the "
       "column gives that computed need. **Full depth** scales per layer: capture adds its rows per softmax layer "
       f"(heads × {ROWS_CAPTURED} × L × 4 B); eager keeps every layer's maps (heads × L² × b) on top of the one-layer "
       "peak.")
@@ -576,10 +562,10 @@ def report(data: dict, args) -> str:
               f"{_f(ea['wall_s'], 1) if ea_meas else '– (not run)'} | "
               f"{_f(ca['wall_s'] / sd['wall_s'], 3) if ca and sd else '–'} | {_gb(sd and sd['extra_mb'])} / "
               f"{_gb(ca and ca['extra_mb'])} / {_gb(e1)}{'' if ea_meas else ' (computed)'} | "
-              f"{_f(cap1, 1, ' MB') if cap1 is not None else '–'} / {_gb(eag1)}{'' if ea_meas else ' (computed)'} | "
+              f"{_f(cap1, 1, ' MiB') if cap1 is not None else '–'} / {_gb(eag1)}{'' if ea_meas else ' (computed)'} | "
               f"{_gb(cap_full)} / {_gb(eag_full)} | {('1/' + format(1 / ratio, ',.0f')) if ratio else '–'} |")
     w("")
-    w("Over SDPA, one layer: capture's rows are heads × 16 × L × 4 B (at 16k tokens and 12 heads: 12 MB), within the "
+    w("Over SDPA, one layer: capture's rows are heads × 16 × L × 4 B (at 16k tokens and 12 heads: 12 MiB), within the "
       "run-to-run noise of the SDPA forward's own activations (MLP intermediates of L × intermediate, which every mode "
       "has). Full depth, over SDPA: capture = the one-layer difference (at least 0) + the rows of the other softmax "
       "layers; eager = the one-layer difference (measured, or the computed need where not run) + the maps the other "
@@ -654,7 +640,7 @@ def report(data: dict, args) -> str:
         n_tok, cf, ef, ratio, meas, n_attn, rows_mb, cap1 = goal
         w(f"- Capture's extra memory at {n_tok:,} tokens ≤ 1/50 of eager's (Qwen2-VL-2B twin, {n_attn} layers, over "
           f"plain SDPA): {_gb(cf)} vs {_gb(ef)} = 1/{1 / ratio:,.0f} → **{'met' if ratio <= 1 / 50 else 'MISSED'}** "
-          f"(capture: {cap1:.1f} MB measured on one layer, {rows_mb:.1f} MB of rows per further layer; eager "
+          f"(capture: {cap1:.1f} MiB measured on one layer, {rows_mb:.1f} MiB of rows per further layer; eager "
           f"{'measured on one layer and scaled' if meas else 'computed: one layer alone needs more than this machine has'}"
           "). Counting the forward's own activations too (extra over the loaded model), capture's peak stays near the "
           "SDPA forward's, see the table.")
@@ -684,24 +670,24 @@ def report(data: dict, args) -> str:
         w("## Reading it (this run)")
         w("")
         w("- **Capture vs eager.** What capture adds to a plain SDPA forward is its rows, heads × 16 × L × 4 B per "
-          "softmax layer (12–16 MB per layer at 16k tokens, within the noise of the forward's own activations); eager "
-          "`output_attentions` needs 20–40 GB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
+          "softmax layer (12–16 MiB per layer at 16k tokens, within the noise of the forward's own activations); eager "
+          "`output_attentions` needs 20–40 GiB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
           "the kept map), so none of these models can return eager maps at 16k on a 24 GB device, and at full depth the "
-          "kept maps alone are 40–320 GB. At 16k tokens capture's one-layer forward took 0.96–1.24× SDPA's time (single "
+          "kept maps alone are 40–320 GiB. At 16k tokens capture's one-layer forward took 0.96–1.24× SDPA's time (single "
           "calls on a shared machine: a few rows at shorter lengths are off in both directions).")
         w("- **Checkpointing** cuts the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
-          "~75–110 MB to a few MB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
-          "per-layer differences of a few MB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
+          "~75–110 MiB to a few MiB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
+          "per-layer differences of a few MiB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
           "the extrapolations as sizes, not exact values.")
         w("- **The rollout's LM-head peak, found here and fixed**: the first run of these rows peaked in the rollout at "
-          "1.8–2.4 GB over resident memory for the Qwen twins (0.27 GB for SmolVLM), about one bf16 copy of the "
+          "1.8–2.4 GiB over resident memory for the Qwen twins (0.27 GiB for SmolVLM), about one bf16 copy of the "
           "LM-head matrix per sequence of the group. A memory profile traced it to generate's prefill: the "
           "last-position slice `hidden[:, -1:, :]` of a batch is not contiguous, so `F.linear` on the CPU went through "
           "`matmul` → `bmm` with the weight expanded and copied to [4, hidden, vocab] (1.87 GB for Qwen2-VL-2B), which "
           "also made the prefill slow (65 of a rollout's 84 s on the 1-layer Qwen2-VL-2B twin). Every adapter's head "
           "now gets a contiguous input (`ral_core/models/base.contiguous_head`; measured alone: bf16, 151,936 × 1536 "
           "head, batch 8: 25.8 s → 0.06 s). The training rows above are after the fix and on the trainer's own "
-          "rollout path (image cache, shared prompts): rollout peaks 0.16–0.72 GB.")
+          "rollout path (image cache, shared prompts): rollout peaks 0.16–0.72 GiB.")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
           + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
@@ -788,7 +774,6 @@ def main(argv=None):
     photo_path()
     data = load_results(args.json)
     import torch
-    import transformers
     if args.report_only:
         md = report(data, args)
         with open(args.out, "w") as f:
@@ -801,9 +786,8 @@ def main(argv=None):
         reruns = reruns + [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {cmd}"]
         cmd = data.get("meta", {}).get("command", cmd)
     data["meta"] = {"command": cmd, "reruns": reruns,
-                    "machine": (f"nproc {os.cpu_count()}, CPU `{C.cpu_model()}`, Python {sys.version.split()[0]}, "
-                                f"torch {torch.__version__}, transformers {transformers.__version__}"
-                                + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""))}
+                    "machine": C.machine_line()
+                    + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else "")}
     logdir = os.path.join(WORK, "logs")
     os.makedirs(logdir, exist_ok=True)
     todo = plan(args)

@@ -27,9 +27,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-from capture_bench import ROOT, Worker, log  # noqa: E402
+import _common as C
+from capture_bench import ROOT, Worker, log
 
 # Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct language model and vision tower (config.json of the hub repos)
 SHAPE = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064,
@@ -241,8 +240,7 @@ def fmt_b(x: float) -> str:
 def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
     s, P = SHAPE, mdl["params"]
     L = [f"# One RAL step of a 7B VLM on {args.gpus} GPUs with FSDP: memory and time\n",
-         f"`{command}` · {info['date']} · {info['cpu']} ({info['nproc']} cores) · torch {info['torch']} · "
-         f"transformers {info['transformers']}\n",
+         f"`{command}` · {info['date']} · {C.machine_line(info)}\n",
          "Shape: Qwen2-VL-7B / Qwen2.5-VL-7B — language model hidden 3584, 28 layers, 28 query heads, 4 KV heads "
          f"(head dim 128), MLP 18944, vocabulary 152,064 (untied); vision tower 32 blocks of width 1280. From the shapes: "
          f"{P['layer'] / 1e6:.0f} M parameters per decoder layer, language model {P['lm'] / 1e9:.2f} B, vision "

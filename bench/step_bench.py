@@ -28,13 +28,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
-for _k, _v in C.THREAD_ENV.items():
-    os.environ.setdefault(_k, _v)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+C.start()  # before torch is imported
 
 import torch  # noqa: E402
 
@@ -44,6 +40,17 @@ MODES = {"before": ["vision_cache=false", "share_prompt=false"],
          "after": ["vision_cache=true", "share_prompt=true"]}
 BEGIN, END = "<!-- step_bench: begin -->", "<!-- step_bench: end -->"
 RECORDS = os.path.join(ROOT, "bench", "results", "step.json")  # per-model rows; a rerun of one model replaces its row
+TRAIN_MD = os.path.join(ROOT, "bench", "results", "train.md")
+
+
+def records_path(args) -> str:
+    """Where the rows are kept: the committed bench/results/step.json only for the committed train.md; a report
+    written elsewhere keeps its rows next to itself, so a trial run never rewrites the committed measurements."""
+    if args.json:
+        return args.json
+    if not args.out or os.path.abspath(args.out) == os.path.abspath(TRAIN_MD):
+        return RECORDS
+    return os.path.splitext(args.out)[0] + ".step.json"
 
 
 def log(msg):
@@ -107,7 +114,8 @@ def section(results: dict, args, meta: dict) -> str:
     cuts = " and ".join(str(v["twin_layers"]) for k, v in results.items() if k != "default") or args.twin_layers
     lines = [BEGIN, "## Issue 13: the step's shared work done once (`bench/step_bench.py`)", "",
              f"Command: `make bench-step` (rows kept in `bench/results/step.json`; `--models twin` reruns one row) · "
-             f"{meta['machine']} · one torch thread · fp32", "",
+             f"{'; '.join(sorted({r['machine'] for r in results.values() if r.get('machine')})) or meta['machine']}"
+             " · one torch thread · fp32", "",
              "A full `Trainer.train_step()` (sampling, rewards, old-policy pass, updates) in three modes, alternating "
              "in one process on the same prompts from the same weights: **before** = `vision_cache=false "
              "share_prompt=false` (every pass re-encodes every rollout's image and runs its whole prompt), "
@@ -154,12 +162,14 @@ def main():
     p.add_argument("--twin-rounds", type=int, default=1)
     p.add_argument("--twin-layers", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--json", default=None, help="the rows file (default: bench/results/step.json for the committed "
+                   "train.md, else next to --out)")
     p.add_argument("--section-only", action="store_true",
                    help="rewrite the section of --out from bench/results/step.json without measuring (after bench-train)")
     args = p.parse_args()
     if args.section_only:
-        write_section(section(json.load(open(RECORDS)), args, {"machine": f"{os.cpu_count()} CPUs, {C.cpu_model()}"}),
-                      args.out or os.path.join(ROOT, "bench", "results", "train.md"))
+        write_section(section(json.load(open(records_path(args))), args, {"machine": C.machine_line()}),
+                      args.out or TRAIN_MD)
         return
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="step_bench_")
@@ -178,16 +188,18 @@ def main():
         if model != "default":
             r["twin_layers"] = args.twin_layers
         r["date"], r["load"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_model)), load_model
+        r["machine"] = C.machine_line()
         results[model if model == "default" else f"twin_l{args.twin_layers}"] = r
         del ts
     if args.out and not args.smoke:
-        stored = json.load(open(RECORDS)) if os.path.exists(RECORDS) else {}
+        rows = records_path(args)
+        stored = json.load(open(rows)) if os.path.exists(rows) else {}
         stored.update(results)
         stored = {("twin_l1" if k == "twin" else k): v for k, v in stored.items()}
         results = {k: stored[k] for k in sorted(stored, key=lambda k: (k != "default", k))}
-        with open(RECORDS, "w") as f:
+        with open(rows, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
-    meta = {"machine": f"{os.cpu_count()} CPUs, {C.cpu_model()}"}
+    meta = {"machine": C.machine_line()}
     text = section(results, args, meta)
     print(text)
     if args.out and not args.smoke:

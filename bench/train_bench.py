@@ -39,13 +39,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
-for _k, _v in C.THREAD_ENV.items():
-    os.environ.setdefault(_k, _v)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+C.start()  # before torch is imported
 
 import torch  # noqa: E402
 
@@ -269,8 +265,7 @@ def report(results, meta, command, args, wall_total, busy_before, busy_after) ->
     L = []
     L.append("# RAL step vs GRPO step (CPU)\n")
     L.append(f"Command: `{command}`  ")
-    L.append(f"Date: {meta['date']} · machine: {meta['nproc']} CPUs, {meta['cpu']} · Python {meta['python']}, "
-             f"torch {meta['torch']}, transformers {meta['transformers']} · one torch thread · fp32 · "
+    L.append(f"Date: {meta['date']} · machine: {C.machine_line(meta)} · one torch thread · fp32 · "
              f"total run {wall_total / 60:.1f} min\n")
     L.append("Batch: recipes `grpo` / `ral` (bundled grounding task, " + f"{args.group} rollouts per prompt, "
              f"{args.new_tokens} new tokens max, {args.epochs} epochs) with, per model, "

@@ -40,15 +40,9 @@ import threading
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
-# before torch is imported: OpenMP reads these once, and they are what the worker threads start with
-for _k, _v in C.THREAD_ENV.items():
-    os.environ.setdefault(_k, _v)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+C.start()  # before torch is imported
 
 import torch  # noqa: E402
 
@@ -56,16 +50,6 @@ TRL_PIN = "1.16.0"
 # our loss_norm → TRL loss_type with the same normaliser for one process without gradient accumulation
 # (dr_grpo differs in its constant: ours N·T_batch_max, TRL N·max_completion_length)
 LOSS_MAP = {"token": "dapo", "sequence": "grpo", "dr_grpo": "dr_grpo"}
-# renders a conversation exactly as Qwen2VLAdapter.prompt_ids does; the processor expands <|image_pad|>
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def log(msg):
     print(f"[trl_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -138,23 +122,6 @@ class Stepper:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def image_only_processor(adapter):
-    """A Qwen2VLProcessor over our tokenizer and PIL image processor. The stock class also wants a video processor,
-    which needs torchvision (not installed here); images only need these two, so the subclass drops it."""
-    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageOnlyQwen2VLProcessor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
-                                     chat_template=CHAT_TEMPLATE)
-
-
 def n_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -201,6 +168,7 @@ def make_trl(model, adapter, args, tmp, rec):
     from trl import GRPOConfig, GRPOTrainer
 
     from ral_core.data import GroundingTask
+    from ral_core.integrations.trl import processor_for
     from ral_core.rewards import exact_match
     from ral_core.trainer import is_vision_param
 
@@ -253,7 +221,7 @@ def make_trl(model, adapter, args, tmp, rec):
 
     recorder = StepRecorder()
     tr = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=cfg, train_dataset=dataset,
-                     processing_class=image_only_processor(adapter), callbacks=[recorder])
+                     processing_class=processor_for(adapter), callbacks=[recorder])
     recorder.trainer = tr
     for cb in (PrinterCallback, ProgressCallback):  # no printing at the end of train()
         tr.remove_callback(cb)
@@ -428,9 +396,8 @@ def report(res, meta, versions, command, args, total_s, busy_before, busy_after)
     factor = 1 / res["ratio_cpu"] if res["ratio_cpu"] < 1 else res["ratio_cpu"]
     L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n"]
     L.append(f"Command: `{command}`  ")
-    L.append(f"Date: {meta['date']} · machine: {meta['nproc']} CPUs, {meta['cpu']} · Python {meta['python']}, "
-             f"torch {meta['torch']}, transformers {meta['transformers']}, trl {versions['trl']}, accelerate "
-             f"{versions['accelerate']}, datasets {versions['datasets']} · one torch thread "
+    L.append(f"Date: {meta['date']} · machine: {C.machine_line({**meta, **versions})}, datasets "
+             f"{versions['datasets']} · one torch thread "
              f"(seen at step ends: ours {res['threads']['ours']}, TRL {res['threads']['trl']}) · fp32 · "
              f"total run {total_s / 60:.1f} min\n")
     L.append(f"Model: embedded default (assets/default_model), Qwen2-VL, {res['params'] / 1e6:.2f}M params, full "

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +26,8 @@ def _add_model_options(p):
 
 
 def _load(a, device=None):
+    if getattr(a, "adapter", None) is not None:  # built by the caller of main() (a benchmark's shape twin)
+        return a.adapter
     from ral_core.models import load_adapter
     with _Steps(a).step("load model"):
         return load_adapter(a.model, device=device, dtype=a.dtype, allow_download=a.allow_download or None)
@@ -179,8 +182,11 @@ def cmd_inspect(a) -> int:
         raise RALError(f"--head {a.head} is out of range: the model has {adapter.num_heads} heads (0..{adapter.num_heads - 1})")
     question = check_question(adapter, a.question, reserved=reserved_tokens(adapter, image, a.max_new_tokens))
     steps = _Steps(a)
+    t0 = time.perf_counter()
     with steps.inspect(adapter.model, a.max_new_tokens):
         res = inspect(adapter, image, question, max_new_tokens=a.max_new_tokens)
+    if getattr(a, "timings", None) is not None:
+        a.timings["inspect_s"] = time.perf_counter() - t0
     token = "mean" if a.token is None else a.token - 1  # counted from 1, as the figure titles count
     if a.token is not None and not 1 <= a.token <= res.n_tokens:
         raise RALError(f"--token {a.token} is out of range: the answer has {res.n_tokens} token(s) (1..{res.n_tokens})")
@@ -269,13 +275,18 @@ def _add_train(sub):
 
 
 def cmd_train(a) -> int:
+    from ral_core.hub import allowing_downloads
+
+    with allowing_downloads(a.allow_download or None):  # the trainer loads the model (and teacher) itself
+        return _train(a)
+
+
+def _train(a) -> int:
     from tqdm import tqdm
 
     from ral_core.config import build_config
     from ral_core.trainer import Trainer
 
-    if a.allow_download:  # the trainer loads the model (and teacher) itself, on every rank
-        os.environ["RAL_ALLOW_DOWNLOAD"] = "1"
     cfg = build_config(a.config, a.overrides)
     trainer = Trainer(cfg)
     main_proc = trainer.acc.is_main_process
@@ -569,17 +580,21 @@ def cmd_compare(a) -> int:
 _EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers, _add_compare]
 
 
-def main(argv=None) -> int:
+def main(argv=None, adapter=None, timings: dict | None = None) -> int:
+    """Run one command. For callers in Python (benchmarks): `adapter` is used instead of loading --model, and
+    `timings` receives the seconds of the model work (`inspect_s`: inspect() without the figures)."""
+    from ral_core import settings
     from ral_core.errors import RALError
 
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line): a code, in-process too
         return e.code if isinstance(e.code, int) else 2
+    args.adapter, args.timings = adapter, timings
     try:
         _check_args(args)
         import torch
-        torch.set_num_threads(int(os.environ.get("RAL_THREADS", min(4, os.cpu_count() or 1))))
+        torch.set_num_threads(settings.get("RAL_THREADS", min(4, os.cpu_count() or 1)))
         return args.func(args) or 0
     except RALError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,11 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _evidence():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
+def _bench(name: str):
+    """A bench script as a module, with bench/ on sys.path as when it runs as `python bench/NAME.py`."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _evidence():
+    return _bench("evidence")
 
 
 def _args(**kw):
@@ -82,7 +89,7 @@ def test_grid_recipe_continues_a_checkpoint_on_a_bigger_grid(tiny_model_dir, tmp
 
 # ---- statistics (issue 11): paired t-test and Holm, no scipy -------------------------------------------------
 def test_t_distribution_two_sided_p_matches_tables():
-    ev = _evidence()
+    ev = _bench("_common")  # the statistics of both evidence documents
     # 97.5 % quantiles of Student's t (two-sided p = 0.05), e.g. scipy.stats.t.ppf(0.975, df)
     for df, t in ((1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (4, 2.776445105), (5, 2.570581836),
                   (9, 2.262157163), (30, 2.042272456)):
@@ -94,7 +101,7 @@ def test_t_distribution_two_sided_p_matches_tables():
 
 
 def test_paired_t_against_a_hand_computed_case():
-    ev = _evidence()
+    ev = _bench("_common")  # the statistics of both evidence documents
     # d = (1, 2, 3, 4, 5)/100: mean 0.03, sd √(2.5)/100, SE = sd/√5 = 0.00707107, t = 4.2426407, df 4;
     # two-sided p for df 4 from A&S 26.7.4: θ = atan(t/2), p = 1 − sinθ (1 + cos²θ/2) = 0.0132356
     r = ev.paired_t([0.01, 0.02, 0.03, 0.04, 0.05])
@@ -107,7 +114,7 @@ def test_paired_t_against_a_hand_computed_case():
 
 
 def test_holm_on_known_p_values():
-    ev = _evidence()
+    ev = _bench("_common")  # the statistics of both evidence documents
     # sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → monotone 0.06; returned in input order
     assert ev.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert ev.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])       # 0.5·2 = 1, then monotone
@@ -142,11 +149,7 @@ def test_results_regenerates_byte_identical_from_the_committed_records(tmp_path)
 
 
 def _home():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("home_regime", ROOT / "bench" / "home_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench("home_regime")
 
 
 def test_home_plan_runs_every_arm_on_five_seeds_in_both_sweeps_and_the_teacher_arms_use_the_teacher():

@@ -1,0 +1,109 @@
+"""bench/_common.py, the benchmarks' small library, and the CLI seam a benchmark uses instead of patching ral_core."""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    """A bench script as a module, with bench/ on sys.path as when it runs as `python bench/NAME.py`."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _common():
+    return _bench("_common")
+
+
+def test_records_are_rounded_sorted_and_byte_stable(tmp_path):
+    C = _common()
+    rec = {"b": 0.123456789, "a": [1.0 / 3, float("nan"), 7], "c": {"x": 12345.678}}
+    p = tmp_path / "r" / "rec.json"
+    C.dump_record(p, rec)
+    first = p.read_bytes()
+    C.dump_record(p, json.loads(first))  # re-dumping a loaded record gives the same bytes
+    assert p.read_bytes() == first
+    assert json.loads(first) == {"a": [0.33333, None, 7], "b": 0.12346, "c": {"x": 12346.0}}
+    assert first.decode().splitlines()[1] == ' "a": ['  # sorted keys, one per line
+
+
+def test_machine_line_names_the_cpu_its_bf16_support_and_the_libraries():
+    C = _common()
+    meta = C.machine_info()
+    line = C.machine_line(meta)
+    assert meta["cpu"] in line and f"native bf16: {meta['native_bf16']}" in line
+    assert meta["native_bf16"] in ("yes", "no", "unknown")
+    for lib in ("torch", "transformers", "numpy"):
+        assert f"{lib} {meta[lib]}" in line
+    flags = C.cpu_flags()
+    if flags:  # Linux: the verdict follows the flags
+        assert (meta["native_bf16"] == "yes") == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_start_sets_the_bench_environment_without_overriding(monkeypatch):
+    C = _common()
+    for k in (*C.THREAD_ENV, *C.OFFLINE_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    C.start()
+    assert os.environ["OMP_NUM_THREADS"] == "3" and os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_cli_inspect_takes_a_built_model_and_reports_its_model_time(tiny_qwen, tmp_path):
+    """What bench/real_bench.py needs from `ral inspect` without replacing functions inside ral_core: a model it
+    built itself (a shape twin) and the seconds of inspect() apart from the figures."""
+    from ral_core import cli
+    timings = {}
+    argv = ["inspect", "--model", str(tmp_path / "no-such-model"), "--image",
+            str(ROOT / "assets" / "examples" / "grid3_cell.png"), "--question", "row one col two ?", "--out",
+            str(tmp_path / "out"), "--no-progress", "--max-new-tokens", "2", "--figsize", "200,200"]
+    assert cli.main(argv, adapter=tiny_qwen, timings=timings) == 0
+    assert timings["inspect_s"] > 0 and (tmp_path / "out" / "answer.txt").exists()
+    # without the seam the same command loads --model, which does not exist: one clear error, exit 2
+    assert cli.main(argv) == 2
+
+
+def test_bench_scripts_import_the_library_without_path_preambles():
+    """Benchmarks run as `python bench/NAME.py` (their folder is on sys.path), so none edits sys.path."""
+    for f in sorted((ROOT / "bench").glob("*.py")):
+        assert "sys.path.insert" not in f.read_text(), f.name
+
+
+def test_every_bench_script_imports_from_any_working_directory():
+    """Each script's start-up (its imports, constants, the library) in one process, as `python bench/NAME.py`
+    sees it: the bench folder first on sys.path, run from elsewhere."""
+    import subprocess
+    names = sorted(f.stem for f in (ROOT / "bench").glob("*.py"))
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r})\nfor m in {names!r}: __import__(m)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_step_bench_writes_its_rows_next_to_a_report_elsewhere(tmp_path):
+    """Only the committed train.md keeps its rows in the committed bench/results/step.json; a trial run with
+    --out elsewhere must not rewrite the committed measurements."""
+    from argparse import Namespace
+    sb = _bench("step_bench")
+    committed = str(ROOT / "bench" / "results" / "step.json")
+    assert sb.records_path(Namespace(json=None, out=str(tmp_path / "t.md"))) == str(tmp_path / "t.step.json")
+    assert sb.records_path(Namespace(json=None, out=str(ROOT / "bench" / "results" / "train.md"))) == committed
+    assert sb.records_path(Namespace(json=None, out=None)) == committed
+    assert sb.records_path(Namespace(json=str(tmp_path / "j.json"), out=None)) == str(tmp_path / "j.json")
+
+
+def test_the_live_evidence_does_not_depend_on_the_archived_script():
+    """docs/results.md's generator takes its statistics and records from the library, not from bench/evidence.py
+    (which only rebuilds the archived documents)."""
+    import ast
+    tree = ast.parse((ROOT / "bench" / "home_regime.py").read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "evidence" not in mods and "_common" in mods
