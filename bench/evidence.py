@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, dump_record, fmt_p, holm, paired_t, sampled_reward, start, t_two_sided_p
+from _common import ROOT, dump_record, fmt_p, holm, machine_line, paired_t, sampled_reward, start, t_two_sided_p
 
 WORK = ROOT / "bench" / "_work" / "evidence"
 RECORDS = ROOT / "bench" / "records" / "results"  # committed: one small JSON per finished run (issue 11)
@@ -143,7 +143,7 @@ def run_one(job: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(res))
     if rec_path:
-        dump_record(rec_path, {**res, "job": _record_job(job), "cpus": os.cpu_count()})
+        dump_record(rec_path, {**res, "job": _record_job(job), "cpus": os.cpu_count(), "machine": machine_line()})
     import shutil
     shutil.rmtree(out / "run", ignore_errors=True)  # keep the cache small: metrics are in result.json
     return res

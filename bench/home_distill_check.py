@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, dump_record, start
+from _common import ROOT, dump_record, machine_line, start
 from evidence import COMMON, TASK_FIELDS, TASKS
 
 OUT = ROOT / "bench" / "records" / "distill_check"
@@ -120,7 +120,8 @@ def main():
         for s in SEEDS:
             rec, vec = run(method, s, str(TEACHER), a.lambda_kl)
             recs[(method, s)], vecs[(method, s)] = rec, vec
-            dump_record(OUT / f"{method}{sfx}_s{s}.json", {k: v for k, v in rec.items() if k != "params"})
+            dump_record(OUT / f"{method}{sfx}_s{s}.json",
+                        {**{k: v for k, v in rec.items() if k != "params"}, "machine": machine_line()})
             print(method, s, rec["eval"], rec["probe_step1"].get("grad_grpo"), rec["probe_step1"].get("grad_token_rkl"),
                   f"{rec['wall_s']:.0f}s", flush=True)
     summary = {"teacher": {"steps": teacher_info["steps"], "test_accuracy": teacher_info["test_accuracy"]["accuracy"],
