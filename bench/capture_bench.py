@@ -81,22 +81,7 @@ class Worker:
             assert self.model.config.get_text_config()._attn_implementation == "eager"
         self.n_layers = self.ad.num_layers
         self.inputs: dict[int, dict] = {}
-        self.rows_cpu = 0.0
-        if mode.startswith("capture"):
-            # Time capture's own work (the extra softmax rows) from inside the call, in process CPU time:
-            # a contention-robust measure of its intrinsic cost, next to the end-to-end comparison.
-            import ral_core.attention as A
-
-            orig = A._row_probs
-
-            def timed_row_probs(*a, **k):
-                c = time.process_time()
-                try:
-                    return orig(*a, **k)
-                finally:
-                    self.rows_cpu += time.process_time() - c
-
-            A._row_probs = timed_row_probs
+        self.rows_cpu = 0.0  # capture's own work (the extra softmax rows), process CPU time from inside the call
 
     def build(self, target: int) -> dict:
         """Inputs of exactly `target` tokens: an image of r×c visual tokens plus a padded question."""
@@ -152,6 +137,7 @@ class Worker:
         elif self.mode == "capture":
             with torch.no_grad(), capture(self.model, "all", rows) as maps:
                 out = self.model(**mi)
+            self.rows_cpu += maps.rows_cpu_s
             _, check = self._attn_loss([maps[i] for i in range(self.n_layers)], vis)
             keep = (out, dict(maps))
         elif self.mode in LOGIT_MODES:
@@ -178,6 +164,7 @@ class Worker:
             elif self.mode == "capture_bwd":
                 with capture(self.model, "all", rows) as maps:
                     out = self.model(**mi)
+                self.rows_cpu += maps.rows_cpu_s
                 al, _ = self._attn_loss([maps[i] for i in range(self.n_layers)], vis)
                 loss = lm(out) + al
             elif self.mode == "eager_bwd":

@@ -11,7 +11,8 @@ changes the forward pass itself, not only the captured rows.
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,10 @@ IMPL = "ral_capture"
 
 
 class _Maps(dict):
-    """layer → captured rows; `.natural` holds the bias-free rows of biased layers."""
+    """layer → captured rows; `.natural` holds the bias-free rows of biased layers; `.rows_cpu_s` the process CPU
+    seconds spent computing the rows, capture's own cost next to the SDPA forward (benchmarks read it)."""
     natural: dict
+    rows_cpu_s: float = 0.0
 
 
 @dataclass
@@ -121,10 +124,12 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         kwargs = {**kwargs, "is_causal": False}
     out = sdpa_attention_forward(module, query, key, value, sdpa_mask_in, scaling=scaling, dropout=dropout, **kwargs)
     if mid in st.layers:
+        c0 = time.process_time()
         st.maps[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, bias)
         if bias is not None:
             # the unperturbed attention of the same layer inputs (what exploration pulls toward its targets)
             st.natural[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, None)
+        st.maps.rows_cpu_s += time.process_time() - c0
     return out
 
 
@@ -248,7 +253,6 @@ def _replay(st: _State | None):
 
 def checkpoint_context():
     """`context_fn` for torch.utils.checkpoint (non-reentrant): forward as is, recomputation under `_replay`."""
-    from contextlib import nullcontext
     return nullcontext(), _replay(_STATE.get())
 
 

@@ -107,3 +107,34 @@ def test_the_live_evidence_does_not_depend_on_the_archived_script():
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "evidence" not in mods and "_common" in mods
+
+
+def test_no_bench_script_replaces_anything_inside_ral_core():
+    """Benchmarks measure ral_core through its public seams (cli.main's adapter/timings, capture's rows_cpu_s),
+    never by assigning over its functions."""
+    import ast
+    for f in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        mods = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names if a.name.startswith("ral_core")}
+        mods |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and (n.module or "").startswith("ral_core") for a in n.names}
+        for n in ast.walk(tree):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []
+            for t in targets:
+                while isinstance(t, ast.Attribute):
+                    t = t.value
+                    assert not (isinstance(t, ast.Name) and t.id in mods), f"{f.name}:{n.lineno} assigns into {t.id}"
+
+
+def test_capture_reports_the_cpu_time_of_its_own_rows(tiny_qwen):
+    import torch
+    from PIL import Image
+
+    from ral_core.attention import capture
+    b = tiny_qwen.build_inputs([Image.new("RGB", (56, 56))], ["row one col two ?"])
+    mi = b["model_inputs"]
+    L = mi["input_ids"].shape[1]
+    with torch.no_grad(), capture(tiny_qwen.model, "all", torch.arange(L - 4, L)[None]) as maps:
+        tiny_qwen.model(**mi)
+    assert len(maps) == tiny_qwen.num_layers and maps.rows_cpu_s > 0
