@@ -196,10 +196,49 @@ def test_cli_progress_bars(tiny_model_dir, photo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,msg", [(["--figsize", "12"], "not W,H"), (["--figsize", "50,50"], "not W,H"),
-                                      (["--max-pixels", "0"], "not a pixel count"),
+                                      (["--max-pixels", "-5"], "not a pixel count"),
                                       (["--max-pixels", "3x"], "not a pixel count"),
                                       (["--format", "jpg"], "invalid choice")])
 def test_cli_bad_figure_options(tiny_model_dir, photo, tmp_path, capsys, args, msg):
     assert _inspect(tiny_model_dir, photo, tmp_path / "x", *args) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_diff_overlay_defaults_to_the_maps_scale():
+    """A change of 2 % of the map keeps 2 % of the colour range (a range fitted to the change painted it at full
+    colour); an explicit `lim` is used as given."""
+    r = synth(84, 84, 3, 3, layers=1, heads=1)
+    a = np.full(9, 0.05)
+    b = a.copy()
+    b[0] += 0.001
+    fig = render.diff_overlay(r.image, r.geometry, a, b)
+    assert fig.axes[0].images[-1].get_clim() == pytest.approx((-0.051, 0.051))
+    render.plt.close(fig)
+    fig = render.diff_overlay(r.image, r.geometry, a, b, lim=0.01)
+    assert fig.axes[0].images[-1].get_clim() == pytest.approx((-0.01, 0.01))
+    render.plt.close(fig)
+
+
+def test_token_titles_count_from_one():
+    """Figure titles count answer tokens as the page's token buttons do ('1: a'), from 1."""
+    r = synth(layers=1, heads=2)  # answer tokens 'a', ' b'
+    assert render.token_label(r, 0) == "answer token 1 of 2: 'a'"
+    fig = render.inspection_overlay(r, token=1)
+    assert "answer token 2 of 2" in fig.axes[0].get_title()
+    render.plt.close(fig)
+
+
+def test_training_curves_label_equal_curves_and_show_points_for_short_runs():
+    hist = [{"step": 1, "reward": 0.5, "accuracy": 0.5}, {"step": 2, "reward": 0.75, "accuracy": 0.75}]
+    fig = render.training_curves(hist, total_steps=2)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 1 and "equal at every step" in ax.get_legend().get_texts()[0].get_text()
+    assert ax.lines[0].get_linestyle() == "None" and ax.get_xlim() == (0.5, 2.5)  # points, a padded axis
+    render.plt.close(fig)
+    hist = [{"step": s, "reward": 0.1 * s, "accuracy": 0.05 * s, "attn_jsd_after_update": 1e-3} for s in range(1, 9)]
+    hist[3].pop("attn_jsd_after_update")  # measured on some steps only
+    fig = render.training_curves(hist, total_steps=8)
+    assert len(fig.axes[0].lines) == 2 and fig.axes[0].lines[0].get_linestyle() == "-"
+    assert list(fig.axes[1].lines[0].get_xdata()) == [1, 2, 3, 5, 6, 7, 8]
+    render.plt.close(fig)
