@@ -9,13 +9,13 @@ model preselected), drives Debian's /usr/bin/chromium at 1280×800 and writes
 """
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
 from pathlib import Path
 
 from app.main import build_app, launch_kwargs
+from ral_core import settings
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -69,7 +69,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             pg.screenshot(path=str(out / "levers.png"), full_page=True,
                           clip={"x": max(0, top["x"] - 10), "y": y0, "width": top["width"] + 20, "height": height})
 
-            steps = os.environ.get("RAL_SHOT_STEPS", "8")
+            steps = str(settings.get("RAL_SHOT_STEPS"))
             pg.get_by_role("tab", name="Train").click()
             pg.locator("#t-steps input[type=number]").fill(steps)
             pg.locator("#t-steps input[type=number]").press("Tab")

@@ -14,12 +14,13 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ral_core import settings
 from ral_core.errors import RALError
 from ral_core.images import load_image
 
 NOT_UPLOADED = "the file must be uploaded through the page (or be one of the examples); upload it again"
 
-MAX_ZIP_BYTES = int(os.environ.get("RAL_MAX_UPLOAD_MB", "50")) * 1024 * 1024
+MAX_ZIP_BYTES = int(settings.get("RAL_MAX_UPLOAD_MB") * 1024 * 1024)
 MAX_UNZIPPED_BYTES = 4 * MAX_ZIP_BYTES  # read at call time, so a server (or a test) can change them
 MAX_MEMBERS = 20_000
 CHUNK = 1 << 16

@@ -111,10 +111,6 @@ def sync_from_rank0(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(_is_dtensor(p) for p in model.parameters())
-
-
 def _fsdp_modules(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -8,6 +8,7 @@ Every failure is one `RALError` line that says what to do. Importing this module
 """
 from __future__ import annotations
 
+import contextvars
 import errno
 import io
 import json
@@ -46,15 +47,32 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return repo, rev or None
 
 
+_ALLOW: contextvars.ContextVar[bool | None] = contextvars.ContextVar("ral_allow_download", default=None)
+
+
+@contextmanager
+def allowing_downloads(allow: bool | None):
+    """Within the block, loads that pass no `allow_download` of their own answer `allow` (None: no change): how a
+    command's --allow-download reaches the loads made deep inside it (the trainer's model and teacher)."""
+    token = _ALLOW.set(_ALLOW.get() if allow is None else bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW.reset(token)
+
+
 def downloads_allowed(allow_download: bool | None = None) -> bool:
-    """An explicit argument wins; else RAL_ALLOW_DOWNLOAD (1/true/yes/on); unset, downloads are on only on a
-    Hugging Face Space (SPACE_ID is set there), whose visitors cannot copy a model folder onto the host."""
+    """An explicit argument wins; else an enclosing `allowing_downloads`; else RAL_ALLOW_DOWNLOAD (true/false);
+    unset, downloads are on only on a Hugging Face Space (SPACE_ID is set there), whose visitors cannot copy a
+    model folder onto the host."""
+    from ral_core import settings
+
     if allow_download is not None:
         return bool(allow_download)
-    v = os.environ.get(ENV, "").strip().lower()
-    if v:
-        return v in ("1", "true", "yes", "on")
-    return bool(os.environ.get("SPACE_ID"))
+    if _ALLOW.get() is not None:
+        return _ALLOW.get()
+    v = settings.get(ENV)
+    return bool(os.environ.get("SPACE_ID")) if v is None else v
 
 
 def cached_path(spec: str) -> str | None:

@@ -8,41 +8,29 @@ from __future__ import annotations
 
 import contextvars
 import math
-import os
 import re
 import time
 from contextlib import contextmanager
 
+from ral_core import settings
 from ral_core.errors import RALError
 
 
-def _env_number(name: str, default, kind=int):
-    """A positive number from the environment; a bad value is refused when ral_core.limits is imported."""
-    try:
-        v = kind(os.environ.get(name, default))
-    except ValueError:
-        v = None
-    if v is None or not math.isfinite(v) or v <= 0:
-        raise RALError(f"environment variable {name} must be a positive {'whole ' if kind is int else ''}number, "
-                       f"got {os.environ.get(name)!r}")
-    return v
-
-
-# Checked before tokenising: tokenising itself is what took minutes for huge inputs.
-MAX_QUESTION_CHARS = _env_number("RAL_MAX_QUESTION_CHARS", 2_000)
-MAX_QUESTION_TOKENS = _env_number("RAL_MAX_QUESTION_TOKENS", 256)
+# Checked before tokenising: tokenising itself is what took minutes for huge inputs. Read at import, so a bad value
+# is refused when the engine starts.
+MAX_QUESTION_CHARS = settings.get("RAL_MAX_QUESTION_CHARS")
+MAX_QUESTION_TOKENS = settings.get("RAL_MAX_QUESTION_TOKENS")
 # A few seconds per request keep one user from holding the model for everyone (the app may override).
-REQUEST_SECONDS = _env_number("RAL_REQUEST_SECONDS", 10.0, float)
+REQUEST_SECONDS = settings.get("RAL_REQUEST_SECONDS")
 
 
 def request_seconds() -> float:
     """The per-request limit now: RAL_REQUEST_SECONDS read at call time (a server or a test may change it), at
     least 0.5 s; an unreadable value falls back to the one checked at import."""
     try:
-        v = float(os.environ.get("RAL_REQUEST_SECONDS", REQUEST_SECONDS))
-    except ValueError:
+        return max(0.5, settings.get("RAL_REQUEST_SECONDS"))
+    except RALError:
         return REQUEST_SECONDS
-    return max(0.5, v) if math.isfinite(v) else REQUEST_SECONDS
 
 
 # ---- questions ----------------------------------------------------------------------------------------------

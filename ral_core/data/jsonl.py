@@ -4,24 +4,11 @@ Size is bounded (lines, characters per line, question length) so that reading a 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ral_core import settings
 from ral_core.errors import RALError
 from ral_core.images import check_image_file, load_image
-
-MAX_LINES = 100_000       # env RAL_MAX_DATASET_LINES
-MAX_LINE_CHARS = 16_384   # env RAL_MAX_LINE_CHARS; a sample is a path, a question and a short answer
-
-
-def _limit(name: str, default: int) -> int:
-    try:
-        v = int(os.environ.get(name, default))
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise RALError(f"environment variable {name} must be a positive whole number, got {os.environ.get(name)!r}")
-    return v
 
 
 def _lines(p: Path, max_lines: int, max_chars: int):
@@ -54,8 +41,8 @@ class JsonlDataset:
         p = Path(path)
         if not p.is_file():
             raise RALError(f"dataset file '{path}' does not exist; give a .jsonl file")
-        max_lines = max_lines or _limit("RAL_MAX_DATASET_LINES", MAX_LINES)
-        max_chars = max_line_chars or _limit("RAL_MAX_LINE_CHARS", MAX_LINE_CHARS)
+        max_lines = max_lines or settings.get("RAL_MAX_DATASET_LINES")
+        max_chars = max_line_chars or settings.get("RAL_MAX_LINE_CHARS")
         self.path, self.rows = p, []
         for n, line in _lines(p, max_lines, max_chars):
             if line.strip():

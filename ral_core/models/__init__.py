@@ -32,7 +32,7 @@ def resolve_model_path(spec, allow_download: bool | None = None, progress=None) 
     s = str(spec)
     if s not in ("", "default") and hub.is_hub_id(s) and not Path(s).expanduser().exists():
         return hub.resolve(s, allow_download=allow_download, progress=progress, model_types=supported_model_types())
-    path = _base.resolve_model_path(spec)  # 'default', local directories, and the one-line errors for bad paths
+    path = _base.local_model_path(spec)  # 'default', local directories, and the one-line errors for bad paths
     if not Path(path).exists():
         raise RALError(f"'{spec}' is neither a model directory nor a hub id (org/name, optionally @revision)")
     return path
@@ -48,6 +48,7 @@ def load_adapter(spec="default", device: str | None = None, dtype=None, allow_do
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(dtype, device)
-    adapter = _base.load_adapter(resolve_model_path(spec, allow_download, progress), device=device, dtype=dtype)
+    adapter = _base.load_from_path(resolve_model_path(spec, allow_download, progress), spec, device=device,
+                                   dtype=dtype)
     adapter.name = str(spec)  # what results and titles show: the spec, not the cache folder
     return adapter

@@ -333,9 +333,9 @@ def supported_model_types() -> list[str]:
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "default_model"
 
 
-def resolve_model_path(spec: str | os.PathLike) -> str:
-    """'default' → the embedded model; an existing directory → itself; else a hub id, which must already be
-    in the local cache because this tool never downloads."""
+def local_model_path(spec: str | os.PathLike) -> str:
+    """'default' → the embedded model's folder; an existing model directory → itself; a bad local path → one-line
+    error; anything else is returned unchanged for `ral_core.models.resolve_model_path` to treat as a hub id."""
     spec = str(spec)
     if spec in ("", "default"):
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
@@ -352,16 +352,14 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     return spec
 
 
-def load_adapter(spec="default", device: str | None = None, dtype: torch.dtype | None = None) -> VLMAdapter:
-    """Load a model by 'default', local directory or hub id (offline: only from the local cache).
-    `device="auto"` picks a CUDA GPU when one is visible, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def load_from_path(path: str, spec=None, device: str | None = None, dtype: torch.dtype | None = None) -> VLMAdapter:
+    """The adapter of a model folder already on this machine (`ral_core.models.load_adapter` finds or downloads it
+    first); `spec` is the name messages and results show."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keeps CLI/app output to our own lines
-    path = resolve_model_path(spec)
+    spec = path if spec is None else spec
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
         return _load_lora(path, spec, device, dtype)
     try:
@@ -395,6 +393,8 @@ def _load_lora(path, spec, device, dtype) -> VLMAdapter:
     p = Path(path)
     base = (p / "ral_base_model.txt").read_text().strip() if (p / "ral_base_model.txt").exists() else \
         json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or "default"
+    from ral_core.models import load_adapter  # the base may be 'default' or a hub id, found like any model
+
     adapter = load_adapter(base, device=device, dtype=dtype)
     adapter.model = PeftModel.from_pretrained(adapter.model, str(p)).merge_and_unload().eval()
     adapter.name = str(spec)
