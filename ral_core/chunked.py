@@ -71,7 +71,7 @@ class ChunkJob:
     config: dict                  # TrainConfig.to_dict(); device 'auto' takes the GPU inside the call
     call_ceiling_s: int = 120
     first_call_s: int | None = None  # a first call's declaration when a step time is known beforehand
-    snapshot_at_start: bool = True   # the step-0 attention snapshot (when snapshot_every is set)
+    snapshots: bool = False       # attention snapshots of the probe before the first and after the last step too
 
     @property
     def steps(self) -> int:
@@ -99,6 +99,7 @@ class ChunkResult:
     state: RunState
     metrics: list                   # this call's steps
     seconds: float                  # wall time inside the call
+    probe: dict | None = None       # the first call's snapshot probe: question, answer, boxes
 
 
 def check_crossing(obj, where: str = "value") -> None:
@@ -194,6 +195,14 @@ def load_state(trainer, state: RunState) -> None:
     trainer.history = copy.deepcopy(state.history)
 
 
+def _probe(trainer) -> dict:
+    try:
+        p = trainer.probe_samples()[0]
+    except (RALError, IndexError, KeyError):
+        return {}
+    return {"question": p["question"], "answer": p["answer"], "boxes": [list(b) for b in p.get("boxes") or []]}
+
+
 def _data_position(cfg, step: int) -> int:
     return int(step) * int(cfg.prompts_per_step)
 
@@ -214,8 +223,8 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if job.snapshot_at_start and cfg.snapshot_every:
-            trainer.snapshot()
+        if job.snapshots:
+            trainer.snapshot()  # step 0: where the probe's attention starts
     else:
         load_state(trainer, state)
     setup_s = time.perf_counter() - t0
@@ -225,8 +234,7 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
         try:
             m = trainer.train_step()
         except FloatingPointError as e:
-            kept = f"; the checkpoint of step {state.step} is kept" if state is not None and state.checkpoint else ""
-            raise RALError(f"training stopped: {e}{kept}. Lower lr or check the data") from None
+            raise RALError(f"training stopped: {e}; lower lr or check the data") from None
         trainer.step += 1
         m["step"] = trainer.step
         trainer.history.append(m)
@@ -236,10 +244,12 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
             trainer.snapshot()
         metrics.append(m)
         slowest = max(slowest, time.perf_counter() - ts)
-    trainer.status = "running" if trainer.step < cfg.steps else "done"
+    if job.snapshots and trainer.step >= cfg.steps and metrics and \
+            not (out / "snapshots" / f"step-{trainer.step:05d}").is_dir():
+        trainer.snapshot()  # always an after-picture, also for runs shorter than the snapshot interval
     ck = trainer.save_checkpoint()
     new = capture_state(trainer, setup_s=setup_s, step_s=slowest, checkpoint=str(ck) if ck else None)
-    result = ChunkResult(new, metrics, time.perf_counter() - t0)
+    result = ChunkResult(new, metrics, time.perf_counter() - t0, _probe(trainer) if state is None else None)
     _walk_tensors(result, "the call's result")
     return result
 
@@ -257,25 +267,25 @@ class ChunkEvent:
     gpu_seconds: int          # declared so far (what a ZeroGPU quota is charged)
     metrics: list             # this call's steps ('chunk'); [] at the end
     checkpoint: str | None
-    message: str = ""
+    message: str = ""         # the whole line ('end'): why it ended and what is kept
+    reason: str = ""          # why it ended, without what is kept (for a page that says that itself)
     state: RunState | None = None
+    probe: dict | None = None
 
 
-def platform_message(e: BaseException, call_no: int, declared: int, step: int, checkpoint: str | None) -> str:
-    """One line for a GPU call the host refused or cut short (ZeroGPU raises gradio errors whose text says which)."""
+def platform_reason(e: BaseException, call_no: int, declared: int) -> str:
+    """Why a GPU call the host refused or cut short failed (ZeroGPU raises gradio errors whose text says which)."""
     raw = getattr(e, "message", None)  # gradio's Error keeps the text there (its str() adds quotes)
     text = " ".join(str(raw if isinstance(raw, str) else e).split())[:200] or type(e).__name__
     low = text.lower()
-    kept = (f"the run stopped at step {step} and keeps its checkpoint of that step" if checkpoint else
-            "nothing was trained yet")
     if "quota" in low:
-        return f"the GPU quota of this account is used up ({text}): {kept}; try again when it refills"
+        return f"the GPU quota of this account is used up ({text}); try again when it refills"
     if "abort" in low:
-        return (f"the platform aborted GPU call {call_no} (declared {declared} s): {kept}; try fewer steps per call or "
-                "a smaller model")
+        return (f"the platform aborted GPU call {call_no} after its declared {declared} s; try fewer steps per call "
+                "or a smaller model")
     if "no gpu" in low or "not available" in low:
-        return f"no GPU was free for call {call_no} ({text}): {kept}; try again in a minute"
-    return f"GPU call {call_no} failed ({type(e).__name__}: {text}): {kept}"
+        return f"no GPU was free for call {call_no} ({text}); try again in a minute"
+    return f"GPU call {call_no} failed ({type(e).__name__}: {text})"
 
 
 def run_chunked(job: ChunkJob, call: Callable[[ChunkJob, RunState | None, int], ChunkResult],
@@ -288,10 +298,12 @@ def run_chunked(job: ChunkJob, call: Callable[[ChunkJob, RunState | None, int], 
     total, calls, spent = job.steps, 0, 0
     limits.check_run(total)
 
-    def end(status: str, message: str = "") -> ChunkEvent:
+    def end(status: str, reason: str = "") -> ChunkEvent:
         step = state.step if state else 0
+        kept = (f"the checkpoint of step {step} is kept" if state and state.checkpoint else "nothing was trained")
+        message = f"{reason}; {kept}" if reason else ""
         return ChunkEvent("end", status, step, total, calls, spent, [], state.checkpoint if state else None,
-                          message, state)
+                          message, reason, state)
 
     while True:
         step = state.step if state else 0
@@ -299,7 +311,7 @@ def run_chunked(job: ChunkJob, call: Callable[[ChunkJob, RunState | None, int], 
             yield end("done")
             return
         if cancel is not None and cancel.is_set():
-            yield end("cancelled", f"cancelled after step {step}" + (": its checkpoint is kept" if state else ""))
+            yield end("cancelled", f"cancelled after step {step}")
             return
         k = steps_that_fit(job, state, min(limits.chunk_steps, total - step))
         secs = declared_seconds(job, state, k)
@@ -308,7 +320,7 @@ def run_chunked(job: ChunkJob, call: Callable[[ChunkJob, RunState | None, int], 
             secs = declared_seconds(job, state, k)
         if spent + secs > limits.run_seconds:
             yield end("stopped", f"this run used its GPU time ({spent} of {limits.run_seconds} s declared) at step "
-                                 f"{step}" + (": its checkpoint is kept" if state else ""))
+                                 f"{step}")
             return
         check_crossing((job, state, k), "the call's arguments")
         try:
@@ -319,11 +331,11 @@ def run_chunked(job: ChunkJob, call: Callable[[ChunkJob, RunState | None, int], 
             return
         except Exception as e:  # noqa: BLE001 — the platform's own errors (quota, abort) arrive as any type
             spent += secs
-            yield end("stopped", platform_message(e, calls + 1, secs, step, state.checkpoint if state else None))
+            yield end("stopped", platform_reason(e, calls + 1, secs))
             return
         check_crossing(res, "the call's result")
         calls += 1
         spent += secs
         state = res.state
         yield ChunkEvent("chunk", "running", state.step, total, calls, spent, res.metrics, state.checkpoint,
-                         state=state)
+                         state=state, probe=res.probe)
