@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import dump_record, fmt_p, holm, paired_t, sampled_reward, start
+from _common import dump_record, fmt_p, holm, machine_line, paired_t, sampled_reward, start
+from ral_core import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "bench" / "records"
@@ -152,11 +153,11 @@ def evaluate_adapter(adapter, n_eval: int, n_sampled: int, kinds=None, max_new_t
 def engine_commit() -> str:
     """The last commit that changed the engine (ral_core/) that ran (RAL_ENGINE_COMMIT when the runs use a
     snapshot of ral_core). Records made before this rule name the repository's HEAD at the time instead."""
-    if os.environ.get("RAL_ENGINE_COMMIT"):
-        return os.environ["RAL_ENGINE_COMMIT"][:12]
+    if settings.get("RAL_ENGINE_COMMIT"):
+        return settings.get("RAL_ENGINE_COMMIT")[:12]
     try:
         return subprocess.run(["git", "log", "-1", "--format=%H", "--", "ral_core"], capture_output=True, text=True,
-                              cwd=os.environ.get("RAL_ENGINE_DIR", ROOT)).stdout.strip()[:12]
+                              cwd=settings.get("RAL_ENGINE_DIR", ROOT)).stdout.strip()[:12]
     except OSError:
         return ""
 
@@ -217,7 +218,7 @@ def run_one(job: dict) -> dict:
            "config": {k: overrides[k] for k in sorted(overrides) if k not in ("output_dir", "threads")},
            "eval": ev, "evals": evals, "n_eval": job["n_eval"], "n_sampled": job["n_sampled"],
            "curve": [{"step": m["step"], **{k: m[k] for k in CURVE_KEYS if k in m}} for m in tr.history],
-           "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+           "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0, "machine": machine_line()}
     dump_record(out, rec)
     shutil.rmtree(overrides["output_dir"], ignore_errors=True)
     return rec
@@ -245,7 +246,8 @@ def base_record(doc: str, n_eval: int, n_sampled: int, kind_sets=None, rerun: bo
         by[key] = evaluate_adapter(a, n_eval, n_sampled, kinds.split("/"), mnt, rows, cols)
     rec = {"doc": doc, "arm": "base", "model": "assets/default_model", "by_task": by,
            "eval": by.get(task_key(TASK)), "n_eval": n_eval, "n_sampled": n_sampled,
-           "engine_commit": engine_commit(), "wall_s": rec.get("wall_s", 0) + time.time() - t0}
+           "engine_commit": engine_commit(), "wall_s": rec.get("wall_s", 0) + time.time() - t0,
+           "machine": machine_line()}
     dump_record(out, rec)
     return rec
 
@@ -291,7 +293,7 @@ def teacher_record(n_eval: int, n_sampled: int, rerun: bool = False) -> dict:
            "training_test_accuracy": info["test_accuracy"], "lr": info["args"]["lr"],
            "build_wall_s": build.get("wall_s"), "build_cpu_s": build.get("cpu_s"),
            "eval": ev, "n_eval": n_eval, "n_sampled": n_sampled, "eval_wall_s": time.time() - t0,
-           "engine_commit": engine_commit()}
+           "engine_commit": engine_commit(), "machine": machine_line()}
     dump_record(out, rec)
     return rec
 
