@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+import _common as C
+from _common import ROOT
+
+C.start()  # before torch is imported
 
 
 def timed(fn, n):
@@ -50,7 +51,7 @@ def main():
         rows.append((ex["image"], res.n_tokens, res.geometry.n_tokens, w, c, rw, rc))
     lines = ["# Inspect latency (default model, CPU, one thread)", "",
              f"Command: `python {' '.join(sys.argv)}` · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
-             f"{os.cpu_count()} cores · model load {load_s:.2f} s · median of {args.repeats}", "",
+             f"{C.machine_line()} · model load {load_s:.2f} s · median of {args.repeats}", "",
              "| example | answer tokens | visual tokens | inspect() ms (CPU) | re-render overlay ms (CPU) |",
              "|---|---|---|---|---|"]
     lines += [f"| {n} | {t} | {v} | {w * 1e3:.0f} ({c * 1e3:.0f}) | {rw * 1e3:.0f} ({rc * 1e3:.0f}) |"
