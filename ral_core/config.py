@@ -246,7 +246,8 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def parse_bool(value, name: str = "the setting") -> bool:
     """A yes/no setting from a bool, 0/1, or the words true/false, yes/no, on/off, 1/0 (any case, spaces ignored);
     anything else is refused in one line. Strings are never truth-tested: bool("false") is True."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+    if isinstance(value, bool) or (getattr(value, "dtype", None) is not None and value.dtype.kind == "b"
+                                   and getattr(value, "ndim", 1) == 0):  # numpy's bool scalar too
         return bool(value)
     if isinstance(value, int) and value in (0, 1):
         return bool(value)

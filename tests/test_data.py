@@ -109,3 +109,15 @@ def test_nul_surrogate_and_control_characters_give_one_line(tmp_path, field, val
     row = '{"image": "0.png", "question": "Q?", "answer": "A"}'.replace(
         {"image": '"0.png"', "question": '"Q?"', "answer": '"A"'}[field], json.dumps(value))
     _refused(_jsonl(tmp_path, [row]), "line 1", kind, {"image": "image path"}.get(field, field))
+
+
+def test_rows_can_be_checked_after_their_paths(tmp_path):
+    """A caller that checks where paths point first (check_images=False) still checks every row's image."""
+    from ral_core.data.jsonl import JsonlDataset
+    from ral_core.errors import RALError
+    good = {"image": "0.png", "question": "What?", "answer": "seven"}
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    ds = JsonlDataset(_jsonl(tmp_path, [good] * 3000 + [dict(good, image="bad.png")]), check_images=False)
+    with pytest.raises(RALError, match="line 3001: 'bad.png' is not an image") as e:
+        ds.check_image_files()
+    assert str(tmp_path) not in str(e.value)

@@ -53,6 +53,16 @@ class JsonlDataset:
     def __len__(self):
         return len(self.rows)
 
+    def check_image_files(self) -> None:
+        """Every row's image from its header: present, an image, of a size a model takes (seconds for a large data
+        set). For a caller that must first check where the paths point: construct with check_images=False, check
+        the paths, then call this."""
+        for r in self.rows:
+            try:
+                check_image_file(r["image_path"], shown=r["image"])
+            except RALError as e:
+                raise RALError(f"{self.path.name} line {r['line']}: {e}") from None
+
     def check_text(self, adapter) -> None:
         """Refuse (one line naming the row) a question or answer that spells one of `adapter`'s control tokens, for
         every row, before a run starts rather than at the step that draws the row."""
