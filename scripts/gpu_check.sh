@@ -2,6 +2,7 @@
 # One prepared check for a CUDA machine (issue 15.7), meant to finish within 8 minutes:
 #   1. the GPU-marked tests (`pytest -m gpu`, when pyproject.toml registers a `gpu` marker), else an end-to-end
 #      `ral inspect` of the embedded model on the GPU (dtype auto = bf16) as the smallest device check;
+#   1b. a chunked run on CUDA (ral_core/chunked.py: 2 GPU calls in forked workers, state through the CPU);
 #   2. the real-size bench in bf16 on CUDA (bench/real_bench.py --device cuda --dtype bfloat16) →
 #      bench/results/real_cuda.md / real_cuda.json, rows written as they finish, stopped at the time budget.
 # Fails at once, with one line, where no CUDA GPU is visible.
@@ -44,6 +45,37 @@ assert "answer:" in text and "visual tokens:" in text, "ral inspect on cuda prin
 print("gpu_check: ral inspect on cuda ok")
 EOF
 fi
+
+# ---- 1b. a chunked run on CUDA as ZeroGPU runs it: 4 RAL steps of the embedded model in 2 GPU calls, each in a forked
+#      worker (tests/spaces_standin: arguments and results pickled, only CPU tensors cross), state on the CPU between
+#      calls; this process never initialises CUDA. Prints each call's declared seconds, set-up and step times.
+echo "gpu_check: chunked run on cuda (2 calls of 2 steps, state through the CPU)"
+timeout 180 env PYTHONPATH="tests/spaces_standin${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$LOGS/chunked_run" <<'EOF' \
+  2>&1 | tee "$LOGS/chunked_cuda.log" || rc=1
+import math, shutil, sys, time
+import spaces
+from ral_core.chunked import ChunkJob, ChunkLimits, declared_seconds, run_chunk, run_chunked
+from ral_core.config import build_config
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+cfg = build_config("ral", dict(model="default", output_dir=sys.argv[1], device="cuda", steps=4, snapshot_every=0,
+                               save_every=0, log_tensorboard=False))
+call = spaces.GPU(duration=declared_seconds)(run_chunk)
+t0, events = time.time(), []
+for ev in run_chunked(ChunkJob(cfg.to_dict()), call, ChunkLimits(chunk_steps=2)):
+    events.append(ev)
+    if ev.kind == "chunk":
+        st = [round(m["step_time"], 3) for m in ev.metrics]
+        print(f"gpu_check: call {ev.calls}: step {ev.step}, declared {spaces.CALLS[-1][1]} s (run: {ev.gpu_seconds} s), "
+              f"set-up {ev.state.setup_s:.1f} s, step times {st} s")
+end = events[-1]
+assert end.status == "done" and end.step == 4 and end.calls == 2, (end.status, end.message)
+assert all(t.device.type == "cpu" for t in end.state.trainable.values())
+assert all(math.isfinite(m["loss_grpo"]) for m in end.state.history)
+import torch
+assert not torch.cuda.is_initialized(), "the driver process initialised CUDA"
+print(f"gpu_check: chunked run on cuda ok ({time.time() - t0:.1f} s wall, {end.gpu_seconds} s declared, "
+      f"checkpoint {end.checkpoint})")
+EOF
 
 # ---- 2. real-size bench in bf16 on CUDA, within what is left of the budget
 remaining=$(left)
