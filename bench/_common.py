@@ -34,6 +34,15 @@ def start(threads: bool = True) -> None:
         os.environ.setdefault(k, v)
 
 
+def logger(name: str | None = None):
+    """Progress lines on stderr (stdout may carry the report): '[name HH:MM:SS] msg', or the bare msg."""
+    import time
+
+    def log(msg):
+        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}" if name else msg, file=sys.stderr, flush=True)
+    return log
+
+
 def proc_status_mb() -> dict[str, float]:
     """VmRSS (current resident set) and VmHWM (peak resident set since start or last reset), in MiB."""
     out = {}

@@ -263,8 +263,7 @@ def start(modes, purpose, model_cfg, n_rows, logdir):
     return procs, pids
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+log = C.logger()
 
 
 def bench(args) -> dict:

@@ -52,8 +52,7 @@ TRAIN_UNITS = [(1, False), (1, True), (2, False), (2, True)]
 ROWS_CAPTURED = 16  # query rows capture keeps (the last ones), as in bench/capture_bench.py
 
 
-def log(msg):
-    print(f"[real_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = C.logger("real_bench")
 
 
 # ============================================================================================== worker side

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -53,8 +52,7 @@ def records_path(args) -> str:
     return os.path.splitext(args.out)[0] + ".step.json"
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+log = C.logger()
 
 
 def photo_dataset(directory: str, size=(1024, 768)) -> str:

@@ -53,8 +53,7 @@ SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, vision_di
 TARGET = 1.15
 
 
-def log(msg):
-    print(f"[train_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = C.logger("train_bench")
 
 
 # ------------------------------------------------------------------------------------------------ setup

@@ -50,8 +50,9 @@ TRL_PIN = "1.16.0"
 # our loss_norm → TRL loss_type with the same normaliser for one process without gradient accumulation
 # (dr_grpo differs in its constant: ours N·T_batch_max, TRL N·max_completion_length)
 LOSS_MAP = {"token": "dapo", "sequence": "grpo", "dr_grpo": "dr_grpo"}
-def log(msg):
-    print(f"[trl_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+log = C.logger("trl_bench")
 
 
 def require_trl():
