@@ -1,6 +1,6 @@
 """Page figures composed from ral_core renderings and stored numbers (no model, no tensors): training curves
 from `trainer.history` and two inspection results side by side on one shared colour scale.
-Call with `handlers.RENDER_LOCK` held (pyplot's figure registry is global state)."""
+Call with `common.RENDER_LOCK` held (pyplot's figure registry is global state)."""
 from __future__ import annotations
 
 import math

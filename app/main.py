@@ -2,18 +2,22 @@
 
 Tabs: Inspect (one model, where it looked; which layers' attention moves the answer; an explored rollout),
 Compare (two models on the same answer tokens), Train (GRPO / RAL / OPAD / RAL + exploration in a background
-thread, live curves and probe snapshots). All work happens in `app.handlers` and `app.training`; this file is
-layout and wiring only.
+thread, live curves and probe snapshots). All work happens in the tab modules (`app.inspect_tab`,
+`app.inspect_probes`, `app.compare_tab`, `app.training`); this file is layout and wiring only. Every listener's
+inputs and outputs are wired by name (`named`, `outputs`): a handler's parameters and result fields pick the
+components, so the wiring cannot drift by position.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-from app import handlers, registry, training
-from app.handlers import LAST, MEAN, RANK_HEADERS
+from app import common, compare_tab, inspect_probes, inspect_tab, registry, training
+from app.common import BOUNDS, LAST, MEAN, slider_args
 from app.uploads import MAX_ZIP_BYTES
+from ral_core import settings
 
 CSS = """
 .explain { font-size: 0.9em; opacity: 0.85; }
@@ -86,6 +90,28 @@ def _explain(text):
     return gr.Markdown(text, elem_classes=["explain"])
 
 
+def _slider(key: str, value, **kw) -> gr.Slider:
+    """A slider whose range and step are the checks' own (common.BOUNDS)."""
+    return gr.Slider(value=value, **slider_args(key), **kw)
+
+
+def named(fn, **components) -> list:
+    """`fn`'s inputs by parameter name, in its parameter order (Gradio passes them by position). A missing, extra
+    or misspelled name fails here, when the page is built, never as a value in the wrong parameter."""
+    params = [n for n in inspect.signature(fn).parameters if n not in ("request", "progress", "evt")]
+    names = params[:len(components)]
+    if set(components) != set(names):
+        raise TypeError(f"{fn.__name__} takes {names} first; wired: {sorted(components)}")
+    return [components[n] for n in names]
+
+
+def outputs(result_cls, **components) -> list:
+    """The components for each field of a handler's result (a NamedTuple), in its field order."""
+    if set(components) != set(result_cls._fields):
+        raise TypeError(f"{result_cls.__name__} has {list(result_cls._fields)}; wired: {sorted(components)}")
+    return [components[f] for f in result_cls._fields]
+
+
 def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = False):
     """Model picker(s), image, question, generation options (and the visual-token budget), run button, status,
     examples."""
@@ -102,17 +128,17 @@ def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = Fa
     question = gr.Textbox(label="Question", placeholder="e.g. What digit is in row 2 column 1?",
                           elem_id=f"{prefix}-question")
     with gr.Accordion("Generation options", open=False):
-        max_new = gr.Slider(1, 64, value=16, step=1, label="max new tokens")
+        max_new = _slider("max_new_tokens", 16, label="max new tokens")
         sample = gr.Checkbox(False, label="sample instead of greedy decoding")
-        temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (when sampling)")
+        temp = _slider("temperature", 1.0, label="temperature (when sampling)")
     extra = []
     if budget:
-        extra = [gr.Number(0, precision=0, minimum=0, maximum=handlers.max_budget(), step=50176,
-                           label=f"visual-token budget: max pixels per image (≤ {handlers.max_budget():,})",
+        extra = [gr.Number(0, precision=0, minimum=0, maximum=common.max_budget(), step=50176,
+                           label=f"visual-token budget: max pixels per image (≤ {common.max_budget():,})",
                            info=BUDGET_INFO, elem_id=f"{prefix}-budget")]
     run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
     status = gr.Markdown(label="status", elem_id=f"{prefix}-status")
-    ex = handlers.examples()
+    ex = common.examples()
     if ex:
         gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
     return (models, image, question, max_new, sample, temp, run, status) + tuple(extra)
@@ -122,7 +148,7 @@ def _selectors(prefix: str):
     tokens = gr.Radio([("all tokens (mean)", MEAN)], value=MEAN, label="Answer tokens", info=TOKENS_INFO,
                       elem_id=f"{prefix}-tokens")
     with gr.Row():
-        layer = gr.Dropdown(handlers.layer_choices([]), value=LAST, label="Layer", info=LAYER_INFO,
+        layer = gr.Dropdown(common.layer_choices([]), value=LAST, label="Layer", info=LAYER_INFO,
                             elem_id=f"{prefix}-layer")
         row = gr.Radio(ROW_CHOICES, value="predicts", label="Attention row", info=ROW_INFO)
     return tokens, layer, row
@@ -151,7 +177,7 @@ def _inspect_tab(choices):
             with gr.Accordion("Layer × head summary — click a cell for its map", open=True,
                               elem_id="i-summary-section"):
                 _explain(EXPLAIN_SUMMARY)
-                metric = gr.Radio(handlers.SUMMARY_METRICS, value="image_mass", label="Each cell shows",
+                metric = gr.Radio(inspect_tab.SUMMARY_METRICS, value="image_mass", label="Each cell shows",
                                   elem_id="i-metric")
                 with gr.Row():
                     with gr.Column(scale=4, min_width=480):  # 36 layers × 16 heads: cells ≥ 13 px on a laptop
@@ -174,7 +200,7 @@ def _inspect_tab(choices):
                     lv_box = gr.Textbox(label="target box x0,y0,x1,y1 in pixels (optional)",
                                         placeholder="empty: the example's box, else each ninth of the image")
                     lv_answer = gr.Textbox(label="answer to score (optional)", placeholder="empty: the model's answer")
-                    lv_strength = gr.Slider(0.5, 10, value=3.0, step=0.5, label="nudge strength")
+                    lv_strength = _slider("strength", 3.0, label="nudge strength")
                 lv_run = gr.Button("Find the levers", elem_id="i-levers-run")
                 lv_chart = gr.Image(label="Levers", show_label=False, format="png", interactive=False,
                                     elem_id="i-levers", height=330)
@@ -182,7 +208,7 @@ def _inspect_tab(choices):
             with gr.Accordion("Show an explored rollout", open=False, elem_id="i-explore-section"):
                 _explain(EXPLAIN_EXPLORED)
                 with gr.Row():
-                    ex_sigma = gr.Slider(0.1, 5, value=2.0, step=0.1, label="σ (spread of the random nudge)")
+                    ex_sigma = _slider("sigma", 2.0, label="σ (spread of the random nudge)")
                     ex_layer = gr.Dropdown([("last layer", LAST), ("all layers", "all")], value=LAST,
                                            label="nudged layers")
                     ex_seed = gr.Number(0, precision=0, label="seed", minimum=0)
@@ -193,29 +219,43 @@ def _inspect_tab(choices):
     state = gr.State()
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
     # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
-    outs = [status, answer, tokens, layer, overlay, heads, mass, files, state]
-    ins = [model, image, q, max_new, sample, temp, layer, row, head_scale, budget]
-    s_ins, s_outs = [state, metric, tokens, row], [summary_status, summary, cell_layer, cell_head]
-    c_ins, c_outs = [state, cell_layer, cell_head, tokens, row], [summary_status, cell_layer, cell_head, cell]
-    for ev in (run.click(handlers.run_inspect, ins, outs, api_name="inspect", preprocess=False),
-               q.submit(handlers.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
-        ev.then(handlers.explore_layer_choices, state, ex_layer, api_visibility="private", show_progress="hidden")
-        ev.then(handlers.new_summary, s_ins, s_outs + [cell], api_visibility="private", preprocess=False)
-    gr.on([tokens.input, layer.select, row.input, head_scale.input], handlers.inspect_view,
-          [state, layer, tokens, row, head_scale], [status, overlay, heads, mass, files], api_name="inspect_view",
-          show_progress="minimal")
-    gr.on([tokens.input, row.input, metric.input], handlers.inspect_summary, s_ins, s_outs, api_name="inspect_summary",
+    H = inspect_tab
+    outs = outputs(H.InspectOut, status=status, answer=answer, tokens=tokens, layer=layer, overlay=overlay,
+                   heads=heads, mass=mass, files=files, state=state)
+    ins = named(H.run_inspect, model=model, image=image, question=q, max_new_tokens=max_new, do_sample=sample,
+                temperature=temp, layer=layer, row=row, per_head_scale=head_scale, pixel_budget_px=budget)
+    view_ins = named(H.inspect_view, state=state, layer=layer, token=tokens, row=row, per_head_scale=head_scale)
+    s_ins = named(H.inspect_summary, state=state, metric=metric, token=tokens, row=row)
+    s_outs = outputs(H.SummaryOut, status=summary_status, summary=summary, cell_layer=cell_layer, cell_head=cell_head)
+    c_ins = named(H.inspect_cell, state=state, layer=cell_layer, head=cell_head, token=tokens, row=row)
+    c_outs = outputs(H.CellOut, status=summary_status, cell_layer=cell_layer, cell_head=cell_head, cell=cell)
+    for ev in (run.click(H.run_inspect, ins, outs, api_name="inspect", preprocess=False),
+               q.submit(H.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
+        ev.then(inspect_probes.explore_layer_choices, state, ex_layer, api_visibility="private",
+                show_progress="hidden")
+        ev.then(H.new_summary, named(H.new_summary, state=state, metric=metric, token=tokens, row=row),
+                outputs(H.NewSummaryOut, status=summary_status, summary=summary, cell_layer=cell_layer,
+                        cell_head=cell_head, cell=cell), api_visibility="private", preprocess=False)
+    gr.on([tokens.input, layer.select, row.input, head_scale.input], H.inspect_view, view_ins,
+          outputs(H.InspectView, status=status, overlay=overlay, heads=heads, mass=mass, files=files),
+          api_name="inspect_view", show_progress="minimal")
+    gr.on([tokens.input, row.input, metric.input], H.inspect_summary, s_ins, s_outs, api_name="inspect_summary",
           show_progress="minimal", preprocess=False) \
-        .then(handlers.inspect_cell, c_ins, c_outs, api_visibility="private", show_progress="minimal", preprocess=False)
-    summary.select(handlers.summary_select, [state, metric, tokens, row], c_outs, api_visibility="private",
-                   preprocess=False)
-    gr.on([cell_layer.input, cell_head.input], handlers.inspect_cell, c_ins, c_outs, api_name="inspect_cell",
+        .then(H.inspect_cell, c_ins, c_outs, api_visibility="private", show_progress="minimal", preprocess=False)
+    summary.select(H.summary_select, named(H.summary_select, state=state, metric=metric, token=tokens, row=row),
+                   c_outs, api_visibility="private", preprocess=False)
+    gr.on([cell_layer.input, cell_head.input], H.inspect_cell, c_ins, c_outs, api_name="inspect_cell",
           preprocess=False)
-    svg.click(handlers.inspect_svg, state, [status, files], api_name="inspect_svg")
-    lv_run.click(handlers.run_levers, [state, lv_box, lv_answer, lv_strength], [status, lv_chart, lv_summary],
-                 api_name="levers", preprocess=False)
-    ex_run.click(handlers.run_explored, [state, ex_sigma, ex_layer, ex_seed, max_new], [status, ex_fig, ex_answers],
-                 api_name="explored", preprocess=False)
+    svg.click(H.inspect_svg, named(H.inspect_svg, state=state), outputs(H.FilesOut, status=status, files=files),
+              api_name="inspect_svg")
+    P = inspect_probes
+    lv_run.click(P.run_levers, named(P.run_levers, state=state, box=lv_box, answer=lv_answer, strength=lv_strength),
+                 outputs(P.LeverOut, status=status, chart=lv_chart, summary=lv_summary), api_name="levers",
+                 preprocess=False)
+    ex_run.click(P.run_explored, named(P.run_explored, state=state, sigma=ex_sigma, layers=ex_layer, seed=ex_seed,
+                                       max_new_tokens=max_new),
+                 outputs(P.ExploreOut, status=status, figure=ex_fig, answers=ex_answers), api_name="explored",
+                 preprocess=False)
     return model
 
 
@@ -230,18 +270,23 @@ def _compare_tab(choices):
             figure = gr.Image(label="A | B | B − A", show_label=False, format="png", interactive=False,
                               elem_id="c-figure")
             _explain(EXPLAIN_COMPARE)
-            rank = gr.Dataframe(headers=RANK_HEADERS, label="Heads ranked by how far their attention moved",
+            rank = gr.Dataframe(headers=compare_tab.RANK_HEADERS, label="Heads ranked by how far their attention moved",
                                 interactive=False, wrap=True)
             _explain(EXPLAIN_RANK)
             files = gr.File(label="Downloads: figure (PNG, SVG) and both raw results (zip)", file_count="multiple",
                             interactive=False)
     state = gr.State()
-    outs = [status, answers, tokens, layer, figure, rank, files, state]
-    ins = [model_a, model_b, image, q, max_new, sample, temp, layer, row]
-    run.click(handlers.run_compare, ins, outs, api_name="compare", preprocess=False)
-    q.submit(handlers.run_compare, ins, outs, api_visibility="private", preprocess=False)
-    gr.on([tokens.input, layer.select, row.input], handlers.compare_view, [state, layer, tokens, row],
-          [status, figure, rank, files], api_name="compare_view", show_progress="minimal")
+    C = compare_tab
+    outs = outputs(C.CompareOut, status=status, answers=answers, tokens=tokens, layer=layer, figure=figure,
+                   ranking=rank, files=files, state=state)
+    ins = named(C.run_compare, model_a=model_a, model_b=model_b, image=image, question=q, max_new_tokens=max_new,
+                do_sample=sample, temperature=temp, layer=layer, row=row)
+    run.click(C.run_compare, ins, outs, api_name="compare", preprocess=False)
+    q.submit(C.run_compare, ins, outs, api_visibility="private", preprocess=False)
+    gr.on([tokens.input, layer.select, row.input], C.compare_view,
+          named(C.compare_view, state=state, layer=layer, token=tokens, row=row),
+          outputs(C.CompareView, status=status, figure=figure, ranking=rank, files=files), api_name="compare_view",
+          show_progress="minimal")
     return model_a, model_b
 
 
@@ -262,22 +307,23 @@ def _train_tab(choices):
             algo_help = _explain(training.ALGO_HELP["ral"])
             teacher = gr.Dropdown(choices, value=next((c for c in choices if c != first), first),
                                   label="Teacher (OPAD copies its attention)", visible=False, elem_id="t-teacher")
-            steps = gr.Slider(1, 500, value=20, step=1, label="steps", info="each: one batch of answers, then 2 "
+            steps = _slider("steps", 20, label="steps", info="each: one batch of answers, then 2 "
                               "passes of updates over it", elem_id="t-steps")
-            weight = gr.Slider(0, 10, value=rec["lambda_attn"], step=0.1, label="attention weight λ_attn",
+            weight = _slider("weight", rec["lambda_attn"], label="attention weight λ_attn",
                                elem_id="t-weight")
             with gr.Row():
-                sigma = gr.Slider(0, 5, value=1.0, step=0.1, label="exploration σ", visible=False)
+                sigma = _slider("explore_sigma", 1.0, label="exploration σ", visible=False)
                 explore_layers = gr.Dropdown(training.EXPLORE_LAYERS, value="levers", label="explored layers",
                                              visible=False)
             with gr.Accordion("More settings", open=False):
-                lr = gr.Number(rec["lr"], label="learning rate (1e-7 – 1e-2)", elem_id="t-lr")
-                group = gr.Slider(2, 16, value=rec["group_size"], step=1, label="group size (answers per question)")
-                prompts = gr.Slider(1, 16, value=rec["prompts_per_step"], step=1, label="questions per step")
-                temp = gr.Slider(0.1, 2.0, value=rec["temperature"], step=0.05, label="sampling temperature")
-                max_new = gr.Slider(1, 32, value=rec["max_new_tokens"], step=1, label="max new tokens")
-                snap = gr.Slider(1, 100, value=5, step=1, label="snapshot every (steps)", elem_id="t-snap")
-                seed = gr.Number(0, precision=0, label="seed", minimum=0)
+                lr = gr.Number(rec["lr"], label=f"learning rate ({BOUNDS['lr'].lo:g} – {BOUNDS['lr'].hi:g})",
+                               elem_id="t-lr")
+                group = _slider("group_size", rec["group_size"], label="group size (answers per question)")
+                prompts = _slider("prompts_per_step", rec["prompts_per_step"], label="questions per step")
+                temp = _slider("train_temperature", rec["temperature"], label="sampling temperature")
+                max_new = _slider("train_max_new_tokens", rec["max_new_tokens"], label="max new tokens")
+                snap = _slider("snapshot_every", 5, label="snapshot every (steps)", elem_id="t-snap")
+                seed = gr.Number(0, precision=0, label="seed", minimum=BOUNDS["seed"].lo, maximum=BOUNDS["seed"].hi)
                 name = gr.Textbox(label="checkpoint name (optional)", placeholder="e.g. ral-digits; empty: automatic")
         with gr.Column(scale=5):
             with gr.Row(equal_height=True):
@@ -298,10 +344,13 @@ def _train_tab(choices):
                 api_visibility="private", show_progress="hidden")
     data.change(lambda k: (training.dataset_changed(k),) * 2, data, [upload, upload_info], api_visibility="private",
                 show_progress="hidden")
-    return dict(ins=[data, upload, algo, model, teacher, steps, lr, weight, group, prompts, temp, sigma,
-                     explore_layers, max_new, snap, seed, name],
-                outs=[status, progress, curves, snapshot, note, timer, start, cancel],
-                start=start, cancel=cancel, timer=timer, model=model, teacher=teacher)
+    ins = named(training.train_start, dataset_kind=data, upload=upload, algorithm=algo, model=model, teacher=teacher,
+                steps=steps, lr=lr, weight=weight, group_size=group, prompts_per_step=prompts, temperature=temp,
+                sigma=sigma, explore_layers=explore_layers, max_new_tokens=max_new, snapshot_every=snap, seed=seed,
+                name=name)
+    page = dict(status=status, progress=progress, curves=curves, snapshot=snapshot, note=note, timer=timer,
+                start=start, cancel=cancel)
+    return dict(ins=ins, page=page, start=start, cancel=cancel, timer=timer, model=model, teacher=teacher)
 
 
 def build_app() -> gr.Blocks:
@@ -317,30 +366,31 @@ def build_app() -> gr.Blocks:
                 c_a, c_b = _compare_tab(choices)
             with gr.Tab("Train", id="train"):
                 t = _train_tab(choices)
-        lists = [i_model, c_a, c_b, t["model"], t["teacher"]]  # handlers.N_MODEL_LISTS, in this order
-        outs = t["outs"] + lists
+        lists = [i_model, c_a, c_b, t["model"], t["teacher"]]  # common.N_MODEL_LISTS, in this order
+        outs = outputs(training.TrainView, **t["page"], models=lists[0], models_a=lists[1], models_b=lists[2],
+                       models_t=lists[3], models_teacher=lists[4])
         t["start"].click(training.train_start, t["ins"], outs, api_name="train_start", preprocess=False)
         t["timer"].tick(training.train_poll, None, outs, api_name="train_poll", show_progress="hidden",
                         concurrency_limit=None)
         t["cancel"].click(training.train_cancel, None, outs, api_name="train_cancel", concurrency_limit=None)
         # session checkpoints (written by training) join the model lists; the folder goes when the tab closes,
         # after a running training run of that session has stopped
-        demo.load(handlers.model_choices, None, lists, api_visibility="private")
+        demo.load(common.model_choices, None, lists, api_visibility="private")
         demo.unload(training.end_session)
     return demo
 
 
 def launch_kwargs() -> dict:
     """Server settings: RAL_HOST / RAL_PORT (then Gradio's own env, e.g. on Spaces), CSS, examples readable."""
-    return dict(server_name=os.environ.get("RAL_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                server_port=int(os.environ.get("RAL_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
-                allowed_paths=[str(handlers.EXAMPLES_DIR)], css=CSS, footer_links=["api"],
+    return dict(server_name=settings.get("RAL_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                server_port=settings.get("RAL_PORT") or int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                allowed_paths=[str(common.EXAMPLES_DIR)], css=CSS, footer_links=["api"],
                 max_file_size=MAX_ZIP_BYTES)
 
 
 def serving_threads() -> int:
     """Torch threads for serving: half the cores, so a training run (its own threads) keeps the other half."""
-    return int(os.environ.get("RAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
+    return settings.get("RAL_THREADS", max(1, min(4, (os.cpu_count() or 2) // 2)))
 
 
 def launch(**overrides):
@@ -356,5 +406,5 @@ def launch(**overrides):
     demo = build_app()
     # Requests run side by side: each model has its own lock and batches concurrent inspects, figures are drawn
     # in worker processes, and every request has a time limit (RAL_REQUEST_SECONDS).
-    demo.queue(default_concurrency_limit=int(os.environ.get("RAL_CONCURRENCY", 32)))
+    demo.queue(default_concurrency_limit=settings.get("RAL_CONCURRENCY"))
     return demo.launch(**{**launch_kwargs(), **overrides})

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import weakref
 from typing import Callable, Sequence
 
 log = logging.getLogger("ral.app")
@@ -128,27 +129,31 @@ class _Watch:
             self.r.report(self.stage, (p + within) / len(self.passes), text)
 
 
-def _install(adapter):
+# model → the watches registered now; keyed by the model (not the adapter), so a request's shallow copy of an
+# adapter (registry.Served.view) reports through the same hook
+_WATCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def install(adapter):
     """One permanent forward pre-hook on the adapter's model that hands each call to the watches registered now.
-    Install it before the model is shared (registry does, at load) or with the model's lock held: a hook is never
-    added while another thread runs a forward."""
-    if getattr(adapter, "_ral_watches", None) is not None:
-        return
-    adapter._ral_watches = ()
+    Install it before the model is shared (registry does, at load): a hook is never added while another thread
+    runs a forward."""
+    model = adapter.model
+    with _HOOK_LOCK:
+        if model in _WATCHES:
+            return
+        _WATCHES[model] = ()
 
     def pre(module, args, kwargs):
-        watches = adapter._ral_watches
-        if watches and module is adapter.model:  # not a copy of the model (a deepcopy keeps its hooks)
+        watches = _WATCHES.get(module, ())
+        if watches:  # a deepcopy of the model keeps the hook but has no entry: nothing reported
             try:
                 kind = _kind(args, kwargs)
                 for w in watches:
                     w.forward(kind)
             except Exception:  # noqa: BLE001 — progress must never break a forward
                 log.debug("progress hook failed", exc_info=True)
-    adapter.model.register_forward_pre_hook(pre, with_kwargs=True)
-
-
-install = _install
+    model.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 @contextlib.contextmanager
@@ -157,23 +162,20 @@ def watch_model(adapters, reporter: Reporter | None, passes: Sequence[str] = (""
     """Report the forward passes of `adapters` (one adapter or several, e.g. Compare's A and B: one watch follows
     them all, in order) as stages while the block runs. In a batch shared with other requests (the inspect batcher)
     the passes reported are the model's, which include this request's."""
-    models = adapters if isinstance(adapters, (list, tuple)) else [adapters]
-    models = list({id(a): a for a in models if getattr(a, "model", None) is not None}.values())
+    adapters = adapters if isinstance(adapters, (list, tuple)) else [adapters]
+    models = list({id(a.model): a.model for a in adapters if getattr(a, "model", None) is not None}.values())
     if reporter is None or not models:
         yield None
         return
-    for a in models:
-        if getattr(a, "_ral_watches", None) is None:
-            lock = getattr(a, "lock", None)
-            with lock if lock is not None else contextlib.nullcontext():
-                _install(a)
+    for a in adapters:
+        install(a)
     w = _Watch(reporter, passes, max_new_tokens, score_total, stage)
     with _HOOK_LOCK:
-        for a in models:
-            a._ral_watches = a._ral_watches + (w,)
+        for m in models:
+            _WATCHES[m] = _WATCHES.get(m, ()) + (w,)
     try:
         yield w
     finally:
         with _HOOK_LOCK:
-            for a in models:
-                a._ral_watches = tuple(x for x in a._ral_watches if x is not w)
+            for m in models:
+                _WATCHES[m] = tuple(x for x in _WATCHES.get(m, ()) if x is not w)

@@ -1,27 +1,30 @@
-"""Server-side model list (names → paths, from app/models.yaml or $RAL_MODELS_CONFIG), a small per-process
-LRU of loaded adapters, and one lock around model use (one process serves every browser session)."""
+"""Server-side model list (names → paths, from app/models.yaml or $RAL_MODELS_CONFIG) and a small per-process
+LRU of served models: each a `Served` record holding the core adapter, the lock around its use (one process
+serves every browser session) and its inspect batcher. Nothing is attached to the adapter itself."""
 from __future__ import annotations
 
-import os
+import copy
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ral_core import settings
 from ral_core.errors import RALError
 
 from app import sessions
 
 DEFAULT_CONFIG = Path(__file__).with_name("models.yaml")
 SESSION_PREFIX = "session: "  # choices for the browser session's own checkpoints (training writes them)
-_LOAD_LOCK = threading.RLock()  # loading and the cache; each loaded model has its own `adapter.lock`
-_CACHE: OrderedDict[str, object] = OrderedDict()
-CACHE_SIZE = int(os.environ.get("RAL_MODEL_CACHE", "3"))
+_LOAD_LOCK = threading.RLock()  # loading and the cache; each served model has its own `lock`
+_CACHE: OrderedDict[str, "Served"] = OrderedDict()
+CACHE_SIZE = settings.get("RAL_MODEL_CACHE")
 
 
 def config_path() -> Path:
-    return Path(os.environ.get("RAL_MODELS_CONFIG") or DEFAULT_CONFIG)
+    return settings.get("RAL_MODELS_CONFIG", DEFAULT_CONFIG)
 
 
 def configured_models() -> dict[str, str]:
@@ -67,10 +70,39 @@ def resolve(name: str, request=None) -> str:
     return models[name]
 
 
+@dataclass
+class Served:
+    """One loaded model as the server holds it. Use the model only with `lock` held (or through `batcher()`):
+    requests for different models run in parallel, requests for one model take turns."""
+    adapter: object
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _batcher: object = None
+
+    def batcher(self):
+        """The inspect batcher (concurrent greedy inspections of this model run as one batch), started on first use."""
+        from ral_core.batching import InspectBatcher
+
+        with _LOAD_LOCK:
+            if self._batcher is None:
+                self._batcher = InspectBatcher(self.adapter, self.lock)
+            return self._batcher
+
+    def view(self, name: str, max_pixels: int | None = None):
+        """The adapter as one request sees it: its listed name and pixel budget on a shallow copy (model, tokenizer
+        and processor shared), so no other request ever sees them. Returns (adapter, the budget's note)."""
+        a = copy.copy(self.adapter)
+        a.name = name  # what results and titles show: the listed name, never a server path
+        note = a.set_max_pixels(max_pixels) if max_pixels is not None else ""
+        return a, note
+
+    def retire(self):
+        if self._batcher is not None:
+            self._batcher.close()
+
+
 def get_adapter(name: str, request=None):
-    """Load (or reuse) the adapter for a listed name. Use the model only with `adapter.lock` held (or through
-    `batcher(adapter)`): requests for different models run in parallel, requests for one model take turns."""
-    return get_adapter_for_spec(name, resolve(name, request))
+    """The loaded adapter for a listed name (tests and tools; request handlers use `serve`)."""
+    return serve(name, resolve(name, request)).adapter
 
 
 def is_loaded(spec: str) -> bool:
@@ -78,46 +110,29 @@ def is_loaded(spec: str) -> bool:
     return spec in _CACHE
 
 
-def get_adapter_for_spec(name: str, spec: str, progress=None):
-    """`get_adapter` for a spec already resolved (and so checked) by `resolve`. `progress(desc, n, total)` follows a
-    hub download (ral_core.hub)."""
+def serve(name: str, spec: str, progress=None) -> Served:
+    """The served model for a spec already resolved (and so checked) by `resolve`, loaded on first use.
+    `progress(desc, n, total)` follows a hub download (ral_core.hub)."""
     with _LOAD_LOCK:
         if spec in _CACHE:
             _CACHE.move_to_end(spec)
-            adapter = _CACHE[spec]
-        else:
-            from ral_core.models import load_adapter
+            return _CACHE[spec]
+        from ral_core.models import load_adapter
 
-            from app.progress import install
+        from app.progress import install
 
-            # bf16 on a GPU (e.g. a Space), fp32 on CPU
-            adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
-            adapter.lock, adapter.batcher = threading.RLock(), None
-            install(adapter)  # the progress hook, before any other thread can run the model
-            _CACHE[spec] = adapter
-            while len(_CACHE) > max(CACHE_SIZE, 1):
-                _retire(_CACHE.popitem(last=False)[1])
-    adapter.name = name  # what results and titles show: the listed name, never a server path
-    return adapter
-
-
-def batcher(adapter):
-    """The adapter's inspect batcher (concurrent greedy inspections of one model run as one batch)."""
-    from ral_core.batching import InspectBatcher
-
-    with _LOAD_LOCK:
-        if getattr(adapter, "batcher", None) is None:
-            adapter.batcher = InspectBatcher(adapter, adapter.lock)
-        return adapter.batcher
-
-
-def _retire(adapter):
-    if getattr(adapter, "batcher", None) is not None:
-        adapter.batcher.close()
+        # bf16 on a GPU (e.g. a Space), fp32 on CPU
+        adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
+        adapter.name = name  # a spec never shows: results of the shared adapter carry a listed name
+        install(adapter)  # the progress hook, before any other thread can run the model
+        served = _CACHE[spec] = Served(adapter)
+        while len(_CACHE) > max(CACHE_SIZE, 1):
+            _CACHE.popitem(last=False)[1].retire()
+        return served
 
 
 def clear_cache():
     with _LOAD_LOCK:
-        for a in _CACHE.values():
-            _retire(a)
+        for s in _CACHE.values():
+            s.retire()
         _CACHE.clear()

@@ -1,6 +1,6 @@
 """Figures drawn in worker processes: matplotlib holds the GIL and pyplot is global state, so concurrent
 requests drawn in threads take turns on one core; worker processes draw them side by side on every core,
-outside any model lock. RAL_RENDER_WORKERS=0 draws in-process (one at a time, under handlers' RENDER_LOCK)."""
+outside any model lock. RAL_RENDER_WORKERS=0 draws in-process (one at a time, under common.RENDER_LOCK)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from ral_core import settings
+
 log = logging.getLogger("ral.app")
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -21,7 +23,7 @@ _RESULTS: OrderedDict[str, object] = OrderedDict()  # per worker: recently loade
 
 
 def workers() -> int:
-    return max(0, int(os.environ.get("RAL_RENDER_WORKERS", os.cpu_count() or 1)))
+    return settings.get("RAL_RENDER_WORKERS")
 
 
 def _watch_parent(parent: int):
@@ -38,7 +40,7 @@ def _init(parent: int):
     # Drawing yields to the server and to training runs (RAL_RENDER_NICE): a burst of figures then costs
     # visitors some latency instead of stalling a run.
     try:
-        os.nice(int(os.environ.get("RAL_RENDER_NICE", 4)))
+        os.nice(settings.get("RAL_RENDER_NICE"))
     except (OSError, ValueError):
         pass
     import torch

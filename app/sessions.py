@@ -23,12 +23,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
+from ral_core import settings
 from ral_core.errors import RALError
 
 KINDS = ("inspections", "compare", "runs", "checkpoints")
@@ -44,19 +44,19 @@ _busy_check = lambda key: False  # noqa: E731 — replaced by training: sessions
 
 
 def root() -> Path:
-    return Path(os.environ.get("RAL_SESSIONS_ROOT") or Path(tempfile.gettempdir()) / "ral_sessions")
+    return settings.get("RAL_SESSIONS_ROOT")
 
 
 def max_age_s() -> float:
-    return float(os.environ.get("RAL_SESSION_MAX_AGE_S", 24 * 3600))
+    return settings.get("RAL_SESSION_MAX_AGE_S")
 
 
 def api_idle_s() -> float:
-    return float(os.environ.get("RAL_API_SESSION_IDLE_S", 600))
+    return settings.get("RAL_API_SESSION_IDLE_S")
 
 
 def max_bytes() -> int:
-    return int(float(os.environ.get("RAL_SESSIONS_MAX_MB", 2048)) * 2**20)
+    return int(settings.get("RAL_SESSIONS_MAX_MB") * 2**20)
 
 
 def set_busy_check(fn) -> None:
@@ -174,11 +174,6 @@ def owns(request, path) -> bool:
 def checkpoints_dir(request) -> Path:
     """Where training saves this session's model folders (save_pretrained); they become `session: <name>`."""
     return kind_dir(request, "checkpoints")
-
-
-def runs_dir(request) -> Path:
-    """Where training keeps this session's run logs and metrics."""
-    return kind_dir(request, "runs")
 
 
 def list_checkpoints(request) -> list[str]:

@@ -69,9 +69,10 @@ def test_inspect_then_rerender_from_state_only(app_env, monkeypatch, tmp_path):
     # changing layer / token / row must never touch a model again
     def boom(*a, **k):
         raise AssertionError("the model was re-run")
-    monkeypatch.setattr(h, "inspect", boom)
+    from app import model_work
+    monkeypatch.setattr(model_work, "inspect", boom)
     monkeypatch.setattr(app_env.registry, "get_adapter", boom)
-    monkeypatch.setattr(app_env.registry, "get_adapter_for_spec", boom)
+    monkeypatch.setattr(app_env.registry, "serve", boom)
     for layer, token, row in (("mean", "0", "own"), ("0", "mean", "predicts"), ("last", str(res.n_tokens - 1), "own")):
         v = h.inspect_view(out.state, layer, token, row, request=req("s1"))
         assert v.status == "" and is_png(v.overlay) and v.overlay != out.overlay

@@ -157,12 +157,12 @@ def test_concurrent_inspects_are_batched_and_equal_to_single(env):
     from ral_core.images import load_image
     from ral_core.inspection import inspect
 
-    adapter = env.reg.get_adapter("tiny-a")
-    b = env.reg.batcher(adapter)
+    served = env.reg.serve("tiny-a", env.reg.resolve("tiny-a"))
+    adapter, b = served.adapter, served.batcher()
     qs = ["Read row 1.", "What digit is in row 2 column 3?", "Where is the 7?", "Read row 3."]
     imgs = [load_image(EXAMPLES / n) for n in ("grid3_cell.png", "grid3_row.png", "grid3_where.png", "grid3_row.png")]
     n0 = len(b.batches)
-    with adapter.lock:  # hold the model so that all four queue up, as under load
+    with served.lock:  # hold the model so that all four queue up, as under load
         out = [None] * 4
         ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, b.submit(imgs[i], qs[i], 6))) for i in range(4)]
         for t in ts:
@@ -181,8 +181,8 @@ def test_a_request_that_waits_past_its_limit_is_refused(env):
     from ral_core.errors import RALError
     from ral_core.images import load_image
 
-    adapter = env.reg.get_adapter("tiny-a")
-    b = env.reg.batcher(adapter)
+    served = env.reg.serve("tiny-a", env.reg.resolve("tiny-a"))
+    b = served.batcher()
     err = []
 
     def late():
@@ -190,7 +190,7 @@ def test_a_request_that_waits_past_its_limit_is_refused(env):
             b.submit(load_image(EXAMPLES / "grid3_cell.png"), "Read row 1.", 2, seconds=0.2)
         except RALError as e:
             err.append(str(e))
-    with adapter.lock:
+    with served.lock:
         t = threading.Thread(target=late)
         t.start()
         time.sleep(0.5)

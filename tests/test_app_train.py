@@ -4,6 +4,7 @@ views."""
 import io
 import os
 import json
+import shutil
 import signal
 import stat
 import sys
@@ -34,7 +35,8 @@ FAST = dict(group_size=4, prompts_per_step=2, max_new_tokens=4, lr=1e-3, snapsho
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("train_env")
-    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ndefault: default\n")
+    shutil.copytree(tiny_model_dir, d / "tiny_b")  # a teacher that is not the student (same tokenizer)
+    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ntiny-b: {d / 'tiny_b'}\ndefault: default\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
         mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
@@ -183,7 +185,7 @@ def test_a_run_that_fails_later_keeps_its_last_good_checkpoint(env, monkeypatch)
 
 
 def test_other_algorithms_run(env):
-    v = start(env, "to", algorithm="opad", teacher="tiny-a", steps=2, weight=2.0)
+    v = start(env, "to", algorithm="opad", teacher="tiny-b", steps=2, weight=2.0)
     assert v.status == "", v.status
     run = wait(env, "to")
     assert run.status == "done" and run.cfg.gamma_opad == 2.0 and run.checkpoint == "opad-1"
@@ -237,7 +239,8 @@ def test_a_run_trains_in_its_own_process_without_gradio(env, monkeypatch):
 
 def test_an_unexpected_error_in_the_child_is_one_line_and_a_logged_trace(env, monkeypatch, capfd):
     monkeypatch.setattr(env.t.QUEUE, "target", _child_with_a_bug)
-    if env.t._MP.get_start_method() == "forkserver":  # children write to the fork server's stderr: the server's
+    from app import train_worker
+    if train_worker.CONTEXT.get_start_method() == "forkserver":  # children write to the fork server's stderr: the server's
         from multiprocessing import forkserver        # when the first run started; start a new one under capfd
         forkserver._forkserver._stop()
     start(env, "tbug", steps=2)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from apphelpers import is_png, req, served_app
 
+from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
 from ral_core.models.base import TokenGeometry
 
@@ -149,13 +150,14 @@ def test_zerogpu_model_stage_is_reported_whole_before_the_call(env, monkeypatch)
     """On ZeroGPU the model work runs in a forked process: nothing unpicklable goes in, the stage is reported here."""
     h = env.h
     seen = []
-    real = h._inspect_work
+    from app import gpu, model_work
+    real = model_work.inspect_work
 
     def work(*args, **kwargs):
         seen.append(args[-1])  # what would be pickled into the GPU process
         return real(*args, **kwargs)
-    monkeypatch.setattr(h.gpu, "on_zerogpu", lambda: True)
-    monkeypatch.setattr(h, "_inspect_work", work)
+    monkeypatch.setattr(gpu, "on_zerogpu", lambda: True)
+    monkeypatch.setattr(model_work, "inspect_work", work)
     rec = Recorder()
     _ok(h.run_inspect("tiny-a", str(EXAMPLE), "Where is the 2?", 2, request=req("p3"), progress=rec))
     assert seen == [None] and any("on the GPU" in x for x in rec.descs)
@@ -175,7 +177,7 @@ def test_budget_is_parsed_and_bounded_on_the_server(env, monkeypatch):
     n, note = h.pixel_budget(10**30)
     assert n == hi and "lowered" in note and f"{hi:,}" in note
     for bad in ("lots", -1, float("nan"), float("inf"), "1e999", True, [1, 2], "1x2x3", "0x5", "9" * 60, {"a": 1}):
-        with pytest.raises(h.RALError, match="visual-token budget must be"):
+        with pytest.raises(RALError, match="visual-token budget must be"):
             h.pixel_budget(bad)
 
 

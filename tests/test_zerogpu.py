@@ -35,22 +35,23 @@ def zero_gpu(monkeypatch, tmp_path, tiny_model_dir):
     (tmp_path / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\n")
     monkeypatch.setenv("RAL_MODELS_CONFIG", str(tmp_path / "models.yaml"))
     monkeypatch.setenv("RAL_SESSIONS_ROOT", str(tmp_path / "sessions"))
-    import app.handlers as handlers
-    h = importlib.reload(handlers)  # gpu_task decorates at import
+    import app.handlers as h
+    import app.model_work as work
+    importlib.reload(work)  # gpu_task decorates at import
     yield h, calls
     monkeypatch.delenv("SPACES_ZERO_GPU")
-    importlib.reload(handlers)
+    importlib.reload(work)
 
 
 def test_model_calls_run_inside_spaces_gpu(zero_gpu):
     h, calls = zero_gpu
     out = h.run_inspect("tiny-a", str(EXAMPLE), "Read row 1.", 3, request=req("z"))
-    assert out.status == "" and calls == [("_inspect_work", 35)]
+    assert out.status == "" and calls == [("inspect_work", 35)]
     cmp = h.run_compare("tiny-a", "tiny-a", str(EXAMPLE), "Read row 1.", 3, request=req("z"))
     lev = h.run_levers(out.state, "", "1", 3.0, request=req("z"))
     exp = h.run_explored(out.state, 1.0, "last", 0, 3, request=req("z"))
     assert cmp.status == "" and lev.status == "" and exp.status == "", (cmp.status, lev.status, exp.status)
-    assert [c[0] for c in calls] == ["_inspect_work", "_compare_work", "_levers_work", "_explored_work"]
+    assert [c[0] for c in calls] == ["inspect_work", "compare_work", "levers_work", "explored_work"]
 
 
 def test_training_is_refused_on_zerogpu(zero_gpu):
