@@ -1,5 +1,4 @@
 """The evidence benchmark's run matrix and its second-checkpoint recipe (the runs themselves live in bench/)."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -7,18 +6,9 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from benchhelpers import bench_module as _bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str):
-    """A bench script as a module, with bench/ on sys.path as when it runs as `python bench/NAME.py`."""
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _evidence():

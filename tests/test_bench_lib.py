@@ -1,21 +1,12 @@
 """bench/_common.py, the benchmarks' small library, and the CLI seam a benchmark uses instead of patching ral_core."""
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
+from benchhelpers import bench_module as _bench
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str):
-    """A bench script as a module, with bench/ on sys.path as when it runs as `python bench/NAME.py`."""
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _common():
