@@ -265,7 +265,7 @@ def bundled_example(image, question: str) -> dict | None:
     target boxes; None for anything else."""
     import hashlib
 
-    from PIL import Image
+    from ral_core.images import load_image
 
     def digest(im):
         return hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest()
@@ -280,10 +280,9 @@ def bundled_example(image, question: str) -> dict | None:
         for it in items:
             if " ".join(it.get("question", "").split()).casefold() != q:
                 continue
-            try:
-                with Image.open(EXAMPLES_DIR / it["image"]) as im:
-                    if digest(im.convert("RGB")) == want:
-                        return it
-            except OSError:
+            try:  # read as every image enters (EXIF orientation, 16-bit scaling), like the image it is matched to
+                if digest(load_image(EXAMPLES_DIR / it["image"])) == want:
+                    return it
+            except RALError:
                 continue
     return None
