@@ -310,7 +310,7 @@ def bench(args) -> dict:
         for L in args.lengths:
             for m in modes:
                 mem[L][m] = [procs[m].run(L, "mem") for _ in range(args.mem_repeats)]
-            log(f"[memory] L≈{L}: " + " ".join(f"{m}={max(x['extra_mb'] for x in mem[L][m]):.1f}MB" for m in modes))
+            log(f"[memory] L≈{L}: " + " ".join(f"{m}={max(x['extra_mb'] for x in mem[L][m]):.1f}MiB" for m in modes))
     finally:
         for p in procs.values():
             p.close()
@@ -388,7 +388,7 @@ def report(res, command) -> str:
         w(f"## {title}")
         w("")
         w("| tokens | SDPA ms | capture ms | eager ms | capture/SDPA time: wall (CPU median, CPU min) | "
-          "SDPA extra MB | capture extra MB | eager extra MB | capture − SDPA MB | capture/eager extra mem |")
+          "SDPA extra MiB | capture extra MiB | eager extra MiB | capture − SDPA MiB | capture/eager extra mem |")
         w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for L in lengths:
             s, c, e = (med_w[L][m] for m in modes)
@@ -416,8 +416,8 @@ def report(res, command) -> str:
         ok = r <= 0.1
         verdicts.append(ok)
         w(f"- Capture extra memory ≤ 1/10 of eager's at the longest length ({toks[Lmax]['L']} tokens"
-          f"{'' if Lmax == 2048 else '; the target is stated for 2048'}): {ext[Lmax]['capture']:.1f} MB vs "
-          f"{ext[Lmax]['eager']:.1f} MB = {r:.4f} → **{'met' if ok else 'MISSED'}**.")
+          f"{'' if Lmax == 2048 else '; the target is stated for 2048'}): {ext[Lmax]['capture']:.1f} MiB vs "
+          f"{ext[Lmax]['eager']:.1f} MiB = {r:.4f} → **{'met' if ok else 'MISSED'}**.")
     if has("capture", "sdpa"):
         for L in lengths:
             rw = med_w[L]["capture"] / med_w[L]["sdpa"]
@@ -454,7 +454,7 @@ def report(res, command) -> str:
             d_c, d_e = ext[Lmax][cp] - ext[Lmax][sd], ext[Lmax][eg] - ext[Lmax][sd]
             if d_e > 0:
                 w(f"- (For information) attention-specific memory at {toks[Lmax]['L']} tokens, {lab}: "
-                  f"capture − SDPA = {d_c:.1f} MB vs eager − SDPA = {d_e:.1f} MB ({d_c / d_e:.4f}).")
+                  f"capture − SDPA = {d_c:.1f} MiB vs eager − SDPA = {d_e:.1f} MiB ({d_c / d_e:.4f}).")
     w("")
 
     # ---- contention
@@ -496,7 +496,7 @@ def report(res, command) -> str:
       "at the reading, so they count. One warm-up call per worker at the shortest length, then "
       f"{a['mem_repeats']} measured call(s) per length" + (
           f"; the table shows the largest, and the spread (max − min) across calls was at most "
-          f"{max(ext[L][m] - ext_min[L][m] for L in lengths for m in modes):.1f} MB" if a["mem_repeats"] > 1 else "")
+          f"{max(ext[L][m] - ext_min[L][m] for L in lengths for m in modes):.1f} MiB" if a["mem_repeats"] > 1 else "")
       + ". Timings come from the other worker set with the default allocator, because the returning allocator "
       "costs extra page faults. (tracemalloc does not see torch's tensor allocations, hence RSS.)")
     w("")
@@ -505,7 +505,7 @@ def report(res, command) -> str:
         w("Sanity check — eager's extra memory over SDPA should grow ~quadratically with length (it keeps "
           f"{nl} layers × {H} heads × L² fp32 probabilities = {nl * H * 4} · L² bytes, plus transient scores):")
         w("")
-        w("| tokens | eager − SDPA MB | expected kept maps MB (layers·heads·L²·4 B) | ratio |")
+        w("| tokens | eager − SDPA MiB | expected kept maps MiB (layers·heads·L²·4 B) | ratio |")
         w("|---:|---:|---:|---:|")
         for L in lengths:
             n = toks[L]["L"]
@@ -524,7 +524,7 @@ def report(res, command) -> str:
             w("")
             w("Capture's own extra over SDPA (capture − SDPA) should be linear and small: the kept rows are "
               f"{nl} layers × {H} heads × {a['rows']} rows × L × 4 B = "
-              + ", ".join(f"{nl * H * a['rows'] * toks[L]['L'] * 4 / 2 ** 20:.1f} MB at {toks[L]['L']}"
+              + ", ".join(f"{nl * H * a['rows'] * toks[L]['L'] * 4 / 2 ** 20:.1f} MiB at {toks[L]['L']}"
                           for L in lengths) + ".")
         w("")
 
@@ -545,7 +545,7 @@ def report(res, command) -> str:
     w("")
     w("## Raw data")
     w("")
-    w("| tokens | mode | wall ms (median) | CPU ms (median) | wall ms (all) | extra MB (all measured) |")
+    w("| tokens | mode | wall ms (median) | CPU ms (median) | wall ms (all) | extra MiB (all measured) |")
     w("|---:|---|---:|---:|---|---|")
     for L in lengths:
         for m in modes:
@@ -583,7 +583,7 @@ def bench_logits(args) -> dict:
                     for m in (LOGIT_MODES if r % 2 == 0 else LOGIT_MODES[::-1]):
                         res[dtype][L][m].append(procs[m].run(L, "mem"))
                 log(f"[logits] {dtype} L≈{L}: " + " ".join(
-                    f"{m}={max(x['extra_mb'] for x in res[dtype][L][m]):.1f}MB" for m in LOGIT_MODES))
+                    f"{m}={max(x['extra_mb'] for x in res[dtype][L][m]):.1f}MiB" for m in LOGIT_MODES))
         finally:
             for p in procs.values():
                 p.close()
@@ -611,8 +611,8 @@ def report_logits(res, command) -> str:
       "call(s) per mode, alternating; the largest is shown (spread in brackets). Times are the same calls' medians "
       "(returning allocator: page faults included; for information).")
     w("")
-    w("| dtype | tokens | logits returned | extra peak MB, full logits | extra peak MB, no logits | saved MB | "
-      "[1, L, vocab] logits MB (computed) | wall ms full → lean | same maps |")
+    w("| dtype | tokens | logits returned | extra peak MiB, full logits | extra peak MiB, no logits | saved MiB | "
+      "[1, L, vocab] logits MiB (computed) | wall ms full → lean | same maps |")
     w("|---|---:|---|---:|---:|---:|---:|---:|---|")
     figure = None
     for dtype, per_len in res["mem"].items():
@@ -635,8 +635,8 @@ def report_logits(res, command) -> str:
     if figure:
         n, ef, el, expect = figure
         w(f"At {n:,} tokens in bf16 (the dtype a GPU loads real checkpoints in), the capture pass of `inspect` "
-          f"peaked at {el:.1f} MB above its starting RSS instead of {ef:.1f} MB: **{ef - el:.0f} MB "
-          f"({(ef - el) / 1024:.2f} GiB) saved**, the [1, L, vocab] logits ({expect:.0f} MB) it no longer computes. "
+          f"peaked at {el:.1f} MiB above its starting RSS instead of {ef:.1f} MiB: **{ef - el:.0f} MiB "
+          f"({(ef - el) / 1024:.2f} GiB) saved**, the [1, L, vocab] logits ({expect:.0f} MiB) it no longer computes. "
           "'Same maps': per-layer visual mass of the captured rows, lean minus full.")
     w(f"- Busy processes before: " + ("; ".join(f"`{x}`" for x in info["busy_before"]) or "none")
       + "; after: " + ("; ".join(f"`{x}`" for x in info["busy_after"]) or "none"))
