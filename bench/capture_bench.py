@@ -141,8 +141,8 @@ class Worker:
             _, check = self._attn_loss([maps[i] for i in range(self.n_layers)], vis)
             keep = (out, dict(maps))
         elif self.mode in LOGIT_MODES:
-            # the inspect capture pass (ral_core.inspection): all layers, the last rows; with full logits (as before
-            # issue 14) or with the keyword arguments inspect now passes
+            # the inspect capture pass (ral_core.inspection): all layers, the last rows; with full logits (as it
+            # once ran) or with the keyword arguments inspect passes now (CAPTURE_ONLY: logits of one position)
             from ral_core.inspection import CAPTURE_ONLY
             kw = CAPTURE_ONLY if self.mode == "inspect_lean" else {}
             with torch.no_grad(), capture(self.model, "all", rows) as maps:
@@ -595,7 +595,7 @@ def report_logits(res, command) -> str:
     info, a, cfg = res["info"], res["args"], res["model_cfg"]
     lines = [SECTION_BEGIN]
     w = lines.append
-    w("## Logits only where used: the inspect capture pass (issue 14)" + (" (SMOKE run)" if a["smoke"] else ""))
+    w("## Logits only where used: the inspect capture pass" + (" (SMOKE run)" if a["smoke"] else ""))
     w("")
     w(f"- Command: `{command}` (this section only; the rest of the file comes from the full run above)")
     w(f"- Date: {info['date']}; run time {info['elapsed_s']:.0f} s; machine: {C.machine_line(info)}; load average "

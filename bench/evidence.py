@@ -27,7 +27,7 @@ import numpy as np
 from _common import ROOT, dump_record, fmt_p, holm, machine_line, paired_t, sampled_reward, start, t_two_sided_p
 
 WORK = ROOT / "bench" / "_work" / "evidence"
-RECORDS = ROOT / "bench" / "records" / "results"  # committed: one small JSON per finished run (issue 11)
+RECORDS = ROOT / "bench" / "records" / "results"  # one small JSON per finished run, meant to be committed
 
 TASKS = {
     # multi-token answers: rollouts of a group diverge inside the answer, where the RAL term can act
@@ -475,7 +475,7 @@ def _fmt(d, nd: int = 3, c: dict | None = None) -> str:
 
 
 def exploration_section(by, tasks) -> list[str]:
-    """Issue 6's comparison: each exploration arm against GRPO and against its own noise-only control (same
+    """The exploration comparison: each exploration arm against GRPO and against its own noise-only control (same
     perturbation during rollouts, exploration term off), paired by seed; bold = |mean| ≥ 2 SE."""
     keys = [("accuracy", "greedy acc"), ("sampled_reward", "sampled reward"),
             ("target_mass_first", "target mass, decisive row")]
@@ -525,7 +525,7 @@ def _updates_line() -> str:
 
 
 def structural_note(results) -> list[str]:
-    """Where the published attention term could act at all (DESIGN.md §1, the silence diagnostic)."""
+    """Where the published attention term could act at all (docs/method.md, "Where the term is silent")."""
     shares: dict = {}
     for r in results:
         if METHODS[r["job"]["method"]].get("explore"):
@@ -611,8 +611,8 @@ def main():
     p.add_argument("--teacher", default=str(ROOT / "bench" / "_work" / "teacher_l6"), help="… and their teacher")
     p.add_argument("--checkpoints", default=str(ROOT / "bench" / "_work"),
                    help="folder of the 4×4 checkpoints (sft4, sft4s, teacher4_l6) from `make evidence-models`")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per method (issue 11: ≥ 5 for every arm the "
-                   "summary names)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per method (≥ 5 for every arm the summary "
+                   "names)")
     p.add_argument("--explore-seeds", type=int, default=5, help="seeds for the exploration comparison")
     p.add_argument("--explore-tasks", default=",".join(EXPLORE_TASKS), help="tasks of the exploration comparison")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -680,7 +680,7 @@ def main():
 
 
 def distill_note() -> str:
-    """Issue 11's question 'why is `distill` on `read3` sd 0.000 over 5 seeds', answered from the records of
+    """The question 'why is `distill` on `read3` sd 0.000 over 5 seeds', answered from the records of
     bench/home_distill_check.py (a stand-in teacher; the original one is not in the repository)."""
     d = ROOT / "bench" / "records" / "distill_check"
     if not (d / "summary.json").exists():
@@ -716,7 +716,7 @@ def distill_note() -> str:
 DISTILL_NOTE = distill_note()
 
 
-# ---- re-deriving the statistics of a document whose run cache is gone (issue 11) --------------------------------
+# ---- re-deriving the statistics of a document whose run cache is gone ------------------------------------------
 _SEED_LINE = re.compile(r"^- `(?P<m>[\w.]+)`: (?P<mean>[-+]\d\.\d+) \(per seed (?P<d>[^)]*)\) — (?P<word>[^.]*)\.(?P<tail>.*)$")
 _MEAN_SD = re.compile(r"(?P<mean>[-+]\d\.\d+) ± (?P<sd>\d\.\d+) \(n=(?P<n>\d+)\)")
 _MEAN_SE = re.compile(r"^\*{0,2}(?P<mean>[-+]\d\.\d+) ± (?P<se>\d\.\d+)\*{0,2}$")
@@ -790,8 +790,8 @@ def _word(c: dict, alpha: float = 0.05) -> str:
 def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/results_short.md") -> str:
     """Rewrite the statistical wording of an existing results_short.md from its own printed numbers (the run cache that
     produced it is gone): verdicts carry p and Holm-adjusted p over every comparison in the document, the summary
-    names only differences that survive Holm, exploration-table bold marks follow Holm, and the lines issue 11
-    found wrong (updates per rollout batch, the 'shared rows cancel' wording) are corrected."""
+    names only differences that survive Holm, exploration-table bold marks follow Holm, and the lines found wrong
+    later (updates per rollout batch, the 'shared rows cancel' wording) are corrected."""
     if "## Statistics (re-derived" in text:
         raise ValueError("this document's statistics were already re-derived")
     cmp = restat_comparisons(text)
@@ -881,7 +881,7 @@ def restat_document(text: str, distill_note: str = "", doc_name: str = "docs/res
                             "(and [results.md](results.md) measures it per run).")
         out.append(line)
     text = "\n".join(out) + "\n"
-    stat = [f"## Statistics (re-derived from the printed numbers, issue 11)", "",
+    stat = ["## Statistics (re-derived from the printed numbers)", "",
             "The run cache behind this document (`bench/_work/evidence/`) is not in the repository, so the "
             "statistics were re-derived from the numbers printed here (`python bench/evidence.py --restat "
             f"{doc_name}`): greedy accuracy from the per-seed differences (multiples of 1/150, exact); sampled "

@@ -1,5 +1,5 @@
 """Why did `distill` on `read3` give sd 0.000 over 5 seeds (greedy accuracy, sampled reward, target mass) in
-docs/results_short.md? (issue 11) A measurement, not a guess.
+docs/results_short.md? A measurement, not a guess.
 
 The original teacher (`bench/_work/teacher_l6`, 60 CPU-minutes) is not on this machine, so a stand-in teacher is
 built in about a minute: the default model continued for a few hundred supervised steps on the same 3×3 kinds
@@ -74,6 +74,7 @@ def run(method: str, seed: int, teacher: str, lam: float = 1.0) -> tuple[dict, o
     from ral_core.config import build_config
     from ral_core.data import GroundingTask
     from ral_core.evaluate import evaluate, greedy_answers
+    from ral_core.train_state import seed_all
     from ral_core.trainer import Trainer
     from evidence import sampled_reward
     t = TASKS["read3"]
@@ -87,7 +88,7 @@ def run(method: str, seed: int, teacher: str, lam: float = 1.0) -> tuple[dict, o
     tr = Trainer(build_config(None, ov))
     probe, g = first_step_gradients(tr)
     tr.model.zero_grad(set_to_none=True)
-    tr._seed_all(seed)  # the probe drew random numbers: restart the run's RNG as a fresh Trainer would have it
+    seed_all(seed)  # the probe drew random numbers: restart the run's RNG as a fresh Trainer would have it
     tr.train()
     a = tr.adapter_for_inference()
     a.model.eval()

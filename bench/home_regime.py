@@ -1,4 +1,4 @@
-"""RAL in its home regime (issue 11): a task and run length where GRPO itself moves held-out greedy accuracy and
+"""RAL in its home regime: a task and run length where GRPO itself moves held-out greedy accuracy and
 the RAL attention term acts on most response rows; then GRPO vs RAL over a λ sweep, OPAD and token distillation,
 paired by seed, with a Holm correction over every comparison in the document (docs/results.md, the evidence
 document; `make evidence`).
@@ -333,7 +333,7 @@ def compare_with(rev: str) -> dict:
 
 def cause_check(rev: str, record: str = "home/ral_l1_s0.json") -> dict:
     """Why do records of an older engine commit differ? Rerun one of them on this engine with the shared prompt
-    pass off (share_prompt=false: every row runs its whole prompt, as before issue 13) and compare with the record
+    pass off (share_prompt=false: every row runs its whole prompt, as before ral_core/prefix_share.py) and compare with the record
     committed at `rev`; write bench/records/home_rerun_cause.json for the document."""
     old = committed_record(rev, f"bench/records/{record}")
     if old is None:

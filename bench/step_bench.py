@@ -1,11 +1,11 @@
-"""Benchmark (issue 13): one full RAL training step with and without the step's shared work done once.
+"""Benchmark: one full RAL training step with and without the step's shared work done once.
 
     .venv/bin/python bench/step_bench.py --out bench/results/train.md      # writes its own section of train.md
     .venv/bin/python bench/step_bench.py --smoke                           # tiny model, prints
 
 Modes, each a fresh Trainer from the same initial weights and seed, on the same prompts:
   before   vision_cache=false, share_prompt=false: every pass re-encodes every rollout's image and runs its whole
-           prompt (the step as it was before issue 13);
+           prompt (the step before ral_core/vision_cache.py and ral_core/prefix_share.py);
   cache    vision_cache=true, share_prompt=false: each distinct image encoded once per step;
   after    vision_cache=true, share_prompt=true: the cache, plus each group's prompt prefilled once for sampling and
            computed once per pass in scoring and updates (prefix_share).
@@ -110,7 +110,7 @@ def measure(ts: dict, rounds: int) -> dict:
 
 def section(results: dict, args, meta: dict) -> str:
     cuts = " and ".join(str(v["twin_layers"]) for k, v in results.items() if k != "default") or args.twin_layers
-    lines = [BEGIN, "## Issue 13: the step's shared work done once (`bench/step_bench.py`)", "",
+    lines = [BEGIN, "## The step's shared work done once (`bench/step_bench.py`)", "",
              f"Command: `make bench-step` (rows kept in `bench/results/step.json`; `--models twin` reruns one row) · "
              f"{'; '.join(sorted({r['machine'] for r in results.values() if r.get('machine')})) or meta['machine']}"
              " · one torch thread · fp32", "",

@@ -77,7 +77,7 @@ def test_grid_recipe_continues_a_checkpoint_on_a_bigger_grid(tiny_model_dir, tmp
     assert load_adapter(str(out)).model.config.text_config.hidden_size == 64
 
 
-# ---- statistics (issue 11): paired t-test and Holm, no scipy -------------------------------------------------
+# ---- statistics (bench/_common.py): paired t-test and Holm, no scipy ------------------------------------------
 def test_t_distribution_two_sided_p_matches_tables():
     ev = _bench("_common")  # the statistics of both evidence documents
     # 97.5 % quantiles of Student's t (two-sided p = 0.05), e.g. scipy.stats.t.ppf(0.975, df)
