@@ -121,3 +121,12 @@ def test_rows_can_be_checked_after_their_paths(tmp_path):
     with pytest.raises(RALError, match="line 3001: 'bad.png' is not an image") as e:
         ds.check_image_files()
     assert str(tmp_path) not in str(e.value)
+
+
+@pytest.mark.parametrize("path,kind", [("d\x00.jsonl", "NUL"), ("d\udcff.jsonl", "lone surrogate"),
+                                       ("x" * 5000 + ".jsonl", "does not exist")])
+def test_a_bad_data_set_path_gives_one_line(path, kind):
+    from ral_core.data.jsonl import JsonlDataset
+    from ral_core.errors import RALError
+    with pytest.raises(RALError, match=kind):
+        JsonlDataset(path)

@@ -38,8 +38,14 @@ class JsonlDataset:
 
     def __init__(self, path, check_images: bool = True, max_lines: int | None = None,
                  max_line_chars: int | None = None):
-        p = Path(path)
-        if not p.is_file():
+        from ral_core.limits import check_text_chars
+
+        p = Path(check_text_chars(str(path), "the dataset path"))
+        try:
+            found = p.is_file()
+        except OSError:  # e.g. a name longer than the file system takes
+            found = False
+        if not found:
             raise RALError(f"dataset file '{path}' does not exist; give a .jsonl file")
         max_lines = max_lines or settings.get("RAL_MAX_DATASET_LINES")
         max_chars = max_line_chars or settings.get("RAL_MAX_LINE_CHARS")
