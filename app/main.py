@@ -14,7 +14,7 @@ import os
 
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-from app import common, compare_tab, inspect_probes, inspect_tab, registry, training
+from app import common, compare_tab, gpu, inspect_probes, inspect_tab, registry, training
 from app.common import BOUNDS, LAST, MEAN, slider_args
 from app.uploads import MAX_ZIP_BYTES
 from ral_core import settings
@@ -294,6 +294,8 @@ def _train_tab(choices):
     first = registry.initial_model()
     rec = training.recipe_defaults("ral")  # the page starts from the RAL recipe's calibrated values
     _explain(TRAIN_INTRO)
+    with gr.Accordion("What this server can train (and other hosts)", open=False):
+        gr.Markdown(gpu.host_markdown(), elem_id="t-hosts")
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
             model = gr.Dropdown(choices, value=first, label="Model to train", elem_id="t-model")

@@ -26,7 +26,7 @@ from pathlib import Path
 from ral_core import settings
 from ral_core.errors import RALError
 
-from app import sessions, train_worker
+from app import gpu, sessions, train_worker
 
 log = logging.getLogger("ral.app.train")
 ACTIVE_STATES = ("queued", "loading", "running")
@@ -67,6 +67,7 @@ class Run:
         self.loaded = False                  # the trainer exists (model loaded, snapshots may appear)
         self._step = 0
         self._history: list[dict] = []       # metrics of every step, as the child reports them
+        self.zerogpu = None                  # ZeroGPU: the starting request's context; trains as GPU calls instead
 
     @property
     def active(self) -> bool:
@@ -154,7 +155,7 @@ class RunQueue:
         """Start the child, turn its messages into the run's state, then register its checkpoint."""
         end = None
         try:
-            end = self._follow(run)
+            end = gpu.follow_chunked(run) if run.zerogpu is not None else self._follow(run)
             # the status last: a poll that sees the run over also sees its checkpoint and the whole message
             if end is None:  # killed, segfault, out of memory: no last word from the child
                 run.message = CRASH.format(code=run.process.exitcode)

@@ -199,6 +199,8 @@ def _progress(run: Run) -> str:
         pace = f" · {per:.2f} s/step"
         if run.status == "running":
             pace += f" · about {per * (total - step):.0f} s left"
+    if run.zerogpu is not None and getattr(run, "gpu_calls", 0):
+        pace += f" · {run.gpu_calls} GPU call{'s' if run.gpu_calls > 1 else ''}, {run.gpu_seconds} s declared"
     if run.status == "running":
         stop = " · stopping after this step…" if run.cancel.is_set() else ""
         return _bar(step / total, f"training: step <b>{step}</b> / {total}{pace}{stop}")
@@ -303,9 +305,8 @@ def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="defau
                 explore_layers="levers", max_new_tokens=12, snapshot_every=5, seed=0, name="",
                 request: gr.Request = None) -> TrainView:
     """Check the settings, then queue the run (it starts at once when the server has a free slot)."""
-    from app.gpu import ZERO_GPU_TRAINING, on_zerogpu
-    if on_zerogpu():
-        raise RALError(ZERO_GPU_TRAINING)
+    from app import gpu
+    gpu.check_training(request, steps)  # ZeroGPU: sign-in and the step cap
     h = sessions._session_hash(request)
     cur = QUEUE.for_session(h)
     if cur is not None and cur.active:
@@ -317,6 +318,7 @@ def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="defau
                                 group_size, prompts_per_step, temperature, sigma, explore_layers, max_new_tokens,
                                 snapshot_every, seed)
         run = Run(h, cfg, ck_name, algorithm, run_dir, note)
+        run.zerogpu = gpu.run_context()  # ZeroGPU: the run trains as GPU calls charged to this visitor
         QUEUE.submit(run)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)

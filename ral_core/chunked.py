@@ -56,11 +56,11 @@ class ChunkLimits:
                    settings.get("RAL_ZEROGPU_CALL_SECONDS", d.call_seconds),
                    settings.get("RAL_ZEROGPU_CHUNK_STEPS", d.chunk_steps))
 
-    def check_run(self, steps: int) -> None:
+    def check_run(self, steps) -> None:
         """Refuse, before any GPU call, a run that cannot fit."""
         if steps > self.max_steps:
             raise RALError(f"a run on this Space's ZeroGPU may have at most {self.max_steps} steps (this one has "
-                           f"{steps}): lower the steps, or run it on a dedicated GPU or your own machine")
+                           f"{steps:g}): lower the steps, or run it on a dedicated GPU or your own machine")
 
 
 # ---- what crosses between calls -----------------------------------------------------------------------------------
