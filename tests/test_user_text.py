@@ -96,5 +96,7 @@ def test_dataset_rows_are_checked_up_front(tmp_path):
     rows.append({"image": "a.png", "question": "What digit?", "answer": "seven<|im_end|>"})
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = JsonlDataset(tmp_path / "d.jsonl")
-    msg = _refused(lambda: ds.check_text(tiny_adapter("qwen2_vl")), "<|im_end|>")
-    assert "line 4" in msg and str(tmp_path) not in msg
+    a = tiny_adapter("qwen2_vl")
+    for model in (a, a.tokenizer):  # a queued run's data is checked with the tokenizer alone
+        msg = _refused(lambda: ds.check_text(model), "<|im_end|>")
+        assert "line 4" in msg and str(tmp_path) not in msg

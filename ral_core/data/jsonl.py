@@ -69,10 +69,14 @@ class JsonlDataset:
             except RALError as e:
                 raise RALError(f"{self.path.name} line {r['line']}: {e}") from None
 
-    def check_text(self, adapter) -> None:
-        """Refuse (one line naming the row) a question or answer that spells one of `adapter`'s control tokens, for
-        every row, before a run starts rather than at the step that draws the row."""
-        tok, control = adapter.tokenizer, adapter.control_token_ids
+    def check_text(self, model) -> None:
+        """Refuse (one line naming the row) a question or answer that spells one of the model's control tokens, for
+        every row, before a run starts rather than at the step that draws the row. `model`: an adapter, or just
+        its tokenizer (enough to check a queued run's data before its model is loaded)."""
+        from ral_core.models.base import control_ids, user_text_ids
+
+        tok = getattr(model, "tokenizer", model)
+        control = model.control_token_ids if hasattr(model, "control_token_ids") else control_ids(tok)
         fields = [(r, k) for r in self.rows for k in ("question", "answer")]
         for i in range(0, len(fields), 512):  # batched: a fast tokenizer encodes a list in one call
             chunk = fields[i:i + 512]
@@ -80,7 +84,7 @@ class JsonlDataset:
             for (r, k), ids in zip(chunk, enc):
                 if control.intersection(ids):
                     try:
-                        adapter.user_text_ids(r[k], f"the {k}")
+                        user_text_ids(tok, r[k], f"the {k}", control)
                     except RALError as e:
                         raise RALError(f"{self.path.name} line {r['line']}: {e}") from None
 

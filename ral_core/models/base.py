@@ -66,6 +66,33 @@ def grid_boxes(rows: int, cols: int, sx: float, sy: float, ox: float = 0.0, oy: 
     return boxes
 
 
+def control_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special added tokens: chat-turn markers, BOS/EOS/pad, image and vision markers."""
+    return frozenset(int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
+
+
+def user_text_ids(tokenizer, text: str, what: str = "the question", control: frozenset[int] | None = None) -> list[int]:
+    """Token ids of user text (a question, an answer to score, a data-set row), refusing in one line text that
+    contains NULs, control characters or a spelling of one of the model's control tokens (`control`, default
+    `control_ids(tokenizer)`: `<|im_end|>`, `<|image_pad|>`, `<image>`, `<end_of_turn>`, …).
+
+    Refused rather than tokenised apart as plain text: every accepted prompt then holds exactly the ids the model's
+    own chat template builds (tokenising the user's text on its own changes how SentencePiece-style tokenizers cut
+    the text around it), a chat turn cannot be forged, and a string that spells a control token has no faithful
+    plain reading for the model anyway; the message names the token so the user can edit it."""
+    from ral_core.limits import check_text_chars
+
+    if not isinstance(text, str):
+        raise RALError(f"{what} must be text, got {type(text).__name__}")
+    control = control_ids(tokenizer) if control is None else control
+    ids = tokenizer(check_text_chars(text, what), add_special_tokens=False)["input_ids"]
+    bad = next((i for i in ids if i in control), None)
+    if bad is not None:
+        raise RALError(f"{what} contains '{tokenizer.convert_ids_to_tokens(bad)}', one of this model's control "
+                       "tokens (chat turns, image markers); remove it — user text may not spell them")
+    return ids
+
+
 def _contiguous_input(module, args):
     if args and torch.is_tensor(args[0]) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
@@ -220,33 +247,17 @@ class VLMAdapter:
 
     @property
     def control_token_ids(self) -> frozenset[int]:
-        """Ids no user text may produce: the tokenizer's special added tokens (chat-turn, BOS/EOS/pad, image and
-        vision markers) and the structural ones (image token, suppressed markers, EOS)."""
+        """Ids no user text may produce: `control_ids` of the tokenizer plus the structural ones (image token,
+        suppressed markers, EOS)."""
         if getattr(self, "_control_ids", None) is None:
-            ids = {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
+            ids = set(control_ids(self.tokenizer))
             ids.update(self.suppress_token_ids, self.eos_token_ids, [self.image_token_id])
             self._control_ids = frozenset(int(i) for i in ids if i is not None)
         return self._control_ids
 
     def user_text_ids(self, text: str, what: str = "the question") -> list[int]:
-        """Token ids of user text (a question, an answer to score, a data-set row), refusing in one line text that
-        contains NULs, control characters or a spelling of one of the model's control tokens (`<|im_end|>`,
-        `<|image_pad|>`, `<image>`, `<end_of_turn>`, …).
-
-        Refused rather than tokenised apart as plain text: every accepted prompt then holds exactly the ids the
-        model's own chat template builds (tokenising the user's text on its own changes how SentencePiece-style
-        tokenizers cut the text around it), a chat turn cannot be forged, and a string that spells a control token
-        has no faithful plain reading for the model anyway; the message names the token so the user can edit it."""
-        from ral_core.limits import check_text_chars
-
-        if not isinstance(text, str):
-            raise RALError(f"{what} must be text, got {type(text).__name__}")
-        ids = self.tokenizer(check_text_chars(text, what), add_special_tokens=False)["input_ids"]
-        bad = next((i for i in ids if i in self.control_token_ids), None)
-        if bad is not None:
-            raise RALError(f"{what} contains '{self.tokenizer.convert_ids_to_tokens(bad)}', one of this model's "
-                           "control tokens (chat turns, image markers); remove it — user text may not spell them")
-        return ids
+        """`user_text_ids(tokenizer, text, what)` with this model's control tokens."""
+        return user_text_ids(self.tokenizer, text, what, self.control_token_ids)
 
     @property
     def end_of_answer_id(self) -> int:
