@@ -70,7 +70,7 @@ class InspectBatcher:
             jobs.append(j)
 
     def _run(self):
-        from ral_core.inspection import inspect_many
+        from ral_core.inspection import inspect_many  # imports torch: the app starts before any model is asked for
 
         while True:
             first = self._q.get()

@@ -306,6 +306,8 @@ def _train(a) -> int:
             post["jsd"] = f"{m['attn_jsd_after_update']:.2e}"
         bar.set_postfix(post)
         bar.refresh()
+        for w in m.get("warnings", ()) if main_proc else ():  # the trainer's collapse guard, above the bar
+            bar.write(f"warning (step {m['step']}): {w}", file=sys.stderr)
     trainer.callbacks.append(progress)
     try:
         res = trainer.train(resume=a.resume)
@@ -319,8 +321,11 @@ def _train(a) -> int:
             bar.close()
     if main_proc:
         f = res["final"]
-        print(f"{res['status']}: {res['step']} steps · reward {f.get('reward', float('nan')):.3f} · "
-              f"checkpoint {trainer.latest_checkpoint()} · metrics {cfg.output_dir}/metrics.jsonl")
+        print(f"{res['status']}: {res['step']} steps in {res['wall_time']:.0f} s · reward "
+              f"{f.get('reward', float('nan')):.3f} · checkpoint {trainer.latest_checkpoint()} · metrics "
+              f"{cfg.output_dir}/metrics.jsonl")
+        for w in res["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
         if a.figures and trainer.history:
             _train_figures(trainer)
     return 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import numpy as np
 import torch
 
+from ral_core.attention import capture, resolve_layers
 from ral_core.data.grounding import GroundingTask
+from ral_core.policy import max_overlap
 
 
 def normalize(text: str) -> str:
@@ -58,11 +61,6 @@ def attention_metrics(adapter, samples, answers, layer: int = -1, batch_size: in
     """Where the model looks while producing `answers` (teacher-forced): rows that predict each answer token,
     one layer, head mean. Target = the sample's boxes. Means over samples; `*_first` use only the row that
     decides the first answer token."""
-    import numpy as np
-
-    from ral_core.attention import capture, resolve_layers
-    from ral_core.rollout import max_overlap
-
     layer = resolve_layers([layer], adapter.num_layers, adapter.attention_layers)[0]
     acc = defaultdict(list)
     for i in range(0, len(samples), batch_size):
@@ -123,3 +121,46 @@ def expected_reward(adapter, samples, batch_size: int = 32) -> float:
         ps.append((tok * resp[:, -K + 1:]).sum(1).exp())
     model.train(was)
     return float(torch.cat(ps).mean())
+
+
+COLLAPSE_WINDOW = 5  # steps whose mean reward is compared: the run's first ones against its latest ones
+
+
+class CollapseGuard:
+    """Watches a run for collapse: the mean reward of the latest `window` steps below half that of the first
+    `window`, or a probe answered right at a snapshot and wrong at a later one. Each kind is warned of once per run,
+    with its step and a suggestion to lower the learning rate; `warnings` keeps them."""
+
+    def __init__(self, lr: float, window: int = COLLAPSE_WINDOW):
+        self.lr, self.window = lr, window
+        self.warnings: list[str] = []
+        self._pending: list[str] = []
+        self._right: dict[int, int] = {}  # probe index → step at which it was last answered right
+        self._given: set[str] = set()
+
+    def _warn(self, kind: str, text: str) -> None:
+        if kind not in self._given:
+            self._given.add(kind)
+            self._pending.append(f"{text}; the run may be collapsing: try a lower learning rate (lr is {self.lr:g})")
+
+    def probe(self, step: int, i: int, answer: str, expected: str) -> None:
+        """The greedy answer to probe `i` at `step` (a snapshot)."""
+        if normalize(answer) == normalize(expected):
+            self._right[i] = step
+        elif i in self._right:
+            self._warn("probe", f"probe {i} was answered right at step {self._right[i]} and wrong at step {step} "
+                                f"('{answer}' instead of '{expected}')")
+
+    def check(self, history: list[dict]) -> list[str]:
+        """New warnings after the last step of `history` (metrics rows with `step` and `reward`)."""
+        w = self.window
+        if len(history) >= 2 * w:
+            start = float(np.mean([h["reward"] for h in history[:w]]))
+            recent = float(np.mean([h["reward"] for h in history[-w:]]))
+            if start > 0 and recent < 0.5 * start:
+                self._warn("reward", f"mean reward fell from {start:.3f} (steps {history[0]['step']}–"
+                                     f"{history[w - 1]['step']}) to {recent:.3f} (steps {history[-w]['step']}–"
+                                     f"{history[-1]['step']})")
+        out, self._pending = self._pending, []
+        self.warnings += out
+        return out

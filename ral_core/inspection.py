@@ -9,6 +9,7 @@ can be saved, aggregated and rendered without re-running the model.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,12 @@ import torch
 from PIL import Image
 
 from ral_core.attention import capture, resolve_layers
+from ral_core.config import parse_bool
 from ral_core.errors import RALError
+from ral_core.generation import cut_off, generate_answer, strip_answer
+from ral_core.limits import check_question
 from ral_core.models.base import TokenGeometry
+from ral_core.policy import ExploreSpec
 
 ROWS = ("predicts", "own")
 MASS_PARTS = ("image", "prompt_text", "answer")
@@ -129,42 +134,6 @@ class InspectionResult:
         return cls(visual=arrays["visual"], mass=arrays["mass"], image=image, geometry=geometry, **meta)
 
 
-def generate_answer(adapter, model_inputs, max_new_tokens=16, do_sample=False, temperature=1.0, top_p=1.0,
-                    num_return_sequences=1):
-    """Generate with structural tokens suppressed; returns [N, T] new token ids (EOS/pad after the end).
-
-    Under a request deadline (ral_core.limits.deadline) generation stops when it runs out (transformers'
-    max_time), so one request cannot hold the model for longer than its limit."""
-    from ral_core.limits import check_deadline, remaining
-
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=adapter.suppress_token_ids,
-              eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.tokenizer.pad_token_id,
-              num_return_sequences=num_return_sequences)
-    left = remaining()
-    if left is not None:
-        check_deadline("answering")
-        kw["max_time"] = left
-    if do_sample:
-        kw.update(temperature=temperature, top_p=top_p, top_k=0)
-    with torch.no_grad():
-        out = adapter.model.generate(**model_inputs, **kw)
-    return out[:, model_inputs["input_ids"].shape[1]:]
-
-
-def _cut_off() -> bool:
-    """Whether the current request's time limit ran out (generation then stopped early)."""
-    from ral_core.limits import current_deadline
-    d = current_deadline()
-    return d is not None and d.expired
-
-
-def _strip(ids: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i] if i > 0 else ids[:1]  # keep a lone EOS so an empty answer still has a row
-    return ids
-
-
 def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16, layers="all",
             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
             forced_answer: str | None = None, bias: dict | None = None) -> InspectionResult:
@@ -173,51 +142,29 @@ def inspect(adapter, image: Image.Image, question: str, max_new_tokens: int = 16
     `forced_answer` scores a given answer instead of generating (used to compare two models on the same
     tokens). `bias` (layer → logits bias) steers attention during both generation and capture.
     """
-    from ral_core.limits import check_question
+    do_sample = parse_bool(do_sample, "do_sample")  # a request's "false" must not sample
+    if forced_answer is None and not do_sample and not bias:
+        torch.manual_seed(seed)  # as before the sampled path: callers' later draws do not depend on the path
+        r = inspect_many(adapter, [image], [question], max_new_tokens, layers)[0]
+        r.meta = {"forced": False, "do_sample": False, "seed": seed, "cut_off": r.meta["cut_off"]}
+        return r
     question = check_question(adapter, question)
     layer_idx = resolve_layers(layers, adapter.num_layers, adapter.attention_layers)
-    b = adapter.build_inputs([image], [question.strip()])
+    b = adapter.build_inputs([image], [question])
     mi = b["model_inputs"]
-    P = mi["input_ids"].shape[1]
-    eos = set(adapter.eos_token_ids)
     if forced_answer is not None:
         ids = adapter.encode_answer(forced_answer, eos=False)
         if not ids:
             raise RALError("the forced answer is empty; give at least one token")
+        stopped = False
     else:
         torch.manual_seed(seed)
-        if bias:
-            with capture(adapter.model, layers=[], bias=bias):
-                gen = generate_answer(adapter, mi, max_new_tokens, do_sample, temperature, top_p)
-        else:
+        with capture(adapter.model, layers=[], bias=bias) if bias else nullcontext():
             gen = generate_answer(adapter, mi, max_new_tokens, do_sample, temperature, top_p)
-        ids = _strip(gen[0].tolist(), eos)
-        cut_off = _cut_off() and gen.shape[1] < max_new_tokens and not eos & set(gen[0].tolist())
-    if forced_answer is not None:
-        cut_off = False
-    T = len(ids)
-    new = torch.tensor([ids], device=mi["input_ids"].device)
-    full = adapter.extend_inputs(mi, new, torch.ones_like(new))
-    rows = torch.arange(P - 1, P + T, device=new.device)[None]
-    with torch.no_grad(), capture(adapter.model, layers=layer_idx, rows=rows, bias=bias) as maps:
-        adapter.model(**full, **CAPTURE_ONLY)
-    vis_pos = adapter.visual_mask(full["input_ids"][0])
-    ans_pos = torch.zeros_like(vis_pos)
-    ans_pos[P:] = True
-    text_pos = ~vis_pos & ~ans_pos
-    visual, mass = [], []
-    for layer in layer_idx:
-        a = maps[layer][0]  # [H, T+1, L]
-        visual.append(a[:, :, vis_pos])
-        mass.append(torch.stack([a[:, :, vis_pos].sum(-1), a[:, :, text_pos].sum(-1), a[:, :, ans_pos].sum(-1)], -1))
-    tok = adapter.tokenizer
-    return InspectionResult(
-        model_name=adapter.name, question=question.strip(), answer=tok.decode(ids, skip_special_tokens=True).strip(),
-        answer_tokens=[tok.decode([i]) for i in ids], answer_ids=[int(i) for i in ids],
-        prompt_tokens=[tok.decode([i]) for i in mi["input_ids"][0].tolist()], layers=layer_idx,
-        num_heads=adapter.num_heads, visual=torch.stack(visual).float().cpu().numpy(),
-        mass=torch.stack(mass).float().cpu().numpy(), image=image.convert("RGB"), geometry=b["geometry"][0],
-        meta={"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed, "cut_off": cut_off})
+        ids = strip_answer(gen[0].tolist(), set(adapter.eos_token_ids))
+        stopped = _stopped(gen, 0, max_new_tokens, adapter)
+    meta = {"forced": forced_answer is not None, "do_sample": do_sample, "seed": seed, "cut_off": stopped}
+    return _results(adapter, [image], [question], b, [ids], layer_idx, bias, [meta])[0]
 
 
 def inspect_many(adapter, images: list, questions: list[str], max_new_tokens: int = 16,
@@ -225,28 +172,38 @@ def inspect_many(adapter, images: list, questions: list[str], max_new_tokens: in
     """`inspect()` for several (image, question) pairs in one batched greedy generation and one capture pass
     (what a server does with concurrent requests). Each result equals `inspect()` of its pair alone up to
     float rounding of the padded batch."""
-    from ral_core.limits import check_question
     if len(images) != len(questions) or not images:
         raise RALError("inspect_many needs as many images as questions (at least one)")
     qs = [check_question(adapter, q) for q in questions]
     layer_idx = resolve_layers(layers, adapter.num_layers, adapter.attention_layers)
     b = adapter.build_inputs(list(images), qs)
-    mi = b["model_inputs"]
-    N, P = mi["input_ids"].shape
+    gen = generate_answer(adapter, b["model_inputs"], max_new_tokens, do_sample=False)
     eos = set(adapter.eos_token_ids)
-    gen = generate_answer(adapter, mi, max_new_tokens, do_sample=False)
-    cut = _cut_off()
-    ids = [_strip(g.tolist(), eos) for g in gen]
+    ids = [strip_answer(g.tolist(), eos) for g in gen]
+    metas = [{"forced": False, "do_sample": False, "seed": 0, "batch": len(qs),
+              "cut_off": _stopped(gen, i, max_new_tokens, adapter)} for i in range(len(qs))]
+    return _results(adapter, images, qs, b, ids, layer_idx, None, metas)
+
+
+def _stopped(gen: torch.Tensor, i: int, max_new_tokens: int, adapter) -> bool:
+    """Whether row i's generation was cut short by the request's deadline (not by EOS or the token budget)."""
+    return cut_off() and gen.shape[1] < max_new_tokens and not set(adapter.eos_token_ids) & set(gen[i].tolist())
+
+
+def _results(adapter, images, qs, built, ids: list[list[int]], layer_idx: list[int], bias,
+             metas) -> list[InspectionResult]:
+    """One teacher-forced capture pass over every (prompt, answer ids) row → one InspectionResult per row."""
+    mi = built["model_inputs"]
+    N, P = mi["input_ids"].shape
     T = max(len(x) for x in ids)
-    pad = adapter.tokenizer.pad_token_id
-    new = torch.full((N, T), pad, dtype=torch.long, device=mi["input_ids"].device)
+    new = torch.full((N, T), adapter.tokenizer.pad_token_id, dtype=torch.long, device=mi["input_ids"].device)
     new_mask = torch.zeros_like(new)
     for i, x in enumerate(ids):
         new[i, :len(x)] = torch.tensor(x, device=new.device)
         new_mask[i, :len(x)] = 1
     full = adapter.extend_inputs(mi, new, new_mask)
     rows = torch.arange(P - 1, P + T, device=new.device)[None].expand(N, T + 1)
-    with torch.no_grad(), capture(adapter.model, layers=layer_idx, rows=rows) as maps:
+    with torch.no_grad(), capture(adapter.model, layers=layer_idx, rows=rows, bias=bias) as maps:
         adapter.model(**full, **CAPTURE_ONLY)
     tok, out = adapter.tokenizer, []
     for i, x in enumerate(ids):
@@ -268,9 +225,7 @@ def inspect_many(adapter, images: list, questions: list[str], max_new_tokens: in
             answer_tokens=[tok.decode([v]) for v in x], answer_ids=[int(v) for v in x],
             prompt_tokens=[tok.decode([v]) for v in prompt], layers=layer_idx, num_heads=adapter.num_heads,
             visual=torch.stack(visual).float().cpu().numpy(), mass=torch.stack(mass).float().cpu().numpy(),
-            image=images[i].convert("RGB"), geometry=b["geometry"][i],
-            meta={"forced": False, "do_sample": False, "seed": 0, "batch": N, "cut_off": cut and gen.shape[1] < max_new_tokens
-                  and not eos & set(gen[i].tolist())}))
+            image=images[i].convert("RGB"), geometry=built["geometry"][i], meta=metas[i]))
     return out
 
 
@@ -278,8 +233,6 @@ def inspect_explored(adapter, image: Image.Image, question: str, layers="last", 
                      max_new_tokens: int = 16, per_head: bool = False) -> tuple[InspectionResult, InspectionResult]:
     """The natural inspection and one explored rollout: a bias b ~ N(0, σ²) on the attention logits toward the
     visual keys at `layers` (as attention exploration samples it during training), greedy answer under it."""
-    from ral_core.rollout import ExploreSpec
-
     natural = inspect(adapter, image, question, max_new_tokens=max_new_tokens)
     b = adapter.build_inputs([image], [question.strip()])["model_inputs"]
     spec = ExploreSpec(resolve_layers(layers, adapter.num_layers, adapter.attention_layers), sigma=sigma,

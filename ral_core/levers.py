@@ -4,7 +4,7 @@ For each layer, add +s (toward) or −s (away) to the attention logits from the 
 tokens to the target region's visual keys (weighted by how much of each token lies in the region), at that
 layer only, and measure the change in log p(answer) (teacher-forced). Over a batch of samples it also reports
 the correlation between natural on-target attention at each layer and p(answer). Exploration pays only at
-layers with a large effect (DESIGN.md §1)."""
+layers with a large effect."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ral_core.attention import capture, resolve_layers
-from ral_core.rollout import max_overlap
+from ral_core.limits import check_deadline
+from ral_core.policy import max_overlap
 
 
 @dataclass
@@ -74,7 +75,6 @@ def _sample_effects(adapter, sample, layers, strength, per_head):
     elif "pixel_values" in mi:
         batch["pixel_values"] = mi["pixel_values"].expand(B, *mi["pixel_values"].shape[1:])
     best = None
-    from ral_core.limits import check_deadline
     for w in regions:
         check_deadline("finding the levers")  # one batched forward per region: stop between them at the limit
         keyw = torch.zeros(L)

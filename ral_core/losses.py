@@ -1,11 +1,11 @@
 """Losses with one signature and one registry.
 
-Every term is `fn(ctx: LossContext) -> (scalar, metrics)`. The trainer sums `weight · term` over the
-terms its config enables. Shapes: N sequences, T response positions, K keys.
+Every term is `fn(ctx: LossContext) -> (scalar, metrics)`, registered with the function that reads its weight
+from the config (`register_loss(name, weight=...)`); the trainer sums `weight · term` over the terms whose
+weight is non-zero, so a new term needs its registry entry and nothing else. Shapes: N sequences, T response
+positions, K keys.
 
-The attention policy (DESIGN.md §1): for response token t, a row of the chosen decoder layer(s), head-mean
-(or per head), over the positions before t (the 'own' row loses its self entry, the 'predicts' row keeps it),
-renormalised; support 'all' or 'visual'.
+The attention distributions the terms compare are made in ral_core/policy.py.
 
 Normalisation (`loss_norm`) and TRL 1.16 (`GRPOTrainer._compute_loss`, one loss_type each). Per micro-batch j
 of an accumulation window of n_W micro-batches (the last window of an epoch may hold fewer), x the per-token
@@ -32,14 +32,7 @@ import torch
 EPS = 1e-12
 
 
-# ---- attention policy and divergences ----------------------------------------------------------------
-def attention_policy(rows: torch.Tensor, key_valid: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-    """Captured rows [N, H, T, K] → distributions [N, H|1, T, K] over `key_valid` [N, T, K] keys."""
-    a = rows if per_head else rows.mean(dim=1, keepdim=True)
-    a = a * key_valid[:, None].to(a.dtype)
-    return a / a.sum(-1, keepdim=True).clamp_min(EPS)
-
-
+# ---- divergences --------------------------------------------------------------------------------------
 class _JSD(torch.autograd.Function):
     """JSD(p‖q) over the last dim, natural log, fp32. The backward is the analytic ½·ln(2p/(p+q)), which is
     exactly 0 where p == q — the zero-gradient trap is a property of the loss, not of rounding."""
@@ -73,7 +66,22 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * p.clamp_min(EPS).log(), torch.zeros_like(p)).sum(-1)
 
 
-# ---- aggregation -----------------------------------------------------------------------------------------
+# ---- advantages and aggregation ---------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "std", eps: float = 1e-4):
+    """(r − mean_g) / (std_g + eps); groups with zero reward variance get 0. Returns (A, n_zero_var_groups)."""
+    A = torch.zeros_like(rewards)
+    zero = 0
+    for g in group.unique():
+        m = group == g
+        r = rewards[m]
+        std = r.std() if r.numel() > 1 else torch.tensor(0.0)
+        if float(std) < 1e-8:
+            zero += 1
+            continue
+        A[m] = (r - r.mean()) / (std + eps) if scale == "std" else r - r.mean()
+    return A, zero
+
+
 LOSS_NORMS = {"token": "dapo", "bnpo": "bnpo", "sequence": "grpo", "dr_grpo": "dr_grpo"}  # ours → TRL loss_type
 
 
@@ -151,23 +159,44 @@ class LossContext:
     max_len: int | None = None              # dr_grpo: the maximum completion length (max_new_tokens)
     clip_low: float = 0.2
     clip_high: float = 0.2
+    batch: object = None                    # the mini-batch (policy.Rollouts): what else a term needs (boxes, …)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return aggregate(x, self.mask, self.norm, self.max_len)
 
+    @classmethod
+    def of(cls, batch, forward: dict, cfg) -> "LossContext":
+        """The context of one mini-batch (policy.Rollouts) and its training forward (policy.forward_policies)
+        under a TrainConfig."""
+        return cls(mask=batch.mask, logp=forward["logp"], old_logp=batch.old_logp, ref_logp=batch.ref_logp,
+                   advantages=batch.advantages, attn=forward["attn"], attn_old=batch.old_attn,
+                   attn_teacher=batch.teacher_attn, attn_natural=forward["natural"], attn_explored=batch.explored_attn,
+                   logits=forward["logits"], teacher_logits=batch.teacher_logits, norm=cfg.loss_norm,
+                   max_len=cfg.max_new_tokens, clip_low=cfg.clip_low, clip_high=cfg.clip_high, batch=batch)
+
 
 LossFn = Callable[[LossContext], tuple[torch.Tensor, dict]]
 LOSSES: dict[str, LossFn] = {}
+WEIGHTS: dict[str, Callable] = {}  # name → weight(cfg, batch): the term's weight in a TrainConfig run
 
 
-def register_loss(name: str):
+def register_loss(name: str, weight: Callable | None = None):
+    """Register a term; `weight(cfg, batch) -> float` reads its weight in a TrainConfig run (None: a term the
+    trainer does not use, only callers that pass their own weights to combined_loss)."""
     def deco(fn):
         LOSSES[name] = fn
+        if weight is not None:
+            WEIGHTS[name] = weight
         return fn
     return deco
 
 
-@register_loss("grpo")
+def term_weights(cfg, batch) -> dict[str, float]:
+    """Each registered term's weight for one mini-batch, in registration order (the order the loss sums in)."""
+    return {name: w(cfg, batch) for name, w in WEIGHTS.items()}
+
+
+@register_loss("grpo", weight=lambda cfg, batch: 1.0)
 def grpo(ctx: LossContext):
     """Clipped ratio surrogate with sequence-level advantages."""
     ratio = torch.exp(ctx.logp - ctx.old_logp)
@@ -182,7 +211,7 @@ def grpo(ctx: LossContext):
     return ctx.reduce(per_tok), metrics
 
 
-@register_loss("kl")
+@register_loss("kl", weight=lambda cfg, batch: cfg.beta)
 def kl_k3(ctx: LossContext):
     """k3 estimator of KL(π_θ ‖ π_ref): exp(r) − r − 1 with r = log π_ref − log π_θ."""
     r = ctx.ref_logp - ctx.logp
@@ -196,7 +225,7 @@ def _per_token_jsd(ps, qs) -> torch.Tensor:
     return torch.stack([jsd(p, q).mean(1) for p, q in zip(ps, qs)]).mean(0)
 
 
-@register_loss("ral_attn")
+@register_loss("ral_attn", weight=lambda cfg, batch: cfg.lambda_attn)
 def ral_attention(ctx: LossContext):
     """RAL: mean_t A · JSD(p_θ^t ‖ sg(p_old^t)). Zero gradient on the first update after a rollout."""
     d = _per_token_jsd(ctx.attn, [q.detach() for q in ctx.attn_old])
@@ -204,7 +233,7 @@ def ral_attention(ctx: LossContext):
     return val, {"attn_jsd_old": float(aggregate(d.detach(), ctx.mask, "token"))}
 
 
-@register_loss("opad_attn")
+@register_loss("opad_attn", weight=lambda cfg, batch: cfg.gamma_opad)
 def opad_attention(ctx: LossContext):
     """On-policy attention distillation: mean_t JSD(p_student^t ‖ p_teacher^t), no advantage."""
     d = _per_token_jsd(ctx.attn, [q.detach() for q in ctx.attn_teacher])
@@ -212,7 +241,7 @@ def opad_attention(ctx: LossContext):
     return val, {"attn_jsd_teacher": float(val.detach())}
 
 
-@register_loss("token_rkl")
+@register_loss("token_rkl", weight=lambda cfg, batch: cfg.lambda_token_kl)
 def token_reverse_kl(ctx: LossContext):
     """Token-level reverse KL(student ‖ teacher) over the full vocabulary (the plain-distillation baseline)."""
     ls = torch.log_softmax(ctx.logits.float(), -1)
@@ -222,7 +251,7 @@ def token_reverse_kl(ctx: LossContext):
     return val, {"token_rkl": float(val.detach())}
 
 
-@register_loss("explore")
+@register_loss("explore", weight=lambda cfg, batch: cfg.explore_weight if batch.explore_bias else 0.0)
 def explore_attention(ctx: LossContext):
     """Attention exploration: mean_t Σ_i A_i · JSD(p_θ^t ‖ sg(p̃_i^t)), p_θ the unperturbed attention on the same
     sequence and p̃_i the rollout's explored (biased) attention. The targets differ across a group, so the term

@@ -1,4 +1,4 @@
-"""The prompt (image + question) computed once per group instead of once per rollout (issue 13).
+"""The prompt (image + question) computed once per group instead of once per rollout .
 
 All G rollouts of a group share their prompt, so its keys and values in every layer are the same G times:
 - `group_generate`: each group's prompt is prefilled once and its KV cache indexed out to the G samples, which
@@ -20,7 +20,8 @@ import inspect
 
 import torch
 
-from ral_core.attention import paused, unwrap
+from ral_core.attention import decoder_attention_modules, paused, unwrap
+from ral_core.generation import generate_answer
 
 _STATE_DICTS = ("conv_states", "recurrent_states")  # linear-attention layers (Qwen3.5) keep recurrent state
 
@@ -37,12 +38,32 @@ def worth_sharing(mode, prompt_len: int, new_tokens: int) -> bool:
     return mode == "true" or (mode == "auto" and prompt_len - 1 >= SHARE_RATIO * (new_tokens + 1))
 
 
+def sharing_plan(vision_cache: bool, share_prompt: str, vision_frozen: bool, fsdp: bool,
+                 explore: bool) -> tuple[bool, str, list[str]]:
+    """What a run shares, from its config and setting: (image cache on, share_prompt mode, notes for the run log).
+    The cache needs a vision path without gradient; under FSDP a shared prompt's KV cache would carry gradient
+    into its layers around their outputs, where FSDP hooks the re-gather for backward, so each sequence computes
+    its own prompt there (images are still encoded once)."""
+    cache = vision_cache and vision_frozen
+    mode = share_prompt if (cache and not fsdp) else "false"
+    notes = []
+    if vision_cache and not cache:
+        notes.append("vision-feature cache off: the vision path is trained (freeze_vision=false), so every "
+                     "pass encodes its images itself")
+    if fsdp and share_prompt != "false":
+        notes.append("dist=fsdp: each sequence computes its own prompt (a shared prompt's cache would carry "
+                     "gradient past FSDP's re-gather hooks); images are still encoded once per step")
+    if mode != "false" and explore:
+        notes.append("exploration: each rollout's prompt runs under its own attention bias, so prompts are "
+                     "not shared within a group (images are still encoded once)")
+    return cache, mode, notes
+
+
 def shares_with_grad(model) -> bool:
     """Whether a prompt pass can be shared under autograd. Not in hybrid models (Qwen3.5): their linear-attention
     layers update the cached recurrent state in place, which the backward pass of the rows on top still needs;
     there only no-grad passes (sampling, old-policy scoring) share the prompt. Nor under gradient checkpointing
     (transformers turns the cache off while training with it)."""
-    from ral_core.attention import decoder_attention_modules
     if any(getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules()):
         return False  # a checkpointed layer recomputes in the backward and would append to the shared cache again
     return all(m is not None for m in decoder_attention_modules(model))
@@ -118,9 +139,7 @@ def prefix_cache(model, inputs: dict, vision, image_rows: torch.Tensor, first: t
 def group_generate(adapter, model_inputs: dict, group: torch.Tensor, vision, image_rows: torch.Tensor,
                    **gen_kw) -> torch.Tensor:
     """Sample every row of `model_inputs` ([N, P]; rows of one group share their prompt) from one prefill per
-    group. Returns [N, T] new tokens, as `inspection.generate_answer`."""
-    from ral_core.inspection import generate_answer
-
+    group. Returns [N, T] new tokens, as `generation.generate_answer`."""
     model = adapter.model
     first, inv = groups_of(group)
     P = model_inputs["input_ids"].shape[1]

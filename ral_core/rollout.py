@@ -1,204 +1,17 @@
 """Group rollouts: G samples per prompt, rewards, group-normalised advantages, and the rollout policy's
-token log-probs and attention from one no-grad teacher-forced pass under capture (never from generate())."""
+token log-probs and attention from one no-grad teacher-forced pass under capture (never from generate()); the
+step metrics read from them (attention, silence, exploration)."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
 from ral_core.attention import capture
-from ral_core.inspection import generate_answer
-from ral_core.losses import attention_policy, entropy, token_logprobs
-from ral_core.prefix_share import group_generate, shared_prompt_forward, shares_with_grad, worth_sharing
+from ral_core.generation import generate_answer
+from ral_core.losses import aggregate, entropy, group_advantages, jsd
+from ral_core.policy import (ExploreSpec, PolicySpec, Rollouts, forward_policies, key_validity, prefix_classes,
+                             target_key_weights)
+from ral_core.prefix_share import group_generate, worth_sharing
 from ral_core.vision_cache import VisionCache, distinct_images
-
-
-@dataclass
-class PolicySpec:
-    """Which attention rows form the policy (DESIGN.md §1)."""
-
-    layers: list[int]
-    row: str = "own"         # own: the query at token t, self removed (paper) · predicts: the query at t−1
-    support: str = "all"     # all earlier positions · visual: visual tokens only, renormalised
-    per_head: bool = False
-
-
-@dataclass
-class ExploreSpec:
-    """Attention exploration: per rollout, a bias b ~ N(0, σ²) on the attention logits of `layers` toward the
-    visual keys (or all prompt keys), shared across heads or per head, added to every generated row."""
-
-    layers: list[int]
-    sigma: float = 1.0
-    per_head: bool = False
-    keys: str = "visual"     # visual | all
-    row: str = "predicts"    # rows the exploration term acts on (predicts includes the first-token decision)
-    support: str = "all"
-
-    def sample_bias(self, visual: torch.Tensor, prompt_mask: torch.Tensor, n_heads: int, generator=None) -> dict:
-        """layer → [N, H|1, 1, P] bias over prompt keys (zero on pads and, with keys=visual, on text)."""
-        if self.sigma <= 0:
-            return {}  # inert: no bias and no random draws, so σ = 0 is exactly the run without exploration
-        N, P = visual.shape
-        allowed = (visual if self.keys == "visual" else prompt_mask.bool()).float()
-        out = {}
-        for layer in self.layers:
-            h = n_heads if self.per_head else 1
-            b = torch.randn((N, h, 1, P), generator=generator) * self.sigma
-            out[layer] = b.to(visual.device) * allowed[:, None, None, :]
-        return out
-
-
-@dataclass
-class Rollouts:
-    inputs: dict                 # model inputs of prompt + completion, [N, P+T]
-    P: int
-    completion: torch.Tensor     # [N, T]
-    mask: torch.Tensor           # [N, T] response tokens (through the first EOS)
-    texts: list[str]
-    group: torch.Tensor          # [N] prompt index
-    samples: list[dict]          # one per prompt
-    rewards: torch.Tensor = None
-    sub_rewards: dict = field(default_factory=dict)
-    advantages: torch.Tensor = None
-    old_logp: torch.Tensor = None
-    old_attn: list = field(default_factory=list)
-    ref_logp: torch.Tensor = None
-    teacher_attn: list = field(default_factory=list)
-    teacher_logits: torch.Tensor = None
-    key_valid: torch.Tensor = None   # [N, T, K]
-    visual_keys: torch.Tensor = None  # [N, K]
-    row_class: torch.Tensor = None    # [N, T] prefix class of each response row (prefix_classes), −1 off the response
-    temperature: float = 1.0          # the sampling temperature: every log-prob of the loss is taken under it
-    target_keys: torch.Tensor = None  # [N, K] overlap of each key with the sample's target boxes
-    explore_bias: dict = field(default_factory=dict)  # layer -> [N, H|1, 1, P] (the sampled perturbation)
-    explored_attn: list = field(default_factory=list)  # behaviour attention p̃ at the explore layers
-    natural_attn_old: list = field(default_factory=list)  # the same rows without the bias
-    zero_var_groups: int = 0
-    vision: VisionCache | None = None   # each distinct image's features, encoded once this step (issue 13)
-    image_rows: torch.Tensor = None     # [N] each sequence's image among `vision`'s
-    share_prompt: bool = False          # teacher-forced passes compute each group's prompt once (prefix_share)
-
-    def select(self, idx: torch.Tensor) -> "Rollouts":
-        """A mini-batch of sequences (all tensors indexed on dim 0)."""
-        def pick(v):
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(self.group):
-                return v[idx]
-            if isinstance(v, list) and v and torch.is_tensor(v[0]):
-                return [x[idx] for x in v]
-            if isinstance(v, dict) and v and all(torch.is_tensor(x) for x in v.values()):
-                return {k: x[idx] for k, x in v.items()}
-            return v
-        inputs = {k: pick(v) for k, v in self.inputs.items()}
-        inputs.update(_select_images(self.inputs, idx))
-        fields = {k: pick(getattr(self, k)) for k in self.__dataclass_fields__ if k != "inputs"}
-        fields["texts"] = [self.texts[i] for i in idx.tolist()]
-        return Rollouts(inputs=inputs, **fields)
-
-
-def _select_images(inputs: dict, idx: torch.Tensor) -> dict:
-    """Qwen packs every image's patches into one [sum patches, D] tensor: select per sequence."""
-    if "image_grid_thw" not in inputs:
-        return {}
-    counts = inputs["image_grid_thw"].prod(-1)
-    starts = torch.cumsum(counts, 0) - counts
-    pv = torch.cat([inputs["pixel_values"][starts[i]:starts[i] + counts[i]] for i in idx.tolist()])
-    return {"pixel_values": pv, "image_grid_thw": inputs["image_grid_thw"][idx]}
-
-
-def target_key_weights(visual: torch.Tensor, geometries, samples) -> torch.Tensor | None:
-    """[N, K]: for visual keys, the fraction of the token's rectangle inside any target box; else 0."""
-    if not any(s.get("boxes") for s in samples):
-        return None
-    w = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
-    for i, (geo, s) in enumerate(zip(geometries, samples)):
-        if not s.get("boxes"):
-            continue
-        ov = torch.tensor(max_overlap(geo, s["boxes"]), dtype=torch.float32, device=visual.device)
-        w[i, visual[i]] = ov
-    return w
-
-
-def max_overlap(geometry, boxes):
-    import numpy as np
-    return np.max([geometry.box_overlap(b) for b in boxes], axis=0)
-
-
-def key_validity(inputs: dict, visual: torch.Tensor, P: int, T: int, support: str) -> torch.Tensor:
-    """[N, T, K] keys the policy row of response token t may put mass on: real (not pad) keys before the token's
-    position P + t (DESIGN.md §1). For the 'own' row (query at P + t) that drops its self entry, the paper's
-    formula; the 'predicts' row (query at P + t − 1) keeps every key it sees, itself included."""
-    K = inputs["input_ids"].shape[1]
-    pos = torch.arange(T, device=visual.device) + P
-    earlier = torch.arange(K, device=visual.device)[None, None, :] < pos[None, :, None]
-    valid = earlier & inputs["attention_mask"].bool()[:, None, :]
-    if support == "visual":
-        valid = valid & visual[:, None, :]
-    return valid
-
-
-def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: "ExploreSpec | None" = None,
-                     need_logits: bool = False, use_bias: bool = True) -> dict:
-    """One teacher-forced pass over prompt + completion. Captures rows P−1 … P+T−1 of every needed layer once
-    and derives: `logp` [N, T] of the sampled tokens under the sampling temperature, `logits` (divided by it),
-    `attn` (the RAL/OPAD policy per spec layer), and with exploration `explored` (rows under the rollout's bias)
-    and `natural` (the same rows without it)."""
-    N, T = ro.completion.shape
-    P = ro.P
-    dev = ro.completion.device
-    layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
-    bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
-    cached = ro.vision is not None and ro.vision.serves(model)
-    if cached and ro.share_prompt and bias is None and (not torch.is_grad_enabled() or shares_with_grad(model)):
-        # each group's prompt once; this pass holds positions P−1 … P+T−1, so rows and kept logits count from P−1
-        rows = torch.arange(T + 1, device=dev)[None].expand(N, T + 1)
-        with capture(model, layers=layers, rows=rows) as maps:
-            out = shared_prompt_forward(model, ro.inputs, ro.group, P, ro.vision, ro.image_rows,
-                                        keep=torch.arange(T, device=dev))
-    else:
-        rows = torch.arange(P - 1, P + T, device=dev)[None].expand(N, T + 1)
-        # logits only for the T rows that predict the response (P−1 … P+T−2), not [N, P+T, vocab]; no KV cache
-        keep = torch.arange(P - 1, P + T - 1, device=dev)
-        inputs = ro.vision.model_inputs(ro.inputs, ro.image_rows) if cached else ro.inputs
-        with capture(model, layers=layers, rows=rows, bias=bias) as maps:
-            out = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()
-    # the policy that sampled is softmax(logits / T): the ratio, the KL and the gradient must refer to it (as TRL's)
-    res = {"logp": token_logprobs(logits, ro.completion, ro.temperature),
-           "logits": logits / ro.temperature if need_logits else None, "attn": [], "explored": [], "natural": []}
-
-    def policy(m, s):
-        sel = m[:, :, 1:] if s.row == "own" else m[:, :, :-1]
-        return attention_policy(sel, key_validity(ro.inputs, ro.visual_keys, P, T, s.support), s.per_head)
-    if spec is not None:
-        res["attn"] = [policy(maps[layer], spec) for layer in spec.layers]
-    if explore is not None:
-        res["explored"] = [policy(maps[layer], explore) for layer in explore.layers]
-        res["natural"] = [policy(maps.natural.get(layer, maps[layer]), explore) for layer in explore.layers]
-    return res
-
-
-def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logits: bool = False):
-    """(log-probs [N, T], attention policy per spec layer [N, H|1, T, K], logits [N, T, V] or None)."""
-    r = forward_policies(model, rollouts, spec, need_logits=need_logits)
-    return r["logp"], r["attn"], r["logits"]
-
-
-def prefix_classes(completion: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, row: str) -> torch.Tensor:
-    """[N, T] id of each response row's prefix class (−1 off the response). The attention row of token t is a
-    function of the prompt and the prefix its query sees: tokens ≤ t for the 'own' row (its query is token t),
-    tokens < t for the 'predicts' row (query t − 1; at t = 0 the prompt alone, shared by the whole group). Rows of
-    one group with the same such prefix are one row, shared."""
-    N, T = completion.shape
-    off = 1 if row == "own" else 0
-    seqs, m, g = completion.tolist(), mask.bool().tolist(), group.tolist()
-    ids: dict = {}
-    out = torch.full((N, T), -1, dtype=torch.long)
-    for i in range(N):
-        for t in range(T):
-            if m[i][t]:
-                out[i, t] = ids.setdefault((g[i], tuple(seqs[i][:t + off])), len(ids))
-    return out.to(completion.device)
 
 
 def class_advantage(row_class: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -215,7 +28,7 @@ def class_advantage(row_class: torch.Tensor, advantages: torch.Tensor) -> torch.
 
 
 def silence_stats(row_class: torch.Tensor, advantages: torch.Tensor, group: torch.Tensor, tol: float = 1e-5) -> dict:
-    """Where the RAL term can act (DESIGN.md §1), as shares of the response rows that sum to 1:
+    """Where the RAL term can act (the zero-gradient trap), as shares of the response rows that sum to 1:
     `ral_rows_zero_var` (the group's rewards were all equal, so every A = 0), `ral_rows_cancelled` (other groups,
     |Σ_{i∈c} A_i| ≤ tol: the whole group shares the row, e.g. the first answer token's 'predicts' row) and
     `ral_rows_acting`; `ral_effective_weight` = Σ_c |Σ_{i∈c} A_i| / Σ_rows |A_i| (1: nothing cancels); and
@@ -244,21 +57,6 @@ def silence_stats(row_class: torch.Tensor, advantages: torch.Tensor, group: torc
     return {"ral_rows_zero_var": float(zero.sum()) / n, "ral_rows_cancelled": float(cancelled.sum()) / n,
             "ral_rows_acting": float(acting.sum()) / n, "ral_effective_weight": eff,
             "rows_prefix_shared": float((size > 1).sum()) / n}
-
-
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "std", eps: float = 1e-4):
-    """(r − mean_g) / (std_g + eps); groups with zero reward variance get 0. Returns (A, n_zero_var_groups)."""
-    A = torch.zeros_like(rewards)
-    zero = 0
-    for g in group.unique():
-        m = group == g
-        r = rewards[m]
-        std = r.std() if r.numel() > 1 else torch.tensor(0.0)
-        if float(std) < 1e-8:
-            zero += 1
-            continue
-        A[m] = (r - r.mean()) / (std + eps) if scale == "std" else r - r.mean()
-    return A, zero
 
 
 @torch.no_grad()
@@ -293,9 +91,10 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
     kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
     with capture(gm, layers=[], bias=bias):
         if share:
-            comp = group_generate(adapter, mi, group, vision, image_rows, **kw)
+            comp = group_generate(adapter, mi, group, vision, image_rows, **kw, check_finite=True)
         else:
-            comp = generate_answer(adapter, vision.model_inputs(mi, image_rows) if vision is not None else mi, **kw)
+            comp = generate_answer(adapter, vision.model_inputs(mi, image_rows) if vision is not None else mi, **kw,
+                                   check_finite=True)
     ro = rollouts_from_completions(adapter, samples, G, comp, reward_model, spec, adv_scale, gm, built=b,
                                    explore=explore, explore_bias=bias, temperature=temperature, vision=vision,
                                    image_rows=image_rows, share_prompt=share)
@@ -365,4 +164,51 @@ def attention_stats(attn: list[torch.Tensor], ro: Rollouts) -> dict:
         out["attn_target_mass"] = float((tgt * m).sum() / m.sum().clamp_min(1))
     if ro.row_class is not None:
         out.update(silence_stats(ro.row_class, ro.advantages, ro.group))
+    return out
+
+
+def rollout_metrics(ro: Rollouts, spec: PolicySpec | None, explore: ExploreSpec | None) -> dict:
+    """What a step's rollout batch says: reward (mean, std, each sub-reward), accuracy, advantages, groups without
+    reward variance, response length; exploration's and the rollout policy's attention statistics (free: read
+    from the rollout's own pass)."""
+    out = {"reward": float(ro.rewards.mean()),
+           "accuracy": float(ro.sub_rewards.get("exact_match", ro.rewards).mean()),
+           "reward_std": float(ro.rewards.std()), "adv_abs_mean": float(ro.advantages.abs().mean()),
+           "zero_var_groups": ro.zero_var_groups, "groups": len(ro.samples),
+           "response_len": float(ro.mask.float().sum(1).mean()),
+           **{f"reward_{k}": float(v.mean()) for k, v in ro.sub_rewards.items()}}
+    if explore is not None:
+        out.update(explore_stats(ro, explore))
+    if spec is not None:
+        out.update(attention_stats(ro.old_attn, ro))
+    return out
+
+
+@torch.no_grad()
+def attention_moved(model, ro: Rollouts, spec: PolicySpec, explore: ExploreSpec | None) -> float:
+    """JSD(updated ‖ rollout policy) on the same rows, over response tokens: how far a step's updates moved the
+    attention (one extra forward)."""
+    attn_new = forward_policies(model, ro, spec, explore)["attn"]
+    d = torch.stack([jsd(a, b).mean(1) for a, b in zip(attn_new, ro.old_attn)]).mean(0)
+    return float(aggregate(d, ro.mask, "token"))
+
+
+def explore_stats(ro: Rollouts, spec: ExploreSpec) -> dict:
+    """σ, mean |b| on perturbed keys, JSD(explored ‖ natural) at rollout time, natural on-target mass at the
+    decisive row and the correlation of explored on-target mass with reward."""
+    out = {"explore_sigma": spec.sigma}
+    if ro.explore_bias:
+        b = torch.stack([v.abs().mean(dim=(1, 2)) for v in ro.explore_bias.values()]).mean(0)  # [N, P]
+        nz = torch.stack([(v != 0).float().mean(dim=(1, 2)) for v in ro.explore_bias.values()]).mean(0)
+        out["explore_bias_abs"] = float(b.sum() / nz.sum().clamp_min(1))
+    if ro.explored_attn:
+        d = torch.stack([jsd(a, n).mean(1) for a, n in zip(ro.explored_attn, ro.natural_attn_old)]).mean(0)
+        out["explore_jsd_natural"] = float(aggregate(d, ro.mask, "token"))
+        if ro.target_keys is not None:
+            ex = torch.stack([a.mean(1)[:, 0] for a in ro.explored_attn]).mean(0)  # decisive row [N, K]
+            nat = torch.stack([a.mean(1)[:, 0] for a in ro.natural_attn_old]).mean(0)
+            tm_ex = (ex * ro.target_keys).sum(-1)
+            out["natural_target_mass_decisive"] = float((nat * ro.target_keys).sum(-1).mean())
+            if tm_ex.std() > 1e-12 and ro.rewards.std() > 1e-12:
+                out["explore_target_reward_corr"] = float(torch.corrcoef(torch.stack([tm_ex.cpu(), ro.rewards]))[0, 1])
     return out

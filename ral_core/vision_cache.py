@@ -1,4 +1,4 @@
-"""Each distinct image of a rollout batch encoded once per step (issue 13).
+"""Each distinct image of a rollout batch encoded once per step.
 
 One RL step runs the frozen vision tower on the same image in generation, in the old-policy pass and in every
 update, G times each (every rollout carries its own copy of the pixels). `VisionCache` runs the tower (and the

@@ -26,8 +26,8 @@ def has_digit(completion, sample):
 COMMON = ["group_size=4", "max_new_tokens=4", "lr=5e-3", "temperature=1.5", "epochs=2", "max_grad_norm=0.5",
           "reward_weights={has_digit: 1.0}", "lambda_attn=1", "attn_metrics_every=0"]
 CONFIGS = {
-    # full fine-tuning, RAL + OPAD against a frozen teacher (the same checkpoint: its term acts from the 2nd update)
-    "full": lambda d: ["gamma_opad=1", f"teacher={d}"],
+    # full fine-tuning, RAL + OPAD against a frozen teacher (a copy of the checkpoint: its term acts from the 2nd update)
+    "full": lambda d: ["gamma_opad=1", f"teacher={d}-teacher"],
     # LoRA with a k3 KL to the adapter-free model, attention exploration on the last layer
     "lora": lambda d: ["lora_r=4", "beta=0.04", "explore=true", "explore_layers=last", "explore_sigma=1"],
 }

@@ -5,8 +5,9 @@ import torch
 
 from ral_core.config import build_config
 from ral_core.levers import lever_map
-from ral_core.losses import LossContext, explore_attention, ral_attention
-from ral_core.rollout import ExploreSpec, PolicySpec, forward_policies, group_advantages, make_rollouts
+from ral_core.losses import LossContext, explore_attention, group_advantages, ral_attention
+from ral_core.policy import ExploreSpec, PolicySpec, forward_policies
+from ral_core.rollout import make_rollouts
 from ral_core.trainer import Trainer
 
 from test_trainer import BASE, _params  # noqa: F401  (registers the test reward)

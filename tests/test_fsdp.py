@@ -1,6 +1,7 @@
 """FSDP (dist=fsdp: torch FSDP2 over 2 CPU processes, gloo) against one process on the same global batch, and exact
 resume under sharding. One torchrun launch (tests/fsdp_worker.py) runs every 2-process part; the reference runs here."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ def fsdp_run(tmp_path_factory, tiny_model_dir):
     bf16.model.save_pretrained(f"{tiny_model_dir}-bf16")
     bf16.tokenizer.save_pretrained(f"{tiny_model_dir}-bf16")
     bf16.image_processor.save_pretrained(f"{tiny_model_dir}-bf16")
+    shutil.copytree(tiny_model_dir, f"{tiny_model_dir}-teacher", dirs_exist_ok=True)  # a teacher is not the student
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     with socket.socket() as sock:  # a free port: other test runs on this machine may hold a fixed one
         sock.bind(("127.0.0.1", 0))
@@ -85,7 +87,7 @@ def test_fsdp_resume_is_exact(fsdp_run, tiny_model_dir, name):
         for k, v in r["at2"].items():
             assert torch.equal(saved[k].detach(), v), k
     elif name == "bf16":  # weights stay bf16 on disk; the trained ones' fp32 masters beside them
-        from ral_core.trainer import MASTER_WEIGHTS
+        from ral_core.train_state import MASTER_WEIGHTS
         masters = load_file(str(ck / MASTER_WEIGHTS))
         assert masters and all(torch.equal(v, r["at2"][k]) for k, v in masters.items())
         assert json.loads((ck / "config.json").read_text())["dtype"] == "bfloat16"

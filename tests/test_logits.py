@@ -49,7 +49,8 @@ def test_inspect_many_capture_pass_has_no_logits(tiny_qwen, task):
 
 def test_rollout_scores_only_the_response_rows(tiny_qwen, task):
     from ral_core.losses import token_logprobs
-    from ral_core.rollout import PolicySpec, forward_policies, rollouts_from_completions
+    from ral_core.policy import PolicySpec, forward_policies
+    from ral_core.rollout import rollouts_from_completions
     samples = [task.sample(i) for i in range(2)]
     samples = [{"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes} for s in samples]
     comp = torch.randint(10, 300, (4, 5), generator=torch.Generator().manual_seed(0))

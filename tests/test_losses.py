@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from ral_core.losses import LossContext, aggregate, grpo, jsd, kl_k3, opad_attention, ral_attention
-from ral_core.rollout import (PolicySpec, class_advantage, forward_policies, group_advantages, policy_forward,
-                              prefix_classes, rollouts_from_completions)
+from ral_core.losses import (LossContext, aggregate, group_advantages, grpo, jsd, kl_k3, opad_attention,
+                             ral_attention)
+from ral_core.policy import PolicySpec, forward_policies, policy_forward, prefix_classes
+from ral_core.rollout import class_advantage, rollouts_from_completions
 
 
 # ---- GRPO surrogate, by hand ----------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_ral_gradient_is_zero_on_first_update_and_not_on_second(model, task):
     spec = PolicySpec(layers=[2])
     samples = _samples(task, 2)
     torch.manual_seed(0)
-    from ral_core.inspection import generate_answer
+    from ral_core.generation import generate_answer
     b = model.build_inputs([s["image"] for s in samples for _ in range(4)],
                            [s["question"] for s in samples for _ in range(4)])
     comp = generate_answer(model, b["model_inputs"], 5, do_sample=True)

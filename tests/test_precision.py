@@ -9,7 +9,8 @@ import torch
 from ral_core.config import build_config
 from ral_core.errors import RALError
 from ral_core.rewards import reward
-from ral_core.trainer import MASTER_WEIGHTS, Trainer, resolve_precision
+from ral_core.train_state import MASTER_WEIGHTS, resolve_precision
+from ral_core.trainer import Trainer
 
 BASE = ["prompts_per_step=2", "group_size=4", "minibatch_size=8", "epochs=1", "max_new_tokens=4", "lr=5e-5",
         "temperature=1.5", "max_grad_norm=0", "reward_weights={test_precision_parity: 1.0}"]

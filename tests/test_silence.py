@@ -4,10 +4,10 @@ group shares it) or the group's rewards were all equal. Checked against the RAL 
 import pytest
 import torch
 
-from ral_core.inspection import generate_answer
-from ral_core.losses import LossContext, grpo, ral_attention
-from ral_core.rollout import (PolicySpec, attention_stats, class_advantage, group_advantages, policy_forward,
-                              prefix_classes, rollouts_from_completions, silence_stats)
+from ral_core.generation import generate_answer
+from ral_core.losses import LossContext, group_advantages, grpo, ral_attention
+from ral_core.policy import PolicySpec, policy_forward, prefix_classes
+from ral_core.rollout import attention_stats, class_advantage, rollouts_from_completions, silence_stats
 
 
 def _samples(task, n):

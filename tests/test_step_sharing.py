@@ -13,7 +13,7 @@ import torch
 from ral_core.attention import capture
 from ral_core.config import build_config
 from ral_core.data import GroundingTask
-from ral_core.inspection import generate_answer
+from ral_core.generation import generate_answer
 from ral_core.builders.tiny import TINY_FAMILIES, tiny_adapter
 from ral_core.prefix_share import group_generate, shared_prompt_forward, shares_with_grad, worth_sharing
 from ral_core.trainer import Trainer

@@ -160,8 +160,8 @@ def test_jsonl_dataset_errors_name_the_line(tmp_path):
     cases = {
         "missing field": (good + '\n{"image": "a.png", "question": "q?"}', "line 2: missing field(s) answer"),
         "bad json": (good + "\n{oops", "line 2: not valid JSON"),
-        "missing image": ('{"image": "b.png", "question": "q", "answer": "1"}', "line 1: image 'b.png' not found"),
-        "bad boxes": ('{"image": "a.png", "question": "q", "answer": "1", "boxes": [[1, 2]]}', "line 1: boxes"),
+        "missing image": ('{"image": "b.png", "question": "q", "answer": "1"}', "line 1: image file 'b.png' does not exist"),
+        "bad boxes": ('{"image": "a.png", "question": "q", "answer": "1", "boxes": [[1, 2]]}', "line 1: box"),
     }
     for name, (text, msg) in cases.items():
         (tmp_path / "d.jsonl").write_text(text)
@@ -203,7 +203,7 @@ def test_lora_training_saves_an_adapter_that_loads(tmp_path, tiny_model_dir, tas
 
 def test_opad_reads_a_deeper_teacher_at_the_same_relative_depth(tmp_path, tiny_qwen, tiny_model_dir):
     from ral_core.builders.tiny import tiny_qwen2_vl
-    from ral_core.trainer import matched_layers
+    from ral_core.policy import matched_layers
     assert matched_layers([3], 4, 6) == [5] and matched_layers([0, 1, 2, 3], 4, 8) == [1, 3, 5, 7]
     assert matched_layers([0, 1, 2], 3, 3) == [0, 1, 2]
     deep = tiny_qwen2_vl(layers=5, tokenizer=tiny_qwen.tokenizer, seed=1)  # the student fixture has 3 layers
@@ -215,3 +215,57 @@ def test_opad_reads_a_deeper_teacher_at_the_same_relative_depth(tmp_path, tiny_q
     assert t.spec.layers == [2] and t.teacher_spec.layers == [4]  # last ↔ last
     t.train()
     assert t.history[-1]["loss_opad_attn"] > 0
+
+
+_CALLS = [0]
+
+
+@reward("test_collapsing")
+def _collapsing(completion, sample):
+    """1 for the rollouts of the first 5 steps (2 prompts × 4 rollouts each), then 0: a run whose reward collapses."""
+    _CALLS[0] += 1
+    return float(_CALLS[0] <= 5 * 8)
+
+
+def test_collapse_guard_warns_once_with_the_step(tmp_path, tiny_model_dir):
+    _CALLS[0] = 0
+    t = Trainer(_cfg(tmp_path, "collapse", "steps=11", "reward_weights={test_collapsing: 1.0}",
+                     "log_attention=false", model=tiny_model_dir))
+    res = t.train()
+    rows = [json.loads(ln) for ln in (tmp_path / "collapse" / "metrics.jsonl").read_text().splitlines()]
+    warned = [r for r in rows if r.get("warnings")]
+    assert [r["step"] for r in warned] == [10]  # steps 6–10 average 0 < ½ · 1 (steps 1–5); once per run
+    w = warned[0]["warnings"][0]
+    assert "mean reward fell from 1.000 (steps 1–5) to 0.000 (steps 6–10)" in w and "lower learning rate" in w
+    assert res["warnings"] == [w] and res["wall_time"] > 0
+    assert f"step 10: {w}" in (tmp_path / "collapse" / "run.log").read_text()
+
+
+def test_collapse_guard_is_silent_on_real_runs_of_the_default_model():
+    """Every recorded home-regime run (default model; GRPO, RAL λ 0.5–100, OPAD, distillation; 5 seeds, 30 steps)."""
+    from pathlib import Path
+
+    from ral_core.evaluate import CollapseGuard
+    records = sorted((Path(__file__).parents[1] / "bench" / "records" / "home").glob("*_s*.json"))
+    assert len(records) >= 30
+    for f in records:
+        rec = json.loads(f.read_text())
+        g, hist = CollapseGuard(rec["config"]["lr"]), []
+        for row in rec["curve"]:
+            hist.append(row)
+            assert g.check(hist) == [], f.name
+
+
+def test_collapse_guard_warns_when_a_probe_turns_wrong():
+    from ral_core.evaluate import CollapseGuard
+    g = CollapseGuard(lr=1e-3)
+    g.probe(0, 0, "7", "7")
+    g.probe(0, 1, "3", "5")
+    g.probe(10, 1, " 5", "5")  # wrong → right: nothing to say
+    assert g.check([]) == []
+    g.probe(20, 0, "4", "7")
+    (w,) = g.check([])
+    assert "probe 0 was answered right at step 0 and wrong at step 20 ('4' instead of '7')" in w
+    assert "lower learning rate (lr is 0.001)" in w
+    g.probe(30, 1, "9", "5")
+    assert g.check([]) == [] and g.warnings == [w]  # once per run

@@ -85,7 +85,8 @@ def test_log_probs_use_the_sampling_temperature_as_trl():
 
 
 def test_rollout_and_training_log_probs_are_taken_at_the_sampling_temperature(tiny_qwen, task):
-    from ral_core.rollout import policy_forward, rollouts_from_completions
+    from ral_core.policy import policy_forward
+    from ral_core.rollout import rollouts_from_completions
     s = task.sample(0)
     samples = [dict(image=s.image, question=s.question, answer=s.answer, boxes=s.boxes)]
     ids = [tiny_qwen.tokenizer.convert_tokens_to_ids(x) for x in ("4", "2", "<|im_end|>")]

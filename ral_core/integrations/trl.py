@@ -48,9 +48,9 @@ from trl.trainer.utils import add_fused_lm_head
 
 from ral_core.attention import capture, decoder_attention_modules, resolve_layers, unwrap
 from ral_core.errors import RALError
-from ral_core.losses import LOSSES, LossContext, Window, attention_policy, combined_loss, window_weight
-from ral_core.rollout import PolicySpec, Rollouts, attention_stats, key_validity, prefix_classes
-from ral_core.trainer import matched_layers
+from ral_core.losses import LOSSES, LossContext, Window, combined_loss, window_weight
+from ral_core.policy import PolicySpec, Rollouts, attention_policy, key_validity, matched_layers, prefix_classes
+from ral_core.rollout import attention_stats
 
 TRL_PIN = "1.16.0"
 
