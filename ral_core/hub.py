@@ -66,9 +66,10 @@ def downloads_allowed(allow_download: bool | None = None) -> bool:
     unset, downloads are on only on a Hugging Face Space (SPACE_ID is set there), whose visitors cannot copy a
     model folder onto the host."""
     from ral_core import settings
+    from ral_core.config import parse_bool
 
     if allow_download is not None:
-        return bool(allow_download)
+        return parse_bool(allow_download, "allow_download")  # a request's "false" must not download
     if _ALLOW.get() is not None:
         return _ALLOW.get()
     v = settings.get(ENV)

@@ -63,3 +63,11 @@ def test_allow_download_reaches_nested_loads_without_the_environment(monkeypatch
         assert hub.downloads_allowed() and not hub.downloads_allowed(False)
         assert "RAL_ALLOW_DOWNLOAD" not in os.environ
     assert not hub.downloads_allowed()
+
+
+def test_allow_download_as_text_is_parsed(monkeypatch):
+    from ral_core import hub
+    monkeypatch.setenv("RAL_ALLOW_DOWNLOAD", "1")
+    assert hub.downloads_allowed("false") is False and hub.downloads_allowed("yes") is True
+    with pytest.raises(RALError, match="allow_download must be true or false"):
+        hub.downloads_allowed("perhaps")
