@@ -1,4 +1,4 @@
-"""Gradient checkpointing with capture (issue 15): the captured rows, the loss and every gradient equal those of
+"""Gradient checkpointing with capture: the captured rows, the loss and every gradient equal those of
 the same pass without checkpointing — also with a steering/exploration bias, which must be re-applied when the
 layer is recomputed in backward."""
 import pytest

@@ -1,4 +1,4 @@
-"""Logits only where used (issue 14): the inspect capture pass runs the LM head on one position and gives the same
+"""Logits only where used: the inspect capture pass runs the LM head on one position and gives the same
 maps as a pass with full logits, in every family; rollouts / updates score only the response rows; the lever map
 only the answer rows."""
 import numpy as np

@@ -168,7 +168,7 @@ def test_prefix_classes_count_only_the_same_group_and_the_response():
 
 
 def test_policy_rows_own_drops_its_self_entry_and_predicts_keeps_every_key(model, task):
-    """DESIGN.md §1: the 'own' row of token t is the query at t over keys < t, renormalised; the 'predicts' row
+    """docs/method.md §2: the 'own' row of token t is the query at t over keys < t, renormalised; the 'predicts' row
     is the query at t − 1 over all keys before t, itself included — a full softmax row, nothing renormalised."""
     samples = _samples(task, 1)
     comp = torch.tensor([_ids(model, "4", "2") + [model.tokenizer.convert_tokens_to_ids("<|im_end|>")]])

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 14): a bf16 checkpoint trains with fp32 master weights and fp32 AdamW state, saves bf16
+"""Mixed precision: a bf16 checkpoint trains with fp32 master weights and fp32 AdamW state, saves bf16
 weights plus the masters, resumes exactly, and learns like an fp32 run; LoRA adapters are fp32."""
 import json
 
@@ -122,7 +122,7 @@ def _curve(tmp, name, model, teacher, precision, pure_bf16=False):
     t = Trainer(_cfg(tmp, name, model, "steps=6", "epochs=2", "minibatch_size=4", "max_new_tokens=6",
                      "lambda_token_kl=1", f"teacher={teacher}", f"precision={precision}",
                      "reward_weights={exact_match: 1.0}"))  # an untrained model scores 0: A = 0, pure distillation
-    if pure_bf16:  # the trainer before issue 14: bf16 weights, so bf16 AdamW state, no masters
+    if pure_bf16:  # the trainer before mixed precision: bf16 weights, so bf16 AdamW state, no masters
         for p in _model(t).parameters():
             p.data = p.data.to(torch.bfloat16)
     samples, comp = t._prompts(0), torch.randint(10, 300, (8, 6), generator=torch.Generator().manual_seed(0))

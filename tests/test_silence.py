@@ -1,4 +1,4 @@
-"""The silence diagnostic (DESIGN.md §1, 'where the attention term is silent'): rollouts that share a row's prefix
+"""The silence diagnostic (docs/method.md §6, 'where the term is silent'): rollouts that share a row's prefix
 add up to J_c · Σ_{i∈c} A_i, so a shared row is silent only when its class's advantages sum to zero (the whole
 group shares it) or the group's rewards were all equal. Checked against the RAL term's real gradient."""
 import pytest
