@@ -38,7 +38,8 @@ class _State:
     rows: torch.Tensor | None                # [B, R] absolute query positions, None = every row
     maps: "_Maps" = field(default_factory=lambda: _Maps())
     bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> additive logits bias
-    bias_layers: dict[int, int] = field(default_factory=dict)
+    bias_layers: dict[int, int] = field(default_factory=dict)  # modules with a bias or a head scale
+    head_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] multiplier of each head's output
     natural: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows without the bias
 
 
@@ -123,6 +124,9 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         sdpa_mask_in = _biased_mask(attention_mask, bias, query, key)
         kwargs = {**kwargs, "is_causal": False}
     out = sdpa_attention_forward(module, query, key, value, sdpa_mask_in, scaling=scaling, dropout=dropout, **kwargs)
+    scale = st.head_scale.get(layer) if mid in st.bias_layers else None
+    if scale is not None:  # [B, Lq, H, D] before the output projection: a head's whole contribution (ral_core/causal.py)
+        out = (out[0] * scale.to(out[0].dtype)[:, None, :, None], *out[1:])
     if mid in st.layers:
         c0 = time.process_time()
         st.maps[layer] = _row_probs(module, query, key, attention_mask, scaling, st.rows, bias)
@@ -200,11 +204,13 @@ def resolve_layers(spec, n_layers: int, attention_layers=None) -> list[int]:
 
 
 @contextmanager
-def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[int, torch.Tensor] | None = None):
+def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[int, torch.Tensor] | None = None,
+            head_scale: dict[int, torch.Tensor] | None = None):
     """Capture attention rows of chosen decoder layers during the forward passes inside the block.
 
     `rows` is a [B, R] LongTensor of absolute query positions (None: every row — only for short inputs).
     `bias` maps layer → additive logits bias broadcastable to [B, H, Lq, Lk]; it alters the forward.
+    `head_scale` maps layer → [B, H] factors on each head's output before the output projection (0: knocked out).
     Yields a dict layer → [B, H, R, Lk] fp32 probabilities that keep the autograd graph; for biased
     layers the unbiased rows of the same pass are in `maps.natural[layer]`.
     """
@@ -213,9 +219,10 @@ def capture(model, layers="last", rows: torch.Tensor | None = None, bias: dict[i
     attn = [i for i, m in enumerate(mods) if m is not None]
     idx = resolve_layers(layers, len(mods), attn)
     bias = bias or {}
-    resolve_layers(list(bias), len(mods), attn)  # a bias only acts through a softmax-attention layer
-    st = _State(layers={id(mods[i]): i for i in idx}, rows=rows, bias=bias,
-                bias_layers={id(mods[i]): i for i in bias})
+    head_scale = head_scale or {}
+    resolve_layers(list(bias) + list(head_scale), len(mods), attn)  # both act only through softmax attention
+    st = _State(layers={id(mods[i]): i for i in idx}, rows=rows, bias=bias, head_scale=head_scale,
+                bias_layers={id(mods[i]): i for i in {*bias, *head_scale}})
     token = _STATE.set(st)
     try:
         st.maps.natural = st.natural
@@ -244,7 +251,8 @@ def _replay(st: _State | None):
     if st is None:
         token = _STATE.set(None)
     else:
-        token = _STATE.set(_State(layers=st.layers, rows=st.rows, bias=st.bias, bias_layers=st.bias_layers))
+        token = _STATE.set(_State(layers=st.layers, rows=st.rows, bias=st.bias, bias_layers=st.bias_layers,
+                                  head_scale=st.head_scale))
     try:
         yield
     finally:

@@ -376,3 +376,104 @@ def training_curves(history: list[dict], total_steps: int | None = None, title: 
         fig.suptitle(title, fontsize=10, parse_math=False)
     fig.tight_layout()
     return fig
+
+
+# ---- causal checks (ral_core/causal.py): does this head matter? -----------------------------------------------------
+KNOCKOUT_LABEL = "Δ log p(answer token) when the head is knocked out"
+
+
+def knockout_grid(ko, token="mean", size_px=None, highlight=None):
+    """One cell per (layer, head): Δ log p of the answer (mean over its tokens, or one 0-based token) when that head's
+    output is zeroed. Diverging scale symmetric about 0: blue cells are heads the answer needs (knocking them out lowers
+    its probability), red ones heads that held it back. `highlight` (layer, head) outlines one cell."""
+    vals = np.asarray(ko.effect(token), np.float64)
+    L, H = vals.shape
+    left, top, bottom = 64, 52, 48
+    cw, ch = float(np.clip(560 / H, 16, 44)), float(np.clip(560 / L, 12, 36))
+    if size_px:
+        cw = max((size_px[0] - left - _CB_GAP - _CB_W - _CB_TEXT - _PAD) / H, 2)
+        ch = max((size_px[1] - top - bottom) / L, 2)
+    fig = _figure(left + H * cw + _CB_GAP + _CB_W + _CB_TEXT + _PAD, top + L * ch + bottom)
+    ax = _add_axes(fig, left, top, H * cw, L * ch)
+    lim = float(np.abs(vals).max()) or 1e-9
+    im = ax.imshow(vals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    step_x, step_y = max(1, int(np.ceil(16 / cw))), max(1, int(np.ceil(11 / ch)))
+    ax.set_xticks(range(0, H, step_x), [str(h) for h in range(0, H, step_x)], fontsize=8)
+    ax.set_yticks(range(0, L, step_y), [str(ko.layers[i]) for i in range(0, L, step_y)], fontsize=8)
+    ax.set_xlabel("head", fontsize=9)
+    ax.set_ylabel("decoder layer", fontsize=9)
+    if L * H <= 64:
+        for (i, j), v in np.ndenumerate(vals):
+            ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 * lim else "black")
+    if highlight is not None and highlight[0] in ko.layers:
+        i, j = ko.layers.index(highlight[0]), int(highlight[1])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#00c853", lw=2.5))
+    cax = _add_axes(fig, left + H * cw + _CB_GAP, top, _CB_W, L * ch)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(KNOCKOUT_LABEL, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    what = "mean over answer tokens" if token in (None, "mean") else \
+        f"answer token {int(token) + 1}: {ko.answer_tokens[int(token)]!r}"
+    ax.set_title(f"does it matter? one head knocked out (output zeroed)\n{what}", fontsize=9, parse_math=False)
+    return fig
+
+
+def _outline_tokens(ax, geometry, tokens, color="#76ff03"):
+    for k in tokens:
+        x0, y0, x1, y1 = np.asarray(geometry.boxes[k], np.float64)
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5, ls="--"))
+
+
+def head_effect_overlay(result, ko, layer, head, token="mean", row="predicts", sinks=None, clean=False, size_px=None):
+    """One head's map with its knock-out effect in the title (the Inspect grid's click). `sinks` outlines the sink
+    tokens (dashed green); `clean` shows the map renormalised without them (ral_core.causal.without_sinks)."""
+    from ral_core.causal import without_sinks
+
+    v = result.visual_map(layer=layer, head=head, token=token, row=row)
+    if clean and sinks is not None:
+        v = without_sinks(v, sinks)
+    lines = [f"layer {layer}, head {head} · {token_label(result, token)}"]
+    if ko is not None and layer in ko.layers:
+        lines.append(f"knock-out: Δ log p {ko.cell(layer, head, token):+.4f}"
+                     + (" (the answer needs this head)" if ko.cell(layer, head, token) < 0 else ""))
+    if sinks is not None and sinks.tokens:
+        lines.append(f"{len(sinks.tokens)} sink token(s) outlined"
+                     + (", map renormalised without them" if clean else ""))
+    fig = overlay(result.image, result.geometry, v, title="\n".join(lines), vmin=0, size_px=size_px)
+    if sinks is not None:
+        _outline_tokens(fig.axes[0], result.geometry, sinks.tokens)
+    return fig
+
+
+def sink_overlay(result, sinks, layer="mean", head="mean", token="mean", row="predicts", clean=False, size_px=None):
+    """The map with the sink tokens outlined (dashed green), raw or renormalised without them (`clean`)."""
+    from ral_core.causal import without_sinks
+
+    v = result.visual_map(layer=layer, head=head, token=token, row=row)
+    if clean:
+        v = without_sinks(v, sinks)
+    lay = "mean over layers" if layer in (None, "mean") else f"layer {layer}"
+    hd = "mean over heads" if head in (None, "mean") else f"head {head}"
+    note = (f"{len(sinks.tokens)} sink token(s) outlined (> {sinks.eps:g} of the row in > {sinks.min_share:.0%} of "
+            "heads)" if sinks.tokens else "no sink token")
+    if clean and sinks.tokens:
+        note += "; renormalised without them"
+    fig = overlay(result.image, result.geometry, v, title=f"{lay}, {hd} · {token_label(result, token)}\n{note}",
+                  vmin=0, size_px=size_px)
+    _outline_tokens(fig.axes[0], result.geometry, sinks.tokens)
+    return fig
+
+
+def blocking_overlay(result, block, size_px=None):
+    """The head-mean map of the blocked layers with the blocked tokens outlined and what blocking did to the answer."""
+    layers = [l for l in block.layers if l in result.layers]
+    v = np.mean([result.visual_map(layer=l) for l in layers], axis=0) if layers else result.visual_map()
+    ls = block.layers
+    where = ", ".join(map(str, ls)) if len(ls) <= 4 else f"{ls[0]}…{ls[-1]}"
+    title = (f"answer rows blocked from {len(block.blocked_tokens)} token(s) (dashed) at layer(s) {where}"
+             f"\nΔ log p {block.mean_delta:+.4f} per token · answer {block.answer!r} → {block.new_answer!r}")
+    fig = overlay(result.image, result.geometry, v, title=title, vmin=0, boxes=[tuple(b) for b in block.boxes],
+                  size_px=size_px)
+    _outline_tokens(fig.axes[0], result.geometry, block.blocked_tokens, color="#ff1744")
+    return fig
