@@ -225,7 +225,7 @@ class Blocking:
     def line(self) -> str:
         box = "; ".join(",".join(f"{v:g}" for v in b) for b in self.boxes)
         return (f"blocking the answer's attention to {len(self.blocked_tokens)} visual token(s) in box {box} at "
-                f"layer(s) {_span(self.layers)}: Δ log p {self.mean_delta:+.4f} per answer token; greedy answer "
+                f"layer(s) {_span(self.layers)}: Δ log p {self.mean_delta:+.3g} per answer token; greedy answer "
                 f"{self.answer!r} → {self.new_answer!r}" + (" (changed)" if self.changed else " (unchanged)"))
 
     def to_dict(self) -> dict:

@@ -379,7 +379,7 @@ def training_curves(history: list[dict], total_steps: int | None = None, title: 
 
 
 # ---- causal checks (ral_core/causal.py): does this head matter? -----------------------------------------------------
-KNOCKOUT_LABEL = "Δ log p(answer token) when the head is knocked out"
+KNOCKOUT_LABEL = "Δ log p(answer) with the head knocked out"
 
 
 def knockout_grid(ko, token="mean", size_px=None, highlight=None):
@@ -413,9 +413,9 @@ def knockout_grid(ko, token="mean", size_px=None, highlight=None):
     cb = fig.colorbar(im, cax=cax)
     cb.set_label(KNOCKOUT_LABEL, fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    what = "mean over answer tokens" if token in (None, "mean") else \
-        f"answer token {int(token) + 1}: {ko.answer_tokens[int(token)]!r}"
-    ax.set_title(f"does it matter? one head knocked out (output zeroed)\n{what}", fontsize=9, parse_math=False)
+    what = "mean over the answer" if token in (None, "mean") else \
+        f"token {int(token) + 1}: {ko.answer_tokens[int(token)]!r}"
+    ax.set_title(f"does it matter? heads knocked out\n{what}", fontsize=9, parse_math=False)
     return fig
 
 
@@ -472,7 +472,7 @@ def blocking_overlay(result, block, size_px=None):
     ls = block.layers
     where = ", ".join(map(str, ls)) if len(ls) <= 4 else f"{ls[0]}…{ls[-1]}"
     title = (f"answer rows blocked from {len(block.blocked_tokens)} token(s) (dashed) at layer(s) {where}"
-             f"\nΔ log p {block.mean_delta:+.4f} per token · answer {block.answer!r} → {block.new_answer!r}")
+             f"\nΔ log p {block.mean_delta:+.3g} per token · answer {block.answer!r} → {block.new_answer!r}")
     fig = overlay(result.image, result.geometry, v, title=title, vmin=0, boxes=[tuple(b) for b in block.boxes],
                   size_px=size_px)
     _outline_tokens(fig.axes[0], result.geometry, block.blocked_tokens, color="#ff1744")

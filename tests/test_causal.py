@@ -226,3 +226,36 @@ def test_figures_from_the_saved_record(tmp_path):
     assert "1 sink token(s) outlined" in figs[3].axes[0].get_title()
     for i, f in enumerate(figs):
         assert render.save_figure(f, tmp_path / f"f{i}.png").stat().st_size > 1000
+
+
+def test_cli_writes_grid_csv_and_rerenders_without_the_model(tmp_path, capsys):
+    import csv
+    from pathlib import Path
+
+    from ral_core.cli import main
+
+    a = tiny_adapter("qwen2_vl")
+    ex = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
+    args = ["causal", "--image", str(ex), "--question", "What digit is in row 2 column 1?", "--max-new-tokens", "3",
+            "--chunk", "3", "--out", str(tmp_path / "o")]
+    assert main(args, adapter=a) == 0
+    out = capsys.readouterr().out
+    assert "knock-out grid: 2 layers × 4 heads in 4 forwards (one per head: 9)" in out
+    assert "box 0,28,28,56" in out  # the bundled example's target box, blocked by default
+    rows = list(csv.DictReader(open(tmp_path / "o" / "knockout.csv")))
+    assert len(rows) == 8 and [int(r["rank"]) for r in rows] == list(range(1, 9))
+    assert float(rows[0]["delta_logp_mean"]) == min(float(r["delta_logp_mean"]) for r in rows)
+    for f in ("knockout.png", "sinks.png", "sinks_clean.png", "blocking.png", "result/causal.json"):
+        assert (tmp_path / "o" / f).is_file()
+    assert main(["causal", "--from", str(tmp_path / "o" / "result"), "--token", "1", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "knockout.png").is_file()
+    capsys.readouterr()
+    for bad, msg in ((["--layers", "two"], "--layers must be"), (["--box", "1,2,3"], "--box must be four numbers"),
+                     (["--box", "0,0,500,5"], "outside"), (["--chunk", "0"], "--chunk must be at least 1")):
+        assert main(args + bad, adapter=a) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert main(["causal", "--out", str(tmp_path / "x")], adapter=a) == 2
+    assert "give --image and --question" in capsys.readouterr().err
+    assert main(["causal", "--from", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a saved inspection result" in capsys.readouterr().err
