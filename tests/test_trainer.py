@@ -269,3 +269,15 @@ def test_collapse_guard_warns_when_a_probe_turns_wrong():
     assert "lower learning rate (lr is 0.001)" in w
     g.probe(30, 1, "9", "5")
     assert g.check([]) == [] and g.warnings == [w]  # once per run
+
+
+def test_ral_train_prints_the_collapse_warning_and_its_wall_time(tmp_path, tiny_model_dir, capsys):
+    from ral_core.cli import main
+    _CALLS[0] = 0
+    out = tmp_path / "cli"
+    assert main(["train", "--no-figures", *BASE, "steps=10", "reward_weights={test_collapsing: 1.0}",
+                 "log_attention=false", f"model={tiny_model_dir}", f"output_dir={out}"]) == 0
+    cap = capsys.readouterr()
+    assert "warning (step 10): mean reward fell from 1.000" in cap.err and "try a lower learning rate" in cap.err
+    assert cap.err.count("mean reward fell") == 2  # as it fires, and again after the summary
+    assert "done: 10 steps in " in cap.out
