@@ -78,6 +78,7 @@ class Rollouts:
     row_class: torch.Tensor = None    # [N, T] prefix class of each response row (prefix_classes), −1 off the response
     temperature: float = 1.0          # the sampling temperature: every log-prob of the loss is taken under it
     target_keys: torch.Tensor = None  # [N, K] overlap of each key with the sample's target boxes
+    ground: dict = field(default_factory=dict)  # attention target term: box target [N, K] and weight [N] (grounding)
     explore_bias: dict = field(default_factory=dict)  # layer -> [N, H|1, 1, P] (the sampled perturbation)
     explored_attn: list = field(default_factory=list)  # behaviour attention p̃ at the explore layers
     natural_attn_old: list = field(default_factory=list)  # the same rows without the bias

@@ -118,7 +118,10 @@ def resolve(name: str) -> RewardFn:
 class RewardModel:
     """Weighted sum of named rewards; `weights` maps name → weight (paper: exact 0.9 + format 0.1)."""
 
-    def __init__(self, weights: dict[str, float]):
+    def __init__(self, weights: dict[str, float], ground_on: str | None = None):
+        """`ground_on`: which rollouts the attention-target term acts on (config ground_on; None: the term is off),
+        read when the rollout scores its attention against the boxes (grounding.score_grounding)."""
+        self.ground_on = ground_on
         if not weights:
             raise RALError("no reward given; e.g. reward_weights={exact_match: 1.0}")
         self.weights = {k: float(v) for k, v in weights.items() if k not in ATTENTION_REWARDS}

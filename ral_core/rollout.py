@@ -7,6 +7,7 @@ import torch
 
 from ral_core.attention import capture
 from ral_core.generation import generate_answer
+from ral_core.grounding import grounding_stats, score_grounding
 from ral_core.losses import aggregate, entropy, group_advantages, jsd
 from ral_core.policy import (ExploreSpec, PolicySpec, Rollouts, forward_policies, key_validity, prefix_classes,
                              target_key_weights)
@@ -146,6 +147,7 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
     r = forward_policies(model, ro, spec, explore)
     ro.old_logp, ro.old_attn = r["logp"], r["attn"]
     ro.explored_attn, ro.natural_attn_old = r["explored"], r["natural"]
+    score_grounding(ro, adapter, reward_model, adv_scale)  # attention rewards and targets need the pass above
     return ro
 
 
@@ -181,6 +183,7 @@ def rollout_metrics(ro: Rollouts, spec: PolicySpec | None, explore: ExploreSpec 
         out.update(explore_stats(ro, explore))
     if spec is not None:
         out.update(attention_stats(ro.old_attn, ro))
+    out.update(grounding_stats(ro))
     return out
 
 

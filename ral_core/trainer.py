@@ -74,7 +74,7 @@ class Trainer:
         self.adapter.model = model
         # the attention policy, the task, exploration
         self.spec, self.teacher_spec = policy_specs(cfg, self.adapter, self.teacher)
-        self.rewarder = RewardModel(cfg.reward_weights)
+        self.rewarder = RewardModel(cfg.reward_weights, ground_on=cfg.ground_on if cfg.lambda_ground > 0 else None)
         self.data = dataset_for(cfg)
         if hasattr(self.data, "check_text"):  # control tokens in a row: refused now, not at the step that draws it
             self.data.check_text(self.adapter)

@@ -173,3 +173,31 @@ def test_grounding_task_boxes_per_question_type(kind):
         if kind == "where":
             d = s.question.split()[-1].rstrip("?")
             assert len(boxes) == s.answer.count("row") and d.isdigit()
+
+
+def _jsonl(tmp_path, rows):
+    import json
+    Image.new("RGB", (84, 56)).save(tmp_path / "a.png")
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"image": "a.png", "question": "q?", "answer": "1", **r}) + "\n" for r in rows))
+    return f
+
+
+def test_jsonl_box_and_boxes(tmp_path):
+    from ral_core.data.jsonl import JsonlDataset
+    ds = JsonlDataset(_jsonl(tmp_path, [{"box": [0, 0, 28, 28]}, {"boxes": [[28, 0, 56, 28], [0, 28, 28, 56]]}, {}]))
+    assert [ds.sample(i)["boxes"] for i in range(3)] == [[(0, 0, 28, 28)], [(28, 0, 56, 28), (0, 28, 28, 56)], []]
+
+
+@pytest.mark.parametrize("row, msg", [
+    ({"box": [0, 0, 100, 28]}, "outside the 84×56 image"),
+    ({"box": [10, 0, 10, 28]}, "is empty"),
+    ({"boxes": [[0, 0, 28]]}, "must be 4 numbers"),
+    ({"box": [0, 0, 1, 1], "boxes": [[0, 0, 1, 1]]}, "either box or boxes"),
+])
+def test_jsonl_bad_box_is_refused_up_front_with_its_line(tmp_path, row, msg):
+    from ral_core.data.jsonl import JsonlDataset
+    with pytest.raises(RALError) as e:
+        JsonlDataset(_jsonl(tmp_path, [{}, row]))
+    assert str(e.value).startswith("d.jsonl line 2: ") and msg in str(e.value) and "\n" not in str(e.value)
+    assert str(tmp_path) not in str(e.value)
