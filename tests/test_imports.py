@@ -81,15 +81,12 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
-def test_the_walk_sees_function_level_imports_and_cycles():
-    src = {"a": "def f():\n    from b import g\n", "b": "import a\n"}
-    graph = {}
-    for name, text in src.items():
-        graph[name] = set()
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ImportFrom):
-                graph[name].add(node.module)
-            elif isinstance(node, ast.Import):
-                graph[name].update(a.name for a in node.names)
-    assert _cycle(graph) == ["a", "b", "a"]
-    assert _cycle({"a": {"b"}, "b": set()}) is None
+def test_the_walk_sees_function_level_imports_and_cycles(tmp_path):
+    """The two back-up imports this test was written against: a function-level import that closes a circle."""
+    (tmp_path / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from pkg.a import g\n    return g\n")
+    known = {"pkg", "pkg.a", "pkg.b"}
+    graph = {f"pkg.{m}": _imports(f"pkg.{m}", tmp_path / f"{m}.py", known) for m in "ab"}
+    assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}  # `pkg` itself ran before either module
+    assert _cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+    assert _cycle({"pkg.a": {"pkg.b"}, "pkg.b": set()}) is None
