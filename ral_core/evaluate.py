@@ -9,6 +9,7 @@ import torch
 
 from ral_core.attention import capture, resolve_layers
 from ral_core.data.grounding import GroundingTask
+from ral_core.generation import generate_answer
 from ral_core.policy import max_overlap
 
 
@@ -27,11 +28,7 @@ def greedy_answers(adapter, images, questions, max_new_tokens: int = 12, batch_s
     try:
         for i in range(0, len(images), batch_size):
             b = adapter.build_inputs(list(images[i:i + batch_size]), list(questions[i:i + batch_size]))
-            mi = b["model_inputs"]
-            gen = model.generate(**mi, do_sample=False, max_new_tokens=max_new_tokens,
-                                 suppress_tokens=adapter.suppress_token_ids or None,
-                                 eos_token_id=adapter.eos_token_ids, pad_token_id=tok.pad_token_id)
-            new = gen[:, mi["input_ids"].shape[1]:]
+            new = generate_answer(adapter, b["model_inputs"], max_new_tokens)
             out += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
     finally:
         model.train(was_training)
