@@ -126,7 +126,10 @@ COLLAPSE_WINDOW = 5  # steps whose mean reward is compared: the run's first ones
 class CollapseGuard:
     """Watches a run for collapse: the mean reward of the latest `window` steps below half that of the first
     `window`, or a probe answered right at a snapshot and wrong at a later one. Each kind is warned of once per run,
-    with its step and a suggestion to lower the learning rate; `warnings` keeps them."""
+    with its step and a suggestion to lower the learning rate; `warnings` keeps them. A warning already in the
+    history's metric rows (a resumed run, or a run continued in chunks by a fresh trainer) is not given again."""
+
+    KINDS = {"reward": "mean reward fell", "probe": "was answered right at step"}  # kind → its text's mark
 
     def __init__(self, lr: float, window: int = COLLAPSE_WINDOW):
         self.lr, self.window = lr, window
@@ -134,6 +137,7 @@ class CollapseGuard:
         self._pending: list[str] = []
         self._right: dict[int, int] = {}  # probe index → step at which it was last answered right
         self._given: set[str] = set()
+        self._read = 0  # history rows already searched for earlier warnings
 
     def _warn(self, kind: str, text: str) -> None:
         if kind not in self._given:
@@ -149,7 +153,10 @@ class CollapseGuard:
                                 f"('{answer}' instead of '{expected}')")
 
     def check(self, history: list[dict]) -> list[str]:
-        """New warnings after the last step of `history` (metrics rows with `step` and `reward`)."""
+        """New warnings after the last step of `history` (metrics rows with `step`, `reward`, maybe `warnings`)."""
+        self._given |= {k for h in history[self._read:-1] for text in h.get("warnings", ())
+                        for k, mark in self.KINDS.items() if mark in text}
+        self._read = max(self._read, len(history) - 1)
         w = self.window
         if len(history) >= 2 * w:
             start = float(np.mean([h["reward"] for h in history[:w]]))

@@ -271,6 +271,18 @@ def test_collapse_guard_warns_when_a_probe_turns_wrong():
     assert g.check([]) == [] and g.warnings == [w]  # once per run
 
 
+def test_collapse_guard_does_not_repeat_a_warning_the_history_holds():
+    """A resumed run (or one continued in chunks) starts a fresh guard on the history it logged."""
+    from ral_core.evaluate import CollapseGuard
+    hist = [{"step": s, "reward": 1.0 if s <= 5 else 0.0} for s in range(1, 11)]
+    (w,) = CollapseGuard(lr=1e-3).check(hist)
+    hist[-1]["warnings"] = [w]
+    hist.append({"step": 11, "reward": 0.0})
+    assert CollapseGuard(lr=1e-3).check(hist) == []
+    clean = [{"step": s, "reward": 1.0 if s <= 5 else 0.0} for s in range(1, 12)]
+    assert len(CollapseGuard(lr=1e-3).check(clean)) == 1  # the same history without the logged warning
+
+
 def test_ral_train_prints_the_collapse_warning_and_its_wall_time(tmp_path, tiny_model_dir, capsys):
     from ral_core.cli import main
     _CALLS[0] = 0
