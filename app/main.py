@@ -14,7 +14,7 @@ import os
 
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-from app import common, compare_tab, gpu, inspect_probes, inspect_tab, registry, training
+from app import common, compare_tab, gpu, inspect_causal, inspect_probes, inspect_tab, registry, training
 from app.common import BOUNDS, LAST, MEAN, slider_args
 from app.uploads import MAX_ZIP_BYTES
 from ral_core import settings
@@ -190,6 +190,7 @@ def _inspect_tab(choices):
                         cell = gr.Image(label="That layer and head over the image", show_label=False, format="png",
                                         interactive=False, elem_id="i-cell", height=330)
                 summary_status = gr.Markdown(elem_id="i-summary-status")
+            causal_panel = inspect_causal.layout()  # does it matter? knock-out grid beside the summary
             files = gr.File(label="Downloads: figures (PNG) and the raw result (zip)", file_count="multiple",
                             interactive=False)
             svg = gr.Button("Add SVG versions of these figures", size="sm", elem_id="i-svg")
@@ -256,6 +257,7 @@ def _inspect_tab(choices):
                                        max_new_tokens=max_new),
                  outputs(P.ExploreOut, status=status, figure=ex_fig, answers=ex_answers), api_name="explored",
                  preprocess=False)
+    inspect_causal.wire(causal_panel, state=state, tokens=tokens)
     return model
 
 
