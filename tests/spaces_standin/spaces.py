@@ -6,7 +6,8 @@ nothing else comes back (whatever the worker changes in memory is lost). `durati
 the call's inputs; a worker that runs past it is killed and the call fails with "GPU task aborted", as on ZeroGPU.
 Only CPU tensors may cross (a CUDA tensor in a result would be a handle into a GPU the caller does not hold).
 
-Knobs for tests: CALLS records (function name, declared seconds) per call; QUOTA_LEFT (seconds, None = unlimited)
+Knobs for tests: CALLS records (function name, declared seconds) per call (also appended to the file named by
+SPACES_STANDIN_LOG, when set); QUOTA_LEFT (seconds, None = unlimited)
 refuses a call that declares more than is left, with ZeroGPU's wording; ABORT_CALLS holds call numbers (1-based)
 whose worker is killed mid-way; CUDA_RESTORE maps torch.cuda attribute names to the functions a forked worker puts
 back (a test that forbids CUDA in the main process patches them there).
@@ -82,6 +83,9 @@ def GPU(fn=None, duration=60, **_kwargs):
             seconds = duration(*args, **kwargs) if callable(duration) else duration
             CALLS.append((f.__name__, seconds))
             n = len(CALLS)
+            if os.environ.get("SPACES_STANDIN_LOG"):  # a served app's calls, for a test in another process
+                with open(os.environ["SPACES_STANDIN_LOG"], "a") as log:
+                    log.write(f"{f.__name__} {seconds}\n")
             if QUOTA_LEFT is not None:
                 if seconds > QUOTA_LEFT:
                     raise _Error(f"You have exceeded your GPU quota ({QUOTA_LEFT:.0f}s left vs. {seconds:.0f}s "
