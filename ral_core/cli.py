@@ -487,6 +487,9 @@ def _add_compare(sub):
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH",
                    help="pixel budget per image for both models (as `ral inspect`); 0: the models' own setting")
+    p.add_argument("--knockout", action="store_true",
+                   help="also knock out every head of the layer in both models (on A's answer) and rank the heads by "
+                        "how much their knock-out effect changed A → B (heads_causal.csv; see `ral causal`)")
     p.add_argument("--format", default="png", choices=["png", "svg"], help="figure file format")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_compare)
@@ -577,9 +580,33 @@ def cmd_compare(a) -> int:
     print(f"heads that moved most at layer {rows[0]['layer']} (JSD, image share A → B):")
     for r in rows[:5]:
         print(f"  {r['rank']:>2}. head {r['head']:<3} {r['jsd']:.3g}   {r['image_a']:.3f} → {r['image_b']:.3f}")
+    if a.knockout:
+        _compare_knockout(a, cmp, adapters, image, question, rows[0]["layer"], token, out)
     print("wrote: " + ", ".join(str(p) for p in (fig_path, out / "heads.csv", out / "magnitude.txt",
                                                  out / "magnitude.json", out / "results")))
     return 0
+
+
+def _compare_knockout(a, cmp, adapters, image, question, layer, token, out):
+    """Both models' knock-out grids of `layer` on A's answer: heads ranked by how far their attention moved and by
+    how much their knock-out effect changed (ral_core.causal.heads_moved_and_mattered) → heads_causal.csv."""
+    import csv
+
+    from ral_core.causal import heads_moved_and_mattered, knockout
+
+    with _Steps(a).step("knock out every head of both models"):
+        ka, kb = (knockout(ad, image, question, r.answer_ids, layers=[layer])
+                  for ad, r in zip(adapters, (cmp.a, cmp.b)))
+    rows = heads_moved_and_mattered(cmp, ka, kb, layer, token=token, row=a.row)
+    with open(out / "heads_causal.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"heads whose knock-out effect changed most at layer {layer} (Δ log p A → B; attention-moved rank):")
+    for r in rows[:5]:
+        print(f"  {r['rank_effect_change']:>2}. head {r['head']:<3} {r['knockout_a']:+.4f} → {r['knockout_b']:+.4f}"
+              f"   moved rank {r['rank_moved']}")
+    print(f"wrote: {out / 'heads_causal.csv'}")
 
 
 def _add_causal(sub):

@@ -259,3 +259,41 @@ def test_cli_writes_grid_csv_and_rerenders_without_the_model(tmp_path, capsys):
     assert "give --image and --question" in capsys.readouterr().err
     assert main(["causal", "--from", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a saved inspection result" in capsys.readouterr().err
+
+
+def test_compare_ranks_heads_by_attention_moved_and_by_knockout_change():
+    from ral_core.compare import compare
+
+    a, b = tiny_adapter("qwen2_vl"), tiny_adapter("qwen2_vl", seed=1)
+    im = Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    cmp = compare(a, b, im, QUESTION, max_new_tokens=3)
+    ids = cmp.a.answer_ids
+    ka, kb = causal.knockout(a, im, QUESTION, ids), causal.knockout(b, im, QUESTION, ids)
+    layer = a.attention_layers[-1]
+    rows = causal.heads_moved_and_mattered(cmp, ka, kb, layer)
+    i = ka.layers.index(layer)
+    change = np.abs(kb.effect()[i] - ka.effect()[i])
+    assert [r["head"] for r in rows] == np.argsort(-change, kind="stable").tolist()
+    assert [r["rank_effect_change"] for r in rows] == [1, 2, 3, 4]
+    moved = cmp.ranked_heads(layer)
+    assert sorted(rows, key=lambda r: r["rank_moved"])[0]["head"] == moved[0][0]
+    assert all(r["jsd"] == pytest.approx(dict(moved)[r["head"]]) for r in rows)
+    assert rows[0]["knockout_change"] == pytest.approx(change.max()) and change.max() > 0
+    with pytest.raises(RALError, match="different answers"):
+        causal.heads_moved_and_mattered(cmp, ka, causal.knockout(b, im, QUESTION, ids + ids[:1]), layer)
+
+
+def test_cli_compare_ranks_heads_by_knockout_change(tmp_path, tiny_model_dir, capsys):
+    import csv
+
+    from ral_core.cli import main
+
+    ex = tmp_path / "im.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (56, 84, 3), dtype=np.uint8)).save(ex)
+    d = str(tiny_model_dir)
+    assert main(["compare", d, d, "--image", str(ex), "--question", QUESTION, "--max-new-tokens", "3", "--knockout",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "heads whose knock-out effect changed most" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "o" / "heads_causal.csv")))
+    assert len(rows) == 4 and all(float(r["knockout_change"]) == 0 for r in rows)  # the same model twice
+    assert all(float(r["knockout_a"]) == float(r["knockout_b"]) for r in rows)
