@@ -100,7 +100,7 @@ def _summary(ko, blocks, sinks) -> str:
     if float(abs(ko.effect()).max()) < 0.01:
         parts.append("No single head matters much for this answer (every |Δ log p| < 0.01).")
     for b in blocks:
-        parts.append(f"**Blocking** the answer's attention to the box ({len(b.blocked_tokens)} visual token(s), "
+        parts.append(f"**Blocking:** the answer's attention to the box ({len(b.blocked_tokens)} visual token(s), "
                      f"layers {b.layers[0]}–{b.layers[-1]}): Δ log p {b.mean_delta:+.3g} per answer token; greedy "
                      f"answer {_code(b.answer)} → {_code(b.new_answer)}"
                      + (" (**changed**)." if b.changed else " (unchanged)."))
