@@ -52,6 +52,9 @@ train_chunk = gpu_task(chunked.run_chunk, duration=chunked.declared_seconds)
 
 
 # ---- training runs on ZeroGPU ---------------------------------------------------------------------------------------
+STATE_MB = 2048  # most state a ZeroGPU run hands back and forth per call (pickled through one pipe each way)
+
+
 def check_training(request, steps) -> None:
     """Before a run is queued on ZeroGPU: a signed-in visitor, a run within the step cap (`steps` as the page sent
     it: a value that is not a number is left to the settings' own check)."""
@@ -79,7 +82,9 @@ def follow_chunked(run) -> dict:
     the child process's messages would. Returns the end as {status, step, message} (message without what is kept:
     the queue says that)."""
     limits = chunked.ChunkLimits.from_env()
-    job = chunked.ChunkJob(run.cfg.to_dict(), call_ceiling_s=limits.call_seconds, snapshots=True)
+    # a model too large to carry whole between calls (26 GB of fp32 weights + AdamW for a 2 B model) trains LoRA
+    job = chunked.ChunkJob(run.cfg.to_dict(), call_ceiling_s=limits.call_seconds, snapshots=True,
+                           max_state_mb=STATE_MB, auto_lora=8)
     ctx = getattr(run, "zerogpu", None) or contextvars.copy_context()
 
     def call(*args):

@@ -72,6 +72,8 @@ class ChunkJob:
     call_ceiling_s: int = 120
     first_call_s: int | None = None  # a first call's declaration when a step time is known beforehand
     snapshots: bool = False       # attention snapshots of the probe before the first and after the last step too
+    max_state_mb: int = 0         # most MB of trainable weights + AdamW state a run may carry between calls (0: any)
+    auto_lora: int = 0            # over that: train LoRA adapters of this rank instead (0: refuse the run)
 
     @property
     def steps(self) -> int:
@@ -92,6 +94,7 @@ class RunState:
     checkpoint: str | None = None   # the checkpoint the last call wrote
     setup_s: float = 0.0            # measured in the last call: building the trainer and loading this state
     step_s: float = 0.0             # the slowest step of the last call
+    overrides: dict = dataclasses.field(default_factory=dict)  # config changes the first call made (auto LoRA)
 
 
 @dataclasses.dataclass
@@ -195,6 +198,35 @@ def load_state(trainer, state: RunState) -> None:
     trainer.history = copy.deepcopy(state.history)
 
 
+def state_mb(trainer) -> float:
+    """MB a run carries between calls: its fp32 trainable weights and AdamW's two moments for each."""
+    n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return n * 12 / 2**20
+
+
+def _size(mb: float) -> str:
+    return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def _fit_state(job: ChunkJob, trainer, cfg):
+    """The first call: a run whose state would be too large to hand back between calls trains LoRA adapters instead
+    (job.auto_lora), or is refused before any step."""
+    mb = state_mb(trainer)
+    if mb <= job.max_state_mb:
+        return trainer, cfg, {}
+    if not job.auto_lora or cfg.lora_r > 0:
+        raise RALError(f"this run would carry {_size(mb)} of weights and optimizer state between GPU calls (at most "
+                       f"{_size(job.max_state_mb)} here): train it with LoRA (lora_r=8), or on a dedicated GPU or your "
+                       "own machine")
+    from ral_core.trainer import Trainer
+    overrides = {"lora_r": job.auto_lora}
+    del trainer
+    cfg = dataclasses.replace(cfg, **overrides)
+    trainer = Trainer(cfg)
+    trainer.notes.append(f"LoRA r={job.auto_lora}: full fine-tuning would carry {_size(mb)} between GPU calls")
+    return trainer, cfg, overrides
+
+
 def _probe(trainer) -> dict:
     try:
         p = trainer.probe_samples()[0]
@@ -214,8 +246,11 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
     from ral_core.trainer import Trainer
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(**job.config)
+    overrides = dict(state.overrides) if state is not None else {}
+    cfg = TrainConfig(**{**job.config, **overrides})
     trainer = Trainer(cfg)
+    if state is None and job.max_state_mb:
+        trainer, cfg, overrides = _fit_state(job, trainer, cfg)
     out = Path(cfg.output_dir)
     if state is None:
         if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
@@ -223,6 +258,10 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        notes = getattr(trainer, "notes", None) or []
+        if notes:
+            with open(out / "run.log", "a") as f:
+                f.write("".join(f"step 0: {n}\n" for n in notes))
         if job.snapshots:
             trainer.snapshot()  # step 0: where the probe's attention starts
     else:
@@ -249,6 +288,7 @@ def run_chunk(job: ChunkJob, state: RunState | None, k: int) -> ChunkResult:
         trainer.snapshot()  # always an after-picture, also for runs shorter than the snapshot interval
     ck = trainer.save_checkpoint()
     new = capture_state(trainer, setup_s=setup_s, step_s=slowest, checkpoint=str(ck) if ck else None)
+    new.overrides = overrides
     result = ChunkResult(new, metrics, time.perf_counter() - t0, _probe(trainer) if state is None else None)
     _walk_tensors(result, "the call's result")
     return result

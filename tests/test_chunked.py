@@ -205,3 +205,24 @@ def _returns_meta():
 
 def _double(x):
     return x * 2
+
+
+def test_a_state_too_large_to_carry_trains_lora_or_is_refused(spaces, model_dir, tmp_path):
+    """Over max_state_mb the first call switches to LoRA (auto_lora) and every later call keeps it; without
+    auto_lora the run is refused before its first step."""
+    cfg = _cfg(model_dir, tmp_path / "run", steps=2)
+    call = spaces.GPU(duration=declared_seconds)(run_chunk)
+    job = ChunkJob(cfg.to_dict(), max_state_mb=1, auto_lora=4)  # the default model's full state is ≈ 7 MB
+    events = list(run_chunked(job, call, ChunkLimits(chunk_steps=1)))
+    end = events[-1]
+    assert end.status == "done" and end.calls == 2 and end.state.overrides == {"lora_r": 4}
+    assert end.state.trainable and all("lora_" in n for n in end.state.trainable)
+    assert (Path(end.checkpoint) / "adapter_model.safetensors").is_file()
+    assert "LoRA r=4" in (tmp_path / "run" / "run.log").read_text()
+    refused = list(run_chunked(ChunkJob(_cfg(model_dir, tmp_path / "r2", steps=2).to_dict(), max_state_mb=1), call,
+                               ChunkLimits(chunk_steps=1)))
+    assert refused[-1].status == "failed" and refused[-1].step == 0
+    assert refused[-1].message.startswith("this run would carry 7 MB of weights and optimizer state between GPU "
+                                          "calls (at most 1 MB here): train it with LoRA (lora_r=8)")
+    assert refused[-1].message.endswith("; nothing was trained") and "\n" not in refused[-1].message
+
