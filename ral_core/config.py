@@ -181,8 +181,8 @@ def _same_model(a: str, b: str) -> bool:
     embedded model's folder). Light on purpose: no model is loaded."""
     def where(x):
         x = str(x).strip()
-        if x in ("", "default"):
-            return str((RECIPES.parent / "default_model").resolve())
+        if x in ("", "default", "teacher") and not Path(x).exists():
+            return str((RECIPES.parent / ("teacher_model" if x == "teacher" else "default_model")).resolve())
         p = Path(x).expanduser()
         return str(p.resolve()) if p.exists() else x
     return where(a) == where(b)

@@ -105,3 +105,12 @@ def test_teacher_equal_to_student_is_refused():
             continue
         with pytest.raises(RALError, match="the teacher is the student itself"):
             build_config("opad", [f"teacher={teacher}"])
+
+
+def test_opad_recipe_defaults_to_the_bundled_teacher():
+    from ral_core.models import resolve_model_path
+    cfg = build_config("opad")
+    assert cfg.teacher == "teacher" and cfg.gamma_opad > 0
+    assert resolve_model_path("teacher").endswith("assets/teacher_model")
+    with pytest.raises(RALError, match="the teacher is the student itself"):
+        build_config("opad", ["model=teacher"])

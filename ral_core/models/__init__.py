@@ -10,6 +10,7 @@ from ral_core.models import gemma3, idefics3, llava, qwen2_vl, qwen3_5  # noqa: 
 
 __all__ = ["TokenGeometry", "VLMAdapter", "load_adapter", "resolve_model_path", "supported_model_types"]
 
+TEACHER_MODEL_DIR = _base.DEFAULT_MODEL_DIR.parent / "teacher_model"  # scripts/build_teacher_model.py
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,11 +26,16 @@ def resolve_dtype(dtype, device=None):
 
 
 def resolve_model_path(spec, allow_download: bool | None = None, progress=None) -> str:
-    """'default' → the embedded model; an existing directory → itself; a hub id (`org/name[@revision]`) → its
-    folder in the local Hugging Face cache, downloaded first where allowed (see `ral_core.hub`)."""
+    """'default' → the embedded model; 'teacher' → the bundled teacher; an existing directory → itself; a hub id
+    (`org/name[@revision]`) → its folder in the local Hugging Face cache, downloaded first where allowed (see `ral_core.hub`)."""
     from ral_core import hub
 
     s = str(spec)
+    if s == "teacher" and not Path(s).exists():  # the bundled OPAD / distillation teacher, by name
+        if not (TEACHER_MODEL_DIR / "config.json").exists():
+            raise RALError(f"the bundled teacher is missing at {TEACHER_MODEL_DIR}; run "
+                           "`python scripts/build_teacher_model.py`")
+        return str(TEACHER_MODEL_DIR)
     if s not in ("", "default") and hub.is_hub_id(s) and not Path(s).expanduser().exists():
         return hub.resolve(s, allow_download=allow_download, progress=progress, model_types=supported_model_types())
     path = _base.local_model_path(spec)  # 'default', local directories, and the one-line errors for bad paths
