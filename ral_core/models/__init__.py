@@ -27,7 +27,8 @@ def resolve_dtype(dtype, device=None):
 
 def resolve_model_path(spec, allow_download: bool | None = None, progress=None) -> str:
     """'default' → the embedded model; 'teacher' → the bundled teacher; an existing directory → itself; a hub id
-    (`org/name[@revision]`) → its folder in the local Hugging Face cache, downloaded first where allowed (see `ral_core.hub`)."""
+    (`org/name[@revision]`) → its folder in the local Hugging Face cache, downloaded first where allowed (see
+    `ral_core.hub`)."""
     from ral_core import hub
 
     s = str(spec)
