@@ -364,12 +364,90 @@ def without_sinks(values: np.ndarray, sinks) -> np.ndarray:
     return v * (total / rest) if rest > 0 else v
 
 
+# ---- logit lens over the image tokens ----------------------------------------------------------------------------
+@dataclass
+class LogitLens:
+    """Each decoder layer's hidden state at every visual token read through the final norm and the LM head
+    (nostalgebraist 2020, "interpreting GPT: the logit lens"): the token it is closest to saying, per patch."""
+    layers: list[int]
+    top_ids: np.ndarray           # [n_layers, Nv] top token per visual token
+    top_prob: np.ndarray          # [n_layers, Nv] its probability
+    words: list[list[str]]        # [n_layers][Nv] the top tokens as text
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "top_ids": self.top_ids.tolist(), "top_prob": self.top_prob.tolist(),
+                "words": self.words}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LogitLens":
+        return cls(list(d["layers"]), np.asarray(d["top_ids"], np.int64), np.asarray(d["top_prob"], np.float64),
+                   [list(w) for w in d["words"]])
+
+
+def _text_model(model):
+    """The language model (its `layers` and final `norm`) under a VLM wrapper."""
+    from ral_core.attention import unwrap
+
+    lm = unwrap(model)
+    lm = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    for attr in ("language_model", "text_model"):
+        lm = getattr(lm, attr, lm)
+    return lm
+
+
+def logit_lens(adapter, image, question: str, layers=None) -> LogitLens:
+    """The logit lens at the visual tokens of the prompt for `layers` (default: every decoder layer, linear-attention
+    ones included). The last layer's lens is the model's own next-token distribution at those positions."""
+    model = adapter.model
+    lm = _text_model(model)
+    n = len(lm.layers)
+    idx = set()
+    for layer in range(n) if layers is None else layers:
+        j = int(layer) + n if int(layer) < 0 else int(layer)
+        if not 0 <= j < n:
+            raise RALError(f"logit-lens layer {layer} is out of range: the model has {n} decoder layers (0..{n - 1})")
+        idx.add(j)
+    idx = sorted(idx)
+    mi = adapter.build_inputs([image], [question])["model_inputs"]
+    vis = adapter.visual_mask(mi["input_ids"][0])
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(_m, _args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            kept[i] = h[0, vis].detach()
+        return hook
+    hooks = [lm.layers[i].register_forward_hook(keep(i)) for i in idx]
+    try:
+        with torch.no_grad(), capture(model, layers=[]):  # no capture asked: the forward as inspect runs it
+            model(**mi, logits_to_keep=1, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    head = model.get_output_embeddings()
+    cap = getattr(adapter.text_config, "final_logit_softcapping", None)
+    ids, probs = [], []
+    with torch.no_grad():
+        for i in idx:
+            logits = head(lm.norm(kept[i])).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            p, t = torch.softmax(logits, -1).max(-1)
+            ids.append(t.cpu().numpy())
+            probs.append(p.cpu().double().numpy())
+    tok = adapter.tokenizer
+    top = np.stack(ids)
+    return LogitLens(layers=idx, top_ids=top, top_prob=np.stack(probs),
+                     words=[[tok.decode([int(v)]) for v in row] for row in top])
+
+
 # ---- the saved record, beside the inspection result -----------------------------------------------------------------
 @dataclass
 class CausalResult:
     knockout: Knockout | None = None
     blocks: list[Blocking] = field(default_factory=list)
     sinks: Sinks | None = None
+    lens: LogitLens | None = None
     meta: dict = field(default_factory=dict)
 
     def save(self, result_dir) -> Path:
@@ -378,7 +456,8 @@ class CausalResult:
         d.mkdir(parents=True, exist_ok=True)
         rec = {"format": FORMAT, "meta": self.meta,
                "knockout": self.knockout.to_dict() if self.knockout else None,
-               "blocks": [b.to_dict() for b in self.blocks], "sinks": self.sinks.to_dict() if self.sinks else None}
+               "blocks": [b.to_dict() for b in self.blocks], "sinks": self.sinks.to_dict() if self.sinks else None,
+               "lens": self.lens.to_dict() if self.lens else None}
         p = d / CAUSAL_FILE
         p.write_text(json.dumps(rec, indent=1))
         return p
@@ -391,7 +470,8 @@ class CausalResult:
             assert rec.get("format") == FORMAT
             return cls(knockout=Knockout.from_dict(rec["knockout"]) if rec.get("knockout") else None,
                        blocks=[Blocking.from_dict(b) for b in rec.get("blocks") or []],
-                       sinks=Sinks.from_dict(rec["sinks"]) if rec.get("sinks") else None, meta=rec.get("meta") or {})
+                       sinks=Sinks.from_dict(rec["sinks"]) if rec.get("sinks") else None,
+                       lens=LogitLens.from_dict(rec["lens"]) if rec.get("lens") else None, meta=rec.get("meta") or {})
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             raise RALError(f"'{result_dir}' holds no causal checks ({CAUSAL_FILE}); run `ral causal` first") from None
 

@@ -630,6 +630,9 @@ def _add_causal(sub):
                                                                "of its row (Gu et al. 2025's ε)")
     p.add_argument("--sink-share", type=float, default=0.5, help="a token is a sink when more than this share of the "
                                                                  "heads sink into it")
+    p.add_argument("--lens", default=None, metavar="LAYERS",
+                   help="logit lens over the image tokens at these decoder layers ('all', 'last' or numbers): each "
+                        "patch's top token through the final norm and LM head (lens_layerN.png)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--format", default="png", choices=["png", "svg"], help="figure file format")
     p.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
@@ -705,6 +708,9 @@ def cmd_causal(a) -> int:
     for i, b in enumerate(c.blocks):
         files.append(render.save_figure(render.blocking_overlay(res, b), out / f"blocking{i or ''}.{ext}"))
         print(b.line())
+    for layer in c.lens.layers if c.lens else []:
+        files.append(render.save_figure(render.logit_lens_overlay(res, c.lens, layer),
+                                        out / f"lens_layer{layer}.{ext}"))
     print(f"sinks: {len(c.sinks.tokens)} visual token(s) {c.sinks.tokens[:10]}" if c.sinks.tokens else "sinks: none")
     print("wrote: " + ", ".join(str(f) for f in files + [out / "result"]))
     return 0
@@ -725,6 +731,7 @@ def _run_causal(a):
     if a.chunk is not None and a.chunk < 1:
         raise RALError("--chunk must be at least 1")
     knock, block = _layer_list(a.layers, "--layers"), _layer_list(a.block_layers, "--block-layers")
+    lens_spec = _layer_list(a.lens, "--lens") if a.lens else None
     image = load_image(a.image)
     boxes = []
     for text in a.box or []:
@@ -757,7 +764,15 @@ def _run_causal(a):
         with steps.step("region blocking"):
             blocks.append(causal.block_region(adapter, image, question, res.answer_ids, boxes, layers=block,
                                               max_new_tokens=a.max_new_tokens))
-    return res, causal.CausalResult(knockout=ko, blocks=blocks, meta={"model_name": res.model_name})
+    lens = None
+    if lens_spec is not None:
+        n = adapter.num_layers
+        lens_layers = None if lens_spec == "all" else [n - 1] if lens_spec == "last" else lens_spec
+        if lens_layers is not None and not lens_layers:
+            raise RALError("--lens needs 'all', 'last' or layer numbers")
+        with steps.step("logit lens"):
+            lens = causal.logit_lens(adapter, image, question, layers=lens_layers)
+    return res, causal.CausalResult(knockout=ko, blocks=blocks, lens=lens, meta={"model_name": res.model_name})
 
 
 _EXTRA_COMMANDS: list = [_add_train, _add_eval, _add_levers, _add_compare, _add_causal]

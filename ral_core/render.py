@@ -477,3 +477,22 @@ def blocking_overlay(result, block, size_px=None):
                   size_px=size_px)
     _outline_tokens(fig.axes[0], result.geometry, block.blocked_tokens, color="#ff1744")
     return fig
+
+
+def logit_lens_overlay(result, lens, layer, max_words: int = 256, size_px=None):
+    """The logit lens at one decoder layer: each visual token coloured by the probability of its top token, the token
+    written in its patch (up to `max_words` patches; Idefics3's global image is drawn under its tiles)."""
+    if layer not in lens.layers:
+        raise ValueError(f"layer {layer} has no logit lens; layers: {lens.layers}")
+    i = lens.layers.index(layer)
+    fig = overlay(result.image, result.geometry, lens.top_prob[i], vmin=0, vmax=1, cmap="viridis",
+                  title=f"logit lens at layer {layer}: each patch's top token through the final norm and LM head",
+                  colorbar_label="probability of the top token", size_px=size_px)
+    if len(lens.words[i]) <= max_words:
+        ax = fig.axes[0]
+        for (x0, y0, x1, y1), w in zip(np.asarray(result.geometry.boxes, np.float64), lens.words[i]):
+            if x1 > x0 and y1 > y0:
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, repr(w)[1:-1][:8], ha="center", va="center", fontsize=7,
+                        color="white", parse_math=False,
+                        bbox={"boxstyle": "round,pad=0.1", "fc": "black", "alpha": 0.4, "lw": 0})
+    return fig

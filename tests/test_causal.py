@@ -237,7 +237,7 @@ def test_cli_writes_grid_csv_and_rerenders_without_the_model(tmp_path, capsys):
     a = tiny_adapter("qwen2_vl")
     ex = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
     args = ["causal", "--image", str(ex), "--question", "What digit is in row 2 column 1?", "--max-new-tokens", "3",
-            "--chunk", "3", "--out", str(tmp_path / "o")]
+            "--chunk", "3", "--lens", "last", "--out", str(tmp_path / "o")]
     assert main(args, adapter=a) == 0
     out = capsys.readouterr().out
     assert "knock-out grid: 2 layers × 4 heads in 4 forwards (one per head: 9)" in out
@@ -245,13 +245,14 @@ def test_cli_writes_grid_csv_and_rerenders_without_the_model(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "o" / "knockout.csv")))
     assert len(rows) == 8 and [int(r["rank"]) for r in rows] == list(range(1, 9))
     assert float(rows[0]["delta_logp_mean"]) == min(float(r["delta_logp_mean"]) for r in rows)
-    for f in ("knockout.png", "sinks.png", "sinks_clean.png", "blocking.png", "result/causal.json"):
+    for f in ("knockout.png", "sinks.png", "sinks_clean.png", "blocking.png", "lens_layer1.png", "result/causal.json"):
         assert (tmp_path / "o" / f).is_file()
     assert main(["causal", "--from", str(tmp_path / "o" / "result"), "--token", "1", "--out", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "r" / "knockout.png").is_file()
+    assert (tmp_path / "r" / "knockout.png").is_file() and (tmp_path / "r" / "lens_layer1.png").is_file()
     capsys.readouterr()
     for bad, msg in ((["--layers", "two"], "--layers must be"), (["--box", "1,2,3"], "--box must be four numbers"),
-                     (["--box", "0,0,500,5"], "outside"), (["--chunk", "0"], "--chunk must be at least 1")):
+                     (["--box", "0,0,500,5"], "outside"), (["--chunk", "0"], "--chunk must be at least 1"),
+                     (["--lens", "9"], "out of range")):
         assert main(args + bad, adapter=a) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
@@ -297,3 +298,23 @@ def test_cli_compare_ranks_heads_by_knockout_change(tmp_path, tiny_model_dir, ca
     rows = list(csv.DictReader(open(tmp_path / "o" / "heads_causal.csv")))
     assert len(rows) == 4 and all(float(r["knockout_change"]) == 0 for r in rows)  # the same model twice
     assert all(float(r["knockout_a"]) == float(r["knockout_b"]) for r in rows)
+
+
+def test_logit_lens_last_layer_is_the_models_own_prediction(case):
+    """At the last layer the lens is the model's next-token distribution at the visual positions (norm and head as the
+    model applies them); earlier layers give one word per patch too."""
+    a, im, _ = case
+    lens = causal.logit_lens(a, im, QUESTION)
+    mi = a.build_inputs([im], [QUESTION])["model_inputs"]
+    vis = a.visual_mask(mi["input_ids"][0])
+    with torch.no_grad():
+        logits = a.model(**mi, logits_to_keep=0).logits[0, vis].float()
+    p, t = torch.softmax(logits, -1).max(-1)
+    n = a.num_layers
+    assert lens.layers == list(range(n)) and lens.top_ids.shape == (n, int(vis.sum()))
+    assert np.array_equal(lens.top_ids[-1], t.numpy())
+    assert np.allclose(lens.top_prob[-1], p.double().numpy(), atol=1e-5)
+    assert len(lens.words[0]) == int(vis.sum()) and all(isinstance(w, str) for w in lens.words[0])
+    assert causal.logit_lens(a, im, QUESTION, layers=[-1]).layers == [n - 1]
+    with pytest.raises(RALError, match="out of range"):
+        causal.logit_lens(a, im, QUESTION, layers=[n])
