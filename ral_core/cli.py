@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub):
     p = sub.add_parser("train", help="GRPO / RAL / OPAD fine-tuning from a YAML recipe plus key=value overrides")
-    p.add_argument("--config", default="ral", help="recipe file or name in assets/recipes (grpo, ral, opad)")
+    p.add_argument("--config", default="grounded", help="recipe file or name in assets/recipes: grounded (the "
+                   "default: RAL plus the attention-target term, which moves attention visibly in a short run), ral "
+                   "(plain RAL), grpo, opad")
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
     p.add_argument("--allow-download", action="store_true",
                    help="download a hub id model/teacher that is not in the local cache (also RAL_ALLOW_DOWNLOAD=1)")

@@ -114,3 +114,11 @@ def test_opad_recipe_defaults_to_the_bundled_teacher():
     assert resolve_model_path("teacher").endswith("assets/teacher_model")
     with pytest.raises(RALError, match="the teacher is the student itself"):
         build_config("opad", ["model=teacher"])
+
+
+def test_ral_train_defaults_to_the_grounded_recipe_and_plain_ral_stays_available():
+    from ral_core.cli import build_parser
+    assert build_parser().parse_args(["train"]).config == "grounded"
+    g, r = build_config("grounded"), build_config("ral")
+    assert g.lambda_ground > 0 and g.lambda_attn > 0 and g.attn_row == "predicts" and g.updates_per_step >= 2
+    assert r.lambda_ground == 0 and r.lambda_attn > 0
