@@ -241,9 +241,20 @@ def fill_references(ro: Rollouts, ref_model, teacher, teacher_spec: PolicySpec |
     """The frozen passes over a rollout batch: the KL reference's log-probs (`ref_model`: None without the KL term)
     and the teacher adapter's attention policy and logits (None without a teacher)."""
     if ref_model is not None:
-        ro.ref_logp, _, _ = policy_forward(ref_model, ro, None)
+        ro.ref_logp, _, _ = policy_forward(ref_model, _own_vision(ro, ref_model), None)
     if teacher is not None:
-        _, ro.teacher_attn, ro.teacher_logits = policy_forward(teacher.model, ro, teacher_spec, need_logits=need_logits)
+        _, ro.teacher_attn, ro.teacher_logits = policy_forward(teacher.model, _own_vision(ro, teacher.model),
+                                                               teacher_spec, need_logits=need_logits)
+
+
+def _own_vision(ro: Rollouts, model) -> Rollouts:
+    """`ro` with image features as `model`'s tower gives them: the step's own where that tower is the student's
+    (same module or weights), else `model`'s tower run once per distinct image rather than once per row (where it
+    cannot run apart, `model` reads every row's pixels: `VisionCache.for_model`)."""
+    if ro.vision is None or ro.vision.serves(model):
+        return ro
+    own = ro.vision.for_model(model)
+    return ro if own is None else dataclasses.replace(ro, vision=own)
 
 
 def policy_forward(model, rollouts: Rollouts, spec: PolicySpec | None, need_logits: bool = False):

@@ -12,7 +12,7 @@ from ral_core.losses import aggregate, entropy, group_advantages, jsd
 from ral_core.policy import (ExploreSpec, PolicySpec, Rollouts, forward_policies, key_validity, prefix_classes,
                              target_key_weights)
 from ral_core.prefix_share import group_generate, worth_sharing
-from ral_core.vision_cache import VisionCache, distinct_images
+from ral_core.vision_cache import VisionCache
 
 
 def class_advantage(row_class: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,9 @@ def make_rollouts(adapter, samples: list[dict], group_size: int, reward_model, s
         bias = explore.sample_bias(adapter.visual_mask(mi["input_ids"]), mi["attention_mask"], adapter.num_heads)
     vision = image_rows = None
     if vision_cache:
-        uniq, image_rows = distinct_images(images)
-        vision = VisionCache.encode(adapter, uniq, model=gm)
+        d = b["distinct"]  # build_inputs processed each distinct image once: the tower reads those pixels
+        image_rows = d["rows"]
+        vision = VisionCache.encode(adapter, d["images"], model=gm, tensors=d["tensors"])
     group = torch.arange(len(samples)).repeat_interleave(G)
     share = vision is not None and not bias and worth_sharing(share_prompt, mi["input_ids"].shape[1], max_new_tokens)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)

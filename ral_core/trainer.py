@@ -33,6 +33,7 @@ from ral_core.train_state import (accelerator_for, append_metrics, check_output_
                                   optimizer_for, prepare_student, read_checkpoint, seed_all, tensorboard_writer,
                                   truncate_metrics, write_checkpoint)
 from ral_core.vision_cache import VISION_PREFIXES, is_vision_param, vision_frozen  # noqa: F401 (re-exported)
+from ral_core.vision_cache import reuse_notes
 
 LEVER_PROBES = 8            # training samples the lever map of explore_layers=levers is measured on …
 LEVER_PROBE_START = 10_000  # … taken from sample indices the first steps' prompts do not use
@@ -86,6 +87,9 @@ class Trainer:
             model = self._shard(model)
         self.vision_cache, self.share_prompt, self.notes = sharing_plan(
             cfg.vision_cache, cfg.share_prompt, vision_frozen(model), self.fsdp, self.explore is not None)
+        if self.vision_cache:  # the frozen passes reuse the step's image features where their tower is the student's
+            self.notes += reuse_notes(model, {"reference model": self.ref_model,
+                                              "teacher": getattr(self.teacher, "model", None)})
         self.opt, self.sched = optimizer_for(model, cfg)
         if self.fsdp:
             self.model = model

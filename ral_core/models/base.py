@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ral_core.errors import RALError
+from ral_core.vision_cache import distinct_images, image_rows
 
 
 @dataclass
@@ -271,16 +272,24 @@ class VLMAdapter:
         """Left-padded model inputs for (image, question[, answer]) triples.
 
         Returns the model kwargs plus `prompt_lens` (tokens before the answer, per row, unpadded),
-        `response_mask` ([B, L] bool, answer tokens incl. EOS) when answers are given, and `geometry`.
+        `response_mask` ([B, L] bool, answer tokens incl. EOS) when answers are given, `geometry`, and `distinct`:
+        the distinct images (`images`), each row's index among them (`rows`) and their pixel tensors (`tensors`).
+        Each distinct image is preprocessed once (a rollout batch shows every image G times); the per-row
+        tensors are the same bytes as processing every copy.
         """
         if len(images) != len(questions):
             raise RALError("give one question per image")
         for q in set(questions):  # refused before any image work; a rollout batch repeats each question
             self.user_text_ids(q, "the question")
-        proc = self.process_images(images)
-        seqs, prompt_lens, resp_lens = [], [], []
+        uniq, index = distinct_images(images)
+        proc = self.process_images(uniq)
+        rows = index.tolist()
+        seqs, prompt_lens, resp_lens, prompts = [], [], [], {}
         for i, q in enumerate(questions):
-            p = self.prompt_ids(proc["n_tokens"][i], q, proc["meta"][i])
+            j = rows[i]
+            if (j, q) not in prompts:
+                prompts[j, q] = self.prompt_ids(proc["n_tokens"][j], q, proc["meta"][j])
+            p = prompts[j, q]
             a = self.encode_answer(answers[i], eos=add_eos) if answers is not None else []
             seqs.append(p + a)
             prompt_lens.append(len(p))
@@ -295,11 +304,12 @@ class VLMAdapter:
             attn[i, L - len(s):] = 1
             if resp_lens[i]:
                 resp[i, L - resp_lens[i]:] = True
-        out = {"input_ids": input_ids, "attention_mask": attn, **proc["tensors"]}
+        out = {"input_ids": input_ids, "attention_mask": attn, **image_rows(proc["tensors"], index)}
         out.update(self.extra_model_inputs(input_ids))
         out = self.to_model(out)
         return {"model_inputs": out, "prompt_lens": prompt_lens, "response_mask": resp.to(self.device),
-                "geometry": [self.geometry_from_meta(im.size, m) for im, m in zip(images, proc["meta"])]}
+                "geometry": [self.geometry_from_meta(im.size, proc["meta"][j]) for im, j in zip(images, rows)],
+                "distinct": {"images": uniq, "rows": index, "tensors": proc["tensors"]}}
 
     def to_model(self, tensors: dict) -> dict:
         """Model inputs on the model's device, pixel values in its dtype."""
