@@ -39,6 +39,7 @@ import torch
 
 from ral_core.attention import capture
 from ral_core.errors import RALError
+from ral_core.limits import check_deadline
 
 INTERVENTION = "zero"          # the head's output before the output projection is set to 0
 SINK_EPS = 0.3                 # Gu et al. 2025's ε: a head "sinks" into a token that takes more than this of its row
@@ -185,6 +186,7 @@ def knockout(adapter, image, question: str, answer_ids: list[int], layers="all",
             progress(1, n_fwd)
         delta = torch.zeros(len(layer_idx), H, len(s.ids))
         for k, start in enumerate(range(0, len(variants), chunk)):
+            check_deadline("the knock-out grid")  # a request's time limit holds between forwards
             part = variants[start:start + chunk]
             scale = {}
             for i, (l, h) in enumerate(part):
@@ -309,6 +311,7 @@ def greedy_blocked(adapter, s: _Scored, vis: torch.Tensor, blocked, layer_idx, m
     out: list[int] = []
     with torch.no_grad():
         for _ in range(int(max_new_tokens)):
+            check_deadline("the blocked answer")
             full = _extend(adapter, prompt, [out]) if out else prompt
             L = full["input_ids"].shape[1]
             inputs = s.vision.model_inputs(s.vision.strip(full), torch.zeros(1, dtype=torch.long)) \

@@ -318,3 +318,12 @@ def test_logit_lens_last_layer_is_the_models_own_prediction(case):
     assert causal.logit_lens(a, im, QUESTION, layers=[-1]).layers == [n - 1]
     with pytest.raises(RALError, match="out of range"):
         causal.logit_lens(a, im, QUESTION, layers=[n])
+
+
+def test_knockout_stops_at_the_requests_time_limit():
+    from ral_core.limits import deadline
+
+    a = tiny_adapter("qwen2_vl")
+    im = Image.fromarray(np.random.default_rng(5).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    with deadline(1e-9), pytest.raises(RALError, match="knock-out grid took longer"):
+        causal.knockout(a, im, QUESTION, a.encode_answer("seven", eos=False))
