@@ -242,3 +242,66 @@ def wire(c: dict, state, tokens) -> None:
     tokens.input(causal_regrid, [state, tokens], out, api_visibility="private", show_progress="minimal",
                  preprocess=False).then(causal_redraw, [state, tokens, c["clean"]], cell_out,
                                         api_visibility="private", show_progress="minimal", preprocess=False)
+
+
+# ---- Compare: did the heads that moved also change what they do for the answer? ---------------------------------
+KO_HEADERS = ["rank by knock-out change", "head", "A: Δ log p knocked out", "B: Δ log p knocked out",
+              "|B − A|", "rank by attention moved (JSD)"]
+
+
+class CompareKnockoutOut(NamedTuple):
+    status: str
+    ranking: Any    # rows under KO_HEADERS
+
+
+@gpu.gpu_task
+def compare_knockout_work(names, specs, image, question, ids_a, ids_b, layer, progress=None):
+    """Both models' knock-out grids of one layer, each on its own tokens of A's answer (one model at a time)."""
+    out = []
+    for name, spec, ids in zip(names, specs, (ids_a, ids_b)):
+        s = served(name, spec, progress)
+        with deadline(request_seconds()), s.lock, watch_model(s.adapter, progress, ("knock-out",), 1, score_total=2):
+            out.append(causal.knockout(s.view(name)[0], image, question, ids, layers=[layer]))
+    return out
+
+
+@guard(CompareKnockoutOut)
+def run_compare_knockout(state, model_a, model_b, layer=LAST, token=MEAN, request: gr.Request = None,
+                         progress=gr.Progress()) -> CompareKnockoutOut:
+    """Knock out every head of the shown layer in A and B (on A's answer): the heads ranked by how much their
+    knock-out effect changed, next to their rank by how far their attention moved."""
+    rep = Reporter(progress, [("load", 1), ("model", 8)])
+    st = check_state(state, request, "cmp")
+    cmp = st["cmp"]
+    lay, tok, _ = selection(cmp.layers, layer, token, "predicts")
+    lay = cmp.layers[-1] if lay == MEAN else lay
+    names = [model_a, model_b]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise RALError("pick models A and B as they were compared")
+    if (cmp.a.model_name, cmp.b.model_name) != (model_a, model_b):  # the results carry the names they were run as
+        raise RALError("the model pickers changed since this comparison: press Compare again first")
+    ka, kb = compare_knockout_work(names, [registry.resolve(n, request) for n in names], cmp.a.image, cmp.a.question,
+                                   list(cmp.a.answer_ids), list(cmp.b.answer_ids), lay,
+                                   model_progress(rep, "knocking out every head of both models"))
+    rows = causal.heads_moved_and_mattered(cmp, ka, kb, lay, token=tok)
+    return CompareKnockoutOut("", [[r["rank_effect_change"], f"layer {lay} head {r['head']}",
+                                    round(r["knockout_a"], 4), round(r["knockout_b"], 4),
+                                    round(r["knockout_change"], 4), r["rank_moved"]] for r in rows])
+
+
+def compare_layout() -> dict:
+    with gr.Accordion("Did the heads that moved change what they do? (knock-out in A and B)", open=False,
+                      elem_id="c-causal-section"):
+        gr.Markdown("Knocks out every head of the shown layer in both models, on A's answer, and ranks the heads by "
+                    "how much the answer's log-probability change under knock-out differs between A and B, next to "
+                    "their rank by how far their attention moved. A head that moved but whose knock-out effect did "
+                    "not change moved where it does not matter for this answer.", elem_classes=["explain"])
+        run = gr.Button("Knock out every head of A and B", elem_id="c-causal-run")
+        status = gr.Markdown(elem_id="c-causal-status")
+        ranking = gr.Dataframe(headers=KO_HEADERS, interactive=False, wrap=True, elem_id="c-causal-ranking")
+    return {"run": run, "status": status, "ranking": ranking}
+
+
+def compare_wire(c: dict, state, model_a, model_b, layer, tokens) -> None:
+    c["run"].click(run_compare_knockout, [state, model_a, model_b, layer, tokens], [c["status"], c["ranking"]],
+                   api_name="compare_knockout", preprocess=False)

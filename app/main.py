@@ -275,6 +275,7 @@ def _compare_tab(choices):
             rank = gr.Dataframe(headers=compare_tab.RANK_HEADERS, label="Heads ranked by how far their attention moved",
                                 interactive=False, wrap=True)
             _explain(EXPLAIN_RANK)
+            causal_panel = inspect_causal.compare_layout()  # ranked by knock-out change too
             files = gr.File(label="Downloads: figure (PNG, SVG) and both raw results (zip)", file_count="multiple",
                             interactive=False)
     state = gr.State()
@@ -289,6 +290,8 @@ def _compare_tab(choices):
           named(C.compare_view, state=state, layer=layer, token=tokens, row=row),
           outputs(C.CompareView, status=status, figure=figure, ranking=rank, files=files), api_name="compare_view",
           show_progress="minimal")
+    inspect_causal.compare_wire(causal_panel, state=state, model_a=model_a, model_b=model_b, layer=layer,
+                                tokens=tokens)
     return model_a, model_b
 
 

@@ -327,3 +327,31 @@ def test_knockout_stops_at_the_requests_time_limit():
     im = Image.fromarray(np.random.default_rng(5).integers(0, 256, (56, 84, 3), dtype=np.uint8))
     with deadline(1e-9), pytest.raises(RALError, match="knock-out grid took longer"):
         causal.knockout(a, im, QUESTION, a.encode_answer("seven", eos=False))
+
+
+def test_app_causal_endpoints(tmp_path_factory, tiny_model_dir):
+    """The Inspect panel and the Compare ranking over the app's API: knock-out grid, blocking of the example's box,
+    a redraw without a picked cell (no change), and Compare's heads ranked by knock-out change; bad input one line."""
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    from apphelpers import served_app
+
+    ex = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_row.png"
+    with served_app(tmp_path_factory.mktemp("causal_app"), tiny_model_dir) as url:
+        c = Client(url, verbose=False)
+        assert c.predict("tiny-a", handle_file(ex), "Read row 1.", 3, False, 1.0, "last", "predicts",
+                         api_name="/inspect")[0] == ""
+        status, grid, summary, blocking = c.predict("", "mean", api_name="/causal")
+        assert status == "" and Path(grid).stat().st_size > 1000 and Path(blocking).stat().st_size > 1000
+        assert "forwards" in summary and "**Blocking:**" in summary
+        assert c.predict("9,9", "mean", api_name="/causal")[0].startswith("⚠️ the target box must be four numbers")
+        assert c.predict("mean", False, api_name="/causal_cell")[0] == ""
+        assert c.predict("tiny-a", "tiny-a", handle_file(ex), "Read row 1.", 3, False, 1.0, "last", "predicts",
+                         api_name="/compare")[0] == ""
+        status, ranking = c.predict("tiny-a", "tiny-a", "last", "mean", api_name="/compare_knockout")
+        assert status == "" and [r[0] for r in ranking["data"]] == [1, 2, 3, 4]
+        assert all(r[4] == 0 for r in ranking["data"])  # the same model twice: no knock-out effect changed
+        refused = c.predict("tiny-a", "default", "last", "mean", api_name="/compare_knockout")[0]
+        assert refused.startswith("⚠️") and "press Compare again" in refused
