@@ -2,13 +2,16 @@
 result folders and selectors, and the page-load handler. No tensor math and no model calls here."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import html
+import inspect
 import json
 import logging
 import math
-import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +32,7 @@ MEAN, LAST = "mean", "last"  # selector values besides layer / token indices
 RENDER_LOCK = render_pool.LOCAL_LOCK  # in-process drawing: pyplot's figure registry is global state
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 N_MODEL_LISTS = 5  # Inspect, Compare A, Compare B, Train model, Train teacher
+_HELD: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("ral_held", default=None)
 
 
 # ---- bounds of every number the page sends: the sliders are built from them and every request is checked ----------
@@ -66,15 +70,55 @@ def slider_args(key: str) -> dict:
     return dict(minimum=b.lo, maximum=b.hi, step=b.step)
 
 
+# ---- text fields from a client: checked before anything echoes them -------------------------------------------------
+FIELD_CHARS = 200  # any text field not listed below (names, selectors, numbers sent as text)
+OWN_CHECKS = {"question", "pixel_budget_px", "image", "upload"}  # their own parsers check them, with their messages
+FIELDS = {"answer": ("answer to score", 300), "box": ("target box", 200), "model": ("model name", FIELD_CHARS),
+          "model_a": ("name of model A", FIELD_CHARS), "model_b": ("name of model B", FIELD_CHARS),
+          "teacher": ("teacher's name", FIELD_CHARS), "name": ("checkpoint name", 60)}
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_field(name: str, value: str) -> str:
+    """One text field as a client sent it: too long, or holding a NUL, a control character or a lone surrogate →
+    one line that names the field (never the text itself)."""
+    label, limit = FIELDS.get(name, (name.replace("_", " "), FIELD_CHARS))
+    if len(value) > limit:
+        raise RALError(f"the {label} is {len(value):,} characters; the limit is {limit:,} — shorten it")
+    bad = _NOT_TEXT.search(value)
+    if bad:
+        c = ord(bad.group())
+        what = "a lone surrogate (not text)" if 0xD800 <= c <= 0xDFFF else "a NUL character" if c == 0 else \
+            "a control character"
+        raise RALError(f"the {label} contains {what} (U+{c:04X}); remove it")
+    return value
+
+
+def _check_fields(sig: inspect.Signature, args, kwargs) -> None:
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return  # Gradio calls with what the listener wires; a Python caller's mistake fails in the call itself
+    for name, value in bound.arguments.items():
+        if isinstance(value, str) and name not in OWN_CHECKS:
+            check_field(name, value)
+
+
 # ---- the one error guard -----------------------------------------------------------------------------------------
 def guard(out_cls):
     """Turn any failure into out_cls(status message, no change for every other output): one line on the page (and
-    a toast), the trace only in the server log."""
+    a toast), the trace only in the server log. Every text argument is checked first (`check_field`)."""
     def deco(fn):
+        sig = inspect.signature(fn)
+
         @functools.wraps(fn)  # keeps the signature: Gradio passes the request where `request` sits
         def wrapper(*args, **kwargs):
+            stack = contextlib.ExitStack()
+            token = _HELD.set(stack)
             try:
-                out = fn(*args, **kwargs)
+                with stack:  # the work folders this request holds are let go when it returns
+                    _check_fields(sig, args, kwargs)
+                    out = fn(*args, **kwargs)
             except (RALError, ValueError) as e:  # ValueError: a selection the stored result does not have
                 msg = str(e)
             except Exception as e:  # noqa: BLE001 — last resort: the trace goes to the log, not the page
@@ -82,6 +126,8 @@ def guard(out_cls):
                 msg = f"unexpected error ({type(e).__name__}); the details are in the server log"
             else:
                 return out
+            finally:
+                _HELD.reset(token)
             gr.Warning(html.escape(msg, quote=False))
             return out_cls(f"⚠️ {msg}", *(gr.update() for _ in out_cls._fields[1:]))
         return wrapper
@@ -243,8 +289,39 @@ def keep_layer(layer, layers) -> str:
     return layer if layer in (LAST, MEAN) or (str(layer).isdigit() and int(layer) in layers) else LAST
 
 
+# ---- user text in Markdown: always as text, never as markup -------------------------------------------------------
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~$&])")  # what can start markup inside a line ('$': LaTeX)
+_MD_LEAD = re.compile(r"^(\s*)(\d+(?=[.)])|[-+=])")  # a list or heading marker where the text starts a line
+
+
+def md_text(text: str) -> str:
+    """`text` for Markdown prose, every character shown as itself (CommonMark backslash escapes; lines joined)."""
+    t = _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+    m = _MD_LEAD.match(t)
+    if m and m.group(2)[0].isdigit():  # '1.' → '1\.': a number, not a list
+        return t[:m.end()] + "\\" + t[m.end():]
+    return _MD_LEAD.sub(r"\1\\\2", t) if m else t
+
+
+def code(text: str) -> str:
+    """`text` as an inline code span that no backtick, markup or HTML in it can end or turn into markup."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or text.startswith(" ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def answer_text(answer: str) -> str:
-    return f"`{answer}`" if answer else "(empty or whitespace only)"
+    return code(answer) if answer else "(empty or whitespace only)"
+
+
+def plain_markdown(**kw) -> gr.Markdown:
+    """A status line: its value is text, shown as written (escaped for Markdown on its way out). An instance, not a
+    subclass: Gradio would write a type stub beside a module that subclasses a component."""
+    box = gr.Markdown(latex_delimiters=[], **kw)
+    show = box.postprocess
+    box.postprocess = lambda value: show(md_text(value) if isinstance(value, str) else value)
+    return box
 
 
 def selection(layers, layer, token, row):
@@ -264,11 +341,29 @@ def existing(*paths) -> list[str]:
     return [p for p in paths if Path(p).is_file()]
 
 
+def _hold(cm):
+    """Enter `cm` (a work folder held) until the guarded handler returns."""
+    stack = _HELD.get()
+    if stack is None:
+        raise RuntimeError("work folders are held only inside a guarded handler")
+    return stack.enter_context(cm)
+
+
+def new_work(request, kind: str) -> Path:
+    """A fresh work folder of this session, held until the handler returns (never trimmed under a running request)."""
+    return _hold(sessions.new_work(request, kind))
+
+
 def check_state(state, request, key):
+    """The stored result of this session, its folder held until the handler returns."""
     if not state or key not in state:
         raise RALError("nothing to show yet: run it first")
-    if not sessions.owns(request, state["dir"]) or not Path(state["dir"]).is_dir():  # never re-created after clean-up
-        raise RALError("this result was cleaned up (the session ended or sat idle); run it again")
+    gone = RALError("this result was cleaned up (the session ended or sat idle); run it again")
+    if not sessions.owns(request, state["dir"]):
+        raise gone
+    _hold(sessions.using(state["dir"]))  # held first, then checked: no trim can come between
+    if not Path(state["dir"]).is_dir():  # never re-created after clean-up
+        raise gone
     return state
 
 

@@ -11,10 +11,10 @@ import gradio as gr
 from ral_core.compare import comparison_figure
 from ral_core.errors import RALError
 
-from app import model_work, registry, render_pool, sessions
-from app.common import (LAST, MEAN, RENDER_LOCK, answer_text, check_state, existing, gen_options, guard,
-                        image_from_upload, keep_layer, layer_choices, model_progress, parse_question, selection,
-                        token_choices, zip_dir)
+from app import model_work, registry, render_pool
+from app.common import (LAST, MEAN, RENDER_LOCK, answer_text, check_state, code, existing, gen_options, guard,
+                        image_from_upload, keep_layer, layer_choices, model_progress, new_work, parse_question,
+                        selection, token_choices, zip_dir)
 from app.progress import Reporter
 
 
@@ -77,14 +77,14 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
         raise RALError(f"the two models have no attention layer in common (A: layers {cmp.a.layers}, B: layers "
                        f"{cmp.b.layers}), so their maps cannot be compared layer by layer; pick models of one shape")
     rep.report("save", 0.0, "saving both results")
-    d = sessions.new_work_dir(request, "compare")
+    d = new_work(request, "compare")
     cmp.a.save(d / "results" / "model_a")
     cmp.b.save(d / "results" / "model_b")
     state = {"cmp": cmp, "dir": str(d), "zip": zip_dir(d / "results", d / "comparison_results")}
     lay = keep_layer(layer, cmp.layers)
     view = _compare_view(state, lay, MEAN, row, rep)
-    answers = (f"**A (`{model_a}`) answers:** {answer_text(cmp.free_answer_a)}  \n"
-               f"**B (`{model_b}`) answers:** {answer_text(cmp.free_answer_b)}  \n"
+    answers = (f"**A ({code(model_a)}) answers:** {answer_text(cmp.free_answer_a)}  \n"
+               f"**B ({code(model_b)}) answers:** {answer_text(cmp.free_answer_b)}  \n"
                f"Both maps below are measured on A's answer tokens, fed to both models.")
     if not cmp.same_tokens:
         answers += "  \n(B's tokeniser splits that answer differently: only 'all tokens (mean)' is comparable.)"

@@ -2,6 +2,7 @@
 and an explored rollout (the greedy answer next to one under a random attention nudge). Each re-runs the model."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -11,7 +12,7 @@ from ral_core import render
 from ral_core.errors import RALError
 
 from app import figures, model_work, registry
-from app.common import (BOUNDS, LAST, MEAN, RENDER_LOCK, answer_text, check_state, gen_options, guard, in_bounds,
+from app.common import (BOUNDS, LAST, MEAN, RENDER_LOCK, answer_text, check_state, code, gen_options, guard, in_bounds,
                         model_progress, shown)
 from app.progress import Reporter
 
@@ -76,13 +77,13 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
     d = Path(st["dir"])
     rep.report("draw", 0.0, "drawing the lever chart")
     with RENDER_LOCK:
-        png = str(render.save_figure(render.lever_chart(lmap), d / f"levers_{len(list(d.glob('levers_*')))}.png"))
+        png = str(render.save_figure(render.lever_chart(lmap), d / f"levers_{time.time_ns():x}.png"))
     top = lmap.ranked()[0]
     i = lmap.layers.index(top)
     weakest = lmap.ranked()[-1]
     sign = "more" if lmap.effect[i] > 0 else "less"
     shown = ans if ans.strip() else shown(ans)
-    summary = (f"Scoring the answer `{shown}`, steering toward {where}. **Layer {top} is the strongest lever:** "
+    summary = (f"Scoring the answer {code(shown)}, steering toward {where}. **Layer {top} is the strongest lever:** "
                f"pushing its attention toward the target instead of away makes the answer {sign} likely "
                f"(log-probability {lmap.effect[i]:+.2f}, probability {lmap.prob_effect[i]:+.3f}). "
                f"Layer {weakest} matters least ({lmap.effect[lmap.layers.index(weakest)]:+.2f}). "
@@ -92,7 +93,7 @@ def run_levers(state, box="", answer="", strength=3.0, request: gr.Request = Non
         summary += " All effects are tiny: where this model looks hardly changes this answer."
     exp = st.get("expected")
     if exp and not str(answer or "").strip() and ans.strip() != exp:
-        summary += (f" The model's answer is not the example's expected `{exp}`: type that into 'answer to score' "
+        summary += (f" The model's answer is not the example's expected {code(exp)}: type that into 'answer to score' "
                     "to see which layers' attention would help the right answer.")
     return LeverOut("", png, summary)
 
@@ -148,7 +149,7 @@ def run_explored(state, sigma=2.0, layers=LAST, seed=0, max_new_tokens=16, reque
             nat, exp, f"natural: answers {nat.answer!r}\n{shown}, mean over heads & tokens",
             f"explored (σ={sg:g}, seed {sd}): answers {exp.answer!r}\n{shown}, same colour scale",
             layer=show, boxes=st.get("boxes", []))
-        png = str(render.save_figure(fig, d / f"explored_{len(list(d.glob('explored_*')))}.png"))
+        png = str(render.save_figure(fig, d / f"explored_{time.time_ns():x}.png"))
     where = "all layers" if len(ex_layers) > 1 else f"layer {ex_layers[0]}"
     changed = nat.answer != exp.answer
     answers = (f"**Natural answer:** {answer_text(nat.answer)} · **explored answer:** {answer_text(exp.answer)} "

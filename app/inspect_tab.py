@@ -13,10 +13,10 @@ import gradio as gr
 from ral_core.errors import RALError
 from ral_core.limits import request_seconds
 
-from app import model_work, registry, render_pool, sessions
-from app.common import (LAST, MEAN, answer_text, check_state, example_for, existing, flag, gen_options, guard,
-                        image_from_upload, keep_layer, layer_choices, model_progress, parse_question, pixel_budget,
-                        selection, token_choices, zip_dir)
+from app import model_work, registry, render_pool
+from app.common import (LAST, MEAN, answer_text, check_state, code, example_for, existing, flag, gen_options, guard,
+                        image_from_upload, keep_layer, layer_choices, model_progress, new_work, parse_question,
+                        pixel_budget, selection, token_choices, zip_dir)
 from app.progress import Reporter
 
 SUMMARY_METRICS = [("attention on the image", "image_mass"), ("entropy of the image attention", "entropy")]
@@ -102,7 +102,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     res = model_work.inspect_work(model, spec, img, q, opts, budget, model_progress(rep, "answering and capturing"))
     res.model_name = model
     rep.report("save", 0.0, "saving the result")
-    d = sessions.new_work_dir(request, "inspections")
+    d = new_work(request, "inspections")
     res.save(d / "result")
     ex = example_for(img, q)
     state = {"result": res, "dir": str(d), "boxes": (ex or {}).get("boxes", []), "model": model,
@@ -110,7 +110,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
              "zip": zip_dir(d / "result", d / "inspection_result")}
     lay = keep_layer(layer, res.layers)
     view = _inspect_view(state, lay, MEAN, row, per_head_scale, rep)
-    answer = f"**Answer:** {answer_text(res.answer)} · {res.n_tokens} token(s) · model `{model}`"
+    answer = f"**Answer:** {answer_text(res.answer)} · {res.n_tokens} token(s) · model {code(model)}"
     answer += f" · {res.geometry.n_tokens:,} visual tokens"
     if budget is not None:
         note = res.meta.get("pixel_budget") or ""
@@ -120,7 +120,7 @@ def run_inspect(model, image, question, max_new_tokens=16, do_sample=False, temp
     if res.meta.get("cut_off"):
         answer += f" · ⏱ cut off at the {request_seconds():g} s limit of one request (ask for fewer new tokens)"
     if ex and ex.get("answer"):
-        answer += f"  \nExample's expected answer: `{ex['answer']}` (cyan box: where it is in the image)"
+        answer += f"  \nExample's expected answer: {code(ex['answer'])} (cyan box: where it is in the image)"
     return InspectOut(view.status, answer,
                       gr.update(choices=token_choices(res.answer_tokens), value=MEAN),
                       gr.update(choices=layer_choices(res.layers), value=lay),

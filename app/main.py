@@ -15,7 +15,7 @@ import os
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
 from app import common, compare_tab, gpu, inspect_causal, inspect_probes, inspect_tab, registry, training
-from app.common import BOUNDS, LAST, MEAN, slider_args
+from app.common import BOUNDS, LAST, MEAN, plain_markdown, slider_args
 from app.uploads import MAX_ZIP_BYTES
 from ral_core import settings
 
@@ -90,6 +90,12 @@ def _explain(text):
     return gr.Markdown(text, elem_classes=["explain"])
 
 
+def _md(value=None, **kw) -> gr.Markdown:
+    """Markdown that shows user and model text: no LaTeX (a '$' in an answer is a dollar); the handlers escape or
+    code-span every piece of such text (common.md_text, common.code)."""
+    return gr.Markdown(value, latex_delimiters=[], **kw)
+
+
 def _slider(key: str, value, **kw) -> gr.Slider:
     """A slider whose range and step are the checks' own (common.BOUNDS)."""
     return gr.Slider(value=value, **slider_args(key), **kw)
@@ -137,7 +143,7 @@ def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = Fa
                            label=f"visual-token budget: max pixels per image (≤ {common.max_budget():,})",
                            info=BUDGET_INFO, elem_id=f"{prefix}-budget")]
     run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
-    status = gr.Markdown(label="status", elem_id=f"{prefix}-status")
+    status = plain_markdown(label="status", elem_id=f"{prefix}-status")
     ex = common.examples()
     if ex:
         gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
@@ -159,7 +165,7 @@ def _inspect_tab(choices):
         with gr.Column(scale=2, min_width=300):
             (model,), image, q, max_new, sample, temp, run, status, budget = _inputs("i", choices, False, True)
         with gr.Column(scale=5):
-            answer = gr.Markdown("Pick a model, an image and a question, then press **Inspect**.", label="answer")
+            answer = _md("Pick a model, an image and a question, then press **Inspect**.", label="answer")
             tokens, layer, row = _selectors("i")
             with gr.Row():
                 with gr.Column(scale=3):
@@ -189,7 +195,7 @@ def _inspect_tab(choices):
                             cell_head = gr.Dropdown([], value=None, label="head", elem_id="i-cell-head")
                         cell = gr.Image(label="That layer and head over the image", show_label=False, format="png",
                                         interactive=False, elem_id="i-cell", height=330)
-                summary_status = gr.Markdown(elem_id="i-summary-status")
+                summary_status = plain_markdown(elem_id="i-summary-status")
             causal_panel = inspect_causal.layout()  # does it matter? knock-out grid beside the summary
             files = gr.File(label="Downloads: figures (PNG) and the raw result (zip)", file_count="multiple",
                             interactive=False)
@@ -205,7 +211,7 @@ def _inspect_tab(choices):
                 lv_run = gr.Button("Find the levers", elem_id="i-levers-run")
                 lv_chart = gr.Image(label="Levers", show_label=False, format="png", interactive=False,
                                     elem_id="i-levers", height=330)
-                lv_summary = gr.Markdown()
+                lv_summary = _md()
             with gr.Accordion("Show an explored rollout", open=False, elem_id="i-explore-section"):
                 _explain(EXPLAIN_EXPLORED)
                 with gr.Row():
@@ -216,7 +222,7 @@ def _inspect_tab(choices):
                 ex_run = gr.Button("Show an explored rollout", elem_id="i-explore-run")
                 ex_fig = gr.Image(label="natural | explored", show_label=False, format="png", interactive=False,
                                   elem_id="i-explored", height=380)
-                ex_answers = gr.Markdown()
+                ex_answers = _md()
     state = gr.State()
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
     # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
@@ -266,8 +272,7 @@ def _compare_tab(choices):
         with gr.Column(scale=2, min_width=300):
             (model_a, model_b), image, q, max_new, sample, temp, run, status = _inputs("c", choices, True)
         with gr.Column(scale=5):
-            answers = gr.Markdown("Pick two models, an image and a question, then press **Compare**.",
-                                  label="answers")
+            answers = _md("Pick two models, an image and a question, then press **Compare**.", label="answers")
             tokens, layer, row = _selectors("c")
             figure = gr.Image(label="A | B | B − A", show_label=False, format="png", interactive=False,
                               elem_id="c-figure")
@@ -337,14 +342,14 @@ def _train_tab(choices):
                 start = gr.Button("Start training", variant="primary", elem_id="t-start", scale=2)
                 cancel = gr.Button("Cancel", variant="stop", interactive=False,
                                    elem_id="t-cancel", scale=1)
-            status = gr.Markdown(elem_id="t-status")
+            status = plain_markdown(elem_id="t-status")
             progress = gr.HTML(training.IDLE, elem_id="t-progress")
             curves = gr.Image(label="Live curves", show_label=False, format="png", interactive=False,
                               elem_id="t-curves", height=440)
             _explain(EXPLAIN_CURVES)
             snapshot = gr.Image(label="Probe snapshot", show_label=False, format="png", interactive=False,
                                 elem_id="t-snapshot")
-            note = gr.Markdown(elem_id="t-note")
+            note = _md(elem_id="t-note")
             _explain(EXPLAIN_SNAPSHOT)
     timer = gr.Timer(1.0, active=False)
     algo.change(training.algorithm_changed, algo, [teacher, sigma, explore_layers, weight, algo_help],

@@ -19,7 +19,7 @@ from app import sessions
 DEFAULT_CONFIG = Path(__file__).with_name("models.yaml")
 SESSION_PREFIX = "session: "  # choices for the browser session's own checkpoints (training writes them)
 _LOAD_LOCK = threading.RLock()  # loading and the cache; each served model has its own `lock`
-_CACHE: OrderedDict[str, "Served"] = OrderedDict()
+_CACHE: OrderedDict[tuple, "Served"] = OrderedDict()  # by _key
 CACHE_SIZE = settings.get("RAL_MODEL_CACHE")
 
 
@@ -105,18 +105,29 @@ def get_adapter(name: str, request=None):
     return serve(name, resolve(name, request)).adapter
 
 
+def _key(spec: str) -> tuple:
+    """A model folder's identity, not only its path: a session's checkpoint name can be used again after its folder
+    was swept, and the new weights must never be served from the old entry."""
+    try:
+        st = (Path(spec) / "config.json").stat()
+    except OSError:
+        return (spec,)
+    return spec, st.st_ino, st.st_mtime_ns
+
+
 def is_loaded(spec: str) -> bool:
     """Whether the model of this spec is loaded already (a request then has no load stage to report)."""
-    return spec in _CACHE
+    return _key(spec) in _CACHE
 
 
 def serve(name: str, spec: str, progress=None) -> Served:
     """The served model for a spec already resolved (and so checked) by `resolve`, loaded on first use.
     `progress(desc, n, total)` follows a hub download (ral_core.hub)."""
+    key = _key(spec)
     with _LOAD_LOCK:
-        if spec in _CACHE:
-            _CACHE.move_to_end(spec)
-            return _CACHE[spec]
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
         from ral_core.models import load_adapter
 
         from app.progress import install
@@ -125,7 +136,7 @@ def serve(name: str, spec: str, progress=None) -> Served:
         adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
         adapter.name = name  # a spec never shows: results of the shared adapter carry a listed name
         install(adapter)  # the progress hook, before any other thread can run the model
-        served = _CACHE[spec] = Served(adapter)
+        served = _CACHE[key] = Served(adapter)
         while len(_CACHE) > max(CACHE_SIZE, 1):
             _CACHE.popitem(last=False)[1].retire()
         return served

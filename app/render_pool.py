@@ -19,7 +19,7 @@ log = logging.getLogger("ral.app")
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 LOCAL_LOCK = threading.Lock()  # in-process drawing: pyplot's figure registry is not thread-safe
-_RESULTS: OrderedDict[str, object] = OrderedDict()  # per worker: recently loaded results
+_RESULTS: OrderedDict[tuple, object] = OrderedDict()  # per worker: recently loaded results, by _result_key
 
 
 def workers() -> int:
@@ -117,24 +117,48 @@ def call_many(jobs, done=None, timeout: float = 60.0) -> list:
 
 
 # ---- jobs (run in a worker; arguments and results are plain data) -------------------------------------------
+def _result_key(result_dir: str) -> tuple:
+    """The saved result's identity, not only its path: work folders are never reused (app.sessions), and the file's
+    inode and write time make a reused path (a folder deleted and made again) a different key as well."""
+    st = os.stat(Path(result_dir) / "result.json")
+    return result_dir, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _result(result_dir: str):
     from ral_core.inspection import InspectionResult
 
-    if result_dir in _RESULTS:
-        _RESULTS.move_to_end(result_dir)
-        return _RESULTS[result_dir]
-    res = _RESULTS[result_dir] = InspectionResult.load(result_dir)
+    key = _result_key(result_dir)
+    if key in _RESULTS:
+        _RESULTS.move_to_end(key)
+        return _RESULTS[key]
+    res = _RESULTS[key] = InspectionResult.load(result_dir)
     while len(_RESULTS) > 8:
         _RESULTS.popitem(last=False)
     return res
 
 
-def save_both(fig, stem: Path) -> list[str]:
-    """PNG (shown and downloadable) and SVG of one figure; the figure is closed."""
+def _atomic(save, path: Path) -> Path:
+    """save(tmp) then rename onto `path`: a request never reads a figure another request is still writing."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig, path: Path) -> str:
+    """ral_core.render.save_figure, written atomically; the figure is closed."""
     from ral_core import render
 
-    fig.savefig(stem.with_suffix(".svg"), bbox_inches="tight")
-    return [str(render.save_figure(fig, stem.with_suffix(".png"))), str(stem.with_suffix(".svg"))]
+    return str(_atomic(lambda p: render.save_figure(fig, p), Path(path)))
+
+
+def save_both(fig, stem: Path) -> list[str]:
+    """PNG (shown and downloadable) and SVG of one figure; the figure is closed."""
+    svg = _atomic(lambda p: fig.savefig(p, bbox_inches="tight"), stem.with_suffix(".svg"))
+    return [save_figure(fig, stem.with_suffix(".png")), str(svg)]
 
 
 def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png",
@@ -152,8 +176,8 @@ def overlay_job(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = 
 
     res, d = _result(result_dir), Path(out_dir)
     name = f"attention_L{lay}_T{tok}_{row}" + ("" if head in (None, "mean") else f"_H{head}")
-    return str(render.save_figure(render.inspection_overlay(res, layer=lay, head=head, token=tok, row=row,
-                                                            boxes=boxes), d / f"{name}.{fmt}"))
+    return save_figure(render.inspection_overlay(res, layer=lay, head=head, token=tok, row=row, boxes=boxes),
+                       d / f"{name}.{fmt}")
 
 
 def heads_job(result_dir: str, lay, tok, row, out_dir: str, fmt: str = "png", shared_scale: bool = True) -> str:
@@ -163,8 +187,8 @@ def heads_job(result_dir: str, lay, tok, row, out_dir: str, fmt: str = "png", sh
     res, d = _result(result_dir), Path(out_dir)
     grid_layer = res.layers[-1] if lay == "mean" else lay
     scale = "" if shared_scale else "_own"
-    return str(render.save_figure(render.head_grid(res, grid_layer, token=tok, row=row, shared_scale=shared_scale),
-                                  d / f"heads_L{grid_layer}_T{tok}_{row}{scale}.{fmt}"))
+    return save_figure(render.head_grid(res, grid_layer, token=tok, row=row, shared_scale=shared_scale),
+                       d / f"heads_L{grid_layer}_T{tok}_{row}{scale}.{fmt}")
 
 
 def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[str, dict]:
@@ -189,6 +213,6 @@ def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[s
     geo = {"box": [float(v) for v in (ext.x0 - x_off, y_top - ext.y1, ext.x1 - x_off, y_top - ext.y0)],
            "size": [float((tight.width + 2 * pad) * dpi), float((tight.height + 2 * pad) * dpi)],
            "layers": [int(x) for x in res.layers], "heads": int(res.num_heads)}
-    path = render.save_figure(fig, d / f"summary_{metric}_T{tok}_{row}.png")
-    path.with_suffix(".json").write_text(json.dumps(geo))  # beside the PNG: what a click on it hits
+    path = Path(save_figure(fig, d / f"summary_{metric}_T{tok}_{row}.png"))
+    _atomic(lambda p: p.write_text(json.dumps(geo)), path.with_suffix(".json"))  # beside the PNG: what a click hits
     return str(path), geo

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 from ral_core import settings
 from ral_core.errors import RALError
@@ -42,6 +43,21 @@ def max_runs() -> int:
 # ---- one run -------------------------------------------------------------------------------------------
 _MP = train_worker.CONTEXT
 CRASH = "the training process stopped unexpectedly (exit code {code})"
+
+
+class RunState(NamedTuple):
+    status: str
+    message: str
+    step: int
+    checkpoint: str | None
+    loaded: bool
+    stopping: bool           # cancel asked for: stops after the current step
+    started_at: float | None
+    ended_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
 
 
 class Run:
@@ -72,6 +88,13 @@ class Run:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATES
+
+    def snapshot(self) -> "RunState":
+        """The run as one page should show it, read once. The status is read first: the message, step and checkpoint
+        that go with an ended run are written before its status, so a page never pairs "failed" with no reason."""
+        status = self.status
+        return RunState(status, self.message, self._step, self.checkpoint, self.loaded, self.cancel.is_set(),
+                        self.started_at, self.ended_at)
 
     @property
     def step(self) -> int:
@@ -126,8 +149,8 @@ class RunQueue:
                 run._signals[0].set()  # the child stops at the next step boundary
             if run in self.waiting:
                 self.waiting.remove(run)
-                run.status, run.ended_at = "cancelled", time.time()
                 run.message = "cancelled while waiting in the queue; nothing was trained"
+                run.status, run.ended_at = "cancelled", time.time()
 
     def end_session(self, session_hash: str) -> bool:
         """Cancel the session's run; True when its process is still finishing (the reader deletes the folder
@@ -174,8 +197,8 @@ class RunQueue:
                 run.status = end["status"]
         except Exception as e:  # noqa: BLE001 — the page gets one line, the log gets the trace
             log.exception("training run %s failed", run.id)
-            run.status = "failed"
             run.message = f"unexpected error ({type(e).__name__}); the details are in the server log"
+            run.status = "failed"
         finally:
             run.ended_at, run._signals = time.time(), None
             with self.lock:
@@ -251,7 +274,7 @@ class RunQueue:
     @staticmethod
     def _register(run: Run, ck: Path | None) -> str | None:
         """Copy the final checkpoint (no optimizer state) into the session's checkpoints/<name>/."""
-        if ck is None or not (ck / "config.json").is_file():
+        if ck is None or not ((ck / "config.json").is_file() or (ck / "adapter_config.json").is_file()):
             return None
         base = sessions.checkpoints_dir(run.session_hash)
         tmp = base / f".tmp-{run.name}-{run.id}"

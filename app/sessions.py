@@ -5,9 +5,9 @@ a hash so it never reveals the session hash, and nothing here takes a path from 
 the request, plus at most a bare checkpoint *name* that is checked against this session's own folder.
 
 Layout (training code can rely on it):
-    inspections/<n>/   saved InspectionResults, figures and zips (only the newest KEEP are kept)
-    compare/<n>/       comparison figures
-    runs/              training runs (for the trainer)
+    inspections/<id>/  saved InspectionResults, figures and zips (the newest KEEP are kept)
+    compare/<id>/      comparison figures
+    runs/<id>/         training runs (for the trainer)
     checkpoints/<name>/ model directories saved with save_pretrained (listed as models for this session)
 
 Clean-up: a browser page's folder goes when its tab closes (demo.unload) and is never re-created after; a
@@ -15,13 +15,20 @@ session that never opened the page (REST / gradio_client calls) goes after RAL_A
 every folder goes after RAL_SESSION_MAX_AGE_S without use (24 h); and when all folders together pass
 RAL_SESSIONS_MAX_MB the oldest idle ones are trimmed (re-creatable figures first, a page's checkpoints last).
 Folders are 0700 whatever the umask. A session with a training run is never swept.
+
+Work folders get names that are never reused (creation time + randomness, created atomically), so anything keyed by
+a folder's path (the render workers' loaded results) can never mistake a new result for an old one. A request holds
+its folder (`using`) while it runs: a held folder is never trimmed or swept, nor is one used in the last GRACE_S
+(a burst of one session's requests keeps its folders), up to KEEP_MAX per kind.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -33,6 +40,9 @@ from ral_core.errors import RALError
 
 KINDS = ("inspections", "compare", "runs", "checkpoints")
 KEEP = 5  # newest work folders kept per kind (bounded disk per session)
+KEEP_MAX = 4 * KEEP  # folders per kind kept even in a burst (held ones aside)
+GRACE_S = 30.0  # a work folder used this recently is not trimmed while the kind holds ≤ KEEP_MAX
+_LEASES: dict[str, int] = {}  # work folder → requests holding it now
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _last_sweep = 0.0
 log = logging.getLogger("ral.app")
@@ -151,16 +161,79 @@ def kind_dir(request, kind: str) -> Path:
     return d
 
 
+def _unique_name() -> str:
+    """Never reused, and sorts by creation time (fixed-width hex nanoseconds, then randomness)."""
+    return f"{time.time_ns():016x}-{secrets.token_hex(6)}"
+
+
 def new_work_dir(request, kind: str) -> Path:
-    """A fresh numbered folder under `kind`; older ones beyond KEEP are removed."""
+    """A fresh folder under `kind` with a never-reused name (mkdir is the atomic claim); older ones beyond KEEP are
+    trimmed unless held or recently used."""
+    with new_work(request, kind) as d:
+        return d
+
+
+@contextlib.contextmanager
+def new_work(request, kind: str):
+    """`new_work_dir`, held for the request (`using`) from before the trim that makes room for it."""
     base = kind_dir(request, kind)
-    nums = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
-    for n in nums[:max(0, len(nums) - KEEP + 1)]:
-        shutil.rmtree(base / str(n), ignore_errors=True)
-    d = base / str((nums[-1] + 1) if nums else 1)
+    d = base / _unique_name()
     d.mkdir(mode=0o700)
     os.chmod(d, 0o700)
-    return d
+    with using(d):
+        _trim_kind(base, d)
+        yield d
+
+
+@contextlib.contextmanager
+def using(path):
+    """Hold a work folder while a request reads or writes it: it is never trimmed or swept meanwhile, and its use
+    time is refreshed."""
+    key = str(Path(path))
+    with _STATE_LOCK:
+        _LEASES[key] = _LEASES.get(key, 0) + 1
+    try:
+        with contextlib.suppress(OSError):
+            os.utime(key)
+        yield Path(path)
+    finally:
+        with _STATE_LOCK:
+            n = _LEASES.pop(key) - 1
+            if n:
+                _LEASES[key] = n
+
+
+def _held(path: Path) -> bool:
+    return str(path) in _LEASES
+
+
+def _held_session(key: str) -> bool:
+    """Whether a request holds a folder of the session with this folder key."""
+    top = str(root() / key)
+    with _STATE_LOCK:
+        return any(p == top or p.startswith(top + os.sep) for p in _LEASES)
+
+
+def _trim_kind(base: Path, newest: Path) -> None:
+    """Keep the newest KEEP folders of one kind; older ones go unless held, or used in the last GRACE_S while the
+    kind holds ≤ KEEP_MAX."""
+    try:
+        dirs = sorted((p for p in base.iterdir() if p.is_dir() and p != newest), key=lambda p: p.name)
+    except OSError:
+        return
+    old, now = dirs[:max(0, len(dirs) - KEEP + 1)], time.time()
+    extra = len(dirs) + 1 - KEEP_MAX  # over the hard cap: the oldest unheld go even if recently used
+    for p in old:
+        if _held(p):
+            continue
+        try:
+            recent = now - p.stat().st_mtime < GRACE_S
+        except OSError:
+            continue
+        if recent and extra <= 0:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        extra -= 1
 
 
 def owns(request, path) -> bool:
@@ -183,7 +256,8 @@ def list_checkpoints(request) -> list[str]:
         return []
     base = d.resolve()
     return sorted(p.name for p in d.iterdir()
-                  if _NAME.match(p.name) and p.resolve().parent == base and (p / "config.json").is_file())
+                  if _NAME.match(p.name) and p.resolve().parent == base and
+                  ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()))
 
 
 def resolve_checkpoint(request, name: str) -> Path:
@@ -192,7 +266,7 @@ def resolve_checkpoint(request, name: str) -> Path:
         raise RALError(f"'{name}' is not a checkpoint name (letters, digits, '.', '_', '-'; no paths)")
     base = (session_dir(request, create=False) / "checkpoints").resolve()
     p = (base / name).resolve()
-    if p.parent != base or not (p / "config.json").is_file():
+    if p.parent != base or not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
         raise RALError(f"this session has no checkpoint called '{name}'")
     return p
 
@@ -232,7 +306,8 @@ def sweep(max_age: float | None = None) -> int:
     live = []
     for d in r.iterdir():
         try:
-            if not (d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)) or _busy_check(d.name):
+            if not (d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)) or _busy_check(d.name) \
+                    or _held_session(d.name):
                 continue
             idle = now - d.stat().st_mtime
             if idle > max_age or (not is_page(d.name) and idle > api_idle_s()):
@@ -253,7 +328,7 @@ def _trim(live: list[tuple[float, Path]], now: float, min_idle: float = 60.0) ->
     total = sum(sizes.values())
     if total <= cap:
         return 0
-    idle = [d for t, d in live if now - t > min_idle]
+    idle = [d for t, d in live if now - t > min_idle and not _held_session(d.name)]
     n = 0
     for d in idle:  # 1) re-creatable work (inspections, comparisons)
         for kind in ("inspections", "compare"):

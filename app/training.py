@@ -13,13 +13,14 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
+from ral_core import render
 from ral_core.config import build_config
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
 
 from app import figures, registry, sessions
-from app.common import BOUNDS, N_MODEL_LISTS, RENDER_LOCK, guard
-from app.runs import QUEUE, Run, max_runs
+from app.common import BOUNDS, N_MODEL_LISTS, RENDER_LOCK, code, guard, md_text
+from app.runs import QUEUE, Run, RunState, max_runs
 
 ALGORITHMS = {  # value → (label, recipe, extra overrides, what the weight slider sets)
     "grpo": ("GRPO — reward only", "grpo", {}, None),
@@ -182,35 +183,36 @@ def _bar(frac: float, text: str) -> str:
             f"<p style='margin:4px 0 0 0'>{text}</p></div>")
 
 
-def _progress(run: Run) -> str:
+def _progress(run: Run, st: RunState) -> str:
     total = run.cfg.steps
-    if run.status == "queued":
+    if st.status == "queued":
         pos = QUEUE.position(run)
         cap = max_runs()
         return _bar(0, f"⏳ waiting in the queue: position <b>{pos}</b> "
                        f"(this server trains {cap} run{'s' if cap > 1 else ''} at a time)")
-    if run.status == "loading":
+    if st.status == "loading":
         return _bar(0, "loading the model and preparing the data…")
-    step = run.step
+    step = st.step
     hist = run.history()
     pace = ""
-    if hist:
+    if hist and st.status == "running":
         per = sum(m.get("step_time", 0.0) for m in hist[-5:]) / len(hist[-5:])
-        pace = f" · {per:.2f} s/step"
-        if run.status == "running":
-            pace += f" · about {per * (total - step):.0f} s left"
+        pace = f" · {per:.2f} s/step · about {per * (total - step):.0f} s left"
     if run.zerogpu is not None and getattr(run, "gpu_calls", 0):
         pace += f" · {run.gpu_calls} GPU call{'s' if run.gpu_calls > 1 else ''}, {run.gpu_seconds} s declared"
-    if run.status == "running":
-        stop = " · stopping after this step…" if run.cancel.is_set() else ""
-        return _bar(step / total, f"training: step <b>{step}</b> / {total}{pace}{stop}")
-    where = (f" Checkpoint kept as <b>session: {html.escape(run.checkpoint)}</b> — pick it in Inspect or Compare."
-             if run.checkpoint else "")
-    if run.status == "done":
-        return _bar(1.0, f"✅ done: {step} / {total} steps{pace}.{where}")
-    if run.status == "cancelled":
-        return _bar(step / total, f"⏹ {html.escape(run.message)}.{where}")
-    return _bar(step / total, f"⚠️ stopped at step {step}: see the message above.{where}")
+    # the trainer's collapse guard (metrics rows carry its warnings): shown with the bar, whatever the state
+    warn = "".join(f"<br>⚠️ {html.escape(w)}" for m in hist for w in m.get("warnings", ()))
+    if st.status == "running":
+        stop = " · stopping after this step…" if st.stopping else ""
+        return _bar(step / total, f"training: step <b>{step}</b> / {total}{pace}{stop}{warn}")
+    where = (f" Checkpoint kept as <b>session: {html.escape(st.checkpoint)}</b> — pick it in Inspect or Compare."
+             if st.checkpoint else "")
+    if st.status == "done":
+        wall = ((st.ended_at or time.time()) - st.started_at) if st.started_at else 0.0
+        return _bar(1.0, f"✅ done: {step} / {total} steps in {wall:.0f} s in all{pace}.{where}{warn}")
+    if st.status == "cancelled":
+        return _bar(step / total, f"⏹ {html.escape(st.message)}.{where}{warn}")
+    return _bar(step / total, f"⚠️ stopped at step {step}: see the message above.{where}{warn}")
 
 
 def _render(run: Run, kind: str, key, draw) -> str | None:
@@ -218,7 +220,6 @@ def _render(run: Run, kind: str, key, draw) -> str | None:
     old = run.rendered.get(kind)
     if old and old[0] == key:
         return old[1]
-    from ral_core import render
     with RENDER_LOCK:
         fig = draw()
         path = run.dir / f"{kind}-{run.id}-{time.monotonic_ns()}.png"
@@ -232,7 +233,7 @@ def _render(run: Run, kind: str, key, draw) -> str | None:
 def _curves(run: Run):
     hist = run.history()
     title = f"{ALGORITHMS[run.algorithm][0]} on {run.data_note}"
-    return _render(run, "curves", len(hist), lambda: figures.training_curves(hist, run.cfg.steps, title))
+    return _render(run, "curves", len(hist), lambda: render.training_curves(hist, run.cfg.steps, title))
 
 
 def _snapshot_dirs(run: Run) -> list[Path]:
@@ -263,9 +264,9 @@ def _snapshot(run: Run):
         a, b, f"step {s0}{' (before training)' if s0 == 0 else ''}: answers {a.answer!r}",
         f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes,
         diff_title=f"change, step {s1} − step {s0}\n(red: looks more, blue: less)" if s1 != s0 else ""))
-    q = html.escape(run.probe.get("question", a.question))
+    q = run.probe.get("question", a.question)
     exp = run.probe.get("answer")
-    note = (f"**Probe image** (held out from training): *{q}*" + (f" — expected `{exp}`" if exp else "") +
+    note = (f"**Probe image** (held out from training): *{md_text(q)}*" + (f" — expected {code(exp)}" if exp else "") +
             f". Last layer ({layer}), mean over heads and answer tokens; the first two panels share one colour "
             "scale, the third shows what training changed" + ("; the cyan box marks where the answer is." if boxes
                                                                else "."))
@@ -286,17 +287,22 @@ def _view(run: Run | None, request, status: str = "") -> TrainView:
     if run is None:
         return TrainView(status, IDLE, None, None, "", gr.Timer(active=False), gr.update(interactive=True),
                          gr.update(interactive=False), *_models_unchanged())
-    if run.status == "failed" and not status:
-        status = f"⚠️ {run.message}"
-    with run.render_lock:
-        curves = _curves(run) if run.loaded else None
-        snap, note = _snapshot(run) if run.loaded else (None, "")
+    st = run.snapshot()  # one reading for the whole page: a run that ends meanwhile shows next poll, never half
+    if st.status == "failed" and not status:
+        status = f"⚠️ {st.message}"
+    curves, snap, note = None, None, ""
+    if st.loaded and run.dir.is_dir():
+        with run.render_lock:
+            curves = _curves(run)
+            snap, note = _snapshot(run)
+    elif st.loaded:  # the session's folder was cleaned up after the run: no figure links to a removed file
+        note = "This run's figures were cleaned up (the session sat idle); its numbers above are still right."
     models = _models_unchanged()
-    if not run.active and run.checkpoint and not run.announced:
+    if not st.active and st.checkpoint and not run.announced:
         run.announced = True
         models = _models_refresh(request)
-    return TrainView(status, _progress(run), curves, snap, note, gr.Timer(active=run.active),
-                     gr.update(interactive=not run.active), gr.update(interactive=run.active), *models)
+    return TrainView(status, _progress(run, st), curves, snap, note, gr.Timer(active=st.active),
+                     gr.update(interactive=not st.active), gr.update(interactive=st.active), *models)
 
 
 @guard(TrainView)

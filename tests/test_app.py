@@ -171,3 +171,25 @@ def test_build_app_lists_endpoints(app_env):
     demo = build_app()
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"inspect", "inspect_view", "compare", "compare_view"} <= names
+
+
+def test_user_text_is_never_markup_on_the_page(app_env):
+    """Answers to score, model output and status lines show as text: no emphasis, link, image, HTML or LaTeX from
+    what a user typed (rendered here with a CommonMark parser, as the page's Markdown does)."""
+    from markdown_it import MarkdownIt
+
+    from app.common import code, md_text, plain_markdown
+    md = MarkdownIt("commonmark")
+    tricky = "7 ``**b**` [l](http://e.x) <img src=x onerror=alert(1)> $$x$$ _i_ &amp;"
+    for text in (tricky, "`", "1. one", "- two", "# three"):
+        assert md.render(code(text)).count("<code>") == 1
+        out = md.render(md_text(text))
+        assert not any(t in out for t in ("<strong>", "<em>", "<a ", "<img", "<h1", "<ol", "<ul", "<li")), out
+    assert md.render(plain_markdown().postprocess(f"⚠️ unknown model '{tricky}'")).count("<img") == 0
+    ex, h = app_env.example, app_env.handlers
+    r = SimpleNamespace(session_hash="md")
+    st = h.run_inspect("tiny-a", ex["path"], ex["question"], 2, request=r).state
+    out = h.run_levers(st, "", tricky, 3.0, request=r)
+    assert out.status == "", out.status
+    html = md.render(out.summary)
+    assert "<a " not in html and "<img" not in html and "**b**" in html, html

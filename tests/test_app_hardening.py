@@ -270,3 +270,60 @@ def _alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_swept_session_never_gets_an_older_figure(env, monkeypatch):
+    """After the real idle sweep removed a session's folder, its next inspection draws its own result, never the
+    one a render worker still holds for the old folder (folder numbering used to restart at 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from app import render_pool
+    monkeypatch.setenv("RAL_RENDER_WORKERS", "1")  # one worker: every figure of both requests is drawn by it
+    monkeypatch.setenv("RAL_API_SESSION_IDLE_S", "30")
+    render_pool.shutdown()
+    try:
+        r = req("d1")
+        a = env.h.run_inspect("tiny-a", str(EXAMPLES / "grid3_cell.png"), "Read row 1.", 2, request=r)
+        folder = env.s.session_dir(r, create=False)
+        old = time.time() - 3600
+        os.utime(folder, (old, old))
+        assert env.s.sweep() >= 1 and not folder.exists() and a.status == ""
+        photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (336, 448, 3), dtype=np.uint8))
+        b = env.h.run_inspect("tiny-a", photo, "Read row 1.", 2, request=r)
+        assert b.status == "", b.status
+        lay = b.state["result"].layers[-1]
+        own = render_pool.overlay_job(str(Path(b.state["dir"]) / "result"), [], lay, "mean", "predicts",
+                                      str(env.root.parent))  # drawn here, from b's own saved result
+        np.testing.assert_array_equal(np.asarray(Image.open(b.overlay)), np.asarray(Image.open(own)))
+    finally:
+        render_pool.shutdown()
+
+
+def test_concurrent_requests_of_one_session_lose_nothing(env, monkeypatch):
+    """16 requests of one session at once (inspects beyond the folders kept, redraws, summaries, compares): none
+    fails, and every figure returned is there when all are done."""
+    monkeypatch.setenv("RAL_RENDER_WORKERS", "0")
+    r = req("d2")
+    img = str(EXAMPLES / "grid3_cell.png")
+    base = env.h.run_inspect("tiny-a", img, "Read row 1.", 2, request=r)
+    assert base.status == ""
+    qs = ["Read row 1.", "Read row 2.", "Read row 3.", "Where is the 7?"]
+    calls = [lambda i=i: env.h.run_inspect("tiny-a", img, qs[i % 4], 2, request=r) for i in range(8)]
+    calls += [lambda t=t: env.h.inspect_view(base.state, "last", t, "own", request=r) for t in ("mean", "0", "1")]
+    calls += [lambda m=m: env.h.inspect_summary(base.state, m, "mean", "predicts", request=r)
+              for m in ("image_mass", "entropy")]
+    calls += [lambda: env.h.inspect_svg(base.state, request=r)]
+    calls += [lambda: env.h.run_compare("tiny-a", "tiny-a", img, "Read row 2.", 2, request=r) for _ in range(2)]
+    assert len(calls) >= 16
+    out = [None] * len(calls)
+    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, calls[i]())) for i in range(len(calls))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert all(o is not None and o.status == "" for o in out), [o and o.status for o in out]
+    for o in out:
+        for f in ("overlay", "heads", "summary", "figure"):
+            if isinstance(getattr(o, f, None), str):
+                assert Path(getattr(o, f)).is_file(), (f, getattr(o, f))

@@ -425,3 +425,59 @@ def test_app_lists_the_new_endpoints(env):
 
     names = {d.api_name for d in build_app().fns.values() if d.api_name}
     assert {"train_start", "train_poll", "train_cancel", "levers", "explored"} <= names
+
+
+# ---- the run page from a run's state (no training process: the states are set as the reader thread sets them) ----
+def _page_run(env, session, tmp_path, note="the bundled digit-grid task", status="running"):
+    """A run in the queue's table as its reader thread leaves it, with two logged steps."""
+    cfg = SimpleNamespace(steps=4, output_dir=str(tmp_path / "run"))
+    run = env.t.Run(f"anon:{session}", cfg, "page", "grpo", tmp_path, note)
+    run.status, run.loaded, run.started_at = status, True, time.time() - 12.0
+    run._history = [{"step": s, "reward": 0.5, "accuracy": 0.5, "step_time": 0.1} for s in (1, 2)]
+    run._step = 2
+    env.t.QUEUE.latest[run.session_hash] = run
+    return run
+
+
+def test_a_run_that_fails_while_its_page_is_drawn_still_shows_why(env, tmp_path, monkeypatch):
+    """The page reads the run once: a failure between reading and drawing shows on the next poll, never as a stopped
+    page with no reason."""
+    run = _page_run(env, "d3", tmp_path)
+    real = env.t._curves
+
+    def fail_meanwhile(r):
+        r.message, r.status = "loss is nan at step 3", "failed"  # as the reader thread: message, then status
+        return real(r)
+    monkeypatch.setattr(env.t, "_curves", fail_meanwhile)
+    v = env.t.train_poll(request=req("d3"))
+    assert v.timer.active or "loss is nan" in v.status, (v.status, v.timer.active)
+    monkeypatch.setattr(env.t, "_curves", real)
+    v = env.t.train_poll(request=req("d3"))
+    assert "loss is nan at step 3" in v.status and not v.timer.active and run.status == "failed"
+
+
+def test_user_text_in_the_curves_title_is_plain_text(env, tmp_path):
+    """An upload named like mathtext ('data$x^{$.zip') once failed every poll of its run."""
+    _page_run(env, "d4", tmp_path, note="your data set 'data$x^{$.zip' (3 samples)")
+    v = env.t.train_poll(request=req("d4"))
+    assert v.status == "" and is_png(v.curves), v.status
+
+
+def test_a_poll_after_the_run_folder_was_swept_links_no_removed_file(env, tmp_path):
+    run = _page_run(env, "d7", tmp_path / "runfolder", status="done")
+    (tmp_path / "runfolder").mkdir()
+    assert is_png(env.t.train_poll(request=req("d7")).curves)
+    shutil.rmtree(tmp_path / "runfolder")  # the idle sweep removed the session's folder
+    v = env.t.train_poll(request=req("d7"))
+    shown = [x for x in (v.curves, v.snapshot) if isinstance(x, str)]
+    assert v.status == "" and not shown and "cleaned up" in v.note, (v.status, shown)
+    assert str(tmp_path) not in v.progress + v.note and run.status == "done"
+
+
+def test_the_done_line_gives_total_wall_time_and_collapse_warnings(env, tmp_path):
+    run = _page_run(env, "d22", tmp_path, status="done")
+    run.ended_at = run.started_at + 42.4
+    run._history[-1]["warnings"] = ["mean reward fell from 0.500 to 0.100; the run may be collapsing"]
+    v = env.t.train_poll(request=req("d22"))
+    assert "in 42 s in all" in v.progress and "s/step" not in v.progress
+    assert "⚠️ mean reward fell from 0.500 to 0.100" in v.progress
