@@ -151,6 +151,23 @@ def test_platform_abort_ends_the_run_with_one_line(zero_gpu_fork):
     assert "the last good checkpoint (step 2) is kept" in view.status and run.checkpoint
 
 
+def test_a_model_too_large_to_carry_trains_lora_and_lists_it(zero_gpu_fork, monkeypatch):
+    """Over the state limit a ZeroGPU run trains LoRA adapters; the adapter checkpoint is listed and loads as a
+    model in Inspect and Compare."""
+    training, spaces = zero_gpu_fork
+    from app import gpu, registry, sessions
+    monkeypatch.setattr(gpu, "STATE_MB", 0.01)  # below the tiny model's full state
+    carol = _signed_in("carol", "c1")
+    training.train_start(**{**TRAIN, "steps": 2}, request=carol)
+    run, view = _wait(training, carol)
+    assert run.status == "done" and run.checkpoint, run.message
+    ck = sessions.resolve_checkpoint(carol, run.checkpoint)
+    assert (ck / "adapter_config.json").is_file() and not (ck / "config.json").exists()
+    name = registry.SESSION_PREFIX + run.checkpoint
+    assert name in registry.model_choices(carol)
+    assert registry.get_adapter(name, carol).model is not None
+
+
 def test_readme_host_table_is_the_train_tabs():
     from app import gpu
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
