@@ -48,9 +48,18 @@ EXPLAIN_SUMMARY = ("**Every layer and head at once.** One cell per decoder layer
 BUDGET_INFO = ("The image processor's max pixels per image: fewer pixels → fewer visual tokens → a faster, coarser "
                "map (Qwen: capped smart resize; SmolVLM: fewer tiles; LLaVA / Gemma 3: fixed size, no effect). "
                "0: the model's own setting. e.g. 401408 ≈ 512 Qwen2-VL tokens.")
+PHOTOS_NOTE = ("Examples: photos — the bundled models read digit grids only, so their "
+               "answers here are empty or meaningless; list a real vision-language model in app/models.yaml")
+UNAVAILABLE_NOTE = ("Not available on this server: {} — hub models that are not in its Hugging Face cache, and "
+                    "downloading is off. To add one, whoever runs the server puts the model's folder on it and lists "
+                    "that folder in app/models.yaml (or the file RAL_MODELS_CONFIG names), e.g. "
+                    "`my-model: /models/SmolVLM-256M-Instruct`, then restarts the app.")
 EXPLAIN_COMPARE = ("**A | B | B − A.** Model A answers; then both models are fed A's answer token by token, so "
                    "both maps describe exactly the same words. Left and middle share one colour scale. Right: the "
-                   "signed difference B − A — red where B looks more than A, blue where less.")
+                   "signed difference B − A — red where B looks more than A, blue where less — on that same scale, "
+                   "so a small change looks small (or magnified by a factor its title states). The line above the "
+                   "figure says how far attention moved in numbers; below 5 % of the scale it says 'no visible "
+                   "change'.")
 EXPLAIN_RANK = ("Heads whose spread of attention over the image moved most between A and B (Jensen–Shannon "
                 "divergence, 0 = identical, ln 2 ≈ 0.69 = no overlap), with the share of attention each head "
                 "puts on the image. 'mean over layers' ranks the last layer's heads.")
@@ -129,6 +138,10 @@ def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = Fa
                               elem_id=f"{prefix}-model-b")]
     else:
         models = [gr.Dropdown(choices, value=first, label="Model", elem_id=f"{prefix}-model")]
+    missing = registry.unavailable_models()
+    if missing:
+        gr.Markdown(UNAVAILABLE_NOTE.format(", ".join(f"{n} ({s})" for n, s in missing.items())),
+                    elem_id=f"{prefix}-unavailable", elem_classes=["explain"])
     image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=230,
                      elem_id=f"{prefix}-image")
     question = gr.Textbox(label="Question", placeholder="e.g. What digit is in row 2 column 1?",
@@ -145,8 +158,14 @@ def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = Fa
     run = gr.Button("Compare" if two_models else "Inspect", variant="primary", elem_id=f"{prefix}-run")
     status = plain_markdown(label="status", elem_id=f"{prefix}-status")
     ex = common.examples()
-    if ex:
-        gr.Examples([[e["path"], e["question"]] for e in ex], inputs=[image, question], label="Examples")
+    grids = [e for e in ex if not e["image"].startswith("photos/")]
+    photos = [e for e in ex if e["image"].startswith("photos/")]
+    if grids:
+        gr.Examples([[e["path"], e["question"]] for e in grids], inputs=[image, question],
+                    label="Examples: digit grids")
+    if photos:
+        gr.Examples([[e["path"], e["question"]] for e in photos], inputs=[image, question],
+                    label="Examples: photos" if registry.reads_photos() else PHOTOS_NOTE)
     return (models, image, question, max_new, sample, temp, run, status) + tuple(extra)
 
 
@@ -273,7 +292,12 @@ def _compare_tab(choices):
             (model_a, model_b), image, q, max_new, sample, temp, run, status = _inputs("c", choices, True)
         with gr.Column(scale=5):
             answers = _md("Pick two models, an image and a question, then press **Compare**.", label="answers")
+            magnitude = gr.Textbox(label="How far attention moved", interactive=False, lines=2,
+                                   elem_id="c-magnitude")
             tokens, layer, row = _selectors("c")
+            magnify = gr.Radio(compare_tab.MAGNIFY_CHOICES, value="1", label="B − A colour range",
+                               info="the maps' scale shows a small change as small; a magnification is stated in "
+                                    "the panel's title", elem_id="c-magnify")
             figure = gr.Image(label="A | B | B − A", show_label=False, format="png", interactive=False,
                               elem_id="c-figure")
             _explain(EXPLAIN_COMPARE)
@@ -286,14 +310,15 @@ def _compare_tab(choices):
     state = gr.State()
     C = compare_tab
     outs = outputs(C.CompareOut, status=status, answers=answers, tokens=tokens, layer=layer, figure=figure,
-                   ranking=rank, files=files, state=state)
+                   ranking=rank, files=files, state=state, magnitude=magnitude)
     ins = named(C.run_compare, model_a=model_a, model_b=model_b, image=image, question=q, max_new_tokens=max_new,
-                do_sample=sample, temperature=temp, layer=layer, row=row)
+                do_sample=sample, temperature=temp, layer=layer, row=row, magnify=magnify)
     run.click(C.run_compare, ins, outs, api_name="compare", preprocess=False)
     q.submit(C.run_compare, ins, outs, api_visibility="private", preprocess=False)
-    gr.on([tokens.input, layer.select, row.input], C.compare_view,
-          named(C.compare_view, state=state, layer=layer, token=tokens, row=row),
-          outputs(C.CompareView, status=status, figure=figure, ranking=rank, files=files), api_name="compare_view",
+    gr.on([tokens.input, layer.select, row.input, magnify.input], C.compare_view,
+          named(C.compare_view, state=state, layer=layer, token=tokens, row=row, magnify=magnify),
+          outputs(C.CompareView, status=status, figure=figure, ranking=rank, files=files, magnitude=magnitude),
+          api_name="compare_view",
           show_progress="minimal")
     inspect_causal.compare_wire(causal_panel, state=state, model_a=model_a, model_b=model_b, layer=layer,
                                 tokens=tokens)

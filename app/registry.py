@@ -133,13 +133,44 @@ def serve(name: str, spec: str, progress=None) -> Served:
         from app.progress import install
 
         # bf16 on a GPU (e.g. a Space), fp32 on CPU
-        adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
+        try:
+            adapter = load_adapter(spec, device="auto", dtype="auto", progress=progress)
+        except RALError as e:
+            raise RALError(for_browser(str(e))) from None
         adapter.name = name  # a spec never shows: results of the shared adapter carry a listed name
         install(adapter)  # the progress hook, before any other thread can run the model
         served = _CACHE[key] = Served(adapter)
         while len(_CACHE) > max(CACHE_SIZE, 1):
             _CACHE.popitem(last=False)[1].retire()
         return served
+
+
+def for_browser(message: str) -> str:
+    """A loading error as a browser user can act on it: the command line's '--model DIR' and '--allow-download'
+    mean, on a server, a folder listed in the model list and the server's download switch."""
+    import re
+    m = re.sub(r"pass its (local directory|folder) with --model DIR",
+               "list its folder in app/models.yaml (or the file RAL_MODELS_CONFIG names)", message)
+    m = m.replace("(--allow-download or RAL_ALLOW_DOWNLOAD=1)", "(RAL_ALLOW_DOWNLOAD=1 where the server runs)")
+    return m.replace("--model DIR", "a model folder listed in app/models.yaml")
+
+
+def unavailable_models() -> dict[str, str]:
+    """Listed models that cannot load here (hub ids neither cached nor downloadable): name → hub id. The page
+    shows them as not available, with how to add a local folder instead."""
+    try:
+        raw = yaml.safe_load(config_path().read_text()) or {}
+        listed = configured_models()
+    except (OSError, yaml.YAMLError, RALError):
+        return {}
+    return {str(n): str(s) for n, s in raw.items() if str(n) not in listed} if isinstance(raw, dict) else {}
+
+
+def reads_photos() -> bool:
+    """Whether any listed model can answer about a photograph: the bundled models (assets/) read digit grids only."""
+    bundled = Path(__file__).resolve().parents[1] / "assets"
+    return any(spec != "default" and not Path(spec).resolve().is_relative_to(bundled)
+               for spec in configured_models().values())
 
 
 def clear_cache():

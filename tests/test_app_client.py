@@ -59,10 +59,12 @@ def test_compare_returns_images(client):
 
     out = client.predict("tiny-a", "tiny-a", handle_file(EXAMPLE), "Read row 1.", 3, False, 1.0, "last", "predicts",
                          api_name="/compare")
-    status, answers, tokens, layer, figure, ranking, files = out
+    status, answers, tokens, layer, figure, ranking, files, magnitude = out
     assert status == "" and "tiny-a" in answers and png_ok(figure) and len(ranking["data"]) >= 1
-    status, figure2, ranking2, files2 = client.predict("0", "mean", "predicts", api_name="/compare_view")
-    assert status == "" and png_ok(figure2)
+    assert "largest head JSD" in magnitude and "on the maps' scale" in magnitude
+    status, figure2, ranking2, files2, magnitude2 = client.predict("0", "mean", "predicts", "5",
+                                                                   api_name="/compare_view")
+    assert status == "" and png_ok(figure2) and "magnified ×5" in magnitude2
 
 
 def test_bad_upload_is_a_message(client, tmp_path):
