@@ -355,3 +355,20 @@ def test_app_causal_endpoints(tmp_path_factory, tiny_model_dir):
         assert all(r[4] == 0 for r in ranking["data"])  # the same model twice: no knock-out effect changed
         refused = c.predict("tiny-a", "default", "last", "mean", api_name="/compare_knockout")[0]
         assert refused.startswith("⚠️") and "press Compare again" in refused
+
+
+def test_knockout_without_cached_image_features_equals_the_cached_path(monkeypatch):
+    """A family whose features cannot be handed back runs every row with its own pixels: the same grid."""
+    from ral_core.vision_cache import VisionCache
+
+    a = tiny_adapter("qwen2_5_vl")
+    im = Image.fromarray(np.random.default_rng(6).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    ids = a.encode_answer("seven two", eos=False)
+    cached = causal.knockout(a, im, QUESTION, ids)
+
+    def refuse(*_a, **_k):
+        raise ValueError("no features")
+    monkeypatch.setattr(VisionCache, "encode", classmethod(refuse))
+    assert causal._prepare(a, im, QUESTION, ids).vision is None
+    plain = causal.knockout(a, im, QUESTION, ids)
+    assert np.abs(plain.delta - cached.delta).max() <= TOL
