@@ -84,6 +84,8 @@ class Run:
         self._step = 0
         self._history: list[dict] = []       # metrics of every step, as the child reports them
         self.zerogpu = None                  # ZeroGPU: the starting request's context; trains as GPU calls instead
+        self.prepare = None                  # work left for when the run starts (unpacking its data set), or None
+        self.data_bytes = 0                  # what `prepare` will unpack (counted against RAL_MAX_QUEUED_MB)
 
     @property
     def active(self) -> bool:
@@ -125,11 +127,32 @@ class RunQueue:
     def for_session(self, session_hash: str) -> Run | None:
         return self.latest.get(session_hash)
 
+    def starts_now(self) -> bool:
+        """Whether a run submitted now would start at once (nothing waiting, a free slot)."""
+        with self.lock:
+            return not self.waiting and len(self.running) < max_runs()
+
+    def check_room(self, data_bytes: int = 0) -> None:
+        """RALError "queue full" when one more waiting run (holding `data_bytes` to unpack) would pass the bounds."""
+        if self.starts_now():
+            return
+        with self.lock:
+            n, held = len(self.waiting), sum(r.data_bytes for r in self.waiting)
+        cap_n, cap_mb = settings.get("RAL_MAX_QUEUED"), settings.get("RAL_MAX_QUEUED_MB")
+        if n >= cap_n:
+            raise RALError(f"the training queue is full ({n} run{'s' if n != 1 else ''} waiting, the most this server "
+                           "holds); try again when one has started")
+        if held + data_bytes > cap_mb * 2**20:
+            raise RALError(f"the training queue is full: the waiting runs' data sets take {held / 2**20:.0f} MB "
+                           f"unpacked and yours {data_bytes / 2**20:.1f} MB, over the {cap_mb:g} MB this server holds "
+                           "for waiting runs; try again when one has started, or upload a smaller data set")
+
     def submit(self, run: Run) -> None:
         with self.lock:
             cur = self.latest.get(run.session_hash)
             if cur is not None and cur.active:
                 raise RALError("this session already has a training run; cancel it or wait until it ends")
+            self.check_room(run.data_bytes if run.prepare is not None else 0)
             self.latest[run.session_hash] = run
             self.waiting.append(run)
             self._pump()
@@ -178,6 +201,14 @@ class RunQueue:
         """Start the child, turn its messages into the run's state, then register its checkpoint."""
         end = None
         try:
+            if run.prepare is not None:  # unpacked now that the run starts, never while it waits
+                try:
+                    run.prepare()
+                except RALError as e:
+                    run.message, run.status = str(e), "failed"
+                    return
+                finally:
+                    run.prepare, run.data_bytes = None, 0
             end = gpu.follow_chunked(run) if run.zerogpu is not None else self._follow(run)
             # the status last: a poll that sees the run over also sees its checkpoint and the whole message
             if end is None:  # killed, segfault, out of memory: no last word from the child

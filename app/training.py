@@ -3,6 +3,7 @@ and its handlers. Runs themselves queue and train in `app.runs`. No tensor math 
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import itertools
 import re
@@ -109,7 +110,8 @@ def _checkpoint_name(request, wanted: str, algorithm: str) -> str:
 def make_config(request, run_dir: Path, dataset_kind, upload, algorithm, model, teacher, steps, lr, weight,
                 group_size, prompts_per_step, temperature, sigma, explore_layers, max_new_tokens, snapshot_every,
                 seed):
-    """Page values → a validated TrainConfig (RALError with a clear message otherwise) and a data note."""
+    """Page values → a validated TrainConfig (RALError with a clear message otherwise) and a data note. An uploaded
+    data set is not unpacked here (`_data_set` does, when the run starts)."""
     if algorithm not in ALGORITHMS:
         raise RALError(f"unknown algorithm '{algorithm}'; choose one of: {', '.join(ALGORITHMS)}")
     label, recipe, extra, weight_key = ALGORITHMS[algorithm]
@@ -141,17 +143,38 @@ def make_config(request, run_dir: Path, dataset_kind, upload, algorithm, model, 
             raise RALError("exploration layers must be 'levers', 'last' or 'all'")
         over.update(explore_sigma=nums["sigma"], explore_layers=explore_layers)
     if dataset_kind == UPLOAD:
-        from app.uploads import dataset_from_zip
-        path, shown = _upload_path(upload)
-        jsonl, n = dataset_from_zip(path, run_dir / "data", shown_name=shown)
-        over["dataset"] = str(jsonl)
-        note = f"your data set {shown} ({n} samples)"
+        over["dataset"] = str(run_dir / "data")  # the unpacked JSONL's path replaces it when the run starts
+        note = "your data set"
     elif dataset_kind in (BUNDLED, None, ""):
         over["dataset"] = "grounding"
         note = "the bundled digit-grid task"
     else:
         raise RALError("data set must be the bundled task or an uploaded zip")
     return build_config(recipe, over), note
+
+
+def _data_set(run: Run, upload) -> None:
+    """An uploaded data set: checked now as far as it can be without unpacking (size, a zip, member names, the
+    declared size), kept beside the run, and unpacked when the run starts. A run that starts at once unpacks it here,
+    so its data's problems show at once; a waiting one holds only the zip, and its unpacked size counts against the
+    queue's bound."""
+    from app.uploads import check_zip, dataset_from_zip
+
+    path, shown = _upload_path(upload)
+    run.data_bytes = check_zip(path, shown)
+    kept = run.dir / "data.zip"
+    shutil.copyfile(path, kept)  # Gradio may clear its upload folder before a waiting run starts
+
+    def prepare():
+        jsonl, n = dataset_from_zip(kept, run.dir / "data", shown_name=shown)
+        run.cfg = dataclasses.replace(run.cfg, dataset=str(jsonl))
+        run.data_note = f"your data set {shown} ({n} samples)"
+        kept.unlink(missing_ok=True)
+    run.data_note = f"your data set {shown}"
+    run.prepare = prepare
+    if QUEUE.starts_now():
+        prepare()
+        run.prepare, run.data_bytes = None, 0
 
 
 # ---- the Train tab's handlers ----------------------------------------------------------------------------
@@ -325,6 +348,8 @@ def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="defau
                                 snapshot_every, seed)
         run = Run(h, cfg, ck_name, algorithm, run_dir, note)
         run.zerogpu = gpu.run_context()  # ZeroGPU: the run trains as GPU calls charged to this visitor
+        if dataset_kind == UPLOAD:
+            _data_set(run, upload)
         QUEUE.submit(run)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)

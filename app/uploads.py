@@ -54,6 +54,30 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
+def check_zip(zip_path, shown_name: str = "the upload") -> int:
+    """The checks that need no unpacking (size, a zip, safe member names, the declared unpacked size); returns the
+    declared unpacked bytes. A queued run is checked so when it is queued and unpacked only when it starts."""
+    zp = Path(zip_path)
+    try:
+        size = zp.stat().st_size
+    except OSError:
+        raise RALError("the upload did not arrive; upload the zip again") from None
+    if size > MAX_ZIP_BYTES:
+        raise RALError(f"{shown_name} is {_mb(size)}, over the {_mb(MAX_ZIP_BYTES)} limit; upload a smaller zip")
+    try:
+        with zipfile.ZipFile(zp) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise RALError(f"{shown_name} is not a valid zip file; zip the JSONL file and its images") from None
+    if len(infos) > MAX_MEMBERS:
+        raise RALError(f"{shown_name} holds {len(infos)} files, over the limit of {MAX_MEMBERS}")
+    declared = sum(i.file_size for i in infos if _safe_member(i) is not None)
+    if declared > MAX_UNZIPPED_BYTES:
+        raise RALError(f"{shown_name} unpacks to {_mb(declared)}, over the {_mb(MAX_UNZIPPED_BYTES)} limit "
+                       "(zip-bomb guard)")
+    return declared
+
+
 def extract_zip(zip_path, dest, max_zip_bytes: int | None = None, max_unzipped_bytes: int | None = None,
                 max_members: int | None = None, shown_name: str = "the upload") -> Path:
     """Extract `zip_path` into the fresh folder `dest` (created); returns it. Nothing is left on failure."""

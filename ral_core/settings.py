@@ -68,6 +68,10 @@ _ALL = [
             area="server"),
     Setting("RAL_MAX_RUNS", "int", 1, "training runs the server runs at once (the rest wait in its queue)", low=1,
             area="server"),
+    Setting("RAL_MAX_QUEUED", "int", 8, "training runs that may wait in the server's queue (more: 'queue full')",
+            low=0, area="server"),
+    Setting("RAL_MAX_QUEUED_MB", "float", 1024.0, "uploaded data the waiting runs may hold, unpacked, in MB (each is "
+            "unpacked only when its run starts)", low=0, area="server"),
     Setting("RAL_SESSIONS_ROOT", "path", lambda: Path(tempfile.gettempdir()) / "ral_sessions",
             "folder of the sessions' work folders (figures, uploads, runs)", "ral_sessions in the temp folder",
             area="server"),

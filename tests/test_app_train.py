@@ -481,3 +481,53 @@ def test_the_done_line_gives_total_wall_time_and_collapse_warnings(env, tmp_path
     v = env.t.train_poll(request=req("d22"))
     assert "in 42 s in all" in v.progress and "s/step" not in v.progress
     assert "⚠️ mean reward fell from 0.500 to 0.100" in v.progress
+
+
+@pytest.fixture()
+def busy_queue(env, tmp_path):
+    """The server's one training slot taken by a run that never ends (no process), so new runs wait."""
+    q = env.t.QUEUE
+    blocker = env.t.Run("anon:blocker", SimpleNamespace(steps=4, output_dir=str(tmp_path)), "b", "grpo", tmp_path, "")
+    blocker.status = "running"
+    with q.lock:
+        q.running.append(blocker)
+    yield q
+    with q.lock:
+        if blocker in q.running:
+            q.running.remove(blocker)
+        for r in list(q.waiting):
+            q.cancel(r)
+
+
+def test_the_queue_is_bounded_and_waiting_data_stays_packed(env, tmp_path, busy_queue, monkeypatch):
+    """A waiting run holds its zip, not its unpacked data; the queue refuses runs past its length and past its
+    bytes with one 'queue full' line."""
+    monkeypatch.setenv("RAL_MAX_QUEUED", "1")
+    monkeypatch.setenv("RAL_MAX_QUEUED_MB", "1")
+    z = make_zip(tmp_path / "waits.zip", GOOD)
+    v = start(env, "qw1", steps=2, dataset="upload", upload={"path": str(z), "orig_name": "waits.zip"})
+    run = run_of(env, "qw1")
+    assert v.status == "" and run.status == "queued" and "position <b>1</b>" in v.progress, v.status
+    assert (run.dir / "data.zip").is_file() and not (run.dir / "data").exists() and run.data_bytes > 0
+    full = start(env, "qw2", steps=2)
+    assert "the training queue is full (1 run waiting" in full.status, full.status
+    busy_queue.cancel(run)
+    monkeypatch.setenv("RAL_MAX_QUEUED", "8")
+    monkeypatch.setenv("RAL_MAX_QUEUED_MB", str(run.data_bytes / 2 / 2**20))
+    big = start(env, "qw3", steps=2, dataset="upload", upload={"path": str(z), "orig_name": "waits.zip"})
+    assert "the training queue is full: the waiting runs' data sets take" in big.status, big.status
+    assert run_of(env, "qw3") is None  # nothing of it stays
+
+
+def test_a_waiting_run_unpacks_its_data_when_it_starts(env, tmp_path, busy_queue):
+    z = make_zip(tmp_path / "later.zip", GOOD)
+    start(env, "ql", steps=1, dataset="upload", upload={"path": str(z), "orig_name": "later.zip"})
+    run = run_of(env, "ql")
+    assert run.status == "queued" and not (run.dir / "data").exists()
+    with busy_queue.lock:  # the slot frees: the run starts and unpacks
+        busy_queue.running.clear()
+        busy_queue._pump()
+    run = wait(env, "ql")
+    assert run.status == "done", run.message
+    assert run.cfg.dataset.endswith("train.jsonl") and "2 samples" in run.data_note
+    assert not (run.dir / "data.zip").exists()

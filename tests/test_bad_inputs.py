@@ -288,6 +288,22 @@ def _ins(a, image=None, question="Read row 1.", n=2, sample=False, temp=1.0, mod
     return a.h.run_inspect(model, EXAMPLE if image is None else image, question, n, sample, temp, request=a.req).status
 
 
+def _queue_full(a):
+    """A run submitted while the one slot is taken and the queue holds none (RAL_MAX_QUEUED=0)."""
+    q = a.t.QUEUE
+    blocker = a.t.Run("anon:blocker", SimpleNamespace(steps=2, output_dir=a.folder), "b", "grpo", Path(a.folder), "")
+    blocker.status = "running"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MAX_QUEUED", "0")
+        with q.lock:
+            q.running.append(blocker)
+        try:
+            return _train(a)
+        finally:
+            with q.lock:
+                q.running.remove(blocker)
+
+
 def _train(a, **kw):
     o = dict(dataset="grounding", upload=None, algorithm="grpo", model="tiny-a", teacher=None, steps=2, lr=1e-3,
              weight=1.0, group=4, prompts=2, temp=1.0, sigma=1.0, layers="last", max_new=4, snap=2, seed=0, name="")
@@ -354,6 +370,7 @@ CASES += [
     ("app", "train-algorithm-bell", lambda a: _train(a, algorithm="ral\x07"), "the algorithm contains a control"),
     ("app", "train-upload-surrogate-path", lambda a: _train(a, dataset="upload", upload={"path": "/tmp/\udc80.zip"}),
      "must be uploaded through the page"),
+    ("app", "train-queue-full", _queue_full, "the training queue is full (0 runs waiting"),
     ("app", "train-upload-nul-path", lambda a: _train(a, dataset="upload", upload={"path": a.folder + "/x\x00.zip"}),
      "must be uploaded through the page"),
 ]
