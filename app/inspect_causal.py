@@ -33,7 +33,7 @@ EXPLAIN = ("**Does this head matter?** A map shows where a head looked, not whet
 
 
 @gpu.gpu_task
-def causal_work(name, spec, image, question, answer_ids, boxes, n, budget=None, progress=None):
+def causal_work(name, spec, image, question, answer_ids, boxes, n, budget=None, progress=None, block_layers="all"):
     """Knock-out grid, and blocking of `boxes` when given (the model's lock held, under the request's time limit)."""
     s = served(name, spec, progress)
     passes = 1 + len(s.adapter.attention_layers) + (2 if boxes else 0)  # scored forwards: base, one per layer, block
@@ -41,7 +41,8 @@ def causal_work(name, spec, image, question, answer_ids, boxes, n, budget=None, 
                                                           score_total=passes):
         adapter, _ = s.view(name, budget)
         ko = causal.knockout(adapter, image, question, answer_ids)
-        blocks = [causal.block_region(adapter, image, question, answer_ids, boxes, max_new_tokens=n)] if boxes else []
+        blocks = [causal.block_region(adapter, image, question, answer_ids, boxes, layers=block_layers,
+                                      max_new_tokens=n)] if boxes else []
     return ko, blocks
 
 
@@ -101,7 +102,7 @@ def _summary(ko, blocks, sinks) -> str:
         parts.append("No single head matters much for this answer (every |Δ log p| < 0.01).")
     for b in blocks:
         parts.append(f"**Blocking:** the answer's attention to the box ({len(b.blocked_tokens)} visual token(s), "
-                     f"layers {b.layers[0]}–{b.layers[-1]}): Δ log p {b.mean_delta:+.3g} per answer token; greedy "
+                     f"layer(s) {causal._span(b.layers)}): Δ log p {b.mean_delta:+.3g} per answer token; greedy "
                      f"answer {_code(b.answer)} → {_code(b.new_answer)}"
                      + (" (**changed**)." if b.changed else " (unchanged)."))
     parts.append(f"**Sinks:** {len(sinks.tokens)} visual token(s) outlined (dashed green)." if sinks.tokens else
@@ -110,18 +111,23 @@ def _summary(ko, blocks, sinks) -> str:
 
 
 @guard(CausalOut)
-def run_causal(state, box="", token=MEAN, request: gr.Request = None, progress=gr.Progress()) -> CausalOut:
-    """Knock out each head of every captured layer on the stored answer; block the target box; find the sinks."""
+def run_causal(state, box="", block_layers="all", token=MEAN, request: gr.Request = None,
+               progress=gr.Progress()) -> CausalOut:
+    """Knock out each head of every captured layer on the stored answer; block the target box at `block_layers`
+    ('all', 'last' or numbers); find the sinks."""
     rep = Reporter(progress, [("load", 1), ("model", 8), ("draw", 1)])
     st = check_state(state, request, "result")
     res = st["result"]
     _, tok, _ = selection(res.layers, LAST, token, "predicts")
     boxes = _box(box, res.image) or [tuple(b) for b in st.get("boxes") or []]
+    blk = causal.parse_layers(block_layers or "all", "the layers to block")
+    if blk is None:
+        boxes = []
     name = _model_of(st)
     n = max(1, min(len(res.answer_ids) + 4, 32))
     ko, blocks = causal_work(name, registry.resolve(name, request), res.image, res.question, list(res.answer_ids),
                              [list(b) for b in boxes], n, st.get("budget"),
-                             model_progress(rep, "knocking out every head"))
+                             model_progress(rep, "knocking out every head"), blk)
     sinks = causal.detect_sinks(res)
     c = causal.CausalResult(knockout=ko, blocks=blocks, sinks=sinks, meta={"model_name": name})
     rd = Path(st["dir"]) / "result"
@@ -213,6 +219,8 @@ def layout() -> dict:
             box = gr.Textbox(label="region to block: x0,y0,x1,y1 in pixels (optional)",
                              placeholder="empty: the example's box (none for other images: no blocking)",
                              elem_id="i-causal-box")
+            block_layers = gr.Textbox("all", label="layers where it is blocked", max_lines=1,
+                                      info="'all', 'last', 'none' or numbers such as 0,2", elem_id="i-causal-layers")
             run = gr.Button("Knock out every head", elem_id="i-causal-run")
         status = gr.Markdown(elem_id="i-causal-status")
         summary = gr.Markdown(elem_id="i-causal-summary")
@@ -228,14 +236,15 @@ def layout() -> dict:
                 effect = gr.Markdown(elem_id="i-causal-effect")
         blocking = gr.Image(label="Blocking the region", show_label=False, format="png", interactive=False,
                             elem_id="i-causal-blocking", height=330)
-    return {"box": box, "run": run, "status": status, "summary": summary, "grid": grid, "clean": clean,
-            "cell": cell, "effect": effect, "blocking": blocking}
+    return {"box": box, "block_layers": block_layers, "run": run, "status": status, "summary": summary, "grid": grid,
+            "clean": clean, "cell": cell, "effect": effect, "blocking": blocking}
 
 
 def wire(c: dict, state, tokens) -> None:
     out = [c["status"], c["grid"], c["summary"], c["blocking"]]
     cell_out = [c["status"], c["cell"], c["effect"]]
-    c["run"].click(run_causal, [state, c["box"], tokens], out, api_name="causal", preprocess=False)
+    c["run"].click(run_causal, [state, c["box"], c["block_layers"], tokens], out, api_name="causal",
+                   preprocess=False)
     c["grid"].select(causal_select, [state, tokens, c["clean"]], cell_out, api_visibility="private",
                      preprocess=False)
     c["clean"].input(causal_redraw, [state, tokens, c["clean"]], cell_out, api_name="causal_cell", preprocess=False)

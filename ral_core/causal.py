@@ -251,6 +251,23 @@ def _span(layers) -> str:
     return ", ".join(map(str, layers))
 
 
+def parse_layers(text: str, what: str = "layers"):
+    """'all' | 'last' | 'none' (→ None) | '0,3,-1' → a layer spec for `adapter.resolve_layers`; else one line."""
+    t = str(text).strip().lower()
+    if t in ("all", "last"):
+        return t
+    if t == "none":
+        return None
+    try:
+        out = [int(v) for v in t.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or len(t) > 200:
+        raise RALError(f"{what} must be 'all', 'last', 'none' or layer numbers such as 0,3,-1; "
+                       f"got {str(text)[:60]!r}")
+    return out
+
+
 def box_tokens(geometry, boxes, min_cover: float = 0.0) -> np.ndarray:
     """Indices of the visual tokens whose rectangle lies inside the boxes by more than `min_cover` of its area
     (default: any overlap)."""

@@ -645,17 +645,8 @@ def _add_causal(sub):
 
 def _layer_list(text: str, flag: str):
     """'all' | 'last' | 'none' (None) | '0,3,-1' → a layer spec for adapter.resolve_layers."""
-    from ral_core.errors import RALError
-
-    t = text.strip().lower()
-    if t in ("all", "last"):
-        return t
-    if t == "none":
-        return None
-    try:
-        return [int(v) for v in t.split(",") if v.strip()]
-    except ValueError:
-        raise RALError(f"{flag} must be 'all', 'last', 'none' or layer numbers such as 0,3,-1; got {text!r}") from None
+    from ral_core.causal import parse_layers
+    return parse_layers(text, flag)
 
 
 def cmd_causal(a) -> int:

@@ -343,10 +343,11 @@ def test_app_causal_endpoints(tmp_path_factory, tiny_model_dir):
         c = Client(url, verbose=False)
         assert c.predict("tiny-a", handle_file(ex), "Read row 1.", 3, False, 1.0, "last", "predicts",
                          api_name="/inspect")[0] == ""
-        status, grid, summary, blocking = c.predict("", "mean", api_name="/causal")
+        status, grid, summary, blocking = c.predict("", "0", "mean", api_name="/causal")
         assert status == "" and Path(grid).stat().st_size > 1000 and Path(blocking).stat().st_size > 1000
-        assert "forwards" in summary and "**Blocking:**" in summary
-        assert c.predict("9,9", "mean", api_name="/causal")[0].startswith("⚠️ the target box must be four numbers")
+        assert "forwards" in summary and "**Blocking:**" in summary and "layer(s) 0)" in summary
+        assert c.predict("9,9", "all", "mean", api_name="/causal")[0].startswith("⚠️ the target box must be four")
+        assert c.predict("", "two", "mean", api_name="/causal")[0].startswith("⚠️ the layers to block must be")
         assert c.predict("mean", False, api_name="/causal_cell")[0] == ""
         assert c.predict("tiny-a", "tiny-a", handle_file(ex), "Read row 1.", 3, False, 1.0, "last", "predicts",
                          api_name="/compare")[0] == ""
