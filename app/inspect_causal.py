@@ -5,7 +5,6 @@ renormalises it without them. Running the checks re-runs the model; every redraw
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +16,8 @@ from ral_core.errors import RALError
 from ral_core.limits import deadline, request_seconds
 
 from app import gpu, registry
-from app.common import LAST, MEAN, RENDER_LOCK, check_state, flag, guard, model_progress, selection
+from app.common import (LAST, MEAN, RENDER_LOCK, answer_text, check_state, flag, guard, model_progress,
+                        plain_markdown, selection)
 from app.inspect_probes import _box, _model_of
 from app.inspect_tab import cell_at
 from app.model_work import served
@@ -84,13 +84,6 @@ def _draw_grid(st, ko, token) -> str:
     return str(png)
 
 
-def _code(text: str) -> str:
-    """Model text as an inline code span no backtick in it can close (Markdown shows it as written)."""
-    text = " ".join(str(text).splitlines()) or " "
-    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
-
-
 def _summary(ko, blocks, sinks) -> str:
     top = ko.ranked(n=3)
     parts = [f"**Knock-out grid:** {len(ko.layers)} layers × {ko.num_heads} heads in {ko.forwards} forwards "
@@ -103,7 +96,7 @@ def _summary(ko, blocks, sinks) -> str:
     for b in blocks:
         parts.append(f"**Blocking:** the answer's attention to the box ({len(b.blocked_tokens)} visual token(s), "
                      f"layer(s) {causal._span(b.layers)}): Δ log p {b.mean_delta:+.3g} per answer token; greedy "
-                     f"answer {_code(b.answer)} → {_code(b.new_answer)}"
+                     f"answer {answer_text(b.answer)} → {answer_text(b.new_answer)}"
                      + (" (**changed**)." if b.changed else " (unchanged)."))
     parts.append(f"**Sinks:** {len(sinks.tokens)} visual token(s) outlined (dashed green)." if sinks.tokens else
                  "**Sinks:** none among the visual tokens (no token takes > 30 % of the row in most heads).")
@@ -222,8 +215,8 @@ def layout() -> dict:
             block_layers = gr.Textbox("all", label="layers where it is blocked", max_lines=1,
                                       info="'all', 'last', 'none' or numbers such as 0,2", elem_id="i-causal-layers")
             run = gr.Button("Knock out every head", elem_id="i-causal-run")
-        status = gr.Markdown(elem_id="i-causal-status")
-        summary = gr.Markdown(elem_id="i-causal-summary")
+        status = plain_markdown(elem_id="i-causal-status")
+        summary = gr.Markdown(elem_id="i-causal-summary", latex_delimiters=[])  # model text: '$' is a dollar
         with gr.Row():
             with gr.Column(scale=3, min_width=400):
                 grid = gr.Image(label="Knock-out grid (click a cell)", show_label=False, format="png",
@@ -233,7 +226,7 @@ def layout() -> dict:
                                     elem_id="i-causal-clean")
                 cell = gr.Image(label="That head's map and its knock-out effect", show_label=False, format="png",
                                 interactive=False, elem_id="i-causal-cell", height=330)
-                effect = gr.Markdown(elem_id="i-causal-effect")
+                effect = gr.Markdown(elem_id="i-causal-effect", latex_delimiters=[])
         blocking = gr.Image(label="Blocking the region", show_label=False, format="png", interactive=False,
                             elem_id="i-causal-blocking", height=330)
     return {"box": box, "block_layers": block_layers, "run": run, "status": status, "summary": summary, "grid": grid,
@@ -306,7 +299,7 @@ def compare_layout() -> dict:
                     "their rank by how far their attention moved. A head that moved but whose knock-out effect did "
                     "not change moved where it does not matter for this answer.", elem_classes=["explain"])
         run = gr.Button("Knock out every head of A and B", elem_id="c-causal-run")
-        status = gr.Markdown(elem_id="c-causal-status")
+        status = plain_markdown(elem_id="c-causal-status")
         ranking = gr.Dataframe(headers=KO_HEADERS, interactive=False, wrap=True, elem_id="c-causal-ranking")
     return {"run": run, "status": status, "ranking": ranking}
 
