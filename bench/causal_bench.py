@@ -3,9 +3,10 @@
     .venv/bin/python bench/causal_bench.py            # default model + Qwen2-VL-2B twin (cut to 1 and 2 layers)
     .venv/bin/python bench/causal_bench.py --quick    # smaller twin input, one repeat, prints instead of writing
 
-Three ways to fill the same layers × heads grid, timed side by side in one process (one torch thread):
-- batched: the grid as shipped, one forward of batch H per layer through the capture function (`head_scale`), the
-  image encoded once;
+Ways to fill the same layers × heads grid, timed side by side in one process (one torch thread):
+- batched + shared prefix (shipped): one forward per layer through the capture function (`head_scale`), the image
+  encoded once, the layers before the knocked-out one run as one row that forks into H rows there;
+- batched: the same without the shared prefix (H rows from the input);
 - per head: the same path with one variant per forward (chunk 1): 1 + L·H forwards of batch 1;
 - naive (default model only): what a hand-made loop does, one forward per head with a pre-hook on o_proj zeroing
   the head's slice, the image re-encoded every time.
@@ -33,15 +34,17 @@ EXAMPLE = ROOT / "assets" / "examples" / "grid3_cell.png"
 QUESTION = "What digit is in row 2 column 1?"
 PHOTO = ROOT / "assets" / "examples" / "photos" / "chelsea.jpg"
 TWIN, TWIN_LAYERS = "qwen2_vl_2b", 28
+# (name, chunk, shared prefix)
+MODES = [("batched + shared prefix", None, True), ("batched", None, False), ("per head", 1, False)]
 log = C.logger("causal_bench")
 
 
-def timed_grid(adapter, image, question, ids, chunk):
+def timed_grid(adapter, image, question, ids, chunk, share):
     """knockout() with each forward's wall and CPU seconds (from its progress calls): (result, [(wall, cpu)])."""
     from ral_core.causal import knockout
 
     marks = [(time.perf_counter(), time.process_time())]
-    ko = knockout(adapter, image, question, ids, chunk=chunk,
+    ko = knockout(adapter, image, question, ids, chunk=chunk, share_prefix=share,
                   progress=lambda k, n: marks.append((time.perf_counter(), time.process_time())))
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
     return ko, steps
@@ -83,10 +86,10 @@ def bench_default(repeats: int) -> dict:
     im = load_image(EXAMPLE)
     ids = inspect(a, im, QUESTION, max_new_tokens=8).answer_ids
     rows = {}
-    for mode, chunk in (("batched", None), ("per head", 1)):
+    for mode, chunk, share in MODES:
         runs = []
         for _ in range(repeats):
-            ko, steps = timed_grid(a, im, QUESTION, ids, chunk)
+            ko, steps = timed_grid(a, im, QUESTION, ids, chunk, share)
             runs.append((ko.seconds, ko.cpu_seconds))
         rows[mode] = {"forwards": ko.forwards, "wall": C.median([r[0] for r in runs]),
                       "cpu": C.median([r[1] for r in runs]), "delta": ko.delta}
@@ -111,10 +114,10 @@ def bench_twin(quick: bool, repeats: int) -> dict:
                        tokenizer_cache=str(ROOT / "bench" / "_work" / "real" / "tokenizers"))
         ids = a.encode_answer("a cat", eos=False)
         per = {}
-        for mode, chunk in (("batched", None), ("per head", 1)):
+        for mode, chunk, share in MODES:
             walls, cpus = [], []
             for _ in range(repeats):
-                ko, steps = timed_grid(a, im, "What animal is in the picture?", ids, chunk)
+                ko, steps = timed_grid(a, im, "What animal is in the picture?", ids, chunk, share)
                 # steps[0]: image encoding + the base forward; then one step per forward of `chunk` variants
                 walls.append([s[0] for s in steps[1:]])
                 cpus.append([s[1] for s in steps[1:]])
@@ -129,7 +132,7 @@ def bench_twin(quick: bool, repeats: int) -> dict:
         del a
     H = fits[1]["heads"]
     out = {"heads": H, "tokens": fits[1]["tokens"], "visual": fits[1]["visual"], "depths": fits, "image": list(side)}
-    for mode in ("batched", "per head"):
+    for mode, _, _ in MODES:
         for key in ("fwd_wall", "fwd_cpu"):
             f1, f2 = fits[1]["per"][mode][key], fits[2]["per"][mode][key]
             b = max(f2 - f1, 0.0)  # per decoder layer
@@ -139,10 +142,13 @@ def bench_twin(quick: bool, repeats: int) -> dict:
     out["per head"]["forwards"] = 1 + L * H
     for mode in ("batched", "per head"):
         n_var = out[mode]["forwards"] - 1
-        per_fwd = out[mode]["fwd_wall"]["full"]
-        base = out["per head"]["fwd_wall"]["full"]  # the base forward is batch 1 in both
-        out[mode]["grid_wall"] = base + n_var * per_fwd
         out[mode]["grid_cpu"] = out["per head"]["fwd_cpu"]["full"] + n_var * out[mode]["fwd_cpu"]["full"]
+    # shared prefix: the forward of layer l's chunk runs l layers at batch 1 and L − l at batch H (slopes measured
+    # above), plus the batched forward's fixed part
+    b1, bH, aH = (out["per head"]["fwd_cpu"]["b"], out["batched"]["fwd_cpu"]["b"], out["batched"]["fwd_cpu"]["a"])
+    sh = out["batched + shared prefix"]
+    sh["forwards"] = 1 + L
+    sh["grid_cpu"] = out["per head"]["fwd_cpu"]["full"] + sum(aH + b1 * l + bH * (L - l) for l in range(L))
     return out
 
 
@@ -158,13 +164,15 @@ def report(meta, d, t, quick, busy_before) -> str:
          f"{d['answer_tokens']} answer token(s), bundled example grid3_cell)\n",
          "| way | forwards | wall s (median) | CPU s | CPU s per layer of the grid |",
          "|---|---:|---:|---:|---:|"]
-    names = {"batched": "batched (shipped): one forward of batch H per layer, image encoded once",
+    names = {"batched + shared prefix": "batched + shared prefix (shipped): one forward per layer, its earlier "
+                                        "layers at batch 1, then H rows",
+             "batched": "batched: one forward of batch H per layer, image encoded once",
              "per head": "per head: one forward of batch 1 per head, image encoded once",
              "naive": "naive: one forward per head, o_proj hook, image re-encoded each time"}
     for m, r in d["rows"].items():
         L.append(f"| {names[m]} | {r['forwards']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['cpu'] / d['layers']:.3f} |")
-    L.append(f"\nAll three grids agree to {d['max_diff']:.1e} in Δ log p. Batched vs naive: "
-             f"{d['rows']['naive']['cpu'] / d['rows']['batched']['cpu']:.1f}× less CPU time.\n")
+    L.append(f"\nAll grids agree to {d['max_diff']:.1e} in Δ log p. Shipped vs naive: "
+             f"{d['rows']['naive']['cpu'] / d['rows']['batched + shared prefix']['cpu']:.1f}× less CPU time.\n")
     H = t["heads"]
     L += [f"## Qwen2-VL-2B twin (published width, {H} heads, random weights; {t['tokens']} prompt tokens of which "
           f"{t['visual']} visual, photo resized to {t['image'][0]}×{t['image'][1]})\n",
@@ -175,19 +183,23 @@ def report(meta, d, t, quick, busy_before) -> str:
           "| way | forwards (28 layers) | per forward, 1 layer (wall / CPU s) | per forward, 2 layers | "
           "per extra layer (CPU s) | full grid, extrapolated (CPU s) | per layer of the grid (CPU s) |",
           "|---|---:|---:|---:|---:|---:|---:|"]
-    for m in ("batched", "per head"):
+    for m, _, _ in MODES:
         p1, p2 = t["depths"][1]["per"][m], t["depths"][2]["per"][m]
         r = t[m]
         L.append(f"| {m} (batch {p1['batch']}) | {r['forwards']} | {p1['fwd_wall']:.3f} / {p1['fwd_cpu']:.3f} | "
                  f"{p2['fwd_wall']:.3f} / {p2['fwd_cpu']:.3f} | {r['fwd_cpu']['b']:.3f} | "
                  f"{r['grid_cpu']:.0f} | {r['grid_cpu'] / TWIN_LAYERS:.2f} |")
     ratio = t["per head"]["grid_cpu"] / t["batched"]["grid_cpu"]
-    L.append(f"\nOne forward per head / batched, CPU time of the full grid: {ratio:.2f}. At real width a CPU forward "
-             "is compute-bound, so batching H variants into one forward does not make the grid's arithmetic cheaper: "
-             f"it cuts the calls ({t['batched']['forwards']} instead of {t['per head']['forwards']}) and, with the "
-             "image encoded once, the vision tower's runs (1 instead of one per forward). The grid's cost grows as "
-             "layers² (one forward per layer, each through every layer). Not measured here: an accelerator, where a "
-             f"batch of {H} short sequences takes about the time of one and batching is the saving that counts.\n")
+    shared = t["per head"]["grid_cpu"] / t["batched + shared prefix"]["grid_cpu"]
+    L.append(f"\nCPU time of the full grid, one forward per head / batched: {ratio:.2f}; / batched with the shared "
+             f"prefix (shipped): {shared:.2f}. At real width a CPU forward is compute-bound, so batching H variants "
+             "into one forward does not make the arithmetic cheaper by itself: it cuts the calls "
+             f"({t['batched']['forwards']} instead of {t['per head']['forwards']}) and the vision tower's runs (one). "
+             "Running the layers before a chunk's knocked-out layer once (one row, forked into H rows there) removes "
+             "about half the layer-forwards: the grid then costs about L²·H/2 layer-rows instead of L²·H. The "
+             "shared-prefix row at 28 layers is computed from the measured per-layer slopes at batch 1 and batch H "
+             "(the fork's own forwards at 1 and 2 layers are in the table). Not measured here: an accelerator, where "
+             f"a batch of {H} short sequences takes about the time of one.\n")
     worst = min([r["cpu"] / r["wall"] for r in d["rows"].values()]
                 + [t["depths"][k]["per"][m]["fwd_cpu"] / t["depths"][k]["per"][m]["fwd_wall"]
                    for k in (1, 2) for m in ("batched", "per head")])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,7 @@ class Knockout:
     intervention: str = INTERVENTION
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    shared_prefix: bool = False   # the layers before each chunk's first knocked-out layer ran once per chunk
 
     @property
     def naive_forwards(self) -> int:
@@ -164,12 +166,30 @@ class Knockout:
         return cls(**d)
 
 
+@contextmanager
+def _fork_at(model, layer: int, n: int):
+    """Inside the block, a one-row forward becomes n identical rows at the input of decoder layer `layer`: the
+    variants of a chunk differ only from their knocked-out layer on, so the layers before it run once."""
+    def fork(_m, args, kwargs):
+        if args:
+            return (args[0].repeat(n, *([1] * (args[0].dim() - 1))), *args[1:]), kwargs
+        h = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": h.repeat(n, *([1] * (h.dim() - 1)))}
+    handle = _text_model(model).layers[layer].register_forward_pre_hook(fork, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def knockout(adapter, image, question: str, answer_ids: list[int], layers="all", chunk: int | None = None,
-             progress=None) -> Knockout:
+             progress=None, share_prefix: bool = True) -> Knockout:
     """Knock out each head of `layers` (zero its output before the output projection) and score the answer.
 
-    `chunk`: variants per forward (default: the number of heads, one forward per layer). `progress(done, total)` is
-    called after each forward."""
+    `chunk`: variants per forward (default: the number of heads, one forward per layer). `share_prefix`: the layers
+    before a chunk's first knocked-out layer run once for the chunk (one row, forked into a row per variant there),
+    where the family's forward allows it (tried on the first chunk). `progress(done, total)` is called after each
+    forward."""
     model = adapter.model
     layer_idx = adapter.resolve_layers(layers)
     H = adapter.num_heads
@@ -180,6 +200,7 @@ def knockout(adapter, image, question: str, answer_ids: list[int], layers="all",
     s = _prepare(adapter, image, question, answer_ids)
     variants = [(l, h) for l in layer_idx for h in range(H)]
     n_fwd = 1 + math.ceil(len(variants) / chunk)
+    share = bool(share_prefix)
     with torch.no_grad():
         base = _answer_logp(model, s.batch(1), s.ids)[0]
         if progress:
@@ -191,15 +212,25 @@ def knockout(adapter, image, question: str, answer_ids: list[int], layers="all",
             scale = {}
             for i, (l, h) in enumerate(part):
                 scale.setdefault(l, torch.ones(len(part), H, device=adapter.device))[i, h] = 0.0
-            with capture(model, layers=[], head_scale=scale):
-                lp = _answer_logp(model, s.batch(len(part)), s.ids)
+            lp = None
+            if share:  # one row up to the chunk's first knocked-out layer, then a row per variant
+                try:
+                    with capture(model, layers=[], head_scale=scale), _fork_at(model, part[0][0], len(part)):
+                        lp = _answer_logp(model, s.batch(1), s.ids)
+                    assert lp.shape[0] == len(part)
+                except (RuntimeError, IndexError, ValueError, AssertionError):
+                    # this family's forward uses batch-1 tensors past the fork: every row from the input instead
+                    share, lp = False, None
+            if lp is None:
+                with capture(model, layers=[], head_scale=scale):
+                    lp = _answer_logp(model, s.batch(len(part)), s.ids)
             for i, (l, h) in enumerate(part):
                 delta[layer_idx.index(l), h] = (lp[i] - base).cpu()
             if progress:
                 progress(k + 2, n_fwd)
     return Knockout(layers=layer_idx, num_heads=H, answer_ids=list(s.ids), answer_tokens=_tokens(adapter, s.ids),
                     base_logp=base.cpu().double().numpy(), delta=delta.double().numpy(), forwards=n_fwd, chunk=chunk,
-                    seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+                    seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, shared_prefix=share)
 
 
 # ---- region blocking ------------------------------------------------------------------------------------------------
