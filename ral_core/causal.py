@@ -14,7 +14,9 @@ family keeps its SDPA kernel: no eager switch, which changes some models' output
   larger than under mean-ablation; read the grid as an upper bound on how much the answer needs the head.
   Batching: every row of a batch is one (layer, head) variant, each carrying its own per-layer [B, H] scale, so the
   full grid costs 1 + ⌈layers·heads / chunk⌉ forwards (chunk = heads by default: one forward of batch H per layer),
-  against 1 + layers·heads for one forward per head. The image is encoded once (`VisionCache`) for all of them.
+  against 1 + layers·heads for one forward per head. The image is encoded once (`VisionCache`) for all of them, and
+  the layers before a chunk's first knocked-out layer run as one row that forks into the chunk's rows there (the
+  variants are identical up to it), which halves the layer-forwards of the grid.
 - **Region blocking** (`block_region`): the answer rows (the query that predicts each answer token and the answer
   tokens' own rows) may not attend to the visual tokens that see a box, in chosen layers: an additive −inf logits
   bias on those (row, key) pairs. Reports each answer token's log-probability change (teacher-forced) and the new
