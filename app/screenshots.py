@@ -4,8 +4,10 @@ Serves the app on a free local port with the configured models (RAL_MODELS_CONFI
 model preselected), drives Debian's /usr/bin/chromium at 1280×800 and writes
   inspect.png  an Inspect result (first answer token),
   levers.png   Inspect's causal-lever chart and an explored rollout,
+  inspect_photo.png  Inspect on a bundled photo with the models listed (offline: the digit-grid models only, so the
+               photo examples carry their note and the answer is empty),
   train.png    the Train tab mid-run (RAL, RAL_SHOT_STEPS steps, default 8, snapshot every 2),
-  compare.png  the first model against the checkpoint that run left (`session: ral-1`).
+  compare.png  the preselected pair (app/models.yaml: default vs default-trained) on a bundled digit grid.
 """
 from __future__ import annotations
 
@@ -55,6 +57,14 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             time.sleep(1.0)  # let the head grid settle
             pg.screenshot(path=str(out / "inspect.png"), full_page=True)
 
+            src = pg.locator("#i-overlay img").get_attribute("src")
+            pg.get_by_text("What animal is in the picture?").first.click()
+            pg.click("#i-run")
+            pg.wait_for_function(CHANGED.format(img=IMG, old=src), arg="#i-overlay img")
+            pg.wait_for_function(IMG, arg="#i-summary img")
+            time.sleep(1.0)
+            pg.screenshot(path=str(out / "inspect_photo.png"), full_page=True)
+
             pg.click("#i-levers-section button")  # open both accordions, run them
             pg.click("#i-levers-run")
             pg.wait_for_function(IMG, arg="#i-levers img")
@@ -88,9 +98,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
                                  timeout=1_800_000)
 
             pg.get_by_role("tab", name="Compare").click()
-            pg.click("#c-model-b input")
-            pg.click('#c-model-b li[aria-label="session: ral-1"]')
-            pg.get_by_text("Read row 1.").last.click()
+            pg.get_by_text("Where is the 2?").last.click()
             pg.click("#c-run")
             pg.wait_for_function(IMG, arg="#c-figure img")
             time.sleep(1.0)
@@ -98,7 +106,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             ctx.close()
     finally:
         demo.close()
-    print(f"wrote inspect.png, levers.png, train.png and compare.png in {out}")
+    print(f"wrote inspect.png, inspect_photo.png, levers.png, train.png and compare.png in {out}")
     return 0
 
 
