@@ -357,6 +357,10 @@ def test_uploaded_zip_trains(env, tmp_path):
      "line 1: 'a.png' is not an image"),
     ({"train.jsonl": rows({"image": "gone.png", "question": "q", "answer": "1"})}, (),
      "line 1: image file 'gone.png' does not exist"),
+    # every row is checked, not the first 2,000: a later bad row used to fail in training, naming the server folder
+    ({"train.jsonl": rows(*[{"image": "a.png", "question": "q", "answer": "1"}] * 2000,
+                          {"image": "late.png", "question": "q", "answer": "1"}), "a.png": png_bytes()}, (),
+     "line 2001: image file 'late.png' does not exist"),
 ])
 def test_bad_zips_give_a_message(env, tmp_path, members, links, expect):
     z = make_zip(tmp_path / "up.zip", members, links)
