@@ -63,7 +63,8 @@ class TrainConfig:
     teacher: str = ""
     lambda_ground: float = 0.0           # attention target: w_i · D(q_box ‖ p_visual), from update 1 (grounding.py)
     ground_on: str = "rewarded"          # rollouts the target term acts on: rewarded | advantage (A-weighted)
-    ground_div: str = "kl"               # the target term's divergence: kl (KL(q ‖ p)) | jsd | mass (−log on-target share)
+    ground_div: str = "kl"               # target term: kl (KL(q ‖ p)) | jsd | mass (−log on-target share) | auto
+                                         # (kl for one box, mass for several)
     attn_layers: typing.Any = "last"     # last | all | int | list of ints
     attn_row: str = "own"                # own (paper) | predicts
     attn_support: str = "all"            # all | visual
@@ -162,7 +163,7 @@ class TrainConfig:
         if (self.gamma_opad > 0 or self.lambda_token_kl > 0) and not self.teacher:
             raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")
         need(self.ground_on in ("rewarded", "advantage"), "ground_on must be rewarded or advantage")
-        need(self.ground_div in ("kl", "jsd", "mass"), "ground_div must be kl, jsd or mass")
+        need(self.ground_div in ("kl", "jsd", "mass", "auto"), "ground_div must be kl, jsd, mass or auto")
         if self.teacher and (self.gamma_opad > 0 or self.lambda_token_kl > 0) and _same_model(self.teacher, self.model):
             raise RALError(f"the teacher is the student itself ({self.teacher!r}): OPAD would distil the model into "
                            "itself and move nothing — use teacher=teacher (the bundled task-trained teacher) or "

@@ -41,7 +41,7 @@ from ral_core.losses import EPS, LossContext, group_advantages, jsd, register_lo
 GROUND_SMOOTH = 0.1
 REWARD_EPS = 1e-6           # ε of the attention reward (attention values of one token are ≥ 1e-4 in practice)
 GROUND_ON = ("rewarded", "advantage")
-GROUND_DIV = ("kl", "jsd", "mass")
+GROUND_DIV = ("kl", "jsd", "mass", "auto")
 
 
 # ---- boxes ------------------------------------------------------------------------------------------------
@@ -256,9 +256,13 @@ def _ground_term(div: str):
         g = getattr(ctx.batch, "ground", None) or {}
         if "weight" not in g or not ctx.attn:
             return ctx.logp.sum() * 0.0, {}
-        q = ctx.batch.target_keys if div == "mass" else g["target"]
         has = g["target"].sum(-1) > 0
-        d = target_divergence(visual_rows(ctx.attn, ctx.batch.visual_keys), q, div)
+        p = visual_rows(ctx.attn, ctx.batch.visual_keys)
+        if div == "auto":  # one region: every row may look at all of it; several: a row may read one at a time
+            d = torch.where(g["regions"][:, None] > 1, target_divergence(p, ctx.batch.target_keys, "mass"),
+                            target_divergence(p, g["target"], "kl"))
+        else:
+            d = target_divergence(p, ctx.batch.target_keys if div == "mass" else g["target"], div)
         w = (g["weight"].float() * has.float())[:, None]
         with torch.no_grad():
             m = ctx.mask.float() * has[:, None].float()
@@ -268,9 +272,10 @@ def _ground_term(div: str):
 
 
 # one registered term per divergence, so the config's ground_div picks by weight (the loss sees only its context)
+LOSSES_BY_DIV = {d: _ground_term(d) for d in GROUND_DIV}
 for _div in GROUND_DIV:
     register_loss(f"ground_{_div}", weight=lambda cfg, batch, d=_div: getattr(cfg, "lambda_ground", 0.0)
-                  if getattr(cfg, "ground_div", "kl") == d else 0.0)(_ground_term(_div))
+                  if getattr(cfg, "ground_div", "kl") == d else 0.0)(LOSSES_BY_DIV[_div])
 
 
 def score_grounding(ro, adapter, reward_model=None, adv_scale: str = "std", smooth: float = GROUND_SMOOTH):
@@ -287,7 +292,8 @@ def score_grounding(ro, adapter, reward_model=None, adv_scale: str = "std", smoo
         geos = {g: adapter.geometry(ro.samples[g]["image"]) for g in set(rows) if ro.samples[g].get("boxes")}
         ro.target_keys, q, _ = key_targets(ro.visual_keys, [geos.get(g) for g in rows],
                                            [ro.samples[g].get("boxes") for g in rows], smooth)
-        ro.ground = {"target": q}
+        ro.ground = {"target": q, "regions": torch.tensor([len(ro.samples[g].get("boxes") or ()) for g in rows],
+                                                          device=q.device)}
     for name, weight in rewards.items():
         add_attention_reward(ro, weight, adv_scale=adv_scale, name=name)
     if ro.ground:

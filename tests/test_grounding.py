@@ -201,3 +201,29 @@ def test_jsonl_bad_box_is_refused_up_front_with_its_line(tmp_path, row, msg):
         JsonlDataset(_jsonl(tmp_path, [{}, row]))
     assert str(e.value).startswith("d.jsonl line 2: ") and msg in str(e.value) and "\n" not in str(e.value)
     assert str(tmp_path) not in str(e.value)
+
+
+def test_auto_divergence_is_kl_for_one_box_and_mass_for_several():
+    """`ground_div=auto`: a row of a one-box sample is pulled toward the box target (KL), a row of a several-box
+    sample only toward the boxes' union (−log on-target share), since it may read one region at a time."""
+    from types import SimpleNamespace
+
+    from ral_core.grounding import LOSSES_BY_DIV
+    from ral_core.losses import LossContext
+    g = torch.Generator().manual_seed(1)
+    attn = torch.softmax(torch.randn((2, 1, 3, 6), generator=g), -1)
+    visual = torch.tensor([[0, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
+    cover = torch.tensor([[0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0.]])
+    target = torch.tensor([[0, 0.9, 0.05, 0.05, 0, 0], [0, 0.45, 0.45, 0.05, 0.05, 0]])
+    batch = SimpleNamespace(visual_keys=visual, target_keys=cover,
+                            ground={"target": target, "weight": torch.ones(2), "regions": torch.tensor([1, 3])})
+    mask = torch.ones(2, 3, dtype=torch.bool)
+
+    def value(div, rows):
+        ctx = LossContext(mask=mask[rows], logp=torch.zeros(len(rows), 3), attn=[attn[rows]],
+                          batch=SimpleNamespace(visual_keys=visual[rows], target_keys=cover[rows],
+                                                ground={k: v[rows] for k, v in batch.ground.items()}))
+        return float(LOSSES_BY_DIV[div](ctx)[0])
+    assert value("auto", [0]) == pytest.approx(value("kl", [0]))
+    assert value("auto", [1]) == pytest.approx(value("mass", [1]))
+    assert value("kl", [1]) != pytest.approx(value("mass", [1]))
