@@ -86,13 +86,13 @@ def worker(root: str, setting: str, steps: int) -> dict:
 
 
 def parts(reps: int) -> None:
-    """The two removed pieces alone, in this process (this tree's code), alternating with their old form: the
-    `ral` step's build_inputs (128 rows, 16 images) and the `ral_kl` step's reference pass (128 sequences)."""
+    """The reference model's pass alone, in this process (this tree's code), alternating with its old form (every
+    row's pixels through the reference's own tower, every sequence's whole prompt), on the `ral_kl` step's 128
+    sequences."""
     import dataclasses
 
     import torch
 
-    import ral_core.models.base as base
     from ral_core.config import build_config
     from ral_core.policy import policy_forward
     from ral_core.rollout import make_rollouts
@@ -103,37 +103,25 @@ def parts(reps: int) -> None:
     t = Trainer(build_config("ral", ["model=default", f"output_dir={tmp}/run", "seed=0", "snapshot_every=0",
                                      "save_every=0", "threads=1", "beta=0.04"]))
     prompts = t._prompts(0)
-    G = t.cfg.group_size
-    images = [s["image"] for s in prompts for _ in range(G)]
-    questions = [s["question"] for s in prompts for _ in range(G)]
-    dedupe = base.distinct_images
-
-    def build(old: bool):
-        base.distinct_images = (lambda ims: (list(ims), torch.arange(len(ims)))) if old else dedupe
-        try:
-            t.adapter.build_inputs(images, questions)
-        finally:
-            base.distinct_images = dedupe
     torch.manual_seed(0)
-    ro = make_rollouts(t.adapter, prompts, G, t.rewarder, t.spec, t.cfg.max_new_tokens, vision_cache=True,
-                       share_prompt=t.share_prompt, gen_model=t.model)
-    plain = dataclasses.replace(ro, vision=None, share_prompt=False)  # the old reference pass: every row's pixels
+    ro = make_rollouts(t.adapter, prompts, t.cfg.group_size, t.rewarder, t.spec, t.cfg.max_new_tokens,
+                       vision_cache=True, share_prompt=t.share_prompt, gen_model=t.model)
+    plain = dataclasses.replace(ro, vision=None, share_prompt=False)
 
     @torch.no_grad()
     def ref(old: bool):
         policy_forward(t.ref_model, plain if old else ro, None)
-    for name, fn in (("build_inputs, 128 rows of 16 images", build), ("reference pass, 128 sequences", ref)):
-        fn(True), fn(False)  # warm-up
-        cpu = {True: [], False: []}
-        for r in range(reps):
-            for old in ((True, False) if r % 2 == 0 else (False, True)):
-                c0 = time.process_time()
-                fn(old)
-                cpu[old].append(time.process_time() - c0)
-        b, a = C.median(cpu[True]), C.median(cpu[False])
-        print(f"{name}: CPU ms median (min–max) before {1e3 * b:.1f} ({1e3 * min(cpu[True]):.1f}–"
-              f"{1e3 * max(cpu[True]):.1f}), after {1e3 * a:.1f} ({1e3 * min(cpu[False]):.1f}–"
-              f"{1e3 * max(cpu[False]):.1f}), {reps} alternating rounds")
+    ref(True), ref(False)  # warm-up
+    cpu = {True: [], False: []}
+    for r in range(reps):
+        for old in ((True, False) if r % 2 == 0 else (False, True)):
+            c0 = time.process_time()
+            ref(old)
+            cpu[old].append(time.process_time() - c0)
+    b, a = C.median(cpu[True]), C.median(cpu[False])
+    print(f"reference pass, 128 sequences: CPU ms median (min–max) before {1e3 * b:.1f} ({1e3 * min(cpu[True]):.1f}–"
+          f"{1e3 * max(cpu[True]):.1f}), after {1e3 * a:.1f} ({1e3 * min(cpu[False]):.1f}–"
+          f"{1e3 * max(cpu[False]):.1f}), {reps} alternating rounds")
 
 
 def export(ref: str, tmp: str) -> str:
@@ -152,7 +140,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per worker (after one warm-up step)")
     p.add_argument("--parts", type=int, default=0, metavar="REPS",
-                   help="time only the removed pieces (build_inputs, the reference pass) in this tree, REPS rounds")
+                   help="time only the reference pass, old form against new, in this tree, REPS rounds")
     p.add_argument("--worker", nargs=2, metavar=("ROOT", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.parts:
