@@ -157,23 +157,28 @@ def client_burst(url: str, kind: str, n: int, start_at: float, offset: int = 0) 
     return {"lat": [x for x in lat if x is not None], "errors": errors, "client_cpu_s": cpu, "downloads": downloaded}
 
 
-def _server_cpu(pid: int) -> float:
-    """CPU seconds of the server and everything under it (render workers, a training process)."""
+def _server_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of the server and of each process under it (render workers, a training process), by pid."""
     import psutil
 
     try:
         procs = [psutil.Process(pid)]
         procs += procs[0].children(recursive=True)
     except psutil.Error:
-        return float("nan")
-    total = 0.0
+        return {}
+    out = {}
     for p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            out[p.pid] = t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return out
+
+
+def _cpu_between(before: dict, after: dict) -> float:
+    """CPU the server's processes used between two readings (a process gone by the second one is left out)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def burst(srv: "Server", kind: str, n: int) -> dict:
@@ -186,7 +191,7 @@ def burst(srv: "Server", kind: str, n: int) -> dict:
     if out.returncode:
         raise RuntimeError(f"client process failed: {out.stderr[-1000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    res.update(start=start_at, end=time.time(), server_cpu_s=s1 - s0)
+    res.update(start=start_at, end=time.time(), server_cpu_s=_cpu_between(s0, s1))
     return res
 
 
@@ -293,7 +298,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.md"))
     p.add_argument("--clients", type=int, default=20, help="clients per burst")
     p.add_argument("--baseline-rev", default="", help="also measure the server of this earlier commit")
-    p.add_argument("--steps", type=int, default=200, help="length of the training run (it is cancelled after)")
+    p.add_argument("--steps", type=int, default=500, help="length of the training run (cancelled after the bursts)")
     p.add_argument("--rounds", type=int, default=3, help="bursts per client kind and scenario")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ral_load_"))
