@@ -98,7 +98,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
                                  timeout=1_800_000)
 
             pg.get_by_role("tab", name="Compare").click()
-            pg.get_by_text("Where is the 2?").last.click()
+            pg.get_by_text("What digit is in row 2 column 1?").last.click()
             pg.click("#c-run")
             pg.wait_for_function(IMG, arg="#c-figure img")
             time.sleep(1.0)
