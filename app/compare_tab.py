@@ -89,6 +89,7 @@ def run_compare(model_a, model_b, image, question, max_new_tokens=16, do_sample=
                 progress=gr.Progress()) -> CompareOut:
     """A answers; A and B are both scored teacher-forced on A's answer; each model's free answer is shown."""
     rep = Reporter(progress, [("load", 2), ("model", 10), ("save", 1), ("draw", 2)])
+    parse_magnify(magnify)  # a bad value is refused before any model work
     img = image_from_upload(image)
     q = parse_question(question)
     opts = gen_options(max_new_tokens, do_sample, temperature)

@@ -52,3 +52,10 @@ def test_photo_examples_carry_a_note_while_only_digit_models_are_listed(models_f
     assert registry.reads_photos()
     page = _page_texts(build_app())
     assert PHOTOS_NOTE not in page and "Examples: photos" in page
+
+
+def test_a_bad_magnification_is_one_line_before_any_model_work():
+    from app import compare_tab
+    out = compare_tab.run_compare("default", "default", None, "q", magnify="0.5")
+    assert out.status.startswith("⚠️") and "magnify must be 'auto' or a factor" in out.status
+    assert out.status.count("\n") == 0
