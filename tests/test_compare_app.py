@@ -32,8 +32,9 @@ def test_a_hub_model_that_cannot_load_is_named_with_how_to_add_a_folder(models_f
     assert "app/models.yaml" in page and "RAL_MODELS_CONFIG" in page and "--model" not in page
 
 
-def test_loading_errors_name_no_command_line_flag():
+def test_loading_errors_name_no_command_line_flag(monkeypatch):
     """The hub's own offline / no-network messages, as a browser user gets them from the server."""
+    monkeypatch.setenv("RAL_ALLOW_DOWNLOAD", "0")
     with pytest.raises(Exception) as e:
         registry.serve("x", "HuggingFaceTB/SmolVLM-256M-Instruct")
     msg = str(e.value)
