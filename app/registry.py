@@ -108,11 +108,18 @@ def get_adapter(name: str, request=None):
 def _key(spec: str) -> tuple:
     """A model folder's identity, not only its path: a session's checkpoint name can be used again after its folder
     was swept, and the new weights must never be served from the old entry."""
-    try:
-        st = (Path(spec) / "config.json").stat()
-    except OSError:
-        return (spec,)
-    return spec, st.st_ino, st.st_mtime_ns
+    folder = Path(spec)
+    if not folder.is_dir():
+        return (spec,)  # 'default' or a hub id: not a folder a session can rewrite
+    stamp = []
+    # every file that decides the weights (a full model's config and shards, a LoRA's adapter files)
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        stamp.append((f.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return (spec, *stamp)
 
 
 def is_loaded(spec: str) -> bool:
