@@ -327,7 +327,9 @@ def _compare_tab(choices):
 
 def _train_tab(choices):
     first = registry.initial_model()
-    rec = training.recipe_defaults("ral")  # the page starts from the RAL recipe's calibrated values
+    algo0 = training.DEFAULT_ALGORITHM
+    # the page starts from the default recipe's calibrated values
+    rec = training.recipe_defaults(training.ALGORITHMS[algo0][1], training.ALGORITHMS[algo0][3])
     _explain(TRAIN_INTRO)
     with gr.Accordion("What this server can train (and other hosts)", open=False):
         gr.Markdown(gpu.host_markdown(), elem_id="t-hosts")
@@ -339,14 +341,16 @@ def _train_tab(choices):
             upload = gr.File(label="Data set zip", file_types=[".zip"], file_count="single", visible=False,
                              elem_id="t-upload")
             upload_info = gr.Markdown(UPLOAD_INFO, visible=False, elem_classes=["explain"])
-            algo = gr.Radio([(v[0], k) for k, v in training.ALGORITHMS.items()], value="ral", label="Algorithm",
+            algo = gr.Radio([(v[0], k) for k, v in training.ALGORITHMS.items()], value=algo0, label="Algorithm",
                             elem_id="t-algo")
-            algo_help = _explain(training.ALGO_HELP["ral"])
-            teacher = gr.Dropdown(choices, value=next((c for c in choices if c != first), first),
+            algo_help = _explain(training.ALGO_HELP[algo0])
+            # OPAD's teacher: the bundled task-trained teacher where it is listed, else another model
+            teacher = gr.Dropdown(choices, value="teacher" if "teacher" in choices and first != "teacher"
+                                  else next((c for c in choices if c != first), first),
                                   label="Teacher (OPAD copies its attention)", visible=False, elem_id="t-teacher")
             steps = _slider("steps", 20, label="steps", info="each: one batch of answers, then 2 "
                               "passes of updates over it", elem_id="t-steps")
-            weight = _slider("weight", rec["lambda_attn"], label="attention weight λ_attn",
+            weight = _slider("weight", rec["weight"], label="attention-target weight λ_ground",
                                elem_id="t-weight")
             with gr.Row():
                 sigma = _slider("explore_sigma", 1.0, label="exploration σ", visible=False)

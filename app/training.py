@@ -24,13 +24,20 @@ from app.common import BOUNDS, N_MODEL_LISTS, RENDER_LOCK, code, guard, md_text
 from app.runs import QUEUE, Run, RunState, max_runs
 
 ALGORITHMS = {  # value → (label, recipe, extra overrides, what the weight slider sets)
+    "grounded": ("RAL + attention target (default: a change you can see)", "grounded", {}, "lambda_ground"),
     "grpo": ("GRPO — reward only", "grpo", {}, None),
     "ral": ("RAL — GRPO + attention term", "ral", {}, "lambda_attn"),
     "ral_visual": ("RAL, image tokens only", "ral", {"attn_support": "visual"}, "lambda_attn"),
     "opad": ("OPAD — copy a teacher's attention", "opad", {}, "gamma_opad"),
     "ral_explore": ("RAL + attention exploration", "ral", {"explore": True}, "lambda_attn"),
 }
+DEFAULT_ALGORITHM = "grounded"
 ALGO_HELP = {
+    "grounded": "**RAL + attention target** (the default): RAL, plus a term that pulls the answer's attention "
+                "toward the question's target region on answers that earned reward (weight λ_ground). RAL's own "
+                "term compares attention with the sampling policy's, so it is zero on each batch's first update "
+                "and small after it: in a run this short it cannot move attention enough to see. Choose **RAL** "
+                "below for the paper's recipe alone.",
     "grpo": "**GRPO**: only the reward trains the model; where it looks changes only as a side effect.",
     "ral": "**RAL**: GRPO plus an attention term — the attention pattern of well-rewarded answers is reinforced, "
            "that of poor answers pushed away (weight λ_attn; the paper used 0.5 – 5).",
@@ -50,17 +57,18 @@ BOUND_OF = {"steps": "steps", "lr": "lr", "weight": "weight", "group_size": "gro
             "max_new_tokens": "train_max_new_tokens", "snapshot_every": "snapshot_every", "seed": "seed"}
 
 
-def recipe_defaults(recipe: str = "ral") -> dict:
-    """The recipe's values for the page's fields, clipped into the page's ranges (fallbacks if unreadable)."""
+def recipe_defaults(recipe: str = "ral", weight_key: str = "lambda_attn") -> dict:
+    """The recipe's values for the page's fields, clipped into the page's ranges (fallbacks if unreadable);
+    `weight` is the recipe's value of what the weight slider sets."""
     out = {"lr": 5e-5, "group_size": 8, "prompts_per_step": 16, "temperature": 1.0, "max_new_tokens": 12,
-           "lambda_attn": 1.0}
+           "weight": 1.0}
     try:
         cfg = build_config(recipe).to_dict()
     except RALError:
         return out
-    key = {"lambda_attn": "weight"}
+    cfg["weight"] = cfg.get(weight_key, out["weight"])
     for k in out:
-        lo, hi, kind = BOUNDS[BOUND_OF[key.get(k, k)]][:3]
+        lo, hi, kind = BOUNDS[BOUND_OF[k]][:3]
         out[k] = kind(min(max(cfg[k], lo), hi))
     return out
 
@@ -329,7 +337,7 @@ def _view(run: Run | None, request, status: str = "") -> TrainView:
 
 
 @guard(TrainView)
-def train_start(dataset_kind=BUNDLED, upload=None, algorithm="ral", model="default", teacher=None, steps=20,
+def train_start(dataset_kind=BUNDLED, upload=None, algorithm=DEFAULT_ALGORITHM, model="default", teacher=None, steps=20,
                 lr=5e-5, weight=1.0, group_size=8, prompts_per_step=16, temperature=1.0, sigma=1.0,
                 explore_layers="levers", max_new_tokens=12, snapshot_every=5, seed=0, name="",
                 request: gr.Request = None) -> TrainView:
@@ -376,7 +384,7 @@ def train_cancel(request: gr.Request = None) -> TrainView:
 def algorithm_changed(algorithm):
     """Show the teacher only for OPAD, σ and exploration layers only for exploration, the weight when used."""
     wk = ALGORITHMS.get(algorithm, (None, None, None, None))[3]
-    label = {"lambda_attn": "attention weight λ_attn",
+    label = {"lambda_attn": "attention weight λ_attn", "lambda_ground": "attention-target weight λ_ground",
              "gamma_opad": "attention weight γ (OPAD)"}.get(wk, "attention weight")
     return (gr.update(visible=algorithm == "opad"), gr.update(visible=algorithm == "ral_explore"),
             gr.update(visible=algorithm == "ral_explore"), gr.update(visible=wk is not None, label=label),

@@ -117,6 +117,9 @@ def test_one_redraw_per_pick(page):
 def test_train_tab_runs_and_lists_the_checkpoint(page):
     """Start → the timer polls → curves, probe snapshot and 'done' appear; the checkpoint joins the model list."""
     page.get_by_role("tab", name="Train").click()
+    # the default run is the one that visibly moves attention, and the page says why and where plain RAL is
+    assert "RAL + attention target" in page.inner_text("#t-algo") and "Choose **RAL**" not in page.inner_text("body")
+    assert "Choose RAL below" in page.inner_text("body")
     steps = page.locator("#t-steps input[type=number]")
     steps.fill("3")
     steps.press("Tab")
@@ -125,9 +128,9 @@ def test_train_tab_runs_and_lists_the_checkpoint(page):
     page.wait_for_function("() => document.querySelector('#t-progress').innerText.includes('done: 3 / 3 steps')",
                            timeout=120_000)
     page.wait_for_function(IMG_LOADED, arg="#t-snapshot img")
-    assert "session: ral-1" in page.inner_text("#t-progress") and "⚠️" not in page.inner_text("#t-status")
+    assert "session: grounded-1" in page.inner_text("#t-progress") and "⚠️" not in page.inner_text("#t-status")
     assert "Probe image" in page.inner_text("#t-note")
     page.get_by_role("tab", name="Inspect").click()
     page.click("#i-model input")
-    page.wait_for_selector('#i-model li[aria-label="session: ral-1"]')
+    page.wait_for_selector('#i-model li[aria-label="session: grounded-1"]')
     page.keyboard.press("Escape")

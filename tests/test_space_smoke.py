@@ -112,7 +112,7 @@ def test_space_sign_in_inspect_chunked_run_compare(space, tmp_path):
             pg.wait_for_function("() => document.querySelector('#t-progress').innerText.includes('done: 4 / 4')",
                                  timeout=left())
             progress = pg.inner_text("#t-progress")
-            assert "2 GPU calls" in progress and "session: ral-1" in progress, progress
+            assert "2 GPU calls" in progress and "session: grounded-1" in progress, progress
             assert "⚠️" not in pg.inner_text("#t-status")
             lap("trained")
 
@@ -120,14 +120,14 @@ def test_space_sign_in_inspect_chunked_run_compare(space, tmp_path):
             pg.click("#c-model-a input", timeout=left())
             pg.click('#c-model-a li[aria-label="default"]', timeout=left())
             pg.click("#c-model-b input", timeout=left())
-            pg.click('#c-model-b li[aria-label="session: ral-1"]', timeout=left())
+            pg.click('#c-model-b li[aria-label="session: grounded-1"]', timeout=left())
             pg.set_input_files("#c-image input[type=file]", str(EXAMPLE), timeout=left())
             pg.fill("#c-question textarea", QUESTION, timeout=left())
             pg.click("#c-run", timeout=left())
             pg.wait_for_function(IMG_LOADED, arg="#c-figure img", timeout=left())
             assert "⚠️" not in pg.inner_text("#c-status")
             assert (pg.input_value("#c-model-a input"), pg.input_value("#c-model-b input")) == ("default",
-                                                                                                "session: ral-1")
+                                                                                                "session: grounded-1")
         finally:
             ctx.close()
     calls = [ln.split()[0] for ln in log.read_text().splitlines()]
