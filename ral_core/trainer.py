@@ -17,8 +17,7 @@ import yaml
 from ral_core import distributed
 from ral_core.attention import resolve_layers
 from ral_core.config import TrainConfig
-from ral_core.data import GroundingTask
-from ral_core.data.jsonl import JsonlDataset
+from ral_core.data.sources import dataset_for
 from ral_core.errors import RALError
 from ral_core.evaluate import CollapseGuard
 from ral_core.inspection import inspect
@@ -32,27 +31,11 @@ from ral_core.rollout import attention_moved, make_rollouts, rollout_metrics
 from ral_core.train_state import (accelerator_for, append_metrics, check_output_dir, latest_checkpoint, load_teacher,
                                   optimizer_for, prepare_student, read_checkpoint, seed_all, tensorboard_writer,
                                   truncate_metrics, write_checkpoint)
-from ral_core.vision_cache import VISION_PREFIXES, is_vision_param, vision_frozen  # noqa: F401 (re-exported)
-from ral_core.vision_cache import reuse_notes
+from ral_core.vision_cache import VISION_PREFIXES, is_vision_param, reuse_notes, vision_frozen  # noqa: F401
 
 LEVER_PROBES = 8            # training samples the lever map of explore_layers=levers is measured on …
 LEVER_PROBE_START = 10_000  # … taken from sample indices the first steps' prompts do not use
 SHUFFLE_SEED_STRIDE = 1_000_003  # mini-batches of step s shuffled with seed · stride + s: distinct (seed, s) pairs
-
-
-def dataset_for(cfg: TrainConfig, split: str = "train"):
-    """The config's sample source: `.sample(i) -> dict(image, question, answer, boxes)`."""
-    if cfg.dataset == "grounding":
-        task = GroundingTask(rows=cfg.grid_rows, cols=cfg.grid_cols, kinds=tuple(cfg.task_kinds), split=split,
-                             seed=cfg.data_seed)
-
-        class _Src:
-            def sample(self, i):
-                s = task.sample(i)
-                return {"image": s.image, "question": s.question, "answer": s.answer, "boxes": s.boxes,
-                        "kind": s.kind}
-        return _Src()
-    return JsonlDataset(cfg.dataset)
 
 
 class Trainer:
