@@ -14,7 +14,7 @@ import os
 
 import gradio as gr  # app/__init__.py has set GRADIO_ANALYTICS_ENABLED=False and offline mode first
 
-from app import common, compare_tab, gpu, inspect_causal, inspect_probes, inspect_tab, registry, training
+from app import common, compare_tab, gpu, inspect_causal, inspect_probes, inspect_tab, registry, startup, training
 from app.common import BOUNDS, LAST, MEAN, plain_markdown, slider_args
 from app.uploads import MAX_ZIP_BYTES
 from ral_core import settings
@@ -423,9 +423,8 @@ def build_app() -> gr.Blocks:
 
 def launch_kwargs() -> dict:
     """Server settings: RAL_HOST / RAL_PORT (then Gradio's own env, e.g. on Spaces), CSS, examples readable."""
-    return dict(server_name=settings.get("RAL_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                server_port=settings.get("RAL_PORT") or int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
-                allowed_paths=[str(common.EXAMPLES_DIR)], css=CSS, footer_links=["api"],
+    host, port = startup.address()
+    return dict(server_name=host, server_port=port, allowed_paths=[str(common.EXAMPLES_DIR)], css=CSS, footer_links=["api"],
                 max_file_size=MAX_ZIP_BYTES)
 
 
@@ -441,11 +440,22 @@ def launch(**overrides):
 
     from app import sessions
 
+    kw = {**launch_kwargs(), **overrides}
+    block = not kw.pop("prevent_thread_lock", False)
     torch.set_num_threads(serving_threads())
+    startup.say("starting the figure workers …")
     render_pool.warm_up()
     sessions.start_sweeper()
+    startup.say("building the page (the model list: " + ", ".join(registry.model_choices()[:4]) + ") …")
     demo = build_app()
     # Requests run side by side: each model has its own lock and batches concurrent inspects, figures are drawn
     # in worker processes, and every request has a time limit (RAL_REQUEST_SECONDS).
     demo.queue(default_concurrency_limit=settings.get("RAL_CONCURRENCY"))
-    return demo.launch(**{**launch_kwargs(), **overrides})
+    try:
+        out = demo.launch(**kw, prevent_thread_lock=True)
+    except OSError:  # the port was taken after the early check (or by another address family)
+        raise SystemExit(startup.busy_port_line(kw["server_name"], kw["server_port"])) from None
+    startup.say(f"ready: open http://{kw['server_name']}:{kw['server_port']} (Ctrl+C stops; models load on first use)")
+    if block:
+        demo.block_thread()
+    return out
