@@ -300,8 +300,13 @@ def build_config(path: str | None = None, overrides: list[str] | dict | None = N
     data: dict = {}
     if path:
         p = Path(path)
-        if not p.exists() and (RECIPES / f"{path}.yaml").exists():
+        # a bare recipe name ('ral', 'grounded') is always the bundled recipe: a folder or file of that name in
+        # the working directory (e.g. a run's output folder) must not stand in for it
+        if p.name == str(path) and not p.suffix and (RECIPES / f"{path}.yaml").exists():
             p = RECIPES / f"{path}.yaml"
+        if p.is_dir():
+            raise RALError(f"config '{path}' is a folder; give a recipe YAML file or one of the recipes: "
+                           f"{', '.join(sorted(x.stem for x in RECIPES.glob('*.yaml')))}")
         if not p.exists():
             raise RALError(f"config file '{path}' does not exist; recipes: {', '.join(sorted(x.stem for x in RECIPES.glob('*.yaml')))}")
         try:

@@ -93,3 +93,18 @@ def test_a_data_set_with_control_tokens_is_refused_before_step_one(tmp_path):
     with pytest.raises(RALError, match=r"d.jsonl line 5: the question contains '<\|image_pad\|>'"):
         Trainer(cfg, adapter=tiny_qwen2_vl(layers=1))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_a_recipe_name_is_the_bundled_recipe_whatever_the_working_folder_holds(tmp_path, monkeypatch):
+    """A run's output folder named like a recipe (e.g. runs of `grounded` in ./grounded) must not be read as it."""
+    from ral_core.config import build_config
+    from ral_core.errors import RALError
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grounded").mkdir()
+    (tmp_path / "ral").write_text("lambda_attn: 7\n")
+    assert build_config("grounded").lambda_ground > 0
+    assert build_config("ral").lambda_attn != 7
+    assert build_config("./ral").lambda_attn == 7  # a path is a path
+    import pytest
+    with pytest.raises(RALError, match="is a folder"):
+        build_config("./grounded")
