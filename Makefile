@@ -52,7 +52,7 @@ bench-train: install
 	$(BIN)/python bench/train_bench.py --out bench/results/train.md
 	$(BIN)/python bench/step_bench.py --section-only --out bench/results/train.md
 
-# Issue 13: a full RAL step before / with the vision cache / with shared prompts, on the default model and the
+# A full RAL step before / with the vision cache / with shared prompts, on the default model and the
 # Qwen2-VL-2B twin (1024×768 photo; cut in depth, see the script), in one run; writes its section of train.md.
 bench-step: install
 	$(BIN)/python bench/step_bench.py --out bench/results/train.md
@@ -61,7 +61,7 @@ bench-inspect: install
 	$(BIN)/python bench/inspect_latency.py --out bench/results/inspect.md
 
 # 20 concurrent gradio_client inspects against a real served app, idle and with a training run, next to the
-# serial server of commit 04a5bda (before issue 10), in one run (≈ 8 min on 2 cores).
+# serial server of commit 04a5bda (before the concurrent server), in one run (≈ 8 min on 2 cores).
 bench-load: install
 	$(BIN)/python bench/load_bench.py --out bench/results/load.md
 

@@ -69,7 +69,7 @@ class TrainConfig:
     attn_row: str = "own"                # own (paper) | predicts
     attn_support: str = "all"            # all | visual
     attn_per_head: bool = False
-    # attention exploration (DESIGN.md §1: the remedy for the silent decisive row)
+    # attention exploration (docs/method.md, 'Attention exploration': the remedy for the silent decisive row)
     explore: bool = False                # perturb attention during rollouts and learn from it
     explore_sigma: float = 1.0           # std of the per-rollout attention-logit bias (0: inert)
     explore_weight: float = 1.0          # weight of the exploration term (0 = noise-only control)
@@ -85,7 +85,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     freeze_vision: bool = True           # vision tower and projector
-    # speed (issue 13): exact reuse of work the G rollouts of a step share
+    # speed (vision_cache.py, prefix_share.py): exact reuse of work the G rollouts of a step share
     vision_cache: bool = True            # each distinct image encoded once per step (only while the vision is frozen)
     share_prompt: str = "auto"           # each group's prompt prefilled once and computed once per pass: auto (when
                                          # the prompt is at least as long as max_new_tokens) | true | false

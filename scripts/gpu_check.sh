@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a CUDA machine (issue 15.7), meant to finish within 8 minutes:
+# One prepared check for a CUDA machine, meant to finish within 8 minutes:
 #   1. the GPU-marked tests (`pytest -m gpu`, when pyproject.toml registers a `gpu` marker), else an end-to-end
 #      `ral inspect` of the embedded model on the GPU (dtype auto = bf16) as the smallest device check;
 #   1b. a chunked run on CUDA (ral_core/chunked.py: 2 GPU calls in forked workers, state through the CPU);

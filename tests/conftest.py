@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Two cores shared with other processes: one thread per process is the fast setting here (DESIGN.md §1).
+# Two cores shared with other processes: one thread per process is the fast setting here.
 torch.set_num_threads(1)
 
 

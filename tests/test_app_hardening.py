@@ -1,4 +1,4 @@
-"""Issue 10 on the app side: session folders (0700, never re-created, swept, capped), owners (signed-in users),
+"""Many users, the app side: session folders (0700, never re-created, swept, capped), owners (signed-in users),
 page facts (examples by image and question), bounded work (time limits, cheap refusals) and batched serving."""
 import os
 import stat

@@ -1,4 +1,4 @@
-"""No request can make the server open a file of its choosing (issue 10): only Gradio uploads and the bundled
+"""No request can make the server open a file of its choosing: only Gradio uploads and the bundled
 examples are opened, and every other path gets one message, whether it exists, is a folder or is missing."""
 import json
 import tempfile

@@ -1,4 +1,4 @@
-"""Issue 13: the work the G rollouts of a step share is done once, and nothing else changes.
+"""The work the G rollouts of a step share is done once (vision_cache.py, prefix_share.py), and nothing else changes.
 
 - vision-feature cache: every family's logits and sampled tokens are bit-identical with it;
 - group prefill (one prompt prefill per group): the sampled tokens are bit-identical (same seed);

@@ -24,7 +24,7 @@ TRL always runs the old-policy pass for its importance-sampling correction), whi
 tested here (no GPU, no vLLM). Attention exploration is not offered: it perturbs the attention *while sampling*,
 which happens inside `generate()` or vLLM.
 
-The zero-gradient trap (DESIGN.md §1): at θ = θ_old the RAL term's gradient is exactly 0, so the term needs ≥ 2
+The zero-gradient trap (docs/method.md): at θ = θ_old the RAL term's gradient is exactly 0, so the term needs ≥ 2
 optimizer updates per rollout batch: `num_iterations ≥ 2` or `steps_per_generation > gradient_accumulation_steps`.
 Those are also exactly the settings in which TRL runs its old-policy pass; a configuration without one is refused.
 

@@ -104,7 +104,7 @@ def contiguous_head(model) -> None:
     """Hand the LM head a contiguous input. transformers cuts the last position out of a batch before the head
     (`logits_to_keep=1` in every generate prefill), a non-contiguous [B, 1, H] view, and the CPU matmul then
     broadcasts the head's weight per sequence: with a 151,936 × 1536 bf16 head and B = 8, 26 s and 1.8 GB instead
-    of 0.06 s (fp32: 2.4× slower). Found by the real-size bench (issue 15)."""
+    of 0.06 s (fp32: 2.4× slower). Found by the real-size bench (bench/real_bench.py)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and not getattr(head, "_ral_contiguous", False):
         head.register_forward_pre_hook(_contiguous_input)
