@@ -1,4 +1,6 @@
-"""Shared helpers for the app tests: a launched app on a free local port, fake requests, PNG checks."""
+"""Shared helpers for the app tests: a launched app on a free local port, a headless Chromium page on it, fake
+requests, PNG checks."""
+from pathlib import Path
 import shutil
 import socket
 import tempfile
@@ -7,6 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+
+# Debian's Chromium, never `playwright install` (the machine is offline)
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IMG_LOADED = """sel => { const i = document.querySelector(sel);
+    return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
+BROWSER_MARKS = [pytest.mark.browser,
+                 pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`"),
+                 pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 
 
 def free_port() -> int:
@@ -36,6 +48,36 @@ def served_app(d, tiny_model_dir):
         finally:
             demo.close()
             shutil.rmtree(sess, ignore_errors=True)
+
+
+@contextmanager
+def browser_page(profile, url, height=900):
+    """A headless Chromium page (own profile folder) at `url`, once the Inspect tab's Run button is there."""
+    from playwright.sync_api import sync_playwright  # imported late: without Chromium the tests skip, not fail
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=ARGS,
+                                                   viewport={"width": 1280, "height": height})
+        try:
+            pg = ctx.new_page()
+            pg.set_default_timeout(60_000)
+            pg.goto(url, wait_until="load")  # not "networkidle": Gradio keeps a connection open
+            pg.wait_for_selector("#i-run")
+            yield pg
+        finally:
+            ctx.close()
+
+
+def click_grid_cell(page, sel, geo, i, j):
+    """Click the centre of grid cell (row i, column j) of the PNG shown at `sel`, wherever the page scaled it."""
+    x0, y0, x1, y1 = geo["box"]
+    cx, cy = x0 + (j + 0.5) * (x1 - x0) / geo["heads"], y0 + (i + 0.5) * (y1 - y0) / len(geo["layers"])
+    page.locator(sel).scroll_into_view_if_needed()
+    left, top, bw, bh, nw, nh = page.evaluate(f"""() => {{ const i = document.querySelector({sel!r});
+        const r = i.getBoundingClientRect();
+        return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight] }}""")
+    k = min(bw / nw, bh / nh, 1)
+    page.mouse.click(left + (bw - nw * k) / 2 + cx * k, top + (bh - nh * k) / 2 + cy * k)
 
 
 def req(h):

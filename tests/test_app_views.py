@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import is_png, req, served_app
+from apphelpers import CHROMIUM, IMG_LOADED, browser_page, click_grid_cell, is_png, req, served_app
 
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
@@ -22,7 +22,6 @@ from ral_core.models.base import TokenGeometry
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server is a warning
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 EXAMPLE = EXAMPLES / "grid3_where.png"
-CHROMIUM = "/usr/bin/chromium"
 
 
 class Recorder:
@@ -317,49 +316,27 @@ def test_summary_lists_only_softmax_attention_layers_of_qwen3_5(env):
 
 
 # ---- in a browser ------------------------------------------------------------------------------------------------------
-IMG_LOADED = """sel => { const i = document.querySelector(sel);
-    return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`")
 def test_browser_budget_and_summary_click_through(tmp_path_factory, tiny_model_dir, monkeypatch):
-    from playwright.sync_api import sync_playwright
-
     monkeypatch.setenv("RAL_RENDER_WORKERS", "0")
     d = tmp_path_factory.mktemp("views_browser")
-    with served_app(d, tiny_model_dir) as url, sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(d / "profile"), executable_path=CHROMIUM, args=ARGS,
-                                                   viewport={"width": 1280, "height": 900})
-        try:
-            page = ctx.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#i-run")
-            page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
-            page.fill("#i-question textarea", "Where is the 2?")
-            page.fill("#i-budget input", "99999999999")  # far over the limit: clamped on the server
-            page.click("#i-run")
-            page.wait_for_function(IMG_LOADED, arg="#i-overlay img")
-            page.wait_for_function("() => document.body.innerText.includes('visual-token budget lowered')")
-            assert "⚠️" not in page.inner_text("#i-status")
-            page.wait_for_function(IMG_LOADED, arg="#i-summary img")
-            geo = json.loads(next((d / "sessions").rglob("summary_image_mass_Tmean_predicts.json")).read_text())
-            target = (len(geo["layers"]) - 1, 2)  # the last layer, head 2
-            cx, cy = _center(geo, *target)
-            page.locator("#i-summary img").scroll_into_view_if_needed()
-            box = page.evaluate("""() => { const i = document.querySelector('#i-summary img');
-                const r = i.getBoundingClientRect();
-                return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight] }""")
-            left, top, bw, bh, nw, nh = box
-            k = min(bw / nw, bh / nh, 1)
-            page.mouse.click(left + (bw - nw * k) / 2 + cx * k, top + (bh - nh * k) / 2 + cy * k)
-            page.wait_for_function(IMG_LOADED, arg="#i-cell img")
-            want = f"layer {geo['layers'][target[0]]}"
-            page.wait_for_function(f"() => document.querySelector('#i-cell-layer input').value === {want!r}")
-            assert page.input_value("#i-cell-head input") == "head 2"
-            assert "⚠️" not in page.inner_text("#i-summary-status")
-        finally:
-            ctx.close()
+    with served_app(d, tiny_model_dir) as url, browser_page(d / "profile", url) as page:
+        page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
+        page.fill("#i-question textarea", "Where is the 2?")
+        page.fill("#i-budget input", "99999999999")  # far over the limit: clamped on the server
+        page.click("#i-run")
+        page.wait_for_function(IMG_LOADED, arg="#i-overlay img")
+        page.wait_for_function("() => document.body.innerText.includes('visual-token budget lowered')")
+        assert "⚠️" not in page.inner_text("#i-status")
+        page.wait_for_function(IMG_LOADED, arg="#i-summary img")
+        geo = json.loads(next((d / "sessions").rglob("summary_image_mass_Tmean_predicts.json")).read_text())
+        target = (len(geo["layers"]) - 1, 2)  # the last layer, head 2
+        click_grid_cell(page, "#i-summary img", geo, *target)
+        page.wait_for_function(IMG_LOADED, arg="#i-cell img")
+        want = f"layer {geo['layers'][target[0]]}"
+        page.wait_for_function(f"() => document.querySelector('#i-cell-layer input').value === {want!r}")
+        assert page.input_value("#i-cell-head input") == "head 2"
+        assert "⚠️" not in page.inner_text("#i-summary-status")

@@ -6,20 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import served_app
+from apphelpers import BROWSER_MARKS, IMG_LOADED, browser_page, served_app
 
-CHROMIUM = "/usr/bin/chromium"
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_where.png"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`"),
-              pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
-
-IMG_LOADED = """sel => { const i = document.querySelector(sel);
-    return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
-
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +20,8 @@ def url(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def page(url, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium_profile")),
-                                                   executable_path=CHROMIUM, args=ARGS,
-                                                   viewport={"width": 1280, "height": 800})
-        pg = ctx.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(url, wait_until="load")  # not "networkidle": Gradio keeps a connection open
-        pg.wait_for_selector("#i-run")
+    with browser_page(tmp_path_factory.mktemp("chromium_profile"), url, height=800) as pg:
         yield pg
-        ctx.close()
 
 
 def test_inspect_upload_run_change_layer(page, tmp_path):

@@ -10,26 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import free_port
+from apphelpers import BROWSER_MARKS, IMG_LOADED, browser_page, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 EXAMPLE = ROOT / "assets" / "examples" / "grid3_where.png"  # bundled: expected answer and target box known
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IMG_LOADED = """sel => { const i = document.querySelector(sel);
-    return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
 CHANGED = "sel => {{ const s = ({img})(sel); return s && s !== {old!r} }}"
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`"),
-              pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAL_MODELS_CONFIG", str(ROOT / "app" / "models.yaml"))  # the list a visitor gets
         mp.setenv("RAL_ALLOW_DOWNLOAD", "0")
@@ -41,16 +32,9 @@ def page(tmp_path_factory):
         port = free_port()
         demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
         try:
-            with sync_playwright() as p:
-                ctx = p.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium_profile")),
-                                                           executable_path=CHROMIUM, args=ARGS,
-                                                           viewport={"width": 1280, "height": 900})
-                pg = ctx.new_page()
-                pg.set_default_timeout(60_000)
-                pg.goto(f"http://127.0.0.1:{port}/", wait_until="load")
-                pg.wait_for_selector("#i-run")  # Compare renders when its tab is opened
+            # ready once Inspect's Run is there: Compare renders when its tab is opened
+            with browser_page(tmp_path_factory.mktemp("chromium_profile"), f"http://127.0.0.1:{port}/") as pg:
                 yield pg
-                ctx.close()
         finally:
             demo.close()
             shutil.rmtree(sess, ignore_errors=True)
