@@ -105,9 +105,24 @@ def _tokens(adapter, ids):
     return [adapter.tokenizer.decode([int(v)]) for v in ids]
 
 
+class _Deltas:
+    """JSON round trip of a record whose arrays are `base_logp` and `delta` (lists on disk)."""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "base_logp": self.base_logp.tolist(), "delta": self.delta.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{**d, "base_logp": np.asarray(d["base_logp"], np.float64), "delta": cls._delta(d["delta"], d)})
+
+    @staticmethod
+    def _delta(v, d: dict) -> np.ndarray:
+        return np.asarray(v, np.float64)
+
+
 # ---- head knock-out -----------------------------------------------------------------------------------------------
 @dataclass
-class Knockout:
+class Knockout(_Deltas):
     """Δ log p of every answer token when one head is knocked out, for every captured layer × head."""
     layers: list[int]
     num_heads: int
@@ -150,18 +165,9 @@ class Knockout:
         out = [(self.layers[i // self.num_heads], int(i % self.num_heads), float(e.flat[i])) for i in order]
         return out[:n] if n else out
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["base_logp"] = self.base_logp.tolist()
-        d["delta"] = self.delta.tolist()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Knockout":
-        d = dict(d)
-        d["base_logp"] = np.asarray(d["base_logp"], np.float64)
-        d["delta"] = np.asarray(d["delta"], np.float64).reshape(len(d["layers"]), d["num_heads"], -1)
-        return cls(**d)
+    @staticmethod
+    def _delta(v, d: dict) -> np.ndarray:
+        return np.asarray(v, np.float64).reshape(len(d["layers"]), d["num_heads"], -1)
 
 
 @contextmanager
@@ -233,7 +239,7 @@ def knockout(adapter, image, question: str, answer_ids: list[int], layers="all",
 
 # ---- region blocking ------------------------------------------------------------------------------------------------
 @dataclass
-class Blocking:
+class Blocking(_Deltas):
     """The answer rows kept from the visual tokens of a box in some layers: what that does to the answer."""
     boxes: list                   # [[x0, y0, x1, y1]] image pixels
     layers: list[int]
@@ -259,18 +265,6 @@ class Blocking:
                 f"layer(s) {_span(self.layers)}: Δ log p {self.mean_delta:+.3g} per answer token; greedy answer "
                 f"{self.answer!r} → {self.new_answer!r}" + (" (changed)" if self.changed else " (unchanged)"))
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["base_logp"] = self.base_logp.tolist()
-        d["delta"] = self.delta.tolist()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Blocking":
-        d = dict(d)
-        d["base_logp"] = np.asarray(d["base_logp"], np.float64)
-        d["delta"] = np.asarray(d["delta"], np.float64)
-        return cls(**d)
 
 
 def _span(layers) -> str:
