@@ -54,28 +54,42 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
-def check_zip(zip_path, shown_name: str = "the upload") -> int:
-    """The checks that need no unpacking (size, a zip, safe member names, the declared unpacked size); returns the
-    declared unpacked bytes. A queued run is checked so when it is queued and unpacked only when it starts."""
-    zp = Path(zip_path)
+def _check_size(zp: Path, limit: int, shown_name: str) -> None:
     try:
         size = zp.stat().st_size
     except OSError:
         raise RALError("the upload did not arrive; upload the zip again") from None
-    if size > MAX_ZIP_BYTES:
-        raise RALError(f"{shown_name} is {_mb(size)}, over the {_mb(MAX_ZIP_BYTES)} limit; upload a smaller zip")
+    if size > limit:
+        raise RALError(f"{shown_name} is {_mb(size)}, over the {_mb(limit)} limit; upload a smaller zip")
+
+
+def _open_zip(zp: Path, shown_name: str) -> zipfile.ZipFile:
     try:
-        with zipfile.ZipFile(zp) as zf:
-            infos = zf.infolist()
+        return zipfile.ZipFile(zp)
     except (zipfile.BadZipFile, OSError, ValueError):
         raise RALError(f"{shown_name} is not a valid zip file; zip the JSONL file and its images") from None
-    if len(infos) > MAX_MEMBERS:
-        raise RALError(f"{shown_name} holds {len(infos)} files, over the limit of {MAX_MEMBERS}")
-    declared = sum(i.file_size for i in infos if _safe_member(i) is not None)
-    if declared > MAX_UNZIPPED_BYTES:
-        raise RALError(f"{shown_name} unpacks to {_mb(declared)}, over the {_mb(MAX_UNZIPPED_BYTES)} limit "
+
+
+def _plan(infos, max_members: int, max_unzipped_bytes: int, shown_name: str) -> tuple[list, int]:
+    """Every member with its safe relative path (None for a folder), and the declared unpacked bytes: all names and
+    the bounds checked before anything is written."""
+    if len(infos) > max_members:
+        raise RALError(f"{shown_name} holds {len(infos)} files, over the limit of {max_members}")
+    plan = [(i, _safe_member(i)) for i in infos]
+    declared = sum(i.file_size for i, rel in plan if rel is not None)
+    if declared > max_unzipped_bytes:
+        raise RALError(f"{shown_name} unpacks to {_mb(declared)}, over the {_mb(max_unzipped_bytes)} limit "
                        "(zip-bomb guard)")
-    return declared
+    return plan, declared
+
+
+def check_zip(zip_path, shown_name: str = "the upload") -> int:
+    """The checks that need no unpacking (size, a zip, safe member names, the declared unpacked size); returns the
+    declared unpacked bytes. A queued run is checked so when it is queued and unpacked only when it starts."""
+    zp = Path(zip_path)
+    _check_size(zp, MAX_ZIP_BYTES, shown_name)
+    with _open_zip(zp, shown_name) as zf:
+        return _plan(zf.infolist(), MAX_MEMBERS, MAX_UNZIPPED_BYTES, shown_name)[1]
 
 
 def extract_zip(zip_path, dest, max_zip_bytes: int | None = None, max_unzipped_bytes: int | None = None,
@@ -85,28 +99,12 @@ def extract_zip(zip_path, dest, max_zip_bytes: int | None = None, max_unzipped_b
     max_unzipped_bytes = max_unzipped_bytes or MAX_UNZIPPED_BYTES
     max_members = max_members or MAX_MEMBERS
     zp = Path(zip_path)
-    try:
-        size = zp.stat().st_size
-    except OSError:
-        raise RALError("the upload did not arrive; upload the zip again") from None
-    if size > max_zip_bytes:
-        raise RALError(f"{shown_name} is {_mb(size)}, over the {_mb(max_zip_bytes)} limit; upload a smaller zip")
+    _check_size(zp, max_zip_bytes, shown_name)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=False)
     try:
-        try:
-            zf = zipfile.ZipFile(zp)
-        except (zipfile.BadZipFile, OSError, ValueError):
-            raise RALError(f"{shown_name} is not a valid zip file; zip the JSONL file and its images") from None
-        with zf:
-            infos = zf.infolist()
-            if len(infos) > max_members:
-                raise RALError(f"{shown_name} holds {len(infos)} files, over the limit of {max_members}")
-            plan = [(i, _safe_member(i)) for i in infos]  # check every name before writing anything
-            declared = sum(i.file_size for i, rel in plan if rel is not None)
-            if declared > max_unzipped_bytes:
-                raise RALError(f"{shown_name} unpacks to {_mb(declared)}, over the {_mb(max_unzipped_bytes)} "
-                               "limit (zip-bomb guard)")
+        with _open_zip(zp, shown_name) as zf:
+            plan = _plan(zf.infolist(), max_members, max_unzipped_bytes, shown_name)[0]
             total, base = 0, dest.resolve()
             for info, rel in plan:
                 if rel is None:
