@@ -151,10 +151,8 @@ def tiny_qwen2_vl(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, visi
     merged into the tiny defaults (e.g. `text_config={"intermediate_size": 8960, "rope_parameters": {"rope_theta":
     1e6}}`); `config=` takes a whole config (dict, config.json or its directory) as is. The tokenizer has the
     config's vocab size, special tokens at the config's ids. `dtype` builds the weights in that dtype."""
-    import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ral_core.models.qwen2_vl import Qwen2VLAdapter
 
@@ -187,15 +185,21 @@ def tiny_qwen2_vl(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, visi
     d, tok = _assemble({"text_config": text, "vision_config": vis}, fields, config, QWEN_TOKEN_FIELDS, build_tokenizer,
                        tokenizer, vocab_size)
     cfg = Config.from_dict(d) if config is not None else Config(**d)
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation=attn, **({"dtype": dtype} if dtype is not None else {}))
+    model = _model(cls, cfg, attn, seed, dtype)
+    return _qwen_adapter(Qwen2VLAdapter, model, tok, cfg, min_pixels, max_pixels, f"tiny-{variant}")
+
+
+def _qwen_adapter(Adapter, model, tok, cfg, min_pixels, max_pixels, name):
+    """A Qwen-family model with its chat stop and pad tokens set and an image processor on its vision grid."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     v = cfg.vision_config
     ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
                                   merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2VLAdapter(model.eval(), tok, ip, name=f"tiny-{variant}")
+    return Adapter(model.eval(), tok, ip, name=name)
 
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
@@ -324,7 +328,6 @@ def tiny_qwen3_5(hidden=64, layers=8, heads=4, kv_heads=2, head_dim=32, full_att
     layer, the last included; Qwen3-VL-style tower, patch 16) and its adapter; tiny unless told otherwise
     (`text_config=`, `vision_config=`, top-level fields or a whole `config=`, as in `tiny_qwen2_vl`)."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ral_core.models.qwen3_5 import Qwen3_5Adapter
 
@@ -349,13 +352,7 @@ def tiny_qwen3_5(hidden=64, layers=8, heads=4, kv_heads=2, head_dim=32, full_att
                        QWEN_TOKEN_FIELDS, build_tokenizer, tokenizer, vocab_size)
     cfg = Qwen3_5Config.from_dict(d) if config is not None else Qwen3_5Config(**d)
     model = _model(Qwen3_5ForConditionalGeneration, cfg, attn, seed, dtype)
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
-    v = cfg.vision_config
-    ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
-                                  merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
-    ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen3_5Adapter(model.eval(), tok, ip, name="tiny-qwen3_5")
+    return _qwen_adapter(Qwen3_5Adapter, model, tok, cfg, min_pixels, max_pixels, "tiny-qwen3_5")
 
 
 GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
