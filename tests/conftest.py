@@ -34,6 +34,14 @@ def tiny_model_dir(tmp_path_factory, tiny_qwen):
     return d
 
 
+@pytest.fixture()
+def model(tiny_qwen):
+    """The session's tiny Qwen2-VL for a test that trains it: its weights are put back afterwards."""
+    state = {k: v.clone() for k, v in tiny_qwen.model.state_dict().items()}
+    yield tiny_qwen
+    tiny_qwen.model.load_state_dict(state)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _uploads_under_basetemp(tmp_path_factory):
     """Gradio's upload folder is the test session's temp root, so files the tests write under tmp_path count as

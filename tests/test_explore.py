@@ -17,13 +17,6 @@ def _samples(task, n, start=0):
     return [dict(image=s.image, question=s.question, answer=s.answer, boxes=s.boxes) for s in task.samples(n, start)]
 
 
-@pytest.fixture()
-def model(tiny_qwen):
-    state = {k: v.clone() for k, v in tiny_qwen.model.state_dict().items()}
-    yield tiny_qwen
-    tiny_qwen.model.load_state_dict(state)
-
-
 def test_sigma_zero_reproduces_the_run_without_exploration(tmp_path, tiny_model_dir):
     runs = {}
     for name, extra in [("off", []), ("sigma0", ["explore=true", "explore_sigma=0", "explore_layers=last"]),

@@ -14,13 +14,6 @@ def _samples(task, n):
     return [dict(image=s.image, question=s.question, answer=s.answer, boxes=s.boxes) for s in task.samples(n)]
 
 
-@pytest.fixture()
-def model(tiny_qwen):
-    state = {k: v.clone() for k, v in tiny_qwen.model.state_dict().items()}
-    yield tiny_qwen
-    tiny_qwen.model.load_state_dict(state)
-
-
 def _first_update(adapter, ro):
     """One real GRPO update on the batch (after it p_θ ≠ p_old, so the attention term can have a gradient)."""
     adapter.model.zero_grad(set_to_none=True)
