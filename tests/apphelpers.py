@@ -27,6 +27,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_model(built, folder):
+    """A built tiny model saved like a user's local model directory."""
+    for part in (built.model, built.tokenizer, built.image_processor):
+        part.save_pretrained(folder)
+
+
+@contextmanager
+def model_list(d, text: str):
+    """For the block, the app lists the models of `text` (d/models.yaml) and keeps sessions under d/sessions; yields
+    the MonkeyPatch for further settings."""
+    (d / "models.yaml").write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
+        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+        yield mp
+
+
 @contextmanager
 def served_app(d, tiny_model_dir):
     """The real app on 127.0.0.1:<free port>, listing a tiny model and the default one; yields its URL."""
@@ -66,6 +83,24 @@ def browser_page(profile, url, height=900):
             yield pg
         finally:
             ctx.close()
+
+
+@contextmanager
+def served_page(d, tiny_model_dir):
+    """`served_app` with a browser page on it (profile under `d`)."""
+    with served_app(d, tiny_model_dir) as url, browser_page(d / "profile", url) as page:
+        yield page
+
+
+def inspect_in_browser(page, image, question: str, budget: str | None = None) -> str:
+    """Upload `image`, ask `question` (with a visual-token budget if given), press Run; the attention map's src
+    once it has loaded."""
+    page.set_input_files("#i-image input[type=file]", str(image))
+    page.fill("#i-question textarea", question)
+    if budget is not None:
+        page.fill("#i-budget input", budget)
+    page.click("#i-run")
+    return page.wait_for_function(IMG_LOADED, arg="#i-overlay img").json_value()
 
 
 def click_grid_cell(page, sel, geo, i, j):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import is_png, req
+from apphelpers import is_png, model_list, req, save_model
 
 from ral_core.compare import jsd
 from ral_core.errors import RALError
@@ -24,13 +24,8 @@ def app_env(tmp_path_factory, tiny_model_dir, tiny_qwen):
     from ral_core.builders.tiny import tiny_qwen2_vl
 
     d = tmp_path_factory.mktemp("app_env")
-    b = tiny_qwen2_vl(layers=3, seed=1, tokenizer=tiny_qwen.tokenizer)
-    for obj in (b.model, b.tokenizer, b.image_processor):
-        obj.save_pretrained(d / "tiny_b")
-    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\ntiny-b: tiny_b\ndefault: default\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
-        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+    save_model(tiny_qwen2_vl(layers=3, seed=1, tokenizer=tiny_qwen.tokenizer), d / "tiny_b")
+    with model_list(d, f"tiny-a: {tiny_model_dir}\ntiny-b: tiny_b\ndefault: default\n"):
         from app import handlers, registry, sessions
         yield SimpleNamespace(dir=d, handlers=handlers, registry=registry, sessions=sessions,
                               example=handlers.examples()[0])

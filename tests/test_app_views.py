@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import CHROMIUM, IMG_LOADED, browser_page, click_grid_cell, is_png, req, served_app
+from apphelpers import (CHROMIUM, IMG_LOADED, click_grid_cell, inspect_in_browser, is_png, model_list, req,
+                        save_model, served_page)
 
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
@@ -48,13 +49,8 @@ def env(tmp_path_factory, tiny_model_dir):
     from ral_core.builders.tiny import tiny_qwen3_5
 
     d = tmp_path_factory.mktemp("views_env")
-    q = tiny_qwen3_5()
-    for part in (q.model, q.tokenizer, q.image_processor):
-        part.save_pretrained(d / "qwen35")
-    (d / "models.yaml").write_text(f"tiny-a: {tiny_model_dir}\nhybrid: {d / 'qwen35'}\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAL_MODELS_CONFIG", str(d / "models.yaml"))
-        mp.setenv("RAL_SESSIONS_ROOT", str(d / "sessions"))
+    save_model(tiny_qwen3_5(), d / "qwen35")
+    with model_list(d, f"tiny-a: {tiny_model_dir}\nhybrid: {d / 'qwen35'}\n") as mp:
         mp.setenv("RAL_RENDER_WORKERS", "1")  # figures in a worker process: progress must still come from here
         from app import handlers, registry, render_pool, sessions
         registry.clear_cache()
@@ -323,12 +319,8 @@ def test_summary_lists_only_softmax_attention_layers_of_qwen3_5(env):
 def test_browser_budget_and_summary_click_through(tmp_path_factory, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("RAL_RENDER_WORKERS", "0")
     d = tmp_path_factory.mktemp("views_browser")
-    with served_app(d, tiny_model_dir) as url, browser_page(d / "profile", url) as page:
-        page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
-        page.fill("#i-question textarea", "Where is the 2?")
-        page.fill("#i-budget input", "99999999999")  # far over the limit: clamped on the server
-        page.click("#i-run")
-        page.wait_for_function(IMG_LOADED, arg="#i-overlay img")
+    with served_page(d, tiny_model_dir) as page:
+        inspect_in_browser(page, EXAMPLE, "Where is the 2?", budget="99999999999")  # far over: clamped on the server
         page.wait_for_function("() => document.body.innerText.includes('visual-token budget lowered')")
         assert "⚠️" not in page.inner_text("#i-status")
         page.wait_for_function(IMG_LOADED, arg="#i-summary img")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apphelpers import BROWSER_MARKS, IMG_LOADED, browser_page, served_app
+from apphelpers import BROWSER_MARKS, IMG_LOADED, browser_page, inspect_in_browser, served_app
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_where.png"
 pytestmark = BROWSER_MARKS
@@ -25,10 +25,7 @@ def page(url, tmp_path_factory):
 
 
 def test_inspect_upload_run_change_layer(page, tmp_path):
-    page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
-    page.fill("#i-question textarea", "Where is the 2?")
-    page.click("#i-run")
-    src = page.wait_for_function(IMG_LOADED, arg="#i-overlay img").json_value()
+    src = inspect_in_browser(page, EXAMPLE, "Where is the 2?")
     heads = page.wait_for_function(IMG_LOADED, arg="#i-heads img").json_value()
     assert "Answer:" in page.inner_text("body") and "⚠️" not in page.inner_text("#i-status")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from apphelpers import BROWSER_MARKS, IMG_LOADED, browser_page, click_grid_cell, served_app
+from apphelpers import BROWSER_MARKS, IMG_LOADED, click_grid_cell, inspect_in_browser, served_page
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "grid3_cell.png"
 pytestmark = BROWSER_MARKS
@@ -17,11 +17,8 @@ def test_click_a_knockout_cell_and_see_its_effect(tmp_path_factory, tiny_model_d
 
     monkeypatch.setenv("RAL_RENDER_WORKERS", "0")
     d = tmp_path_factory.mktemp("causal_browser")
-    with served_app(d, tiny_model_dir) as url, browser_page(d / "profile", url) as page:
-        page.set_input_files("#i-image input[type=file]", str(EXAMPLE))
-        page.fill("#i-question textarea", "What digit is in row 2 column 1?")
-        page.click("#i-run")
-        page.wait_for_function(IMG_LOADED, arg="#i-overlay img")
+    with served_page(d, tiny_model_dir) as page:
+        inspect_in_browser(page, EXAMPLE, "What digit is in row 2 column 1?")
         page.click("#i-causal-section button")  # open the accordion
         page.click("#i-causal-run")
         page.wait_for_function(IMG_LOADED, arg="#i-causal-grid img")
