@@ -127,6 +127,13 @@ def outputs(result_cls, **components) -> list:
     return [components[f] for f in result_cls._fields]
 
 
+def _on_run(run, q, api_name: str, outs: list, fn, **ins) -> tuple:
+    """Run (the API endpoint `api_name`) and Enter in the question box (private) start `fn`; both events."""
+    ins = named(fn, **ins)
+    return (run.click(fn, ins, outs, api_name=api_name, preprocess=False),
+            q.submit(fn, ins, outs, api_visibility="private", preprocess=False))
+
+
 def _inputs(prefix: str, choices: list[str], two_models: bool, budget: bool = False):
     """Model picker(s), image, question, generation options (and the visual-token budget), run button, status,
     examples."""
@@ -246,17 +253,16 @@ def _inspect_tab(choices):
     # Images arrive unprocessed (preprocess=False) so that a non-image upload reaches the handler and gets a
     # clear message instead of failing inside Gradio; the handler opens it with ral_core's safe loader.
     H = inspect_tab
-    outs = outputs(H.InspectOut, status=status, answer=answer, tokens=tokens, layer=layer, overlay=overlay,
-                   heads=heads, mass=mass, files=files, state=state)
-    ins = named(H.run_inspect, model=model, image=image, question=q, max_new_tokens=max_new, do_sample=sample,
-                temperature=temp, layer=layer, row=row, per_head_scale=head_scale, pixel_budget_px=budget)
     view_ins = named(H.inspect_view, state=state, layer=layer, token=tokens, row=row, per_head_scale=head_scale)
     s_ins = named(H.inspect_summary, state=state, metric=metric, token=tokens, row=row)
     s_outs = outputs(H.SummaryOut, status=summary_status, summary=summary, cell_layer=cell_layer, cell_head=cell_head)
     c_ins = named(H.inspect_cell, state=state, layer=cell_layer, head=cell_head, token=tokens, row=row)
     c_outs = outputs(H.CellOut, status=summary_status, cell_layer=cell_layer, cell_head=cell_head, cell=cell)
-    for ev in (run.click(H.run_inspect, ins, outs, api_name="inspect", preprocess=False),
-               q.submit(H.run_inspect, ins, outs, api_visibility="private", preprocess=False)):
+    for ev in _on_run(run, q, "inspect", outputs(H.InspectOut, status=status, answer=answer, tokens=tokens,
+                                                 layer=layer, overlay=overlay, heads=heads, mass=mass, files=files,
+                                                 state=state),
+                      H.run_inspect, model=model, image=image, question=q, max_new_tokens=max_new, do_sample=sample,
+                      temperature=temp, layer=layer, row=row, per_head_scale=head_scale, pixel_budget_px=budget):
         ev.then(inspect_probes.explore_layer_choices, state, ex_layer, api_visibility="private",
                 show_progress="hidden")
         ev.then(H.new_summary, named(H.new_summary, state=state, metric=metric, token=tokens, row=row),
@@ -309,12 +315,10 @@ def _compare_tab(choices):
                             interactive=False)
     state = gr.State()
     C = compare_tab
-    outs = outputs(C.CompareOut, status=status, answers=answers, tokens=tokens, layer=layer, figure=figure,
-                   ranking=rank, files=files, state=state, magnitude=magnitude)
-    ins = named(C.run_compare, model_a=model_a, model_b=model_b, image=image, question=q, max_new_tokens=max_new,
-                do_sample=sample, temperature=temp, layer=layer, row=row, magnify=magnify)
-    run.click(C.run_compare, ins, outs, api_name="compare", preprocess=False)
-    q.submit(C.run_compare, ins, outs, api_visibility="private", preprocess=False)
+    _on_run(run, q, "compare", outputs(C.CompareOut, status=status, answers=answers, tokens=tokens, layer=layer,
+                                       figure=figure, ranking=rank, files=files, state=state, magnitude=magnitude),
+            C.run_compare, model_a=model_a, model_b=model_b, image=image, question=q, max_new_tokens=max_new,
+            do_sample=sample, temperature=temp, layer=layer, row=row, magnify=magnify)
     gr.on([tokens.input, layer.select, row.input, magnify.input], C.compare_view,
           named(C.compare_view, state=state, layer=layer, token=tokens, row=row, magnify=magnify),
           outputs(C.CompareView, status=status, figure=figure, ranking=rank, files=files, magnitude=magnitude),
