@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from ral_core.errors import RALError
+from ral_core.inspection import ROWS
 from ral_core.limits import request_seconds
 
 from app import model_work, registry, render_pool
@@ -44,24 +45,70 @@ class InspectOut(NamedTuple):
 
 
 def _inspect_view(state, layer, token, row, per_head_scale=False, rep: Reporter | None = None) -> InspectView:
-    """Overlay and head grid, drawn side by side in the render workers; progress counts them as they come back."""
+    """Overlay and head grid: a figure already in the result's folder (drawn for an earlier pick, or ahead of this
+    one) is served as it is; the others are drawn side by side in the render workers, progress counting them as they
+    come back. Then the likely next picks are drawn ahead (render_pool.draw_ahead)."""
     res, d = state["result"], Path(state["dir"])
     lay, tok, row = selection(res.layers, layer, token, row)
     shared = not flag(per_head_scale, "the per-head colour scale option")
     if not (d / "result").is_dir():
         raise RALError("this result was cleaned up; run it again")
-    rd = str(d / "result")
-    jobs = [(render_pool.overlay_job, rd, state["boxes"], lay, tok, row, str(d)),
-            (render_pool.heads_job, rd, lay, tok, row, str(d), "png", shared)]
-    done = None
+    over, heads = _figure_jobs(state, lay, tok, row, shared)
+    todo = [j for j in (over, heads) if not (REUSE_FIGURES and Path(j[1]).is_file())]
+    n = len(todo)
     if rep is not None:
         rep.report("draw", 0.0, "drawing the overlay and the per-head maps")
-        done = lambda k, n: rep.report("draw", k / n, f"drawing figures: {k}/{n} done")  # noqa: E731
-    over, heads = render_pool.call_many(jobs, done)
+    done = None
+    if rep is not None:  # figures served as they were count as done
+        done = lambda k, _: rep.report("draw", (k + 2 - n) / 2, f"drawing figures: {k + 2 - n}/2 done")  # noqa: E731
+    render_pool.call_many([(j[0],) + j[2:] for j in todo], done)
+    if rep is not None and not n:
+        rep.report("draw", 1.0, "drawing figures: 2/2 done")
+    over, heads = over[1], heads[1]
     state["view"] = (lay, tok, row, shared)
+    render_pool.draw_ahead(_next_picks(state, lay, tok, row, shared))
     m = res.mass_split(layer=lay, token=tok, row=row)
     mass = {"image": m["image"], "question & system text": m["prompt_text"], "earlier answer tokens": m["answer"]}
     return InspectView("", over, heads, mass, [over, heads] + existing(state["zip"]))
+
+
+def _figure_jobs(state, lay, tok, row, shared) -> tuple[tuple, tuple]:
+    """(fn, path it writes, *args) of the overlay and the head grid of one view."""
+    d, layers = Path(state["dir"]), state["result"].layers
+    rd = str(d / "result")
+    return ((render_pool.overlay_job, str(d / render_pool.overlay_name(lay, tok, row)), rd, state["boxes"], lay, tok,
+             row, str(d)),
+            (render_pool.heads_job, str(d / render_pool.heads_name(layers, lay, tok, row, "png", shared)), rd, lay,
+             tok, row, str(d), "png", shared))
+
+
+REUSE_FIGURES = True  # serve a view's figures from the result's folder when drawn before (bench/scrub_bench.py: off)
+AHEAD_VIEWS = 24  # views drawn ahead after each pick (two figures each); the queue is replaced by the next pick
+
+
+def _next_picks(state, lay, tok, row, shared) -> list[tuple]:
+    """The figures a user scrubbing from this view most likely asks for next: the neighbouring tokens and layers,
+    then every token at this layer and every layer at this token, then the other row and colour scale."""
+    res = state["result"]
+    toks, lays = [MEAN] + list(range(res.n_tokens)), [MEAN] + list(res.layers)
+    ti, li = toks.index(tok), lays.index(lay)
+
+    def around(seq, i):  # i+1, i-1, i+2, i-2, …
+        out = []
+        for k in range(1, len(seq)):
+            out += [seq[j] for j in (i + k, i - k) if 0 <= j < len(seq)]
+        return out
+
+    views = [(lay, t, row, shared) for t in around(toks, ti)[:2]] + [(x, tok, row, shared) for x in around(lays, li)[:2]]
+    views += [(lay, t, row, shared) for t in around(toks, ti)[2:]] + [(x, tok, row, shared) for x in around(lays, li)[2:]]
+    views += [(lay, tok, r, shared) for r in ROWS if r != row] + [(lay, tok, row, not shared)]
+    jobs, seen = [], set()
+    for v in views[:AHEAD_VIEWS if REUSE_FIGURES else 0]:
+        for j in _figure_jobs(state, *v):
+            if j[1] not in seen:
+                seen.add(j[1])
+                jobs.append(j)
+    return jobs
 
 
 class FilesOut(NamedTuple):

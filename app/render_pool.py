@@ -70,6 +70,8 @@ def _ping(_):
 
 def shutdown():
     global _POOL
+    with _AHEAD_CV:
+        _AHEAD.clear()
     with _POOL_LOCK:
         if _POOL is not None:
             _POOL.shutdown(wait=False, cancel_futures=True)
@@ -81,7 +83,8 @@ def call(fn, *args, timeout: float = 60.0):
     global _POOL
     if workers():
         try:
-            return _pool().submit(fn, *args).result(timeout=timeout)
+            with _Waiting():
+                return _pool().submit(fn, *args).result(timeout=timeout)
         except BrokenProcessPool:
             log.warning("a render worker died; drawing in-process and restarting the pool")
             with _POOL_LOCK:
@@ -98,11 +101,12 @@ def call_many(jobs, done=None, timeout: float = 60.0) -> list:
     n, results = len(jobs), [None] * len(jobs)
     if workers():
         try:
-            futs = {_pool().submit(j[0], *j[1:]): i for i, j in enumerate(jobs)}
-            for k, f in enumerate(as_completed(futs, timeout=timeout), 1):
-                results[futs[f]] = f.result()
-                if done is not None:
-                    done(k, n)
+            with _Waiting():
+                futs = {_pool().submit(j[0], *j[1:]): i for i, j in enumerate(jobs)}
+                for k, f in enumerate(as_completed(futs, timeout=timeout), 1):
+                    results[futs[f]] = f.result()
+                    if done is not None:
+                        done(k, n)
             return results
         except BrokenProcessPool:
             log.warning("a render worker died; drawing in-process and restarting the pool")
@@ -170,14 +174,25 @@ def inspect_view(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str =
             heads_job(result_dir, lay, tok, row, out_dir, fmt, shared_scale))
 
 
+def overlay_name(lay, tok, row, fmt: str = "png", head="mean") -> str:
+    """File name of one overlay in its result's folder: the name is the whole view, and result folders are never
+    reused (app.sessions), so a file that exists under this name is that view of that result."""
+    return f"attention_L{lay}_T{tok}_{row}" + ("" if head in (None, "mean") else f"_H{head}") + f".{fmt}"
+
+
+def heads_name(layers, lay, tok, row, fmt: str = "png", shared_scale: bool = True) -> str:
+    """File name of one per-head grid (the last layer's for 'mean': heads of different layers are unrelated)."""
+    grid_layer = layers[-1] if lay == "mean" else lay
+    return f"heads_L{grid_layer}_T{tok}_{row}{'' if shared_scale else '_own'}.{fmt}"
+
+
 def overlay_job(result_dir: str, boxes, lay, tok, row, out_dir: str, fmt: str = "png", head="mean") -> str:
     """Head-mean overlay (or one head's, `head`) of a saved inspection → its path."""
     from ral_core import render
 
     res, d = _result(result_dir), Path(out_dir)
-    name = f"attention_L{lay}_T{tok}_{row}" + ("" if head in (None, "mean") else f"_H{head}")
     return save_figure(render.inspection_overlay(res, layer=lay, head=head, token=tok, row=row, boxes=boxes),
-                       d / f"{name}.{fmt}")
+                       d / overlay_name(lay, tok, row, fmt, head))
 
 
 def heads_job(result_dir: str, lay, tok, row, out_dir: str, fmt: str = "png", shared_scale: bool = True) -> str:
@@ -186,9 +201,69 @@ def heads_job(result_dir: str, lay, tok, row, out_dir: str, fmt: str = "png", sh
 
     res, d = _result(result_dir), Path(out_dir)
     grid_layer = res.layers[-1] if lay == "mean" else lay
-    scale = "" if shared_scale else "_own"
     return save_figure(render.head_grid(res, grid_layer, token=tok, row=row, shared_scale=shared_scale),
-                       d / f"heads_L{grid_layer}_T{tok}_{row}{scale}.{fmt}")
+                       d / heads_name(res.layers, lay, tok, row, fmt, shared_scale))
+
+
+def _ahead_job(fn, path: str, *args):
+    """A figure drawn ahead of its click: skipped when it exists or its result is gone (a swept folder is never made
+    again by drawing into it)."""
+    if Path(path).is_file() or not (Path(args[0]) / "result.json").is_file():
+        return None
+    return fn(*args)
+
+
+# ---- drawing ahead: the likely next picks of a view, one figure at a time, behind any figure a click waits for ---
+_AHEAD: list = []                 # [(fn, path, *args)], next first; replaced by each view
+_AHEAD_CV = threading.Condition()
+_BUSY = 0                         # figures a request is waiting for: drawing ahead waits until they are done
+_AHEAD_THREAD: threading.Thread | None = None
+
+
+def draw_ahead(jobs) -> None:
+    """Draw [(fn, path, *args), …] in the workers while nobody waits, one at a time, so a click's own figures queue
+    behind at most one of them; the list replaces the previous view's. Only with render workers running (drawing
+    in-process would take the server's core); stops with shutdown()."""
+    global _AHEAD_THREAD
+    if not workers() or _POOL is None:
+        return
+    with _AHEAD_CV:
+        _AHEAD[:] = [j for j in jobs if not Path(j[1]).is_file()]
+        if _AHEAD_THREAD is None or not _AHEAD_THREAD.is_alive():
+            _AHEAD_THREAD = threading.Thread(target=_ahead_loop, name="ral-draw-ahead", daemon=True)
+            _AHEAD_THREAD.start()
+        _AHEAD_CV.notify_all()
+
+
+def _ahead_loop():
+    while True:
+        with _AHEAD_CV:
+            while not _AHEAD or _BUSY:
+                if not _AHEAD_CV.wait(timeout=30) and not _AHEAD:
+                    return  # idle: the next draw_ahead starts a new thread
+            job = _AHEAD.pop(0)
+            pool = _POOL
+        if pool is None:
+            continue
+        try:
+            pool.submit(_ahead_job, *job).result(timeout=120)
+        except Exception as e:  # noqa: BLE001 - a figure drawn ahead is only a guess; the click draws it anyway
+            log.debug("drawing ahead failed: %s", e)
+
+
+class _Waiting:
+    """A request waits for figures: drawing ahead pauses until it is served."""
+
+    def __enter__(self):
+        global _BUSY
+        with _AHEAD_CV:
+            _BUSY += 1
+
+    def __exit__(self, *exc):
+        global _BUSY
+        with _AHEAD_CV:
+            _BUSY -= 1
+            _AHEAD_CV.notify_all()
 
 
 def summary_job(result_dir: str, metric: str, tok, row, out_dir: str) -> tuple[str, dict]:
