@@ -56,10 +56,9 @@ def _inspect_view(state, layer, token, row, per_head_scale=False, rep: Reporter 
     over, heads = _figure_jobs(state, lay, tok, row, shared)
     todo = [j for j in (over, heads) if not (REUSE_FIGURES and Path(j[1]).is_file())]
     n = len(todo)
-    if rep is not None:
-        rep.report("draw", 0.0, "drawing the overlay and the per-head maps")
     done = None
     if rep is not None:  # figures served as they were count as done
+        rep.report("draw", 0.0, "drawing the overlay and the per-head maps")
         done = lambda k, _: rep.report("draw", (k + 2 - n) / 2, f"drawing figures: {k + 2 - n}/2 done")  # noqa: E731
     render_pool.call_many([(j[0],) + j[2:] for j in todo], done)
     if rep is not None and not n:
