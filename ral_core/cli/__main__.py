@@ -3,4 +3,5 @@ import sys
 
 from ral_core.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (e.g. walking the package) must not run the command
+    sys.exit(main())
