@@ -233,19 +233,23 @@ class StepWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def start_training(url: str, steps: int) -> None:
+def start_training(url: str, steps: int):
+    """Start the run from one client session and return that client: the run belongs to its session, and a session
+    that ends (its client dropped) cancels it."""
     from gradio_client import Client
 
-    out = Client(url, verbose=False, download_files=False).predict(
+    client = Client(url, verbose=False, download_files=False)
+    out = client.predict(
         "grounding", None, "grpo", "default", None, steps, 1e-4, 1.0, 8, 8, 1.0, 1.0, "levers", 12, 100, 0, "",
         api_name="/train_start")
     if out[0]:
         raise RuntimeError(f"training did not start: {out[0]}")
+    return client
 
 
 def with_training(srv: "Server", n: int, steps: int, rounds: int) -> dict:
     """`rounds` bursts of each client kind while a training run goes on; the run's step times between and during."""
-    start_training(srv.url, steps)
+    trainer_client = start_training(srv.url, steps)
     watch = StepWatch(srv.sessions)
     watch.start()
 
@@ -260,8 +264,7 @@ def with_training(srv: "Server", n: int, steps: int, rounds: int) -> dict:
             bursts[kind].append(burst(srv, kind, n))
             wait_steps(3, after=bursts[kind][-1]["end"])  # the step running at the end, then quiet ones
     watch.stop.set()
-    from gradio_client import Client
-    Client(srv.url, verbose=False, download_files=False).predict(api_name="/train_cancel")
+    trainer_client.predict(api_name="/train_cancel")
     every = [b for bs in bursts.values() for b in bs]
     spans = [(seen - st, seen, st) for s, (seen, st) in watch.seen.items() if s >= 2]
     over = lambda a, b: any(a < x["end"] and b > x["start"] for x in every)  # noqa: E731
