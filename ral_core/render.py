@@ -226,11 +226,9 @@ def layer_head_values(result, metric: str = "image_mass", token="mean", row="pre
     return ent.mean(axis=-1) / max(np.log(v.shape[-1]), 1e-12)
 
 
-def layer_head_summary(result, metric: str = "image_mass", token="mean", row="predicts", size_px=None):
-    """One cell per (captured layer, head): `metric` ('image_mass' or 'entropy', see `layer_head_values`) as a heatmap.
-    Cells are 16–44 px wide and 12–36 px high, so 16 heads × 36 layers fit in ~0.9 × 0.8 k pixels; values are printed
-    in the cells when there are at most 64."""
-    vals = layer_head_values(result, metric, token, row)
+def _layer_head_grid(vals, layers, size_px, draw):
+    """The layer × head grid layout both grids share: cells 16–44 px wide and 12–36 px high (or fitted to `size_px`),
+    tick labels that do not overlap, a colour bar at the right. `draw(ax)` puts the image and returns it."""
     L, H = vals.shape
     left, top, bottom = 64, 52, 48
     cw, ch = float(np.clip(560 / H, 16, 44)), float(np.clip(560 / L, 12, 36))
@@ -239,21 +237,31 @@ def layer_head_summary(result, metric: str = "image_mass", token="mean", row="pr
         ch = max((size_px[1] - top - bottom) / L, 2)
     fig = _figure(left + H * cw + _CB_GAP + _CB_W + _CB_TEXT + _PAD, top + L * ch + bottom)
     ax = _add_axes(fig, left, top, H * cw, L * ch)
-    vmax = 1.0 if metric == "entropy" else (float(vals.max()) or 1e-9)
-    im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
-    step_x, step_y = max(1, int(np.ceil(16 / cw))), max(1, int(np.ceil(11 / ch)))  # tick labels that do not overlap
+    im = draw(ax)
+    step_x, step_y = max(1, int(np.ceil(16 / cw))), max(1, int(np.ceil(11 / ch)))
     ax.set_xticks(range(0, H, step_x), [str(h) for h in range(0, H, step_x)], fontsize=8)
-    ax.set_yticks(range(0, L, step_y), [str(result.layers[i]) for i in range(0, L, step_y)], fontsize=8)
+    ax.set_yticks(range(0, L, step_y), [str(layers[i]) for i in range(0, L, step_y)], fontsize=8)
     ax.set_xlabel("head", fontsize=9)
     ax.set_ylabel("decoder layer", fontsize=9)
-    if L * H <= 64:
+    cax = _add_axes(fig, left + H * cw + _CB_GAP, top, _CB_W, L * ch)
+    cb = fig.colorbar(im, cax=cax)
+    cb.ax.tick_params(labelsize=7)
+    return fig, ax, cb
+
+
+def layer_head_summary(result, metric: str = "image_mass", token="mean", row="predicts", size_px=None):
+    """One cell per (captured layer, head): `metric` ('image_mass' or 'entropy', see `layer_head_values`) as a heatmap.
+    Cells are 16–44 px wide and 12–36 px high, so 16 heads × 36 layers fit in ~0.9 × 0.8 k pixels; values are printed
+    in the cells when there are at most 64."""
+    vals = layer_head_values(result, metric, token, row)
+    vmax = 1.0 if metric == "entropy" else (float(vals.max()) or 1e-9)
+    fig, ax, cb = _layer_head_grid(vals, result.layers, size_px, lambda ax: ax.imshow(
+        vals, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest"))
+    if vals.size <= 64:
         for (i, j), v in np.ndenumerate(vals):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                     color="black" if v > 0.6 * vmax else "white")
-    cax = _add_axes(fig, left + H * cw + _CB_GAP, top, _CB_W, L * ch)
-    cb = fig.colorbar(im, cax=cax)
     cb.set_label(SUMMARY_METRICS[metric][1], fontsize=8)
-    cb.ax.tick_params(labelsize=7)
     ax.set_title(f"{SUMMARY_METRICS[metric][0]} per layer × head\n{token_label(result, token)}", fontsize=9,
                  parse_math=False)
     return fig
@@ -387,32 +395,17 @@ def knockout_grid(ko, token="mean", size_px=None, highlight=None):
     output is zeroed. Diverging scale symmetric about 0: blue cells are heads the answer needs (knocking them out lowers
     its probability), red ones heads that held it back. `highlight` (layer, head) outlines one cell."""
     vals = np.asarray(ko.effect(token), np.float64)
-    L, H = vals.shape
-    left, top, bottom = 64, 52, 48
-    cw, ch = float(np.clip(560 / H, 16, 44)), float(np.clip(560 / L, 12, 36))
-    if size_px:
-        cw = max((size_px[0] - left - _CB_GAP - _CB_W - _CB_TEXT - _PAD) / H, 2)
-        ch = max((size_px[1] - top - bottom) / L, 2)
-    fig = _figure(left + H * cw + _CB_GAP + _CB_W + _CB_TEXT + _PAD, top + L * ch + bottom)
-    ax = _add_axes(fig, left, top, H * cw, L * ch)
     lim = float(np.abs(vals).max()) or 1e-9
-    im = ax.imshow(vals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    step_x, step_y = max(1, int(np.ceil(16 / cw))), max(1, int(np.ceil(11 / ch)))
-    ax.set_xticks(range(0, H, step_x), [str(h) for h in range(0, H, step_x)], fontsize=8)
-    ax.set_yticks(range(0, L, step_y), [str(ko.layers[i]) for i in range(0, L, step_y)], fontsize=8)
-    ax.set_xlabel("head", fontsize=9)
-    ax.set_ylabel("decoder layer", fontsize=9)
-    if L * H <= 64:
+    fig, ax, cb = _layer_head_grid(vals, ko.layers, size_px, lambda ax: ax.imshow(
+        vals, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"))
+    if vals.size <= 64:
         for (i, j), v in np.ndenumerate(vals):
             ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7,
                     color="white" if abs(v) > 0.6 * lim else "black")
     if highlight is not None and highlight[0] in ko.layers:
         i, j = ko.layers.index(highlight[0]), int(highlight[1])
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#00c853", lw=2.5))
-    cax = _add_axes(fig, left + H * cw + _CB_GAP, top, _CB_W, L * ch)
-    cb = fig.colorbar(im, cax=cax)
     cb.set_label(KNOCKOUT_LABEL, fontsize=8)
-    cb.ax.tick_params(labelsize=7)
     what = "mean over the answer" if token in (None, "mean") else \
         f"token {int(token) + 1}: {ko.answer_tokens[int(token)]!r}"
     ax.set_title(f"does it matter? heads knocked out\n{what}", fontsize=9, parse_math=False)
