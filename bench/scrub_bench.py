@@ -23,8 +23,6 @@ import _common as C
 from _common import ROOT
 
 C.start()
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 
 HEADING = "## Scrubbing: click → new picture in the browser"
 PHOTO = ROOT / "assets" / "examples" / "photos" / "coffee.jpg"
@@ -46,8 +44,10 @@ def serve(d: Path, twin: str | None):
     from apphelpers import free_port
 
     (d / "models.yaml").write_text("default: default\n" + (f"twin: {twin}\n" if twin else ""))
-    os.environ["RAL_MODELS_CONFIG"] = str(d / "models.yaml")
-    os.environ["RAL_SESSIONS_ROOT"] = tempfile.mkdtemp(prefix="ral_scrub_sessions_")
+    # the server this process hosts reads its model list and sessions folder from its environment, as the test
+    # helpers' served app does
+    os.environ.update(RAL_MODELS_CONFIG=str(d / "models.yaml"),
+                      RAL_SESSIONS_ROOT=tempfile.mkdtemp(prefix="ral_scrub_sessions_"))
     from app.main import build_app
 
     demo = build_app().queue()
@@ -56,7 +56,15 @@ def serve(d: Path, twin: str | None):
     return demo, f"http://127.0.0.1:{port}/"
 
 
+def _browser_helpers_on_path():
+    """The browser helpers (tests/apphelpers.py, tests/test_scrub.py) are shared with the tests, which live apart."""
+    for d in (ROOT / "tests", ROOT):
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))
+
+
 def main():
+    _browser_helpers_on_path()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--twin", help="folder of a SmolVLM-256M twin (scripts/build_twin.py); omitted: default model only")
     p.add_argument("--settle", type=float, default=3.0, help="seconds the user looks at the first picture")
