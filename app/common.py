@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from ral_core import settings
+from ral_core.config import parse_bool
 from ral_core.errors import RALError
 from ral_core.images import check_image, load_image
 from ral_core.inspection import ROWS
@@ -192,6 +193,7 @@ def in_bounds(key: str, value, what: str | None = None) -> float:
 
 
 def gen_options(max_new_tokens, do_sample, temperature) -> dict:
+    do_sample = parse_bool(do_sample, "sample")  # a client's "false" must not sample (bool("false") is True)
     try:
         n, t = int(max_new_tokens), float(temperature)
     except (TypeError, ValueError):

@@ -108,3 +108,15 @@ def test_a_recipe_name_is_the_bundled_recipe_whatever_the_working_folder_holds(t
     import pytest
     with pytest.raises(RALError, match="is a folder"):
         build_config("./grounded")
+
+
+def test_the_app_reads_a_string_boolean_as_written():
+    """A client's do_sample "false" must not sample in Inspect / Compare (bool("false") is True)."""
+    import pytest
+
+    from app.common import gen_options
+    from ral_core.errors import RALError
+    assert gen_options(16, "false", 1.0)["do_sample"] is False
+    assert gen_options(16, "true", 1.0)["do_sample"] is True
+    with pytest.raises(RALError, match="sample must be true or false"):
+        gen_options(16, "maybe", 1.0)
