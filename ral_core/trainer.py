@@ -246,14 +246,18 @@ class Trainer:
         return [src.sample(i) for i in range(self.cfg.probe_samples)]
 
     def snapshot(self):
-        """Attention of fixed probe samples (greedy answer, all layers) saved under snapshots/step-N/."""
+        """Attention of fixed probe samples (greedy answer, all layers) saved under snapshots/step-N/. Run under a
+        forked RNG: inspect() reseeds torch's global generator, and a run's weights must not depend on how often
+        it was watched (snapshot_every)."""
         was = self.model.training
         self.model.eval()
-        for i, s in enumerate(self.probe_samples()):
-            with self.precision.autocast():
-                r = inspect(self.adapter_for_inference(), s["image"], s["question"], self.cfg.max_new_tokens)
-            r.save(self.out / "snapshots" / f"step-{self.step:05d}" / f"probe-{i}")
-            self.guard.probe(self.step, i, r.answer, s["answer"])
+        devices = [self.acc.device] if self.acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for i, s in enumerate(self.probe_samples()):
+                with self.precision.autocast():
+                    r = inspect(self.adapter_for_inference(), s["image"], s["question"], self.cfg.max_new_tokens)
+                r.save(self.out / "snapshots" / f"step-{self.step:05d}" / f"probe-{i}")
+                self.guard.probe(self.step, i, r.answer, s["answer"])
         self.model.train(was)
 
     def adapter_for_inference(self):
