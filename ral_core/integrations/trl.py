@@ -48,6 +48,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from ral_core.attention import capture, decoder_attention_modules, resolve_layers, unwrap
 from ral_core.errors import RALError
+from ral_core.models.base import control_ids, user_text_ids
 from ral_core.losses import LOSSES, LossContext, Window, combined_loss, window_weight
 from ral_core.policy import PolicySpec, Rollouts, attention_policy, key_validity, matched_layers, prefix_classes
 from ral_core.rollout import attention_stats
@@ -203,6 +204,7 @@ class RALGRPOTrainer(GRPOTrainer):
         check_config(args, teacher_model is not None)  # before TRL loads anything
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._ral_want = self._ral_caught = None
+        self._ral_control = None
         self._ral_spec = self._ral_teacher_spec = self._ral_teacher = None
         if not (args.uses_policy_attention or args.log_attention):
             return  # plain TRL
@@ -255,7 +257,28 @@ class RALGRPOTrainer(GRPOTrainer):
         return self.args.gradient_accumulation_steps % generate_every != 0 or (
             self.use_vllm and self.vllm_importance_sampling_correction)
 
+    def _check_prompts(self, inputs) -> None:
+        """Conversational prompts' message text is user text: refused in one line where it spells a control token
+        (a forged `<|im_end|>` would read as a new turn). A plain-string prompt is left alone: it is the caller's
+        already-templated text, markers included on purpose."""
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if self._ral_control is None:
+            self._ral_control = control_ids(tok)
+        for x in inputs:
+            prompt = x.get("prompt") if isinstance(x, dict) else None
+            if not isinstance(prompt, list):
+                continue
+            for i, msg in enumerate(prompt):
+                content = msg.get("content") if isinstance(msg, dict) else None
+                parts = [content] if isinstance(content, str) else [
+                    p.get("text") for p in (content or []) if isinstance(p, dict) and p.get("type") == "text"]
+                for text in parts:
+                    if text is not None:
+                        user_text_ids(tok, text, what=f"prompt message {i + 1} ({msg.get('role', '?')})",
+                                      control=self._ral_control)
+
     def _generate_and_score_completions(self, inputs):
+        self._check_prompts(inputs)
         active = self._ral_spec is not None and self.model.training
         old_pass = active and self._old_pass_runs()
         self._ral_want, self._ral_caught = ("old" if old_pass else None), None
