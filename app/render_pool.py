@@ -153,10 +153,16 @@ def _atomic(save, path: Path) -> Path:
 
 
 def save_figure(fig, path: Path) -> str:
-    """ral_core.render.save_figure, written atomically; the figure is closed."""
+    """ral_core.render.save_figure, written atomically; the figure is closed. Result folders are made by
+    app.sessions only: a folder swept while a figure was being drawn ahead into it is never made again."""
     from ral_core import render
 
-    return str(_atomic(lambda p: render.save_figure(fig, p), Path(path)))
+    try:
+        return str(_atomic(lambda p: render.save_figure(fig, p, make_dirs=False), Path(path)))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def save_both(fig, stem: Path) -> list[str]:

@@ -285,10 +285,12 @@ def inspection_overlay(result, layer="mean", head="mean", token="mean", row="pre
     return overlay(result.image, result.geometry, v, title=title, vmin=0, boxes=boxes, size_px=size_px)
 
 
-def save_figure(fig, path) -> Path:
-    """Save as PNG or SVG by suffix and close the figure."""
+def save_figure(fig, path, make_dirs: bool = True) -> Path:
+    """Save as PNG or SVG by suffix and close the figure; `make_dirs=False` fails (FileNotFoundError) where the
+    folder is gone instead of making it again."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
     # fast zlib level: a third less drawing time per figure for a somewhat larger file (served per request)
     kw = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}

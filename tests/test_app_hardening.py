@@ -327,3 +327,26 @@ def test_concurrent_requests_of_one_session_lose_nothing(env, monkeypatch):
         for f in ("overlay", "heads", "summary", "figure"):
             if isinstance(getattr(o, f, None), str):
                 assert Path(getattr(o, f)).is_file(), (f, getattr(o, f))
+
+
+def test_a_figure_drawn_ahead_into_a_swept_folder_does_not_make_it_again(env, monkeypatch):
+    """Drawing ahead races the idle sweep: when the folder goes while the figure is being drawn (after its result
+    was read), the write fails (the guess is dropped) and the swept folder stays gone."""
+    import shutil
+
+    from app import render_pool
+    from ral_core import render
+    r = req("d3")
+    a = env.h.run_inspect("tiny-a", str(EXAMPLES / "grid3_cell.png"), "Read row 1.", 2, request=r)
+    assert a.status == "", a.status
+    draw = render.inspection_overlay
+
+    def swept_meanwhile(*args, **kw):
+        fig = draw(*args, **kw)
+        shutil.rmtree(a.state["dir"])
+        return fig
+    monkeypatch.setattr(render, "inspection_overlay", swept_meanwhile)
+    with pytest.raises(FileNotFoundError):
+        render_pool.overlay_job(str(Path(a.state["dir"]) / "result"), [], a.state["result"].layers[-1], 0,
+                                "predicts", a.state["dir"])
+    assert not Path(a.state["dir"]).exists()
