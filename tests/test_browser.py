@@ -69,11 +69,18 @@ def test_one_redraw_per_pick(page):
     page.wait_for_function("() => document.querySelector('#i-status').innerText.trim() === '' && "
                            "document.body.innerText.includes('Answer:')")
     time.sleep(1.0)
+    def settle(n):
+        """Wait for n requests (a loaded machine sends them late), then long enough to see any duplicate."""
+        deadline = time.monotonic() + 20
+        while len(joins) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+
     for pick in ("layer 1", "mean over layers", "last layer"):
         joins.clear()
         page.click("#i-layer input")
         page.click(f'#i-layer li[aria-label="{pick}"]')
-        time.sleep(1.5)
+        settle(1)
         assert len(joins) == 1, (pick, joins)
         assert page.input_value("#i-layer input") == pick
     own = page.get_by_label("the token's own position (RAL policy row)")
@@ -81,12 +88,7 @@ def test_one_redraw_per_pick(page):
     target = other if own.is_checked() else own
     joins.clear()
     target.check()
-    # the cell's request follows the summary's answer: on a loaded machine it is sent later than 1.5 s, so wait
-    # for it (up to 20 s), then long enough to see any duplicate
-    deadline = time.monotonic() + 20
-    while len(joins) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)
+    settle(3)  # the cell's request follows the summary's answer
     # the row also sets the layer × head summary (its redraw and the clicked cell's): three different requests, none twice
     assert target.is_checked() and len(joins) == 3 and len(set(joins)) == 3, joins
 
