@@ -65,6 +65,9 @@ class TrainConfig:
     ground_on: str = "rewarded"          # rollouts the target term acts on: rewarded | advantage (A-weighted)
     ground_div: str = "kl"               # target term: kl (KL(q ‖ p)) | jsd | mass (−log on-target share) | auto
                                          # (kl for one box, mass for several)
+    ground_layers: typing.Any = "policy"  # layers the grounded terms read: policy (= attn_layers) | last | all |
+                                          # levers (top explore_top_k of the causal-lever map) | int | list of ints
+    ground_heads: typing.Any = "mean"     # mean (all heads) | a head index or a list: the mean of those is targeted
     attn_layers: typing.Any = "last"     # last | all | int | list of ints
     attn_row: str = "own"                # own (paper) | predicts
     attn_support: str = "all"            # all | visual
@@ -164,6 +167,7 @@ class TrainConfig:
             raise RALError("gamma_opad / lambda_token_kl need a teacher model: set teacher=DIR")
         need(self.ground_on in ("rewarded", "advantage"), "ground_on must be rewarded or advantage")
         need(self.ground_div in ("kl", "jsd", "mass", "auto"), "ground_div must be kl, jsd, mass or auto")
+        _check_ground_selection(self)
         if self.teacher and (self.gamma_opad > 0 or self.lambda_token_kl > 0) and _same_model(self.teacher, self.model):
             raise RALError(f"the teacher is the student itself ({self.teacher!r}): OPAD would distil the model into "
                            "itself and move nothing — use teacher=teacher (the bundled task-trained teacher) or "
@@ -175,6 +179,27 @@ class TrainConfig:
                 "would never act. Use ≥ 2 updates per batch: epochs ≥ 2, or minibatch_size < "
                 f"{self.rollouts_per_step} (prompts_per_step × group_size)")
         return self
+
+
+def _index_list(v, lowest: int | None = 0) -> list | None:
+    """An int or a non-empty list of ints (each ≥ `lowest` unless None) → that list; anything else → None."""
+    items = v if isinstance(v, (list, tuple)) else [v]
+    ok = items and all(isinstance(i, int) and not isinstance(i, bool) and (lowest is None or i >= lowest)
+                       for i in items)
+    return list(items) if ok else None
+
+
+def _check_ground_selection(cfg: "TrainConfig"):
+    """ground_layers / ground_heads: their form here; layer and head ranges against the model when it is loaded
+    (policy.policy_specs)."""
+    gl, gh = cfg.ground_layers, cfg.ground_heads
+    if not (gl in ("policy", "last", "all", "levers") or _index_list(gl, None) is not None):
+        raise RALError(f"ground_layers must be policy, last, all, levers, a layer index (−1: the last) or a list "
+                       f"of them (got {gl!r})")
+    if not (gh == "mean" or _index_list(gh) is not None):
+        raise RALError(f"ground_heads must be mean or a head index ≥ 0 or a list of them, e.g. [0, 2] (got {gh!r})")
+    if gh != "mean" and len(set(_index_list(gh))) != len(_index_list(gh)):
+        raise RALError(f"ground_heads lists a head twice (got {gh!r})")
 
 
 def _same_model(a: str, b: str) -> bool:

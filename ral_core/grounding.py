@@ -29,6 +29,11 @@ The two objectives (docs/method.md, "Grounded attention"):
   questions, where A = 0, would otherwise silence the term; a wrong answer is not pushed away from the box,
   since looking at the right region and still answering wrongly says nothing about where else to look.
   `advantage` — weight A (signed, as RAL's term).
+
+Both read "the policy layers, head mean" by default; `ground_layers` (policy | last | all | levers | indices) and
+`ground_heads` (mean | head indices: their mean) choose other rows of the same capture for them alone
+(policy.PolicySpec), so the target can sit on one head, or on the layers whose attention moves the answer, while
+RAL's term keeps attn_layers.
 """
 from __future__ import annotations
 
@@ -194,15 +199,20 @@ def attention_reward(attn_mean: torch.Tensor, visual: torch.Tensor, weights: tor
     return torch.where(wsum > 0, r, torch.zeros_like(r))
 
 
+def ground_rows(ro) -> list[torch.Tensor]:
+    """The rollout policy's rows as the grounded terms read them (config ground_layers / ground_heads)."""
+    return getattr(ro, "ground_attn", None) or ro.old_attn
+
+
 def box_weights_of(ro) -> torch.Tensor | None:
     return getattr(ro, "target_keys", None)
 
 
 def add_attention_reward(ro, weight: float, attn: list[torch.Tensor] | None = None, adv_scale: str = "std",
                          name: str = "attention_box") -> None:
-    """Add weight · R_a to each rollout's reward (from its own captured attention: `ro.old_attn` unless given),
-    log it as a sub-reward, and recompute the group advantages."""
-    attn = ro.old_attn if attn is None else attn
+    """Add weight · R_a to each rollout's reward (from its own captured attention: the grounded terms' rows
+    `ro.ground_attn` unless given), log it as a sub-reward, and recompute the group advantages."""
+    attn = ground_rows(ro) if attn is None else attn
     w = box_weights_of(ro)
     if not attn or w is None:
         r = torch.zeros_like(ro.rewards)
@@ -259,10 +269,11 @@ def _ground_term(div: str):
         """Attention target: mean_t w_i · D(q_i ‖ p_vis,θ^t), w_i from `rollout_weights` and q_i the box target
         (both in the batch's `ground`, set by `score_grounding`); rows of samples without a box contribute 0."""
         g = getattr(ctx.batch, "ground", None) or {}
-        if "weight" not in g or not ctx.attn:
+        attn = ctx.attn_ground or ctx.attn
+        if "weight" not in g or not attn:
             return ctx.logp.sum() * 0.0, {}
         has = g["target"].sum(-1) > 0
-        p = visual_rows(ctx.attn, ctx.batch.visual_keys)
+        p = visual_rows(attn, ctx.batch.visual_keys)
         if div == "auto":  # one region: every row may look at all of it; several: a row may read one at a time
             d = torch.where(g["regions"][:, None] > 1, target_divergence(p, ctx.batch.target_keys, "mass"),
                             target_divergence(p, g["target"], "kl"))
@@ -319,13 +330,14 @@ def sink_share(attn: list[torch.Tensor], attention_mask: torch.Tensor, mask: tor
 def grounding_stats(ro, attn: list[torch.Tensor] | None = None) -> dict:
     """Step metrics of every recipe: `attn_sink_share`, `attn_target_share` (`target_share`) and `ground_no_box`
     (samples of the step without a target box, which no grounded term touches); `attn_target_mass`, the share of
-    the whole row on the boxes, comes from `rollout.attention_stats`."""
-    attn = ro.old_attn if attn is None else attn
+    the whole row on the boxes, comes from `rollout.attention_stats`. The sink share reads the policy rows, the
+    target share the rows the grounded terms read."""
+    attn, ground = (ro.old_attn, ground_rows(ro)) if attn is None else (attn, attn)
     out = {"ground_no_box": int(sum(1 for s in ro.samples if not s.get("boxes")))}
     if attn:
         out["attn_sink_share"] = sink_share(attn, ro.inputs["attention_mask"], ro.mask)
         if ro.target_keys is not None:
-            out["attn_target_share"] = target_share(attn, ro.visual_keys, ro.target_keys, ro.mask)
+            out["attn_target_share"] = target_share(ground, ro.visual_keys, ro.target_keys, ro.mask)
     return out
 
 

@@ -150,6 +150,7 @@ class LossContext:
     advantages: torch.Tensor | None = None  # [N]
     attn: list[torch.Tensor] = field(default_factory=list)          # per layer [N, H|1, T, K] current policy
     attn_old: list[torch.Tensor] = field(default_factory=list)      # same, from the rollout policy
+    attn_ground: list[torch.Tensor] = field(default_factory=list)   # current rows the grounded terms read
     attn_teacher: list[torch.Tensor] = field(default_factory=list)  # same, from a frozen teacher
     attn_natural: list[torch.Tensor] = field(default_factory=list)   # exploration: unperturbed current rows
     attn_explored: list[torch.Tensor] = field(default_factory=list)  # exploration: behaviour rows p̃_i
@@ -169,7 +170,8 @@ class LossContext:
         """The context of one mini-batch (policy.Rollouts) and its training forward (policy.forward_policies)
         under a TrainConfig."""
         return cls(mask=batch.mask, logp=forward["logp"], old_logp=batch.old_logp, ref_logp=batch.ref_logp,
-                   advantages=batch.advantages, attn=forward["attn"], attn_old=batch.old_attn,
+                   advantages=batch.advantages, attn=forward["attn"], attn_ground=forward.get("ground", []),
+                   attn_old=batch.old_attn,
                    attn_teacher=batch.teacher_attn, attn_natural=forward["natural"], attn_explored=batch.explored_attn,
                    logits=forward["logits"], teacher_logits=batch.teacher_logits, norm=cfg.loss_norm,
                    max_len=cfg.max_new_tokens, clip_low=cfg.clip_low, clip_high=cfg.clip_high, batch=batch)

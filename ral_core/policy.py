@@ -4,11 +4,13 @@ batch it is read from (`Rollouts`), the keys each row may weigh (`key_validity`)
 
 The policy row of response token t: a row of the chosen decoder layer(s), head-mean (or per head), over the
 positions before t ('own': the query at token t, self removed, the paper's row; 'predicts': the query at t − 1),
-renormalised; support 'all' or 'visual' (docs/method.md)."""
+renormalised; support 'all' or 'visual' (docs/method.md). The grounded terms (grounding.py) may read other layers and
+a subset of the heads (`ground_layers`, `ground_heads`) from the same capture; RAL's and OPAD's terms keep `layers`."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +30,12 @@ class PolicySpec:
     row: str = "own"         # own: the query at token t, self removed (paper) · predicts: the query at t−1
     support: str = "all"     # all earlier positions · visual: visual tokens only, renormalised
     per_head: bool = False
+    ground_layers: list[int] | None = None  # the grounded terms' layers (None: `layers`)
+    ground_heads: list[int] | None = None   # the heads whose mean they read (None: all)
+
+    @property
+    def capture_layers(self) -> list[int]:
+        return sorted(set(self.layers) | set(self.ground_layers or ()))
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Rollouts:
     advantages: torch.Tensor = None
     old_logp: torch.Tensor = None
     old_attn: list = field(default_factory=list)
+    ground_attn: list = field(default_factory=list)  # the rollout policy's rows as the grounded terms read them
     ref_logp: torch.Tensor = None
     teacher_attn: list = field(default_factory=list)
     teacher_logits: torch.Tensor = None
@@ -178,13 +187,50 @@ def matched_layers(layers: list[int], student, teacher) -> list[int]:
     return [t[min(len(t) - 1, max(0, round((s.index(i) + 1) * len(t) / len(s)) - 1))] for i in layers]
 
 
-def policy_specs(cfg, adapter, teacher=None) -> tuple[PolicySpec | None, PolicySpec | None]:
+def uses_grounding(cfg) -> bool:
+    from ral_core.rewards import ATTENTION_REWARDS
+    return cfg.lambda_ground > 0 or any(k in ATTENTION_REWARDS for k in cfg.reward_weights)
+
+
+def ground_selection(cfg, adapter, layers: list[int], levers: Callable[[], list[int]] | None = None
+                     ) -> tuple[list[int] | None, list[int] | None]:
+    """(ground layers, ground heads) of a config, None where they are the policy's own (`layers`, all heads).
+    `levers()`: the top layers of the causal-lever map (the trainer's probe, as for explore_layers=levers)."""
+    gl, gh = getattr(cfg, "ground_layers", "policy"), getattr(cfg, "ground_heads", "mean")
+    if gl == "policy":
+        g_layers = None
+    elif gl == "levers":
+        if levers is None:
+            raise RALError("ground_layers=levers needs the trainer's lever probe; name the layers instead, e.g. "
+                           "ground_layers=[2, 3]")
+        g_layers = levers()
+    else:
+        try:
+            g_layers = resolve_layers(gl, adapter.num_layers, adapter.attention_layers)
+        except ValueError as e:
+            raise RALError(f"ground_layers: {e}") from None
+    heads = None
+    if gh != "mean":
+        heads = sorted(int(h) for h in (gh if isinstance(gh, (list, tuple)) else [gh]))
+        if heads[-1] >= adapter.num_heads:
+            raise RALError(f"ground_heads: head {heads[-1]} is out of range: the model has {adapter.num_heads} "
+                           f"attention heads (0..{adapter.num_heads - 1})")
+        if len(heads) == adapter.num_heads:
+            heads = None  # all of them: the plain head mean
+    return (None if g_layers == layers else g_layers), heads
+
+
+def policy_specs(cfg, adapter, teacher=None, levers: Callable[[], list[int]] | None = None
+                 ) -> tuple[PolicySpec | None, PolicySpec | None]:
     """(the student's policy spec, the teacher's: the same rows at the matched depth), or Nones where the config
-    neither trains nor logs attention."""
+    neither trains nor logs attention. The grounded terms' own layers and heads (config ground_layers /
+    ground_heads) are resolved only where a grounded term is on."""
     if not (cfg.uses_policy_attention or cfg.log_attention):
         return None, None
     spec = PolicySpec(resolve_layers(cfg.attn_layers, adapter.num_layers, adapter.attention_layers),
                       cfg.attn_row, cfg.attn_support, cfg.attn_per_head)
+    if uses_grounding(cfg):
+        spec.ground_layers, spec.ground_heads = ground_selection(cfg, adapter, spec.layers, levers)
     if teacher is None:
         return spec, spec
     if cfg.attn_per_head and teacher.num_heads != adapter.num_heads:
@@ -192,19 +238,21 @@ def policy_specs(cfg, adapter, teacher=None) -> tuple[PolicySpec | None, PolicyS
                        f"(it has {teacher.num_heads}); set attn_per_head=false")
     # depth is matched along the softmax-attention layers
     return spec, dataclasses.replace(spec, layers=matched_layers(spec.layers, adapter.attention_layers,
-                                                                 teacher.attention_layers))
+                                                                 teacher.attention_layers),
+                                     ground_layers=None, ground_heads=None)
 
 
 def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: ExploreSpec | None = None,
                      need_logits: bool = False, use_bias: bool = True) -> dict:
     """One teacher-forced pass over prompt + completion. Captures rows P−1 … P+T−1 of every needed layer once
     and derives: `logp` [N, T] of the sampled tokens under the sampling temperature, `logits` (divided by it),
-    `attn` (the RAL/OPAD policy per spec layer), and with exploration `explored` (rows under the rollout's bias)
-    and `natural` (the same rows without it)."""
+    `attn` (the RAL/OPAD policy per spec layer), `ground` (the rows the grounded terms read: `attn` itself unless
+    the spec names its own layers or heads; then per ground layer [N, 1, T, K], the chosen heads' mean), and with
+    exploration `explored` (rows under the rollout's bias) and `natural` (the same rows without it)."""
     N, T = ro.completion.shape
     P = ro.P
     dev = ro.completion.device
-    layers = sorted(set(spec.layers if spec else []) | set(explore.layers if explore else []))
+    layers = sorted(set(spec.capture_layers if spec else []) | set(explore.layers if explore else []))
     bias = ro.explore_bias if (explore is not None and use_bias and ro.explore_bias) else None
     cached = ro.vision is not None and ro.vision.serves(model)
     if cached and ro.share_prompt and bias is None and (not torch.is_grad_enabled() or shares_with_grad(model)):
@@ -223,13 +271,22 @@ def forward_policies(model, ro: Rollouts, spec: PolicySpec | None, explore: Expl
     logits = out.logits.float()
     # the policy that sampled is softmax(logits / T): the ratio, the KL and the gradient must refer to it (as TRL's)
     res = {"logp": token_logprobs(logits, ro.completion, ro.temperature),
-           "logits": logits / ro.temperature if need_logits else None, "attn": [], "explored": [], "natural": []}
+           "logits": logits / ro.temperature if need_logits else None, "attn": [], "ground": [], "explored": [],
+           "natural": []}
 
-    def policy(m, s):
+    def policy(m, s, heads=None):
         sel = m[:, :, 1:] if s.row == "own" else m[:, :, :-1]
-        return attention_policy(sel, key_validity(ro.inputs, ro.visual_keys, P, T, s.support), s.per_head)
+        if heads is not None:
+            sel = sel[:, heads]
+        return attention_policy(sel, key_validity(ro.inputs, ro.visual_keys, P, T, s.support),
+                                s.per_head and heads is None)
     if spec is not None:
         res["attn"] = [policy(maps[layer], spec) for layer in spec.layers]
+        if spec.ground_layers is None and spec.ground_heads is None:
+            res["ground"] = res["attn"]
+        else:
+            res["ground"] = [policy(maps[layer], spec, spec.ground_heads or list(range(maps[layer].shape[1])))
+                             for layer in (spec.ground_layers or spec.layers)]
     if explore is not None:
         res["explored"] = [policy(maps[layer], explore) for layer in explore.layers]
         res["natural"] = [policy(maps.natural.get(layer, maps[layer]), explore) for layer in explore.layers]

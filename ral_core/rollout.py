@@ -146,7 +146,7 @@ def rollouts_from_completions(adapter, samples, group_size, comp: torch.Tensor, 
         ro.row_class = prefix_classes(comp, mask, group, spec.row)
     ro.explore_bias = explore_bias or {}
     r = forward_policies(model, ro, spec, explore)
-    ro.old_logp, ro.old_attn = r["logp"], r["attn"]
+    ro.old_logp, ro.old_attn, ro.ground_attn = r["logp"], r["attn"], r["ground"]
     ro.explored_attn, ro.natural_attn_old = r["explored"], r["natural"]
     score_grounding(ro, adapter, reward_model, adv_scale)  # attention rewards and targets need the pass above
     return ro

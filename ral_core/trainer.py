@@ -57,7 +57,7 @@ class Trainer:
         self.teacher = load_teacher(cfg, self.adapter, self.acc.device, self.precision)
         self.adapter.model = model
         # the attention policy, the task, exploration
-        self.spec, self.teacher_spec = policy_specs(cfg, self.adapter, self.teacher)
+        self.spec, self.teacher_spec = policy_specs(cfg, self.adapter, self.teacher, levers=self._lever_top)
         self.rewarder = RewardModel(cfg.reward_weights, ground_on=cfg.ground_on if cfg.lambda_ground > 0 else None)
         self.data = dataset_for(cfg)
         if hasattr(self.data, "check_text"):  # control tokens in a row: refused now, not at the step that draws it
@@ -97,9 +97,16 @@ class Trainer:
         """'levers': the layers whose attention moves the answer most on a few training samples."""
         if self.cfg.explore_layers != "levers":
             return resolve_layers(self.cfg.explore_layers, self.adapter.num_layers, self.adapter.attention_layers)
-        probe = [self.data.sample(LEVER_PROBE_START + i) for i in range(LEVER_PROBES)]
-        with self.precision.autocast():
-            self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
+        return self._lever_top()
+
+    def _lever_top(self) -> list[int]:
+        """The top explore_top_k layers of the causal-lever map (measured once; ground_layers=levers reads it too)."""
+        if getattr(self, "levers", None) is None:
+            data = getattr(self, "data", None)
+            data = dataset_for(self.cfg) if data is None else data  # the grounded terms ask before self.data is set
+            probe = [data.sample(LEVER_PROBE_START + i) for i in range(LEVER_PROBES)]
+            with self.precision.autocast():
+                self.levers = lever_map(self.adapter, probe, strength=self.cfg.explore_lever_strength)
         return self.levers.top(min(self.cfg.explore_top_k, len(self.adapter.attention_layers)))
 
     def _gathered(self):
