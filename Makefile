@@ -108,7 +108,9 @@ evidence-short: install evidence-models
 # The evidence document docs/results.md: RAL in its home regime (bench/home_regime.py). The OPAD/distill teacher
 # (bench/_work/teacher43: the default model continued 600 supervised steps on 4×3 grids) is built only when missing;
 # then the pilot and the sweeps `home` (T 1.5) and `home_t2` (T 2): GRPO, RAL λ ∈ {0.5, 1, 5, 100}, OPAD, distill ×
-# 5 seeds. Each run writes bench/records/home*/ and a run whose record exists is skipped; `make evidence
+# 5 seeds; then the grounded sweep on the default task (bench/ground_regime.py: GRPO, RAL, attention reward, attention
+# target, OPAD with assets/teacher_model × 8 seeds) and the RAL gradient at every update (--grad-across). Each run
+# writes bench/records/home*/ or ground*/ and a run whose record exists is skipped; `make evidence
 # RERUN=--rerun` redoes everything (teacher included). `evidence-collect` rewrites the document from the records.
 RERUN ?=
 evidence-teacher: install
@@ -118,6 +120,9 @@ evidence: install evidence-teacher
 	$(BIN)/python bench/home_regime.py --pilot $(RERUN)
 	$(BIN)/python bench/home_regime.py --doc home $(RERUN)
 	$(BIN)/python bench/home_regime.py --doc home_t2 $(RERUN)
+	$(BIN)/python bench/ground_regime.py $(RERUN)
+	$(BIN)/python bench/ground_regime.py --grad-across $(RERUN)
+	$(BIN)/python bench/home_regime.py --collect
 
 evidence-collect:
 	$(BIN)/python bench/home_regime.py --collect

@@ -385,7 +385,7 @@ def _rerun_check_line() -> str:
                         + ", ".join(sorted({"`%s` → `%s`" % (x["old_engine"], x["new_engine"]) for x in g["differ"]}))
                         + ")" if g["differ"] else ""))
     return (f" A full rerun (`make evidence RERUN=--rerun`), compared with the records it replaced (commit "
-            f"`{c['compared_with']}`): " + "; ".join(parts) + ". Runs on one engine commit are deterministic on CPU; "
+            f"`{c['compared_with']}`): " + "; ".join(parts) + ". Runs on one engine commit are deterministic on one machine (CPU); "
             "across engine commits small numerical differences can change which tokens are sampled, and from then "
             "on the trajectory" + _cause_line() + ". This document uses the rerun's records only.")
 
@@ -457,9 +457,38 @@ METRICS = [("accuracy", "greedy acc", "eval"), ("sampled_reward", "sampled rewar
            ("target_mass", "target mass", "eval")]
 
 
-def comparisons(sweeps: dict) -> list[dict]:
+def t_crit(p_two: float, df: int) -> float:
+    """The t with two-sided p-value `p_two` at `df` degrees of freedom (bisection on _common.t_two_sided_p)."""
+    from _common import t_two_sided_p
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > p_two else (lo, mid)
+    return (lo + hi) / 2
+
+
+POWER = 0.8
+
+
+def ci95(c: dict) -> tuple[float, float]:
+    """95 % confidence interval of a paired mean difference: mean ± t(0.975, n − 1) · SE."""
+    h = t_crit(0.05, c["n"] - 1) * c["se"] if c["n"] > 1 else float("nan")
+    return c["mean"] - h, c["mean"] + h
+
+
+def detectable(c: dict, alpha: float = 0.05) -> float:
+    """The smallest true mean difference a two-sided paired t-test at level `alpha` finds with 80 % power at this
+    comparison's n, from its observed SD of differences s_d: (t(1 − α/2, n − 1) + t(0.8, n − 1)) · s_d / √n (the
+    usual normal-shift approximation of the noncentral t)."""
+    if c["n"] < 2:
+        return float("nan")
+    return (t_crit(alpha, c["n"] - 1) + t_crit(2 * (1 - POWER), c["n"] - 1)) * c["se"]
+
+
+def comparisons(sweeps: dict, extra: list | None = None) -> list[dict]:
     """Every paired comparison the document reports: in each sweep, each arm (RAL λ sweep, OPAD, distill) − GRPO per
-    seed on each metric; Holm-adjusted over all of them together (one family per document)."""
+    seed on each metric, then `extra` (the grounded sweep's, bench/ground_regime.py); Holm-adjusted over all of them
+    together (one family per document)."""
     out = []
     for sweep, runs in sweeps.items():
         g = runs.get("grpo", {})
@@ -470,9 +499,27 @@ def comparisons(sweeps: dict) -> list[dict]:
                 seeds = [s for s in sorted(runs[arm]) if s in g]
                 d = np.array([runs[arm][s]["eval"][key] - g[s]["eval"][key] for s in seeds])
                 out.append({"sweep": sweep, "arm": arm, "key": key, "label": label, "d": d, **paired_t(d)})
+    out += extra or []
     adj = holm([c["p"] for c in out])
     for c, a in zip(out, adj):
         c["p_holm"] = a
+    return out
+
+
+def paired_table(cs: list, m: int) -> list[str]:
+    """The paired-differences table of one sweep: mean ± SE, per seed, 95 % CI, t, p, Holm p, the smallest difference
+    the comparison could detect (80 % power) at α 0.05 and at Holm's first-step level α/m, verdict."""
+    out = [f"Paired differences against GRPO (mean ± SE over seeds; 95 % CI; two-sided paired t-test; Holm over all {m} "
+           "comparisons of the document; detectable: the smallest true difference found with 80 % power at this n "
+           f"and this SD of differences, at α 0.05 / at α 0.05/{m}, Holm's first step):", "",
+           "| arm | metric | Δ vs GRPO | per seed | 95 % CI | t | p | p (Holm) | detectable (α 0.05 / Holm) | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cs:
+        lo, hi = ci95(c)
+        out.append(f"| {c['arm']} | {c['label']} | {c['mean']:+.4f} ± {c['se']:.4f} | "
+                   + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | [{lo:+.4f}, {hi:+.4f}] | {c['t']:.2f} | "
+                   f"{fmt_p(c['p'])} | {fmt_p(c['p_holm'])} | ±{detectable(c):.4f} / ±{detectable(c, 0.05 / m):.4f} | "
+                   f"{_verdict(c)} |")
     return out
 
 
@@ -539,7 +586,7 @@ def pilot_lines() -> list[str]:
             f"{max(exact43):.0%} of rows or fewer. Credit per digit gives every group whose samples differ a reward "
             "spread, and temperature 1.5 keeps them differing: the acting share rises to about a half. The sweep's "
             "`grpo` seed 0 repeats the last pilot run with the same settings and "
-            + ("gives the same numbers (runs on one engine commit are deterministic on CPU)." if same else
+            + ("gives the same numbers (runs on one engine commit are deterministic on one machine)." if same else
                "gives different numbers (the two records come from different engine commits).")
             if gains and exact43 and where else "", ""]
     return out
@@ -558,14 +605,17 @@ def _sum_time(recs: list, key: str) -> float:
     return float(sum(r.get(key) or 0 for r in recs))
 
 
-def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | None) -> list[str]:
-    """The compute behind the document, from the records alone."""
+def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | None,
+                  extra_rows: list | None = None) -> list[str]:
+    """The compute behind the document, from the records alone (`extra_rows`: (label, records) of the grounded sweep
+    and the gradient replay)."""
     rows = [("pilot (GRPO)", pilot_recs)]
     for d, runs in sweeps.items():
         for label, arms in (("GRPO + RAL", ["grpo", *RAL_ARMS]), ("OPAD + distill", TEACHER_ARMS)):
             recs = [r for a in arms for r in runs.get(a, {}).values()]
             if recs:
                 rows.append((f"`{d}` {label}", recs))
+    rows += [r for r in extra_rows or [] if r[1]]
     runs_all = [r for _, rs in rows for r in rs]
     cpu = _sum_time(runs_all, "cpu_s")
     out = ["## Compute (from the records)", "",
@@ -614,6 +664,17 @@ def compute_lines(sweeps: dict, pilot_recs: list, bases: list, teacher: dict | N
     return out + [""] + extra + [""]
 
 
+def _machine_line(recs: list) -> str:
+    """Which records name their machine (CPU model, flags incl. native bf16, library versions) and which do not."""
+    have = sorted({r["machine"] for r in recs if r.get("machine")})
+    missing = sum(1 for r in recs if not r.get("machine"))
+    return (f"{len(recs) - missing} of {len(recs)} run records name their machine"
+            + (": " + "; ".join(f"`{m}`" for m in have) if have else "")
+            + (f"; the other {missing} (the `home` sweeps and the pilot, made before this rule) do not: they were made "
+               "on this workbench's shared 2-core machine, whose CPU model was not recorded with them." if missing
+               else "."))
+
+
 def _teacher_line(teacher: dict, b: dict, grpo_acc: float) -> str:
     tr, ev = teacher["training"], teacher["eval"]
     own = teacher["training_test_accuracy"]
@@ -646,12 +707,16 @@ def summarise() -> str:
     tf = RECORDS / "home_teacher" / "teacher.json"
     teacher = json.loads(tf.read_text()) if tf.exists() else None
     cfg = all_recs[0]["config"] if all_recs else {}
-    cmp = comparisons(sweeps)
+    import ground_regime as G  # the grounded sweep and the gradient replay: their sections and comparisons
+    cmp = comparisons(sweeps, G.comparisons(RECORDS))
+    _, ground_runs = G.load(RECORDS, G.SWEEP)
+    _, grad_runs = G.load(RECORDS, G.GRAD_DOC)
     b = base["eval"] if base else {}
     has_teacher = any(a in runs for runs in sweeps.values() for a in TEACHER_ARMS)
-    lines = ["# Evidence: RAL in its home regime — GRPO, RAL (λ sweep), OPAD and token distillation", "",
+    lines = ["# Evidence: GRPO, RAL, grounded attention objectives, OPAD and token distillation", "",
              "Command: `make evidence` (builds the OPAD/distill teacher if it is missing, then runs `python "
-             "bench/home_regime.py --pilot`, `--doc home` and `--doc home_t2`; each run writes "
+             "bench/home_regime.py --pilot`, `--doc home` and `--doc home_t2`, then `python bench/ground_regime.py` "
+             "(the grounded sweep on the default task) and `--grad-across` (the RAL gradient at every update); each run writes "
              "`bench/records/<sweep>/<arm>_s<seed>.json` and a run whose record exists is skipped; `make evidence "
              "RERUN=--rerun` redoes everything, teacher included). `make evidence-collect` (= `python "
              "bench/home_regime.py --collect`) rewrites this file from the committed records alone, byte-identical "
@@ -699,15 +764,27 @@ def summarise() -> str:
                                    for d, runs in sweeps.items())
             + ". Statistics: paired by seed against GRPO of the same sweep (same seed = same prompts and the same "
             "first rollout batch), two-sided paired t-test (exact t distribution), Holm correction over all "
-            f"{len(cmp)} comparisons of this document; 'better/worse than GRPO' only where the Holm-adjusted "
-            "p < 0.05.",
+            f"{len(cmp)} comparisons of this document (both `home` sweeps and the grounded sweep `ground`); "
+            "'better/worse than GRPO' only where the Holm-adjusted p < 0.05. Each difference also gets its 95 % "
+            "confidence interval, mean ± t(0.975, n − 1)·SE, and the smallest true difference the comparison could "
+            "detect with 80 % power, (t(1 − α/2, n − 1) + t(0.8, n − 1))·s_d/√n with s_d the observed SD of the "
+            f"per-seed differences, at α 0.05 and at α 0.05/{len(cmp)} (the level Holm asks of the smallest p; "
+            "Holm raises what a comparison can detect, more the more comparisons the document makes).",
             f"- ‖∇term‖/‖∇GRPO‖ per unit weight: every {GRAD_EVERY} steps, the norms of the terms' gradients on the "
             "step's rollout batch at θ_old + (θ_new − θ_old)/updates (about where the step's second update "
             "stands: p_θ ≠ p_old, and the ratio clip has not yet removed most of GRPO's gradient), each term at "
             "unit weight; per run Σ‖∇term‖ / Σ‖∇GRPO‖ over those steps. The term is RAL's (λ = 1) for `grpo` and "
-            "the λ sweep, OPAD's (γ = 1) for `opad`, the token KL's for `distill`.",
+            "the λ sweep, OPAD's (γ = 1) for `opad`, the token KL's for `distill`. **A correction**: one point a "
+            "quarter into the step on the full batch misses what the later updates see; the RAL gradient measured at "
+            "every update, at its own parameters and on its own mini-batch, is in 'The RAL gradient across the whole "
+            "step' below.",
             "- Engine: " + ", ".join(f"{n} runs on commit `{c}`" for c, n in sorted(commits.items()))
-            + "." + _engine_check_line(sweeps) + _rerun_check_line(), ""]
+            + "." + _engine_check_line(sweeps) + _rerun_check_line() + " **Scope of 'deterministic' and "
+            "'reproduced'**: one machine. A rerun on another x86 CPU with the same engine and libraries differed at "
+            "step 0 in the 5th significant digit and ended 0.003–0.010 apart in accuracy, so records reproduce only "
+            "on the machine (CPU model and flags) and libraries that made them. "
+            + _machine_line([*all_recs, *pilot_recs, *[r for rs in ground_runs.values() for r in rs.values()],
+                             *[r for rs in grad_runs.values() for r in rs.values()]]), ""]
     lines += ["## Summary (generated from the records)", ""]
     for d, runs in sweeps.items():
         recs = [r for a in ["grpo", *RAL_ARMS] for r in runs.get(a, {}).values()]
@@ -722,8 +799,9 @@ def summarise() -> str:
             f"{np.mean([r['eval']['sampled_reward'] for r in g.values()]):.3f}. (b) The RAL term acts on "
             f"{np.mean(acting):.3f} of the response rows (GRPO and RAL runs, mean over all steps; {min(acting):.3f}–"
             f"{max(acting):.3f} over runs; {sum(a >= 0.5 for a in acting)} of {len(acting)} runs ≥ 0.5). "
-            f"‖∇RAL‖/‖∇GRPO‖ per unit λ {np.mean(ratio):.4f} ({min(ratio):.4f}–{max(ratio):.4f}): at λ = 100 the "
-            f"term's push is about {100 * np.mean(ratio):.0%} of GRPO's.")
+            f"‖∇RAL‖/‖∇GRPO‖ per unit λ {np.mean(ratio):.4f} ({min(ratio):.4f}–{max(ratio):.4f}) measured at one "
+            f"point a quarter into the step: by that measure the term's push at λ = 100 would be about "
+            f"{100 * np.mean(ratio):.0%} of GRPO's" + (G.l100_line(RECORDS) if d == "home" else "") + ".")
     sig = [c for c in cmp if c["p_holm"] < 0.05 and not np.all(c["d"] == 0)]
     lines.append("- **What wins, where, by how much** (differences from GRPO with Holm-adjusted p < 0.05 over all "
                  f"{len(cmp)} comparisons): " + ("; ".join(
@@ -732,7 +810,10 @@ def summarise() -> str:
                      f"{fmt_p(c['p_holm'])})" for c in sig) if sig else
                      "**nothing** — no arm (no λ of RAL" + "".join(f", not {ARM_DOC[a]}" for a in TEACHER_ARMS
                                                             if any(a in runs for runs in sweeps.values()))
-                     + ") beats or loses to GRPO on greedy accuracy, sampled reward or target mass") + ".")
+                     + ("; none of the grounded sweep's arms (RAL, the attention reward, the attention target, "
+                        "OPAD with the bundled teacher)" if ground_runs else "")
+                     + ") beats or loses to GRPO on greedy accuracy, sampled reward or target mass"
+                     + (" ('where' accuracy included)" if ground_runs else "")) + ".")
     acc_c = [c for c in cmp if c["key"] == "accuracy" and c["arm"] in RAL_ARMS]
     if acc_c:
         best, worst = max(acc_c, key=lambda c: c["mean"]), min(acc_c, key=lambda c: c["mean"])
@@ -753,11 +834,11 @@ def summarise() -> str:
             " × GRPO's per unit weight.")
     tm = [c for c in cmp if c["key"] == "target_mass" and c["p"] < 0.05]
     if tm:
-        lines.append("- Target mass (the last layer's attention on the row being read), arm − GRPO with raw p < 0.05: "
+        lines.append("- Target mass (the last layer's attention on the target region), arm − GRPO with raw p < 0.05: "
                      + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {fmt_p(c['p'])}, Holm "
                                  f"{fmt_p(c['p_holm'])})" for c in tm)
                      + f"; {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
-    acc_all = [c for c in cmp if c["key"] == "accuracy"]
+    acc_all = [c for c in cmp if c["key"] == "accuracy" and c["sweep"] in sweeps]
     mad = {a: np.mean([np.mean(np.abs(c["d"])) for c in acc_all if c["arm"] == a]) for a in ARMS
            if any(c["arm"] == a for c in acc_all)}
     ratio_all = np.mean([_grad_ratio(r) for r in all_recs]) if all_recs else float("nan")
@@ -766,6 +847,7 @@ def summarise() -> str:
                  "trajectory noise. Mean |Δ greedy accuracy| per seed: " + ", ".join(
                      f"`{a}` {v:.3f}" for a, v in mad.items()) + f" — at λ = 0.5 the RAL term's push is "
                  f"≈ {0.5 * ratio_all:.2%} of GRPO's.")
+    lines += G.summary_lines(RECORDS, cmp, detectable, ci95)
     lines.append("")
     for d, runs in sweeps.items():
         lines += [f"## Sweep `{d}`: every arm against GRPO, {_t(runs)}", "",
@@ -783,14 +865,7 @@ def summarise() -> str:
             lines.append(f"| {arm} | {len(rs)} | " + " | ".join(_ms([r['eval'][k] for r in rs]) for k, _, _ in METRICS)
                          + f" | {_ms([_curve_mean(r, 'ral_rows_acting') for r in rs])} | "
                          f"{_ms([_curve_mean(r, 'ral_effective_weight') for r in rs])} | {_arm_ratio(arm, rs)} |")
-        lines += ["", "Paired differences against GRPO (mean ± SE over seeds; two-sided paired t-test; Holm over all "
-                  f"{len(cmp)} comparisons of the document):", "",
-                  "| arm | metric | Δ vs GRPO | per seed | t | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
-        for c in cmp:
-            if c["sweep"] == d:
-                lines.append(f"| {c['arm']} | {c['label']} | {c['mean']:+.4f} ± {c['se']:.4f} | "
-                             + ", ".join(f"{x:+.3f}" for x in c["d"]) + f" | {c['t']:.2f} | {fmt_p(c['p'])} | "
-                             f"{fmt_p(c['p_holm'])} | {_verdict(c)} |")
+        lines += ["", *paired_table([c for c in cmp if c["sweep"] == d], len(cmp))]
         steps = [e["step"] for e in next(iter(runs[next(iter(runs))].values()))["evals"]]
         lines += ["", "Greedy accuracy during training (mean over seeds, held-out items; step 0 = the starting "
                   "checkpoint):", "", "| arm | step 0 | " + " | ".join(f"step {s}" for s in steps) + " |",
@@ -809,7 +884,13 @@ def summarise() -> str:
                   "earlier `read3` and `cell3` tasks of [results_short.md](results_short.md), at the acting share "
                   "measured on their starting checkpoint (README). Right: every arm's per-seed difference from GRPO "
                   "(dots) and its mean (bar), both sweeps; OPAD and distill use the teacher, the RAL arms do not.", ""]
-        lines += compute_lines(sweeps, pilot_recs, bases, teacher if has_teacher else None)
+        lines += G.section_lines(RECORDS, cmp, len(cmp), paired_table)
+        lines += G.grad_lines(RECORDS, sweeps.get("home", {}))
+        g_base, _ = G.load(RECORDS, G.SWEEP)
+        lines += compute_lines(sweeps, pilot_recs, bases + ([g_base] if g_base else []),
+                               teacher if has_teacher else None,
+                               [("`ground` (5 arms; CPU: training only)", [r for rs in ground_runs.values() for r in rs.values()]),
+                                ("`ground_grad` replay", [r for rs in grad_runs.values() for r in rs.values()])])
     lines += pilot_lines()
     return "\n".join(lines) + "\n"
 

@@ -184,3 +184,60 @@ def test_restat_rederives_p_values_from_a_printed_document():
     assert "named 1 difference from GRPO" in new
     with pytest.raises(ValueError):
         ev.restat_document(new)
+
+
+# ---- the grounded sweep and the per-update probe (bench/ground_regime.py) ------------------------------------------
+def test_ci_and_detectable_difference_against_t_tables():
+    h = _home()
+    # t(0.975, 4) = 2.776445, t(0.8, 4) = 0.9409646 (e.g. scipy.stats.t.ppf)
+    assert h.t_crit(0.05, 4) == pytest.approx(2.776445105, abs=1e-6)
+    assert h.t_crit(0.4, 4) == pytest.approx(0.9409646, abs=1e-6)
+    c = {"n": 5, "mean": 0.02, "se": 0.01}
+    assert h.ci95(c) == pytest.approx((0.02 - 0.02776445, 0.02 + 0.02776445), abs=1e-7)
+    assert h.detectable(c) == pytest.approx((2.776445105 + 0.9409646) * 0.01, abs=1e-7)
+    # Holm's first step asks α/m of the smallest p: what a comparison can detect grows with m
+    assert h.detectable(c, 0.05 / 52) > 2 * h.detectable(c)
+
+
+def test_ground_plan_runs_five_arms_on_eight_seeds_with_pinned_target_settings():
+    g = _bench("ground_regime")
+    jobs = g.plan(Namespace(grad_across=False, seeds=None, arms=",".join(g.ARMS), rerun=False))
+    seeds = {}
+    for j in jobs:
+        seeds.setdefault(j["arm"], set()).add(j["seed"])
+        assert j["record"].endswith(f"ground/{j['arm']}_s{j['seed']}.json")
+    assert seeds == {a: set(range(8)) for a in ("grpo", "ral", "reward", "target", "opad")}
+    assert [j["seed"] for j in jobs] == sorted(j["seed"] for j in jobs)  # seed-major
+    # the target arm's settings live in the bench, not in a recipe that may change
+    assert g.ARMS["target"] == {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "attn_row": "predicts"}
+    assert g.ARMS["opad"]["teacher"] == "assets/teacher_model" and (ROOT / "assets/teacher_model/config.json").exists()
+    assert g.ARMS["reward"]["reward_weights"] == {"exact_match": 1.0, "attention_box": 0.5}
+    assert g.COMMON["snapshot_every"] == 0 and g.COMMON["steps"] == 20
+    grad = g.plan(Namespace(grad_across=True, seeds=None, arms="", rerun=False))
+    assert {(j["arm"], j["seed"]) for j in grad} == {(a, s) for a in ("grpo", "ral_l100") for s in range(5)}
+
+
+def test_update_probe_measures_each_update_where_it_happens_and_leaves_the_run_unchanged(tmp_path):
+    """Before every update of the probed steps: ‖∇RAL‖ is exactly 0 at update 1 (p_θ = p_old) and not after;
+    every update gets its mini-batch's silence shares; the run's weights equal a run without the probe."""
+    import torch
+    g = _bench("ground_regime")
+    from ral_core.config import build_config
+    from ral_core.trainer import Trainer
+    torch.set_num_threads(1)
+    base = ["task_kinds=[row]", "prompts_per_step=4", "group_size=4", "max_new_tokens=6", "minibatch_size=8",
+            "epochs=2", "steps=2", "temperature=1.5", "lambda_attn=1", "save_every=0", "snapshot_every=0",
+            "attn_metrics_every=0"]
+    a = Trainer(build_config(None, base + [f"output_dir={tmp_path / 'a'}"]))
+    probe = g.UpdateProbe(a, {2})
+    a.train()
+    b = Trainer(build_config(None, base + [f"output_dir={tmp_path / 'b'}"]))
+    b.train()
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+    assert [(r["step"], r["update"]) for r in probe.rows] == [(2, 1), (2, 2), (2, 3), (2, 4)]
+    assert probe.rows[0]["grad_ral_attn"] == 0.0 and probe.rows[0]["grad_grpo"] > 0
+    assert max(r["grad_ral_attn"] for r in probe.rows[1:]) > 0
+    assert abs(probe.rows[0]["grad_total"] - probe.rows[0]["grad_grpo"]) < 1e-6  # λ·0 adds nothing at update 1
+    assert [(s["step"], s["update"]) for s in probe.silence] == [(s, u) for s in (1, 2) for u in (1, 2, 3, 4)]
+    assert all(abs(s["ral_rows_acting"] + s["ral_rows_zero_var"] + s["ral_rows_cancelled"] - 1) < 1e-9
+               for s in probe.silence)
