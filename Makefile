@@ -65,7 +65,8 @@ bench-inspect: install
 bench-load: install
 	$(BIN)/python bench/load_bench.py --out bench/results/load.md
 
-# Our GRPO trainer next to TRL's GRPOTrainer. TRL is an optional extra (pyproject `[trl]`, installed by `install`
+# Our GRPO trainer next to TRL's GRPOTrainer, and ours with its sharing off: the default model (≈ 5 min) and the
+# Qwen2-VL-2B twin at real width (≈ 1 h or more on 2 shared cores). TRL is an optional extra (pyproject `[trl]`, installed by `install`
 # for ral_core/integrations/trl.py and its tests), not in requirements.txt (trl 1.16.0 works with transformers 5.24).
 bench-trl: install
 	$(BIN)/pip install -q trl==1.16.0

@@ -1,16 +1,23 @@
 """Benchmark: our GRPO trainer next to TRL's GRPOTrainer, same model, same prompts, same settings (CPU).
 
-    make bench-trl                                                        # installs trl==1.16.0 into .venv, then
-    .venv/bin/python bench/trl_bench.py --out bench/results/trl.md      # ≈ 2–4 min on 2 shared cores
-    .venv/bin/python bench/trl_bench.py --quick                           # tiny smoke run, prints the report
+    make bench-trl                                                      # installs trl==1.16.0 into .venv, then
+    .venv/bin/python bench/trl_bench.py --out bench/results/trl.md    # both comparisons: ≈ 5 min + ≈ 1 h on 2 cores
+    .venv/bin/python bench/trl_bench.py --out bench/results/trl.md --settings small    # rerun one, keep the other
+    .venv/bin/python bench/trl_bench.py --quick --settings small        # smoke run, prints the report
 
 TRL is a benchmark-only dependency: it is not in requirements.txt and nothing under ral_core/ or tests/ imports it.
 
-Both trainers get their own copy of the embedded default model (assets/default_model, a 0.88M-param Qwen2-VL),
-full fine-tuning of the language model in fp32 (vision tower and merger frozen on both sides, as our
-`freeze_vision=true` default), the bundled grounding task with its images, exact-match reward. TRL takes the
-VLM path: a Qwen2VLProcessor built from our tokenizer and PIL image processor (without its torchvision-only
-video processor) and a chat template that yields exactly our adapter's prompt tokens (checked at start-up).
+Two comparisons (`--settings`), each with three rows built from the same weights: ours with its defaults (the
+vision cache and the shared prompt on), TRL, and ours with that sharing off (`vision_cache=false
+share_prompt=false`), so the report says what the sharing buys and what the rest of our trainer does:
+  small  the embedded default model (assets/default_model, a 0.88M-param Qwen2-VL), full fine-tuning of the
+         language model, the bundled grounding task, 8 prompts × 8, 12 new tokens;
+  real   the Qwen2-VL-2B shape twin at its published width cut to --real-layers decoder layers and vision blocks
+         (bench/step_bench.py's cut and 1024×768 photo), LoRA r 8 on both sides (TRL gets our trainer's own
+         LoraConfig), 1 prompt × G 8, 32 new tokens.
+Everything in fp32 (a CPU run: TRL's CPU default would autocast to bf16), the vision tower frozen on every row,
+exact-match reward. TRL takes the VLM path: a Qwen2VLProcessor built from our tokenizer and image processor (without
+its torchvision-only video processor) and a chat template that yields exactly our adapter's prompt tokens (checked).
 
 One rollout batch = P prompts × G completions, then U optimizer updates on the whole batch:
   ours  Trainer.train():       prompts_per_step=P, group_size=G, epochs=U, minibatch_size=P·G
@@ -19,11 +26,12 @@ One rollout batch = P prompts × G completions, then U optimizer updates on the 
 so TRL's first optimizer step of each rollout batch generates and its next U−1 steps reuse the batch.
 
 Timing: each trainer's own train() loop runs in a worker thread that pauses at every step boundary (a trainer
-callback blocks on a semaphore), so the main thread times one step at a time and the two trainers alternate in
-this one process (ours, TRL, TRL, ours, …; only one runs at any moment). One round = one rollout batch on each
-side: one `train()` step of ours, U optimizer steps of TRL. Both trainers see the same prompts in the same order
-(TRL's `shuffle_dataset=False`; checked). Wall time and process CPU time are recorded; with one torch thread,
-CPU/wall well below 1 means another process was taking the core, so the ratio is taken on CPU time.
+callback blocks on a semaphore), so the main thread times one step at a time and the rows take turns in this one
+process (only one runs at any moment; the order rotates round by round). One round = one rollout batch on each row:
+one `train()` step of ours, U optimizer steps of TRL. All rows see the same prompts in the same order (TRL's
+`shuffle_dataset=False`; checked). Wall time and process CPU time are recorded; with one torch thread, CPU/wall well
+below 1 means another process was taking the core, so ratios are taken on CPU time, round by round. The comparisons
+are kept in a .json beside the report (bench/results/trl.json for the committed one); the report is written from it.
 """
 from __future__ import annotations
 
@@ -31,14 +39,15 @@ import argparse
 import copy
 import functools
 import gc
+import json
 import math
 import os
-import shlex
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import _common as C
 
@@ -121,32 +130,77 @@ class Stepper:
         self.thread.join(timeout=120)
 
 
+# ------------------------------------------------------------------------------------------------ settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_MD = os.path.join(ROOT, "bench", "results", "trl.md")
+TOK_CACHE = os.path.join(ROOT, "bench", "_work", "real", "tokenizers")  # the twins' tokenizers (as real_bench)
+ROWS = ("ours", "trl", "off")  # the order of the first round; later rounds rotate it
+
+
+def settings(args) -> dict[str, SimpleNamespace]:
+    """The two comparisons: `small` (the embedded default model, full fine-tuning of its language model) and `real`
+    (the Qwen2-VL-2B twin at its published width cut in depth, LoRA, one photo × G, as bench/step_bench.py)."""
+    small = SimpleNamespace(
+        key="small", model="default", layers=None, prompts=args.prompts, group=args.group,
+        new_tokens=args.new_tokens, updates=args.updates, lr=args.lr, lora_r=0, loss=args.loss, dataset="grounding",
+        warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats, budget=args.budget, timeout=600.0)
+    real = SimpleNamespace(
+        key="real", model="twin", layers=args.real_layers, prompts=1, group=8, new_tokens=32, updates=2, lr=1e-4,
+        lora_r=8, loss=args.loss, dataset=None, warmup=args.real_warmup, repeats=args.real_rounds,
+        min_repeats=args.real_rounds, budget=math.inf, timeout=3600.0)
+    if args.quick:
+        small.prompts, small.group, small.warmup, small.repeats, small.min_repeats = 2, 4, 1, 2, 2
+        real.warmup, real.repeats, real.min_repeats = 0, 1, 1
+    return {"small": small, "real": real}
+
+
+def load_base(S, tmp):
+    """The setting's adapter (the weights every side copies) and, for the twin, the photo dataset's path."""
+    from ral_core.models import load_adapter
+    from ral_core.models.base import DEFAULT_MODEL_DIR
+
+    if S.model == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise SystemExit("trl_bench: the embedded default model is missing (assets/default_model); run "
+                             "`make default-model` first")
+        return load_adapter("default", device="cpu")
+    from step_bench import photo_dataset  # the same 1024×768 photo and question as the step benchmark
+    from ral_core.builders.twins import build_twin
+
+    S.dataset = photo_dataset(tmp)
+    return build_twin("qwen2_vl_2b", text_layers=S.layers, vision_depth=S.layers, seed=0, tokenizer_cache=TOK_CACHE)
+
+
 # ------------------------------------------------------------------------------------------------ setup
 
 def n_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_ours(adapter, args, tmp, rec):
-    """Our Trainer with the benchmark settings; its train() loop wrapped in a Stepper."""
+def make_ours(adapter, S, tmp, rec, share: bool, name: str):
+    """Our Trainer with the benchmark settings (`share`: our defaults, else the vision cache and the shared prompt
+    off); its train() loop wrapped in a Stepper."""
     from ral_core.config import build_config
     from ral_core.trainer import Trainer
 
-    n = args.prompts * args.group
+    n = S.prompts * S.group
     cfg = build_config(None, {
-        "model": "default", "device": "cpu", "threads": 1, "seed": 0, "steps": 100_000,
-        "output_dir": os.path.join(tmp, "ours"), "prompts_per_step": args.prompts, "group_size": args.group,
-        "max_new_tokens": args.new_tokens, "temperature": 1.0, "top_p": 1.0, "lr": args.lr,
-        "schedule": "constant", "epochs": args.updates, "minibatch_size": n, "grad_accum": 1,
-        "loss_norm": args.loss, "beta": 0.0, "lora_r": 0, "freeze_vision": True, "max_grad_norm": 1.0,
+        "model": S.model, "dataset": S.dataset, "device": "cpu", "threads": 1, "seed": 0, "steps": 100_000,
+        "precision": "fp32", "output_dir": os.path.join(tmp, name), "prompts_per_step": S.prompts,
+        "group_size": S.group, "max_new_tokens": S.new_tokens, "temperature": 1.0, "top_p": 1.0, "lr": S.lr,
+        "schedule": "constant", "epochs": S.updates, "minibatch_size": n, "grad_accum": 1,
+        "loss_norm": S.loss, "beta": 0.0, "lora_r": S.lora_r, "freeze_vision": True, "max_grad_norm": 1.0,
         "clip_low": 0.2, "clip_high": 0.2, "weight_decay": 0.0, "advantage_scale": "std",
         "save_every": 0, "snapshot_every": 0, "eval_every": 0, "log_tensorboard": False,
         # plain GRPO: no attention capture, no attention metrics pass
         "log_attention": False, "attn_metrics_every": 0, "lambda_attn": 0.0,
+        "vision_cache": share, "share_prompt": "auto" if share else "false",
     })
-    assert cfg.updates_per_step == args.updates
+    assert cfg.updates_per_step == S.updates
     tr = Trainer(cfg, adapter=adapter)
     assert tr.spec is None and tr.ref_model is None
+    assert bool(tr.vision_cache) == share, f"{name}: vision cache {tr.vision_cache}, wanted {share}"
 
     def cb(trainer, m):
         ro = trainer.last_rollouts
@@ -158,51 +212,53 @@ def make_ours(adapter, args, tmp, rec):
         tr.callbacks.append(lambda trainer, m: trainer.cancel.set() if pause() else None)
         tr.train()
 
-    return tr, cfg, Stepper("ours", run)
+    return tr, cfg, Stepper(name, run)
 
 
-def make_trl(model, adapter, args, tmp, rec):
+def make_trl(model, adapter, S, tmp, rec, peft_config=None):
     """TRL's GRPOTrainer with the matching settings; its train() loop wrapped in a Stepper."""
     import datasets
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ral_core.data import GroundingTask
+    from ral_core.config import build_config
+    from ral_core.data.sources import dataset_for
     from ral_core.integrations.trl import processor_for
     from ral_core.rewards import exact_match
     from ral_core.trainer import is_vision_param
 
-    n = args.prompts * args.group
-    task = GroundingTask(3, 3, kinds=("cell", "row", "where"), split="train", seed=0)  # = our dataset_for(cfg)
+    n = S.prompts * S.group
+    src = dataset_for(build_config(None, {"dataset": S.dataset}))  # = our trainer's dataset
 
-    # Our trainer renders each prompt's image once per rollout batch; TRL's dataloader fetches P·G rows per
-    # optimizer step (each prompt G times, and again on reuse steps), so cache the renders to keep that cost equal.
+    # Our trainer renders (or reads) each prompt's image once per rollout batch; TRL's dataloader fetches P·G rows
+    # per optimizer step (each prompt G times, and again on reuse steps), so cache the images to keep that cost equal.
     @functools.lru_cache(maxsize=4 * n)
     def sample(i):
-        return task.sample(i)
+        return src.sample(i)
 
     def rows(batch):
         ss = [sample(int(i)) for i in batch["idx"]]
-        return {"prompt": [[{"role": "user", "content": s.question}] for s in ss], "image": [s.image for s in ss],
-                "answer": [s.answer for s in ss], "question": [s.question for s in ss]}
+        return {"prompt": [[{"role": "user", "content": s["question"]}] for s in ss],
+                "image": [s["image"] for s in ss], "answer": [s["answer"] for s in ss],
+                "question": [s["question"] for s in ss]}
 
-    dataset = datasets.Dataset.from_dict({"idx": list(range(args.prompts * 100_000))}).with_transform(rows)
+    dataset = datasets.Dataset.from_dict({"idx": list(range(S.prompts * 100_000))}).with_transform(rows)
 
     def exact_match_reward(prompts, completions, answer, question, **kw):
-        rec["questions"].append(tuple(question[::args.group]))
+        rec["questions"].append(tuple(question[::S.group]))
         return [exact_match(c[0]["content"].strip(), {"answer": a}) for c, a in zip(completions, answer)]
 
-    for name, p in model.named_parameters():  # = our freeze_vision=true
+    for name, p in model.named_parameters():  # = our freeze_vision=true (with LoRA peft freezes the base anyway)
         p.requires_grad_(not is_vision_param(name))
     cfg = GRPOConfig(
         output_dir=os.path.join(tmp, "trl"), use_cpu=True, bf16=False, fp16=False, seed=0,
         activation_checkpointing=False,  # TRL turns gradient checkpointing on by default; ours has none
         per_device_train_batch_size=n, gradient_accumulation_steps=1, steps_per_generation=1,
-        num_iterations=args.updates, num_generations=args.group, max_completion_length=args.new_tokens,
-        temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        num_iterations=S.updates, num_generations=S.group, max_completion_length=S.new_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, learning_rate=S.lr, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2,
-        loss_type=LOSS_MAP[args.loss], scale_rewards="group",
+        loss_type=LOSS_MAP[S.loss], scale_rewards="group",
         # the structural tokens our sampler never emits (TRL suppresses only the image token by default)
         generation_kwargs={"suppress_tokens": adapter.suppress_token_ids},
         shuffle_dataset=False, max_steps=1_000_000, report_to=[], save_strategy="no", eval_strategy="no",
@@ -222,7 +278,7 @@ def make_trl(model, adapter, args, tmp, rec):
 
     recorder = StepRecorder()
     tr = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=cfg, train_dataset=dataset,
-                     processing_class=processor_for(adapter), callbacks=[recorder])
+                     processing_class=processor_for(adapter), callbacks=[recorder], peft_config=peft_config)
     recorder.trainer = tr
     for cb in (PrinterCallback, ProgressCallback):  # no printing at the end of train()
         tr.remove_callback(cb)
@@ -249,11 +305,11 @@ def check_prompts(trl_trainer, adapter, samples, group) -> str:
     """TRL's tokenised generation prompts and pixels against our adapter's build_inputs for the same samples."""
     from trl.data_utils import prepare_multimodal_messages
     try:
-        prompts = [prepare_multimodal_messages([{"role": "user", "content": s.question}], images=[s.image])
+        prompts = [prepare_multimodal_messages([{"role": "user", "content": s["question"]}], images=[s["image"]])
                    for s in samples for _ in range(group)]
         ids, _, mm = trl_trainer._tokenize_prompts(prompts)
-        ours = adapter.build_inputs([s.image for s in samples for _ in range(group)],
-                                    [s.question for s in samples for _ in range(group)])["model_inputs"]
+        ours = adapter.build_inputs([s["image"] for s in samples for _ in range(group)],
+                                    [s["question"] for s in samples for _ in range(group)])["model_inputs"]
         same_ids = all(list(map(int, a)) == b[m.bool()].tolist()
                        for a, b, m in zip(ids, ours["input_ids"], ours["attention_mask"]))
         pv = torch.as_tensor(mm["pixel_values"]) if "pixel_values" in mm else None
@@ -268,106 +324,145 @@ def check_prompts(trl_trainer, adapter, samples, group) -> str:
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def measure(args) -> dict:
-    from ral_core.models import load_adapter
-    from ral_core.models.base import DEFAULT_MODEL_DIR
-
-    if not (DEFAULT_MODEL_DIR / "config.json").exists():
-        raise SystemExit("trl_bench: the embedded default model is missing (assets/default_model); run "
-                         "`make default-model` first")
-    base = load_adapter("default", device="cpu")
-    # one copy each, made before our Trainer switches its copy to the capture attention function
-    trl_model = copy.deepcopy(base.model)
-    ours_adapter = copy.deepcopy(base)
-    n = args.prompts * args.group
-    rec_ours, rec_trl = [], {"steps": [], "questions": []}
-    res = {"n": n}
+def measure(S) -> dict:
+    """One setting: the three rows built from the same weights, then interleaved rollout batches (JSON-ready)."""
+    n = S.prompts * S.group
+    rec = {"ours": [], "off": [], "trl": {"steps": [], "questions": []}}
+    res = {"n": n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": C.loadavg(),
+           "busy_before": C.busy_processes(exclude={os.getpid()})}
+    t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ours_tr, ours_cfg, ours = make_ours(ours_adapter, args, tmp, rec_ours)
-        trl_tr, trl_cfg, trl_s = make_trl(trl_model, base, args, tmp, rec_trl)
-        res["ours_cfg"], res["trl_cfg"] = ours_cfg, trl_cfg
-        res["trainable"] = (n_trainable(ours_tr.acc.unwrap_model(ours_tr.model)), n_trainable(trl_model))
+        base = load_base(S, tmp)
         res["params"] = sum(p.numel() for p in base.model.parameters())
-        assert res["trainable"][0] == res["trainable"][1], f"trainable parameters differ: {res['trainable']}"
-        first = [_Sample(ours_tr.data.sample(i)) for i in range(args.prompts)]  # our step-0 prompts
-        res["prompt_check"] = check_prompts(trl_tr, base, first, args.group)
-        log(f"prompts: {res['prompt_check']}")
-        res["gen_config"] = trl_tr.generation_config.to_diff_dict()
+        text_cfg = base.model.config.get_text_config()
+        res["hidden"], res["vocab"] = text_cfg.hidden_size, text_cfg.vocab_size
+        res["img_processor"] = type(base.image_processor).__name__
+        # our two copies are made before our Trainers switch them to the capture attention function; TRL trains
+        # `base.model` itself (peft injects its adapters in place), `base` keeps the processor for the checks
+        ours_ad, off_ad = copy.deepcopy(base), copy.deepcopy(base)
+        ours_tr, ours_cfg, ours = make_ours(ours_ad, S, tmp, rec["ours"], True, "ours")
+        off_tr, _, off = make_ours(off_ad, S, tmp, rec["off"], False, "ours-off")
+        peft = None
+        if S.lora_r:  # the very LoRA config our trainer built: same rank, alpha, dropout, target modules
+            peft = copy.deepcopy(ours_tr.acc.unwrap_model(ours_tr.model).peft_config["default"])
+            res["lora_targets"] = sorted({t.split(".")[-1] for t in peft.target_modules})
+            res["lora_n_targets"] = len(peft.target_modules)
+        trl_tr, trl_cfg, trl_s = make_trl(base.model, base, S, tmp, rec["trl"], peft)
+        trained = {"ours": ours_tr.acc.unwrap_model(ours_tr.model), "off": off_tr.acc.unwrap_model(off_tr.model),
+                   "trl": trl_tr.model}
+        res["trainable"] = {k: n_trainable(m) for k, m in trained.items()}
+        assert len(set(res["trainable"].values())) == 1, f"trainable parameters differ: {res['trainable']}"
+        res["sharing"] = {"ours": [bool(ours_tr.vision_cache), str(ours_tr.share_prompt)],
+                          "off": [bool(off_tr.vision_cache), str(off_tr.share_prompt)]}
+        first = [ours_tr.data.sample(i) for i in range(S.prompts)]  # our step-0 prompts
+        res["prompt_check"] = check_prompts(trl_tr, base, first, S.group)
+        log(f"{S.key}: prompts {res['prompt_check']}")
+        res["prompt_tokens"] = int(base.build_inputs([first[0]["image"]], [first[0]["question"]])
+                                   ["model_inputs"]["input_ids"].shape[1])
+        res["settings_rows"] = settings_rows(S, ours_cfg, trl_cfg, trl_tr.generation_config.to_diff_dict())
+        # image preprocessing: TRL runs the processor on all n copies twice per rollout batch; ours, each distinct
+        # image once (build_inputs)
+        imgs = [s["image"] for s in first for _ in range(S.group)]
+        res["img_proc_ms"] = 1e3 * C.median([_timed(lambda: base.process_images(imgs)) for _ in range(3)])
+        res["img_distinct_ms"] = 1e3 * C.median([_timed(lambda: base.process_images([s["image"] for s in first]))
+                                                 for _ in range(3)])
+        del base
 
         def trl_cycle():
             """U optimizer steps = one rollout batch; the first must generate, the others must reuse it."""
             out = []
-            for k in range(args.updates):
-                before = len(rec_trl["steps"]) and rec_trl["steps"][-1]["gens"]
-                w, c = trl_s.step()
-                gens = rec_trl["steps"][-1]["gens"] - before
+            for k in range(S.updates):
+                before = len(rec["trl"]["steps"]) and rec["trl"]["steps"][-1]["gens"]
+                w, c = trl_s.step(S.timeout)
+                gens = rec["trl"]["steps"][-1]["gens"] - before
                 if gens != (1 if k == 0 else 0):
                     raise RuntimeError(f"TRL step {k} of a rollout batch generated {gens} times: steps and "
                                        "generations are out of step")
                 out.append((w, c))
             return out
 
-        fns = {"ours": lambda: [ours.step()], "trl": trl_cycle}
-        timings = {"ours": [], "trl": []}
+        fns = {"ours": lambda: [ours.step(S.timeout)], "off": lambda: [off.step(S.timeout)], "trl": trl_cycle}
+        timings = {k: [] for k in ROWS}
+        orders = []
         try:
             t_warm = time.perf_counter()
-            for r in range(args.warmup):
-                for name in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            for r in range(S.warmup):
+                for name in _order(r):
                     fns[name]()
-            log(f"warm-up ({args.warmup} rollout batches each) took {time.perf_counter() - t_warm:.0f} s")
+            log(f"{S.key}: warm-up ({S.warmup} rollout batches each) took {time.perf_counter() - t_warm:.0f} s")
             t0 = time.perf_counter()
-            for r in range(args.repeats):
-                # ABBA…: alternate which trainer goes first so neither always follows the other
-                for name in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            for r in range(S.repeats):
+                # the order rotates (ours TRL off, TRL off ours, off ours TRL, …) so that each row takes each
+                # place in turn and contention that comes and goes hits all rows alike
+                orders.append(_order(r))
+                for name in orders[-1]:
                     timings[name].append(fns[name]())
-                if r + 1 >= args.min_repeats and time.perf_counter() - t0 > args.budget:
+                    log(f"{S.key} round {r + 1} {name}: {sum(x[0] for x in timings[name][-1]):.1f} s wall, "
+                        f"{sum(x[1] for x in timings[name][-1]):.1f} s CPU, load {C.loadavg()}")
+                if r + 1 >= S.min_repeats and time.perf_counter() - t0 > S.budget:
                     break
             res["measure_s"] = time.perf_counter() - t0
         finally:
-            ours.close()
-            trl_s.close()
-        res["threads"] = {"ours": sorted(ours.threads_seen), "trl": sorted(trl_s.threads_seen)}
+            for s in (ours, off, trl_s):
+                s.close()
+        res["threads"] = {"ours": sorted(ours.threads_seen), "off": sorted(off.threads_seen),
+                          "trl": sorted(trl_s.threads_seen)}
 
     k = len(timings["ours"])
-    res["rounds"] = k
+    U, W = S.updates, S.warmup
+    res["rounds"], res["orders"] = k, orders
     # records of the timed rounds only (the warm-up ones come first)
-    ro = rec_ours[args.warmup:args.warmup + k]
-    tq = rec_trl["questions"][args.warmup:args.warmup + k]
-    ts = rec_trl["steps"][args.warmup * args.updates:(args.warmup + k) * args.updates]
-    res["same_prompts"] = [o["questions"] for o in ro] == tq
-    assert all(o["updates"] == args.updates for o in ro)
-    ours_w = [t[0][0] for t in timings["ours"]]
-    ours_c = [t[0][1] for t in timings["ours"]]
-    trl_w = [sum(s[0] for s in t) for t in timings["trl"]]
-    trl_c = [sum(s[1] for s in t) for t in timings["trl"]]
-    U = args.updates
-    res["ours"] = _side(ours_w, ours_c, U, n)
-    res["trl"] = _side(trl_w, trl_c, U, n)
-    res["ours"].update(rollout_wall=C.median([o["rollout_wall"] for o in ro]),
-                       resp_len=_mean([o["resp_len"] for o in ro]), reward=_mean([o["reward"] for o in ro]))
+    ro, rf = rec["ours"][W:W + k], rec["off"][W:W + k]
+    tq = rec["trl"]["questions"][W:W + k]
+    ts = rec["trl"]["steps"][W * U:(W + k) * U]
+    res["same_prompts"] = [o["questions"] for o in ro] == tq == [o["questions"] for o in rf]
+    assert all(o["updates"] == U for o in ro + rf)
+    wall = {"ours": [t[0][0] for t in timings["ours"]], "off": [t[0][0] for t in timings["off"]],
+            "trl": [sum(s[0] for s in t) for t in timings["trl"]]}
+    cpu = {"ours": [t[0][1] for t in timings["ours"]], "off": [t[0][1] for t in timings["off"]],
+           "trl": [sum(s[1] for s in t) for t in timings["trl"]]}
+    res["wall"], res["cpu"] = wall, cpu
+    res["side"] = {name: _side(wall[name], cpu[name], U, n) for name in ROWS}
+    for name, r in (("ours", ro), ("off", rf)):
+        res["side"][name].update(rollout_wall=C.median([o["rollout_wall"] for o in r]),
+                                 resp_len=_mean([o["resp_len"] for o in r]), reward=_mean([o["reward"] for o in r]),
+                                 lens=[o["resp_len"] for o in r])
     gen = [t[0] for t in timings["trl"]]
     reuse = [s for t in timings["trl"] for s in t[1:]]
-    res["trl"].update(gen_wall=C.median([g[0] for g in gen]), gen_cpu=C.median([g[1] for g in gen]),
-                      reuse_wall=C.median([s[0] for s in reuse]) if reuse else float("nan"),
-                      reuse_cpu=C.median([s[1] for s in reuse]) if reuse else float("nan"),
-                      resp_len=_mean([s["resp_len"] for s in ts[::U]]), reward=_mean([s["reward"] for s in ts[::U]]))
-    res["per_round"] = [{"ow": ow, "oc": oc, "tw": tw, "tc": tc, "olen": o["resp_len"], "tlen": s["resp_len"]}
-                        for ow, oc, tw, tc, o, s in zip(ours_w, ours_c, trl_w, trl_c, ro, ts[::U])]
-    res["ratio_wall"] = res["ours"]["wall"] / res["trl"]["wall"]
-    res["ratio_cpu"] = res["ours"]["cpu"] / res["trl"]["cpu"]
-    res["ratio_pair_cpu"] = C.median([a / b for a, b in zip(ours_c, trl_c) if b > 0])
-    res["ratio_pair_wall"] = C.median([a / b for a, b in zip(ours_w, trl_w) if b > 0])
-    # image preprocessing of one rollout batch: ours runs it once per batch, TRL twice (see report)
-    imgs = [_Sample(ours_tr.data.sample(i)).image for i in range(args.prompts) for _ in range(args.group)]
-    res["img_proc_ms"] = 1e3 * C.median([_timed(lambda: base.process_images(imgs)) for _ in range(5)])
+    res["side"]["trl"].update(
+        gen_wall=C.median([g[0] for g in gen]), gen_cpu=C.median([g[1] for g in gen]),
+        reuse_wall=C.median([s[0] for s in reuse]) if reuse else float("nan"),
+        reuse_cpu=C.median([s[1] for s in reuse]) if reuse else float("nan"),
+        resp_len=_mean([s["resp_len"] for s in ts[::U]]), reward=_mean([s["reward"] for s in ts[::U]]),
+        lens=[s["resp_len"] for s in ts[::U]])
+    # per-round ratios (each round's rows ran back to back) and their spread
+    res["ratios"] = round_ratios(cpu, wall)
+    res["load_end"] = C.loadavg()
+    res["busy_after"] = C.busy_processes(exclude={os.getpid()})
+    res["total_s"] = time.perf_counter() - t_all
     return res
 
 
-class _Sample:
-    """Attribute access to our dataset's sample dicts (the shape GroundingTask.sample returns)."""
+def round_ratios(cpu: dict, wall: dict) -> dict:
+    """'a/b' → {'cpu', 'wall'} → spread of the per-round ratios: each round's rows ran back to back, so a ratio
+    within a round sees the same neighbours on the machine."""
+    return {f"{a}/{b}": {kind: _spread([x / y for x, y in zip(t[a], t[b]) if y > 0])
+                         for kind, t in (("cpu", cpu), ("wall", wall))}
+            for a, b in (("ours", "trl"), ("off", "trl"), ("ours", "off"))}
 
-    def __init__(self, d):
-        self.image, self.question, self.answer = d["image"], d["question"], d["answer"]
+
+def _order(r: int) -> tuple[str, ...]:
+    return ROWS[r % 3:] + ROWS[:r % 3]
+
+
+def _spread(xs) -> dict:
+    """Median, min, max and quartiles of per-round values."""
+    s = sorted(xs)
+    if not s:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "q1": float("nan"),
+                "q3": float("nan"), "n": 0}
+    return {"median": C.median(s), "min": s[0], "max": s[-1], "q1": s[len(s) // 4], "q3": s[(3 * len(s)) // 4],
+            "n": len(s)}
 
 
 def _timed(fn) -> float:
@@ -390,189 +485,340 @@ def _side(wall, cpu, updates, n) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def report(res, meta, versions, command, args, total_s, busy_before, busy_after) -> str:
-    o, t = res["ours"], res["trl"]
-    n, U = res["n"], args.updates
-    faster = "ours" if res["ratio_cpu"] < 1 else "TRL"
-    factor = 1 / res["ratio_cpu"] if res["ratio_cpu"] < 1 else res["ratio_cpu"]
-    L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n"]
-    L.append(f"Command: `{command}`  ")
-    L.append(f"Date: {meta['date']} · machine: {C.machine_line({**meta, **versions})}, datasets "
-             f"{versions['datasets']} · one torch thread "
-             f"(seen at step ends: ours {res['threads']['ours']}, TRL {res['threads']['trl']}) · fp32 · "
-             f"total run {total_s / 60:.1f} min\n")
-    L.append(f"Model: embedded default (assets/default_model), Qwen2-VL, {res['params'] / 1e6:.2f}M params, full "
-             f"fine-tuning of the language model ({res['trainable'][0] / 1e6:.2f}M trainable on both sides; vision "
-             f"tower and merger frozen on both). Task: bundled grounding task (3×3 digit grids, cell/row/where, "
-             f"with images), exact-match reward. Rollout batch: {args.prompts} prompts × {args.group} = {n} "
-             f"completions, ≤ {args.new_tokens} new tokens, temperature 1.0, then {U} optimizer updates on the "
-             f"whole batch. Prompts fed to the model: {res['prompt_check']}; same prompts in the same order in "
-             f"every timed round: {'yes' if res['same_prompts'] else 'NO'}.\n")
+LABEL = {"ours": "ours (defaults: vision cache + shared prompt)", "trl": "TRL `GRPOTrainer`",
+         "off": "ours, sharing off (`vision_cache=false share_prompt=false`)"}
 
-    L.append(f"## Main table (medians over {res['rounds']} interleaved rounds, after {args.warmup} untimed rollout "
-             f"batch{'es' if args.warmup != 1 else ''} per trainer)\n")
-    L.append(f"| trainer | s / optimizer step | s / rollout batch ({U} updates) | rollouts (completions) / s | "
-             "mean completion tokens | mean reward | CPU/wall |")
-    L.append("|---|---|---|---|---|---|---|")
-    for name, s in (("ours (`ral_core.trainer.Trainer`)", o), (f"TRL `GRPOTrainer` {versions['trl']}", t)):
-        L.append(f"| {name} | {s['step_wall']:.3f} ({s['step_cpu']:.3f}) | {s['wall']:.3f} ({s['cpu']:.3f}) | "
-                 f"{s['rps_wall']:.1f} ({s['rps_cpu']:.1f}) | {s['resp_len']:.1f} | {s['reward']:.2f} | "
-                 f"{s['cpu_wall']:.2f} |")
-    L.append(f"| **ratio ours / TRL** (time per step; < 1 = ours faster) | **{res['ratio_cpu']:.3f}×** CPU · "
-             f"{res['ratio_wall']:.3f}× wall | median of per-round ratios: {res['ratio_pair_cpu']:.3f}× CPU · "
-             f"{res['ratio_pair_wall']:.3f}× wall | | | | |")
-    L.append(f"\nSeconds are wall-clock medians with the median process CPU time in brackets; rollouts/s = {n} / "
-             "median wall time per rollout batch (in brackets on CPU time: what one uncontended core would give). "
-             f"A rollout batch is one step of our `train()` loop and {U} optimizer steps of TRL's (the first "
-             "generates), each timed from the end of the previous step to the end of this one, so the loop's own "
-             f"bookkeeping is included on both sides. On CPU time, **{faster} is {factor:.2f}× faster** per "
-             "optimizer step in this run.\n")
 
-    L.append("## Where the time goes (wall medians, approximate split)\n")
-    ours_upd = (o["wall"] - o["rollout_wall"]) / U
-    trl_roll = t["gen_wall"] - t["reuse_wall"] if U > 1 else float("nan")
-    L.append("| | ours | TRL |")
-    L.append("|---|---|---|")
-    L.append(f"| rollout phase (image preprocessing, generate, rewards, advantages, old log-prob pass) | "
-             f"{o['rollout_wall']:.3f} s (measured inside `train_step`) | "
-             + (f"{trl_roll:.3f} s (generating step − reusing step) |" if U > 1 else "n/a (one update per batch) |"))
-    L.append(f"| one optimizer update on {n} sequences (forward, backward, clip, AdamW) plus loop overhead | "
-             f"{ours_upd:.3f} s (rest of the step / {U}) | "
-             + (f"{t['reuse_wall']:.3f} s (a reusing step) |" if U > 1 else "n/a |"))
-    if U > 1:
-        L.append(f"| TRL step that generates / that reuses the batch | — | {t['gen_wall']:.3f} s ({t['gen_cpu']:.3f} "
-                 f"CPU) / {t['reuse_wall']:.3f} s ({t['reuse_cpu']:.3f} CPU) |")
-    L.append(f"\nFor scale: preprocessing the {n} images of one rollout batch (`Qwen2VLImageProcessorPil`) takes "
-             f"{res['img_proc_ms']:.0f} ms here.\n")
-
-    pr = res["per_round"]
-    q = sorted(r["oc"] / r["tc"] for r in pr)
-    L.append(f"Spread: the per-round CPU-time ratio ours / TRL ranged {q[0]:.3f}–{q[-1]:.3f} (quartiles "
-             f"{q[len(q) // 4]:.3f} / {q[(3 * len(q)) // 4]:.3f}); ours took less CPU time than TRL in "
-             f"{sum(x < 1 for x in q)} of {len(q)} rounds.\n")
-    L.append("<details><summary>Per round, in run order: wall s (CPU s) and mean completion tokens</summary>\n")
-    L.append("| round | first | ours | TRL | ratio ours / TRL (CPU) | tokens ours / TRL |")
-    L.append("|---|---|---|---|---|---|")
-    for i, r in enumerate(pr):
-        L.append(f"| {i + 1} | {'ours' if i % 2 == 0 else 'TRL'} | {r['ow']:.3f} ({r['oc']:.3f}) | {r['tw']:.3f} "
-                 f"({r['tc']:.3f}) | {r['oc'] / r['tc']:.3f} | {r['olen']:.2f} / {r['tlen']:.2f} |")
-    L.append("\n</details>\n")
-
-    oc, tc = res["ours_cfg"], res["trl_cfg"]
-    L.append("## Settings, side by side\n")
-    L.append("| | ours (`build_config(None, …)`) | TRL (`GRPOConfig`) |")
-    L.append("|---|---|---|")
-    rows = [
-        ("model", "`default` (own deep copy)", "same weights (own deep copy), `processing_class` = Qwen2VLProcessor "
-         "from our tokenizer + image processor, chat template = our prompt"),
-        ("precision / device", "fp32, `device=cpu`, `threads=1`", "fp32: `bf16=False` (TRL's default is True), "
-         "`use_cpu=True`"),
-        ("trained parameters", "`lora_r=0`, `freeze_vision=true`", "no `peft_config`; vision params set "
-         "`requires_grad=False` before the trainer is built"),
-        ("prompts × completions", f"`prompts_per_step={oc.prompts_per_step}`, `group_size={oc.group_size}`",
+def settings_rows(S, oc, tc, gen_config) -> list[list[str]]:
+    """The settings table of one comparison, as (what, ours, TRL) cells."""
+    lora = (f"`lora_r={oc.lora_r}`, `lora_alpha={oc.lora_alpha}`, `lora_dropout={oc.lora_dropout}` on the language "
+            "model's q/k/v/o projections, `freeze_vision=true`" if oc.lora_r else "`lora_r=0`, `freeze_vision=true`")
+    return [
+        ["model", f"`{S.model}` (own deep copy; sharing-off row: another)" + (
+            f", the Qwen2-VL-2B twin cut to {S.layers} + {S.layers} layers" if S.layers else ""),
+         "same weights, `processing_class` = Qwen2VLProcessor from our tokenizer + image processor, chat template "
+         "= our prompt"],
+        ["precision / device", "`precision=fp32`, `device=cpu`, `threads=1`",
+         "fp32: `bf16=False` (with `use_cpu=True` TRL would otherwise autocast to bf16), `use_cpu=True`"],
+        ["trained parameters", lora, ("`peft_config` = our trainer's own LoraConfig (same rank, alpha, dropout and "
+                                      "target modules)" if oc.lora_r else
+                                      "no `peft_config`; vision params set `requires_grad=False` before the trainer "
+                                      "is built")],
+        ["prompts × completions", f"`prompts_per_step={oc.prompts_per_step}`, `group_size={oc.group_size}`",
          f"`per_device_train_batch_size={tc.per_device_train_batch_size}`, `num_generations={tc.num_generations}`, "
-         f"`generation_batch_size={tc.generation_batch_size}`"),
-        ("updates per rollout batch", f"`epochs={oc.epochs}`, `minibatch_size={oc.minibatch_size}` → "
+         f"`generation_batch_size={tc.generation_batch_size}`"],
+        ["updates per rollout batch", f"`epochs={oc.epochs}`, `minibatch_size={oc.minibatch_size}` → "
          f"{oc.updates_per_step}", f"`num_iterations={tc.num_iterations}`, `steps_per_generation="
          f"{tc.steps_per_generation}`, `gradient_accumulation_steps={tc.gradient_accumulation_steps}` → "
-         f"{tc.num_iterations * tc.steps_per_generation}"),
-        ("sampling", f"`max_new_tokens={oc.max_new_tokens}`, `temperature={oc.temperature}`, `top_p={oc.top_p}`, "
+         f"{tc.num_iterations * tc.steps_per_generation}"],
+        ["sampling", f"`max_new_tokens={oc.max_new_tokens}`, `temperature={oc.temperature}`, `top_p={oc.top_p}`, "
          "top_k 0, structural tokens suppressed", f"`max_completion_length={tc.max_completion_length}`, "
          f"`temperature={tc.temperature}`, `top_p={tc.top_p}`, `top_k={tc.top_k}`, `generation_kwargs="
-         f"{{suppress_tokens: {res['gen_config'].get('suppress_tokens')}}}`"),
-        ("optimizer", f"AdamW `lr={oc.lr}`, `weight_decay={oc.weight_decay}`, `schedule={oc.schedule}`, "
-         f"`max_grad_norm={oc.max_grad_norm}`", f"`optim={tc.optim.value if hasattr(tc.optim, 'value') else tc.optim}`"
+         f"{{suppress_tokens: {gen_config.get('suppress_tokens')}}}`"],
+        ["optimizer", f"AdamW `lr={oc.lr}`, `weight_decay={oc.weight_decay}`, `schedule={oc.schedule}`, "
+         f"`max_grad_norm={oc.max_grad_norm}`", f"`optim={getattr(tc.optim, 'value', tc.optim)}`"
          f", `learning_rate={tc.learning_rate}`, `weight_decay={tc.weight_decay}`, `lr_scheduler_type="
-         f"{getattr(tc.lr_scheduler_type, 'value', tc.lr_scheduler_type)}`, `max_grad_norm={tc.max_grad_norm}`"),
-        ("loss", f"`loss_norm={oc.loss_norm}`, `clip_low/high={oc.clip_low}/{oc.clip_high}`, `beta={oc.beta}`, "
+         f"{getattr(tc.lr_scheduler_type, 'value', tc.lr_scheduler_type)}`, `max_grad_norm={tc.max_grad_norm}`"],
+        ["loss", f"`loss_norm={oc.loss_norm}`, `clip_low/high={oc.clip_low}/{oc.clip_high}`, `beta={oc.beta}`, "
          f"`advantage_scale={oc.advantage_scale}`", f"`loss_type={tc.loss_type}`, `epsilon={tc.epsilon}`, "
-         f"`beta={tc.beta}`, `scale_rewards={tc.scale_rewards}`"),
-        ("overheads off", "`log_attention=false`, `attn_metrics_every=0`, `save_every=0`, `snapshot_every=0`, "
+         f"`beta={tc.beta}`, `scale_rewards={tc.scale_rewards}`"],
+        ["overheads off", "`log_attention=false`, `attn_metrics_every=0`, `save_every=0`, `snapshot_every=0`, "
          "`eval_every=0`, no TensorBoard", "`report_to=[]`, `save_strategy=no`, `eval_strategy=no`, "
          "`logging_steps=1e9`, `disable_tqdm`, `log_completions=False`, `activation_checkpointing=False` (TRL "
-         "turns gradient checkpointing on by default)"),
-        ("data order", f"prompts `{args.prompts}k … {args.prompts}k+{args.prompts - 1}` of the train split at step k",
-         "`shuffle_dataset=False` over the same split: the same prompts in the same rollout batch"),
+         "turns gradient checkpointing on by default)"],
+        ["data order", (f"prompts `{S.prompts}k … {S.prompts}k+{S.prompts - 1}` of the train split at step k"
+                        if S.model == "default" else "the one photo and question at every step"),
+         "`shuffle_dataset=False` over the same rows: the same prompts in the same rollout batch"],
     ]
-    L += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    L.append("")
-    d = [abs(r["olen"] - r["tlen"]) for r in res["per_round"]]
-    lengths = (f"Their mean completion lengths were equal in {sum(x < 1e-6 for x in d)} of {len(d)} rounds and "
-               f"never more than {max(d):.2f} tokens apart (on this task the answer's length is set by the question "
-               "kind: one digit or `row r column c`), so both sides processed practically the same number of "
-               "tokens.")
-    oldlp = ("one extra no-grad forward per rollout batch for the old log-probs (ours always; TRL because "
-             "`num_iterations` > 1)" if U > 1 else "the old log-probs (ours from one extra no-grad forward; TRL, "
-             "with one update per batch, skips that forward and uses the detached current ones: not matched)")
-    L.append(NOTES.format(n=n, U=U, lengths=lengths, oldlp=oldlp))
 
-    worst = min(o["cpu_wall"], t["cpu_wall"])
-    L += C.contention_section(meta, worst, busy_before, busy_after,
-                              f"Median CPU/wall per rollout batch: ours {o['cpu_wall']:.2f}, TRL {t['cpu_wall']:.2f}; "
-                              "lower of the two")
-    return "\n".join(L) + "\n"
+
+def _r(sp: dict, bold: bool = False) -> str:
+    m = f"{sp['median']:.3f}×"
+    return (f"**{m}**" if bold else m) + f" ({sp['min']:.3f}–{sp['max']:.3f})"
+
+
+def section(key: str, res: dict) -> list[str]:
+    """The markdown of one comparison."""
+    sd, n, U = res["side"], res["n"], res["updates"]
+    real = key == "real"
+    L = [f"## {res['title']}\n",
+         f"Run: {res['date']} · {res['machine']}, datasets {res['datasets']} · one torch thread per trainer "
+         f"(seen at step ends: ours {res['threads']['ours']}, TRL {res['threads']['trl']}, sharing off "
+         f"{res['threads']['off']}) · fp32 · {res['rounds']} timed rounds after {res['warmup']} untimed rollout "
+         f"batch{'es' if res['warmup'] != 1 else ''} per row · total {res['total_s'] / 60:.1f} min · load average "
+         f"{res['load_start']} at start, {res['load_end']} at the end\n",
+         res["what"] + f" Prompts fed to the model: {res['prompt_check']}; same prompts in the same order in every "
+         f"timed round on all three rows: {'yes' if res['same_prompts'] else 'NO'}. Sharing as resolved by our "
+         f"trainer: ours vision cache {res['sharing']['ours'][0]}, share_prompt {res['sharing']['ours'][1]}; "
+         f"sharing-off row {res['sharing']['off'][0]}, {res['sharing']['off'][1]}.\n"]
+    L.append(f"| row | CPU s / optimizer step | CPU s / rollout batch ({U} updates) | wall s / rollout batch | "
+             "rollouts / CPU-s | mean completion tokens | mean reward | CPU/wall |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for name in ROWS:
+        s = sd[name]
+        lab = LABEL[name] + (f" {res['versions']['trl']}" if name == "trl" else "")
+        L.append(f"| {lab} | {s['step_cpu']:.3f} | {s['cpu']:.3f} | {s['wall']:.3f} | {s['rps_cpu']:.2f} | "
+                 f"{s['resp_len']:.1f} | {s['reward']:.2f} | {s['cpu_wall']:.2f} |")
+    ra = res["ratios"]
+    L.append("")
+    L.append("Ratios of time per optimizer step, median of the per-round ratios (min–max over rounds; < 1 = the "
+             "first is faster):\n")
+    L.append("| ratio | process CPU time | wall time |")
+    L.append("|---|---|---|")
+    for k, lab in (("ours/trl", "**ours / TRL**"), ("off/trl", "ours with sharing off / TRL"),
+                   ("ours/off", "ours / ours with sharing off (what the vision cache + shared prompt buy)")):
+        L.append(f"| {lab} | {_r(ra[k]['cpu'], k == 'ours/trl')} | {_r(ra[k]['wall'])} |")
+    oc = ra["ours/trl"]["cpu"]
+    L.append("")
+    L.append(f"Medians over rounds; a rollout batch is one step of our `train()` loop and {U} optimizer steps of "
+             "TRL's (the first generates), each timed from the end of the previous step to the end of this one, so "
+             f"each loop's own bookkeeping is included. Ours took less CPU time than TRL in "
+             f"{sum(a < b for a, b in zip(res['cpu']['ours'], res['cpu']['trl']))} of {res['rounds']} rounds"
+             + (f"; the goal at real width, ours ≤ 1/3 of TRL's time per step, is **"
+                f"{'met' if oc['max'] <= 1 / 3 else 'met on the median, not in every round' if oc['median'] <= 1 / 3 else 'not met'}**"
+                f" (median {oc['median']:.3f}, worst round {oc['max']:.3f})" if real else "") + ".\n")
+
+    # where the time goes
+    o, f, t = sd["ours"], sd["off"], sd["trl"]
+    L.append("Where the time goes (wall medians; the rollout phase of ours is measured inside `train_step`, TRL's is "
+             "its generating step minus a reusing step):\n")
+    L.append("| | ours | ours, sharing off | TRL |")
+    L.append("|---|---|---|---|")
+    trl_roll = t["gen_wall"] - t["reuse_wall"] if U > 1 else float("nan")
+    L.append(f"| rollout phase (preprocessing, generate, rewards, advantages, old log-prob pass), s | "
+             f"{o['rollout_wall']:.3f} | {f['rollout_wall']:.3f} | {trl_roll:.3f} |")
+    L.append(f"| one optimizer update on {n} sequences (forward, backward, clip, AdamW) + loop, s | "
+             f"{(o['wall'] - o['rollout_wall']) / U:.3f} | {(f['wall'] - f['rollout_wall']) / U:.3f} | "
+             f"{t['reuse_wall']:.3f} |")
+    L.append(f"| TRL step that generates / that reuses the batch, CPU s | | | {t['gen_cpu']:.3f} / "
+             f"{t['reuse_cpu']:.3f} |")
+    L.append("")
+    L.append(f"Image preprocessing (`{res['img_processor']}`): all {n} rows of a rollout batch "
+             f"{res['img_proc_ms']:.0f} ms, which TRL runs twice per rollout batch; the {res['distinct']} distinct "
+             f"image(s) {res['img_distinct_ms']:.0f} ms, which both our rows run once per rollout batch.\n")
+    L.append("<details><summary>Per round, in run order: process CPU s (wall s) per rollout batch</summary>\n")
+    L.append("| round | order | ours | TRL | ours, sharing off | ours / TRL (CPU) | off / TRL (CPU) | "
+             "completion tokens ours / TRL / off |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    c, w = res["cpu"], res["wall"]
+    for i in range(res["rounds"]):
+        L.append(f"| {i + 1} | {' → '.join(res['orders'][i])} | {c['ours'][i]:.2f} ({w['ours'][i]:.2f}) | "
+                 f"{c['trl'][i]:.2f} ({w['trl'][i]:.2f}) | {c['off'][i]:.2f} ({w['off'][i]:.2f}) | "
+                 f"{c['ours'][i] / c['trl'][i]:.3f} | {c['off'][i] / c['trl'][i]:.3f} | "
+                 f"{o['lens'][i]:.2f} / {t['lens'][i]:.2f} / {f['lens'][i]:.2f} |")
+    L.append("\n</details>\n")
+    L.append("<details><summary>Settings, side by side</summary>\n")
+    L.append("| | ours (`build_config(None, …)`) | TRL (`GRPOConfig`) |")
+    L.append("|---|---|---|")
+    L += [f"| {a} | {b} | {c_} |" for a, b, c_ in res["settings_rows"]]
+    L.append("\n</details>\n")
+    worst = min(sd[k]["cpu_wall"] for k in ROWS)
+    L.append(f"Contention: the machine was shared with other people's runs throughout (load average {res['load_start']}"
+             f" at start, {res['load_end']} at the end on {res['nproc']} CPUs); median CPU/wall per rollout batch "
+             + ", ".join(f"{k} {sd[k]['cpu_wall']:.2f}" for k in ROWS)
+             + (" (1.00 = the process had its core to itself): wall times are inflated by about 1/(CPU/wall), so "
+                "the CPU-time figures and ratios are the ones to read, and the rounds were interleaved so that "
+                "contention hits all rows alike." if worst < 0.9 else ".")
+             + " Busiest other processes at start: "
+             + ("; ".join(res["busy_before"]) or "none") + ".\n")
+    return L
+
+
+def lead_text(results: dict) -> list[str]:
+    """What buys our lead, with the measured rows and the LM-head arithmetic of each setting."""
+    L = ["## What buys the lead\n"]
+    for key in ("real", "small"):
+        if key not in results:
+            continue
+        r = results[key]
+        ra, n = r["ratios"], r["n"]
+        T = r["new_tokens"]
+        ours_head = n * (T + 1)
+        trl_head = n * (r["prompt_tokens"] + T)
+        L.append(f"- **{r['short']}**: with our sharing off we take {ra['off/trl']['cpu']['median']:.3f}× TRL's CPU "
+                 f"time per step, with it on {ra['ours/trl']['cpu']['median']:.3f}×: the vision cache and the shared "
+                 f"prompt make the step {1 / ra['ours/off']['cpu']['median']:.2f}× faster "
+                 f"(ours / sharing off {ra['ours/off']['cpu']['median']:.3f}×), the rest of the lead "
+                 f"({1 / ra['off/trl']['cpu']['median']:.2f}×) is what both our rows have: the LM head "
+                 f"({r['vocab']:,} × {r['hidden']}) runs on the {T + 1} answer positions of each sequence in every "
+                 f"scoring and training forward ({ours_head:,} rows per pass) where TRL 1.16's fused head projects "
+                 f"all {r['prompt_tokens'] + T} positions ({trl_head:,} rows, {trl_head / ours_head:.0f}× more) and "
+                 "also computes their entropy; each distinct image is preprocessed once per rollout batch (TRL: "
+                 f"all {n} rows, twice); and no `datasets` collation or completion gathering per optimizer step.")
+    L.append("- **The vision cache** (`ral_core/vision_cache.py`): each distinct image goes through the frozen vision "
+             "tower once per step, and generation, the old-policy pass and every update read those features; TRL "
+             "(and our sharing-off row) run the tower on all G copies in every pass: generation, the old log-prob "
+             "pass and each update.")
+    L.append("- **The shared prompt** (`ral_core/prefix_share.py`): each group's prompt is prefilled once for "
+             "sampling and computed once per pass in scoring and updates, with the G answers attending to it; "
+             "TRL runs the whole prompt for each of the G rollouts in every pass. At real width the prompt is "
+             f"{results['real']['prompt_tokens'] if 'real' in results else '~1,000'} tokens against "
+             f"{results['real']['new_tokens'] if 'real' in results else 32} answer tokens, so nearly all of a "
+             "pass's language-model work is the prompt.")
+    L.append("")
+    return L
 
 
 NOTES = """## What is and isn't comparable
 
-Matched: the weights, the trained parameters, the prompt tokens and pixels fed to `generate` (checked above), the
-sampling settings and the tokens that may be sampled, the number of completions and of optimizer updates per
-rollout batch, each update on the whole batch of {n}, the clipped-ratio objective with group-normalised advantages
-((r − mean) / (std + 1e-4), 0 for zero-variance groups on both), the token-level normaliser (our `token` divides by
-the completion tokens of the mini-batch; TRL's `dapo` by those of the generation batch, the same {n} sequences
-here), no KL term and no reference model (β = 0 on both), AdamW (torch, non-fused) with a constant learning rate
-and clipping at norm 1, {oldlp}, and no logging, saving or evaluation on either side.
+Matched, in both comparisons: the weights, the trained parameters (the same count on the three rows, checked), the
+prompt tokens and pixels fed to `generate` (checked), the sampling settings and the tokens that may be sampled, the
+number of completions and of optimizer updates per rollout batch, each update on the whole batch, the clipped-ratio
+objective with group-normalised advantages ((r − mean) / (std + 1e-4), 0 for zero-variance groups on both), the
+token-level normaliser (our `token` divides by the completion tokens of the mini-batch; TRL's `dapo` by those of the
+generation batch, the same sequences here), no KL term and no reference model (β = 0), AdamW (torch, non-fused) with
+a constant learning rate and clipping at norm 1, one extra no-grad forward per rollout batch for the old log-probs
+(ours always; TRL because `num_iterations` > 1), fp32 and one torch thread per trainer, and no logging, saving or
+evaluation on either side. fp32 because these are CPU runs: TRL's `use_cpu=True` would autocast to bf16, which pays
+only on a CPU with native bf16 (each section's machine line says whether its CPU has it; hosts of this kind without
+it run bf16 matmuls about 3× slower than fp32), and fp32 is our trainer's precision on a CPU, so the figures do not
+depend on which host of the kind ran them.
 
 Not the same, and part of what is measured:
 
 - **Completions.** Each trainer samples its own completions from its own copy of the weights (which drift apart
-  after the first update), so the texts and rewards differ per round; the prompts are the same. {lengths}
+  after the first update), so the texts and rewards differ per round; the prompts are the same. The per-round
+  completion lengths are in the tables above (on the small task the answer's length is set by the question kind;
+  the random-weight twin writes all of its new tokens, with an exact-match reward of 0, so every advantage is 0 —
+  both trainers still run every forward, backward and optimizer step: neither skips a zero-advantage batch).
 - **Log-probs.** Ours runs the LM head on the completion positions only (`logits_to_keep = T + 1`) and takes a
   log-softmax. TRL 1.16 patches the model with its fused LM head, which on CPU (no Triton) projects every position
   of the sequence, prompt included, in chunks, and also computes the per-token entropy in every training forward
   (for its `entropy` metric); ours computes no entropy.
-- **Image preprocessing.** Ours preprocesses the {n} images once per rollout batch and reuses the tensors for
-  generation, the old-log-prob pass and the updates. TRL runs the processor twice per rollout batch (once inside
-  `apply_chat_template` for generation, once more for the forward passes).
-- **Data loading.** TRL's `Trainer` fetches and collates {n} dataset rows per optimizer step through `datasets`
-  and its `RepeatSampler`, also on the steps that reuse the batch; ours takes the prompts from the task directly.
-  Image rendering is cached on the TRL side so both render each prompt's image once per rollout batch.
+- **The vision tower and the prompt.** Ours (defaults) encodes each distinct image once per step and computes each
+  group's prompt once per pass; the sharing-off row and TRL run the tower on every rollout's copy of the image and
+  the whole prompt of every rollout in every pass (generation, old log-probs, each update). In a Qwen2-VL `generate`
+  the tower runs once per call, on all rows, in TRL and in our sharing-off row.
+- **Image preprocessing.** Both our rows preprocess each distinct image once per rollout batch and reuse the tensors
+  for every pass. TRL runs the processor on all rows twice per rollout batch (once inside `apply_chat_template` for
+  generation, once more for the forward passes).
+- **Data loading.** TRL's `Trainer` fetches and collates the batch's dataset rows per optimizer step through
+  `datasets` and its `RepeatSampler`, also on the steps that reuse the batch; ours takes the prompts from the
+  dataset directly. Images are cached on the TRL side so both read or render each prompt's image once per batch.
 - **Bookkeeping.** TRL always gathers prompts, completions, images and advantages into its completion logs, and
   computes its metrics (entropy, clip ratios, reward statistics; several `.item()` calls) every step even when it
   never logs them. Ours computes `clip_frac` and `ratio_mean` per mini-batch and writes one `metrics.jsonl` line
   per step.
 - **Generation.** Both call `model.generate` of the same transformers with the same sampling settings. TRL passes
-  a `GenerationConfig` (`disable_compile=True`) inside its `unwrap_model_for_generation` context; ours passes the
-  arguments directly and runs under our attention-capture context (with nothing captured it calls the same SDPA
-  kernel). In a Qwen2-VL `generate`, the vision tower runs once per call on both sides.
-- **One loss variant only.** Other settings (LoRA, β > 0, mini-batches smaller than the batch, `dr_grpo`, whose
-  constant differs: ours N·T_batch_max, TRL N·`max_completion_length`) were not measured.
+  a `GenerationConfig` (`disable_compile=True`) inside its `unwrap_model_for_generation` context; ours (defaults)
+  prefills each group's prompt once and samples the G answers from copies of its cache; the sharing-off row calls
+  `generate` on all rows as TRL does, under our attention-capture context (with nothing captured it calls the same
+  SDPA kernel).
+- **One loss variant only.** Other settings (β > 0, mini-batches smaller than the batch, `dr_grpo`, whose constant
+  differs: ours N·T_batch_max, TRL N·`max_completion_length`) were not measured.
 """
+
+
+COMMAND = "make bench-trl"  # = .venv/bin/python bench/trl_bench.py --out bench/results/trl.md
+
+
+def render(results: dict, command: str) -> str:
+    """The whole results file from the stored comparisons (a rerun of one setting keeps the other)."""
+    L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n",
+         f"Command: `{command}` (`.venv/bin/python bench/trl_bench.py --out bench/results/trl.md`; the comparisons "
+         "are kept in `bench/results/trl.json`, `--settings real` or `small` reruns one, `--report-only` rewrites "
+         "this file from them). Three rows, interleaved round by round in one process (one rollout batch each per round, the order "
+         "rotating): ours with its defaults, TRL's `GRPOTrainer`, and ours with its sharing off (`vision_cache=false "
+         "share_prompt=false`), so the file says what the sharing buys and what the rest of our trainer does. "
+         "Ratios are of process CPU time per optimizer step (the machine is shared, see each section), with their "
+         "spread over rounds.\n"]
+    L.append("| comparison | ours / TRL (CPU) | sharing off / TRL | ours / sharing off | rounds | CPU s per optimizer "
+             "step: ours · TRL · off |")
+    L.append("|---|---|---|---|---|---|")
+    for key in ("real", "small"):
+        if key in results:
+            r = results[key]
+            ra, sd = r["ratios"], r["side"]
+            L.append(f"| {r['short']} | {_r(ra['ours/trl']['cpu'], True)} | {_r(ra['off/trl']['cpu'])} | "
+                     f"{_r(ra['ours/off']['cpu'])} | {r['rounds']} | {sd['ours']['step_cpu']:.2f} · "
+                     f"{sd['trl']['step_cpu']:.2f} · {sd['off']['step_cpu']:.2f} |")
+    L.append("")
+    L += lead_text(results)
+    for key in ("real", "small"):
+        if key in results:
+            L += section(key, results[key])
+    L.append(NOTES)
+    return "\n".join(L) + "\n"
+
+
+def describe(S, res) -> None:
+    """The words and shapes a section needs, stored with its numbers."""
+    n = S.prompts * S.group
+    if S.model == "default":
+        res["title"] = "Embedded default model (0.88M params), full fine-tuning of the language model"
+        res["short"] = f"default model, {S.prompts} prompts × {S.group}, ≤ {S.new_tokens} new tokens"
+        res["what"] = (f"Model: embedded default (assets/default_model), Qwen2-VL, {res['params'] / 1e6:.2f}M params, "
+                       f"full fine-tuning of the language model ({res['trainable']['ours'] / 1e6:.2f}M trainable on "
+                       "every row; vision tower and merger frozen). Task: bundled grounding task (3×3 digit grids, "
+                       f"cell/row/where, with images), exact-match reward. Rollout batch: {S.prompts} prompts × "
+                       f"{S.group} = {n} completions, ≤ {S.new_tokens} new tokens, temperature 1.0, then "
+                       f"{S.updates} optimizer updates on the whole batch; prompts of {res['prompt_tokens']} tokens.")
+    else:
+        res["title"] = f"Real width: the Qwen2-VL-2B twin cut to {S.layers} + {S.layers} layers, LoRA r {S.lora_r}"
+        res["short"] = (f"Qwen2-VL-2B twin, {S.layers} + {S.layers} layers, 1024×768 photo, G = {S.group}, "
+                        f"{S.new_tokens} new tokens, LoRA r {S.lora_r}")
+        res["what"] = (f"Model: the Qwen2-VL-2B shape twin (`ral_core/builders/twins.py`: the published config at its "
+                       f"real width — hidden {res['hidden']}, vision width 1280, full {res['vocab']:,}-token "
+                       f"embedding and tied head — random weights) cut to {S.layers} decoder layers and {S.layers} "
+                       f"vision blocks of the published 28 and 32 (as `bench/step_bench.py`), "
+                       f"{res['params'] / 1e6:.0f}M params; LoRA r {S.lora_r} on {res['lora_n_targets']} modules "
+                       f"({', '.join(res['lora_targets'])}) on every row, {res['trainable']['ours'] / 1e6:.2f}M "
+                       "trainable, the rest frozen. Task: one 1024×768 photo (`bench/step_bench.py`'s, "
+                       f"{res['prompt_tokens']}-token prompt), exact-match reward. Rollout batch: {S.prompts} prompt "
+                       f"× G = {S.group}, {S.new_tokens} new tokens, temperature 1.0, then {S.updates} optimizer "
+                       "updates on the whole batch. At full depth each pass would run 14× the language layers and "
+                       "16× the vision blocks while the embedding and LM head stay the same, so the cut weighs the "
+                       "head (where TRL spends the most extra) more than the real model does.")
+    res.update(updates=S.updates, warmup=S.warmup, new_tokens=S.new_tokens)
+
+
+def records_path(args) -> str:
+    """The comparisons file: the committed bench/results/trl.json only for the committed report; a report written
+    elsewhere keeps its own next to itself, so a trial run never rewrites the committed measurements."""
+    if not args.out or os.path.abspath(args.out) == os.path.abspath(RESULTS_MD):
+        return os.path.splitext(RESULTS_MD)[0] + ".json"
+    return os.path.splitext(args.out)[0] + ".json"
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="markdown report path (default: print only)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (2 prompts × 4, 1 warm-up, 2 rounds); prints")
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch")
-    ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL num_generations)")
-    ap.add_argument("--new-tokens", type=int, default=12, help="max new tokens (TRL max_completion_length)")
-    ap.add_argument("--updates", type=int, default=2, help="optimizer updates per rollout batch, each on the whole "
-                    "batch (ours epochs, TRL num_iterations)")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--out", help="markdown report path (default: print only); its comparisons are kept in a .json "
+                    "beside it")
+    ap.add_argument("--settings", default="small,real", help="comparisons to run: small (the default model), real "
+                    "(the Qwen2-VL-2B twin at real width); the others are kept from the .json")
+    ap.add_argument("--quick", action="store_true", help="smoke run (small: 2 prompts × 4, 1 warm-up, 2 rounds; "
+                    "real: 1 round, no warm-up); prints, writes nothing")
+    ap.add_argument("--prompts", type=int, default=8, help="small: prompts per rollout batch")
+    ap.add_argument("--group", type=int, default=8, help="small: completions per prompt (TRL num_generations)")
+    ap.add_argument("--new-tokens", type=int, default=12, help="small: max new tokens (TRL max_completion_length)")
+    ap.add_argument("--updates", type=int, default=2, help="small: optimizer updates per rollout batch, each on the "
+                    "whole batch (ours epochs, TRL num_iterations)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="small: learning rate")
     ap.add_argument("--loss", choices=sorted(LOSS_MAP), default="token", help="our loss_norm (TRL loss_type: "
                     + ", ".join(f"{k}→{v}" for k, v in LOSS_MAP.items()) + ")")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rollout batches per trainer first")
-    ap.add_argument("--repeats", type=int, default=40, help="max interleaved rounds (one rollout batch each side)")
-    ap.add_argument("--min-repeats", type=int, default=8)
-    ap.add_argument("--budget", type=float, default=150.0, help="s of timed rounds before stopping early")
+    ap.add_argument("--warmup", type=int, default=2, help="small: untimed rollout batches per row first")
+    ap.add_argument("--repeats", type=int, default=40, help="small: max interleaved rounds")
+    ap.add_argument("--min-repeats", type=int, default=6)
+    ap.add_argument("--budget", type=float, default=240.0, help="small: s of timed rounds before stopping early")
+    ap.add_argument("--real-layers", type=int, default=2, help="real: decoder layers and vision blocks of the twin")
+    ap.add_argument("--real-rounds", type=int, default=3, help="real: interleaved rounds")
+    ap.add_argument("--real-warmup", type=int, default=0, help="real: untimed rollout batches per row first")
+    ap.add_argument("--report-only", action="store_true", help="rewrite --out from its stored comparisons without "
+                    "measuring")
     args = ap.parse_args()
-    if args.quick:
-        args.prompts, args.group, args.warmup, args.repeats, args.min_repeats = 2, 4, 1, 2, 2
-    if args.updates < 1 or args.prompts < 1 or args.group < 2:
-        ap.error("need --updates ≥ 1, --prompts ≥ 1, --group ≥ 2")
+    if args.report_only:
+        rows = records_path(args)
+        if not (args.out and os.path.exists(rows)):
+            ap.error(f"--report-only needs --out and its stored comparisons ({rows} does not exist)")
+        C.write_report(render(json.load(open(rows)), COMMAND), args.out, False, log)
+        return
+    keys = [k.strip() for k in args.settings.split(",") if k.strip()]
+    if not keys or any(k not in ("small", "real") for k in keys):
+        ap.error("--settings takes small, real or both (comma-separated)")
+    if args.updates < 1 or args.prompts < 1 or args.group < 2 or args.real_rounds < 1 or args.real_layers < 1:
+        ap.error("need --updates ≥ 1, --prompts ≥ 1, --group ≥ 2, --real-rounds ≥ 1, --real-layers ≥ 1")
     trl = require_trl()
     import accelerate
     import datasets
@@ -588,21 +834,32 @@ def main():
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    prefix = "make bench-trl → " if os.environ.get("MAKELEVEL") else "HF_HUB_OFFLINE=1 "
-    command = prefix + ".venv/bin/python bench/trl_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = C.machine_info()
     versions = {"trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__}
-    busy_before = C.busy_processes(exclude={os.getpid()})
-    t0 = time.perf_counter()
-    res = measure(args)
-    busy_after = C.busy_processes(exclude={os.getpid()})
-    o, t = res["ours"], res["trl"]
-    log(f"ours {o['step_wall']:.3f} s/step ({o['rps_wall']:.1f} rollouts/s), TRL {t['step_wall']:.3f} s/step "
-        f"({t['rps_wall']:.1f} rollouts/s); ratio ours/TRL {res['ratio_cpu']:.3f} CPU, {res['ratio_wall']:.3f} wall, "
-        f"n={res['rounds']}")
-    md = report(res, meta, versions, command, args, time.perf_counter() - t0, busy_before, busy_after)
+    S_all = settings(args)
+    rows = records_path(args)
+    results = json.load(open(rows)) if (args.out and not args.quick and os.path.exists(rows)) else {}
+    failed = False
+    for key in keys:
+        S = S_all[key]
+        meta = C.machine_info()
+        res = measure(S)
+        res.update(machine=C.machine_line(meta), nproc=meta["nproc"], versions=versions,
+                   datasets=versions["datasets"], distinct=S.prompts)
+        describe(S, res)
+        sd = res["side"]
+        log(f"{key}: CPU s/step ours {sd['ours']['step_cpu']:.3f}, TRL {sd['trl']['step_cpu']:.3f}, sharing off "
+            f"{sd['off']['step_cpu']:.3f}; ours/TRL {res['ratios']['ours/trl']['cpu']['median']:.3f} CPU, "
+            f"n={res['rounds']}")
+        failed |= not res["same_prompts"] or math.isnan(res["ratios"]["ours/trl"]["cpu"]["median"])
+        results[key] = C.round_floats(res)
+        if args.out and not args.quick:  # kept as soon as it is measured, over what another run stored meanwhile
+            stored = json.load(open(rows)) if os.path.exists(rows) else {}
+            results = {**stored, key: results[key]}
+            with open(rows, "w") as f:
+                json.dump(results, f, indent=1, sort_keys=True, ensure_ascii=False)
+    md = render(results, COMMAND)
     C.write_report(md, args.out, args.quick, log)
-    if not res["same_prompts"] or math.isnan(res["ratio_cpu"]):
+    if failed:
         sys.exit(1)
 
 
