@@ -131,6 +131,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def code_version() -> str:
+    """The commit the measured code came from, and the ral_core/ files that differed from it (a shared working tree)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ral_core"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    files = [ln[3:] for ln in dirty if ln.strip()]
+    return f"commit {head or 'unknown'}" + (f" + uncommitted changes in {', '.join(files)}" if files else "")
+
+
 def machine_info() -> dict[str, str]:
     flags = cpu_flags()
     native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -137,3 +137,28 @@ def test_capture_reports_the_cpu_time_of_its_own_rows(tiny_qwen):
     with torch.no_grad(), capture(tiny_qwen.model, "all", torch.arange(L - 4, L)[None]) as maps:
         tiny_qwen.model(**mi)
     assert len(maps) == tiny_qwen.num_layers and maps.rows_cpu_s > 0
+
+
+def test_step_bench_publishes_a_report_elsewhere_without_touching_the_committed_rows(tmp_path):
+    """The write path of a run with --out elsewhere (no measuring): rows and section land next to the report, the
+    committed step.json keeps its bytes, and each ratio carries its per-round spread."""
+    from argparse import Namespace
+    sb = _bench("step_bench")
+    committed = ROOT / "bench" / "results" / "step.json"
+    before = committed.read_bytes()
+
+    def run(cpu, parts):
+        return {"wall": cpu * 1.25, "cpu": cpu, "parts": dict(parts, other=cpu - sum(parts.values())),
+                "rollout_wall": 0.1, "reward": 0.0, "load": "1.00 1.00 1.00"}
+    steps = {"before": [2.0, 2.2, 2.1], "cache": [1.5, 1.6, 1.4], "after": [1.0, 1.0, 1.05]}
+    raw = {"runs": {m: [run(c, {"vision": 0.1, "decoder": 0.2}) for c in v] for m, v in steps.items()},
+           "load_start": "1.00 1.00 1.00", "load_end": "2.00 2.00 2.00", "date": "2026-01-01 00:00",
+           "prompt_tokens": 29}
+    out = tmp_path / "t.md"
+    out.write_text("# elsewhere\n")
+    text = sb.publish({"default": sb.summarise("default", raw)}, Namespace(json=None, out=str(out)))
+    assert committed.read_bytes() == before
+    rows = json.loads((tmp_path / "t.step.json").read_text())
+    assert rows["default"]["ratio_rounds"]["before/after"] == [2.0, 2.2, 2.0]
+    assert "**2.00×** (2.00–2.20)" in text and "| 3 |" in text and "native bf16" in text
+    assert out.read_text().startswith("# elsewhere\n") and sb.BEGIN in out.read_text()
