@@ -53,7 +53,8 @@ bench-train: install
 	$(BIN)/python bench/step_bench.py --section-only --out bench/results/train.md
 
 # A full RAL step before / with the vision cache / with shared prompts, on the default model and the
-# Qwen2-VL-2B twin (1024×768 photo; cut in depth, see the script), in one run; writes its section of train.md.
+# Qwen2-VL-2B twin at 1 + 1 and 2 + 2 layers (1024×768 photo; cut in depth, see the script), rounds interleaved in
+# one run (5 default, 3 per twin row; ~45 CPU-min); writes its section of train.md and bench/results/step.json.
 bench-step: install
 	$(BIN)/python bench/step_bench.py --out bench/results/train.md
 

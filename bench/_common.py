@@ -158,6 +158,53 @@ def machine_info() -> dict[str, str]:
     }
 
 
+# (m, k, n) of the matmuls a 2B VLM runs: a prompt's MLP (prefill, training), a decode step's MLP for a group of 8, and
+# one decode step's LM head over a 151,936-token vocabulary (matrix × vector)
+MATMUL_SHAPES = ((1024, 1536, 8960), (8, 1536, 8960), (1, 1536, 151936))
+
+
+def bf16_matmul_speed(rounds: int = 5, shapes=MATMUL_SHAPES) -> list[dict]:
+    """bf16 / fp32 CPU time of one-thread matmuls on this CPU, per shape: the two dtypes alternate within each round
+    and the ratio is taken per round (median and min–max over rounds). Whether bf16 is fast depends on the CPU's
+    native bf16 (avx512_bf16, amx_bf16): without it bf16 runs several times slower than fp32."""
+    import time
+
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for m, k, n in shapes:
+            g = torch.Generator().manual_seed(0)
+            a32, b32 = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+            pair = {torch.float32: (a32, b32), torch.bfloat16: (a32.bfloat16(), b32.bfloat16())}
+            reps = max(1, int(2e9 // (2 * m * k * n)))  # about 2 GFLOP per timing, so small shapes are not all noise
+            t = {dt: [] for dt in pair}
+            for dt, (a, b) in pair.items():  # warm-up: kernels, allocator
+                torch.mm(a, b)
+            for r in range(rounds):
+                for dt in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
+                    a, b = pair[dt]
+                    c0 = time.process_time()
+                    for _ in range(reps):
+                        torch.mm(a, b)
+                    t[dt].append((time.process_time() - c0) / reps)
+            ratios = [x / y for x, y in zip(t[torch.bfloat16], t[torch.float32])]
+            out.append({"shape": [m, k, n], "fp32_ms": median(t[torch.float32]) * 1e3,
+                        "bf16_ms": median(t[torch.bfloat16]) * 1e3, "ratio": median(ratios),
+                        "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds})
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def bf16_line(speed: list[dict]) -> str:
+    """bf16_matmul_speed's result in one sentence for a results file."""
+    return "bf16 / fp32 matmul CPU time on this CPU (one thread, per-round ratios, median (min–max)): " + "; ".join(
+        f"{m}×{k}×{n}: {r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}; {r['fp32_ms']:.1f} ms fp32, "
+        f"{r['bf16_ms']:.1f} ms bf16)" for r in speed for m, k, n in [r["shape"]])
+
+
 def machine_line(meta: dict | None = None) -> str:
     """One line for a results file or record: CPUs, model, speed flags incl. native bf16, library versions."""
     m = meta or machine_info()

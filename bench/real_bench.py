@@ -260,12 +260,19 @@ def w_capture(args) -> dict:
             keep, _ = call(mi, L)
             del keep
             warm = True
-        with Meter(args.device) as m:
-            keep, check = call(mi, L)
-        del keep
-        entry.update({"wall_s": m.wall, "cpu_s": m.cpu, "extra_mb": m.extra, "check": check})
+        calls = []
+        for _ in range(max(1, args.capture_repeats)):
+            with Meter(args.device) as m:
+                keep, check = call(mi, L)
+            del keep
+            gc.collect()
+            calls.append({"wall_s": m.wall, "cpu_s": m.cpu, "extra_mb": m.extra})
+        # medians in the row's own fields (the report's figures), every call kept for the spread
+        entry.update({k: C.median([c[k] for c in calls]) for k in ("wall_s", "cpu_s", "extra_mb")})
+        entry.update({"check": check, "calls": calls})
         res["lengths"][str(target)] = entry
-        log(f"{args.twin} {mode} L={L}: {m.wall:.1f} s, extra {m.extra:.1f} MiB")
+        log(f"{args.twin} {mode} L={L}: {entry['wall_s']:.1f} s, extra {entry['extra_mb']:.1f} MiB "
+            f"({len(calls)} calls)")
         del mi
         gc.collect()
     return res
@@ -371,6 +378,7 @@ def run_unit(args, twin, unit, params, logdir) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", unit.split(":")[0], "--twin", twin,
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
            "--eager-limit-gb", str(args.eager_limit_gb), "--train-size", args.train_size,
+           "--capture-repeats", str(args.capture_repeats),
            "--lengths", *map(str, args.lengths)]
     if args.quick:
         cmd.append("--quick")
@@ -393,6 +401,7 @@ def run_unit(args, twin, unit, params, logdir) -> dict:
     res["unit_s"] = time.perf_counter() - t0
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["loadavg"] = C.loadavg()
+    res["machine"] = C.machine_line()
     return res
 
 
@@ -452,6 +461,49 @@ def _fit(p1, p2, n):
     return p1 + (p2 - p1) * (n - 1)
 
 
+def _call_ratios(a: dict | None, b: dict | None) -> list[float]:
+    """a/b CPU time per measured call (the i-th call of each mode paired); one call: the medians' ratio."""
+    if not a or not b:
+        return []
+    ca, cb = a.get("calls"), b.get("calls")
+    if ca and cb:
+        return [x["cpu_s"] / y["cpu_s"] for x, y in zip(ca, cb)]
+    return [a["cpu_s"] / b["cpu_s"]] if a.get("cpu_s") and b.get("cpu_s") else []
+
+
+def _call_ratio(a, b) -> str:
+    r = _call_ratios(a, b)
+    if not r:
+        return "–"
+    if len(r) == 1:
+        return f"{r[0]:.3f} (one call)"
+    return f"{C.median(r):.3f} ({min(r):.3f}–{max(r):.3f}, {len(r)} calls)"
+
+
+def _longest_ratio_text(twins, get) -> str:
+    """The capture/SDPA CPU-time ratios at each twin's longest measured length, in one sentence."""
+    parts, single = [], False
+    for t in twins:
+        sd, ca = get(t, "capture:sdpa"), get(t, "capture:capture")
+        if not (sd and ca):
+            continue
+        tgt = max(set(sd["lengths"]) & set(ca["lengths"]), key=int, default=None)
+        r = _call_ratios(sd["lengths"].get(tgt), ca["lengths"].get(tgt)) if tgt else []
+        if r:
+            single |= len(r) == 1
+            parts.append((t, int(tgt), [1 / x for x in r]))
+    if not parts:
+        return ""
+    return (" At the longest length capture's one-layer forward took, in CPU time, "
+            + "; ".join(f"{_call_ratio_list(r)} SDPA's ({t}, {n:,} tokens)" for t, n, r in parts)
+            + (" (rows marked 'one call' are single calls on a shared machine: read them as ±10 %)" if single else "")
+            + ".")
+
+
+def _call_ratio_list(r) -> str:
+    return f"{r[0]:.2f}×" if len(r) == 1 else f"{C.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
+
+
 def report(data: dict, args) -> str:
     rows, meta = data["rows"], data.get("meta", {})
     dev, dt = args.device, args.dtype
@@ -467,6 +519,20 @@ def report(data: dict, args) -> str:
       " (rows are written as they finish; a rerun skips done rows, `--only TWIN[:ROW]` / `--force` redo some)"
       + ("; rows redone later: " + "; ".join(f"`{x}`" for x in meta.get("reruns", [])) if meta.get("reruns") else ""))
     w(f"- Machine: {meta.get('machine', '–')}")
+    by_machine = {}
+    for k, v in rows.items():
+        if k.startswith(f"{dev}/{dt}/"):
+            by_machine.setdefault(v.get("machine"), []).append(k.split("/", 2)[2])
+    unrecorded = ("not recorded (measured before each row kept its machine line; nproc 2, CPU `AMD EPYC`, flags "
+                  "unknown)")
+    if set(by_machine) != {meta.get("machine")}:
+        w("- Rows by the machine that measured them: " + "; ".join(
+            f"{m or unrecorded}: {len(v)} row(s)" + (f" ({', '.join(v)})" if m else "")
+            for m, v in sorted(by_machine.items(), key=lambda kv: kv[0] is None)))
+    if meta.get("bf16_speed") and not gpu:
+        w(f"- {C.bf16_line(meta['bf16_speed'])}; measured {meta.get('bf16_speed_date', '')}, load "
+          f"{meta.get('bf16_speed_load', '?')}. CPU times of the bf16 rows below hold only for a CPU with native bf16 "
+          "(`avx512_bf16` / `amx_bf16`); without it bf16 matmuls run several times slower than fp32.")
     w(f"- Twins (`ral_core/builders/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
       "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
       "with the real vocabulary size and special-token ids. Answers are therefore noise; sizes, token counts, memory "
@@ -519,8 +585,9 @@ def report(data: dict, args) -> str:
     w("Measured on the twin cut to **one decoder layer with softmax attention** (real hidden size, heads, KV heads, "
       "head_dim, MLP and vocabulary) and a one-block vision tower, forward under no_grad with logits for the last "
       "position only; input: the photo at 448×336 (64–192 visual tokens, so the vision tower, the same in every "
-      "mode, stays small) plus the question padded with text to the length; one warm-up call, then one measured call per "
-      "length, each mode in its own process (returning allocator: RSS follows live memory, page faults included in "
+      "mode, stays small) plus the question padded with text to the length; one warm-up call, then "
+      f"{args.capture_repeats} measured calls per length (rows measured before repeats were kept: one call, marked), "
+      "each mode in its own process (returning allocator: RSS follows live memory, page faults included in "
       f"the times). Capture keeps the last {ROWS_CAPTURED} query rows of every layer. Extra = peak over the loaded "
       "model. Eager was run where its computed need (heads·L²·(3·b+4) bytes for one layer: scores, their scaled and "
       f"masked copies, the fp32 softmax and the kept maps) was under {args.eager_limit_gb:g} GiB; elsewhere the "
@@ -528,7 +595,8 @@ def report(data: dict, args) -> str:
       f"(heads × {ROWS_CAPTURED} × L × 4 B); eager keeps every layer's maps (heads × L² × b) on top of the one-layer "
       "peak.")
     w("")
-    w("| twin | tokens (visual) | SDPA s | capture s | eager s | capture/SDPA time | extra over the loaded model, 1 layer: "
+    w("| twin | tokens (visual) | SDPA s | capture s | eager s | capture/SDPA CPU time: median (min–max) over calls | "
+      "extra over the loaded model, 1 layer: "
       "SDPA / capture / eager | over SDPA, 1 layer: capture / eager | full depth, over SDPA: capture / eager | "
       "capture/eager (full depth, over SDPA) |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -559,7 +627,7 @@ def report(data: dict, args) -> str:
                 goal = (n_tok, cap_full, eag_full, ratio, ea_meas, n_attn, rows_mb, cap1)
             w(f"| {t} | {n_tok:,} ({nv:,}) | {_f(sd and sd['wall_s'], 1)} | {_f(ca and ca['wall_s'], 1)} | "
               f"{_f(ea['wall_s'], 1) if ea_meas else '– (not run)'} | "
-              f"{_f(ca['wall_s'] / sd['wall_s'], 3) if ca and sd else '–'} | {_gb(sd and sd['extra_mb'])} / "
+              f"{_call_ratio(ca, sd)} | {_gb(sd and sd['extra_mb'])} / "
               f"{_gb(ca and ca['extra_mb'])} / {_gb(e1)}{'' if ea_meas else ' (computed)'} | "
               f"{_f(cap1, 1, ' MiB') if cap1 is not None else '–'} / {_gb(eag1)}{'' if ea_meas else ' (computed)'} | "
               f"{_gb(cap_full)} / {_gb(eag_full)} | {('1/' + format(1 / ratio, ',.0f')) if ratio else '–'} |")
@@ -672,8 +740,7 @@ def report(data: dict, args) -> str:
           "softmax layer (12–16 MiB per layer at 16k tokens, within the noise of the forward's own activations); eager "
           "`output_attentions` needs 20–40 GiB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
           "the kept map), so none of these models can return eager maps at 16k on a 24 GB device, and at full depth the "
-          "kept maps alone are 40–320 GiB. At 16k tokens capture's one-layer forward took 0.96–1.24× SDPA's time (single "
-          "calls on a shared machine: a few rows at shorter lengths are off in both directions).")
+          "kept maps alone are 40–320 GiB." + _longest_ratio_text(twins, get))
         w("- **Checkpointing** cuts the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
           "~75–110 MiB to a few MiB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
           "per-layer differences of a few MiB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
@@ -738,6 +805,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="row results (default bench/results/real.json; cuda: real_cuda.json)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="capture lengths (2048 8192 16384)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--capture-repeats", type=int, default=3, help="measured calls per mode and length in the "
+                    "capture rows (after one warm-up); ratios are given as median (min–max) over calls")
     ap.add_argument("--train-size", default="448x336", help="photo size WxH of the training rows (448x336: "
                     "64–192 visual tokens; the 1024×768 photo would multiply the step time on this CPU)")
     ap.add_argument("--nice", type=int, default=0, help="run the measuring processes under nice -n N (CPU)")
@@ -786,7 +855,10 @@ def main(argv=None):
         cmd = data.get("meta", {}).get("command", cmd)
     data["meta"] = {"command": cmd, "reruns": reruns,
                     "machine": C.machine_line()
-                    + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else "")}
+                    + (f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
+                    "bf16_speed": C.bf16_matmul_speed(rounds=1 if args.quick else 5) if args.device == "cpu" else None,
+                    "bf16_speed_date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "bf16_speed_load": C.loadavg()}
     logdir = os.path.join(WORK, "logs")
     os.makedirs(logdir, exist_ok=True)
     todo = plan(args)

@@ -162,3 +162,20 @@ def test_step_bench_publishes_a_report_elsewhere_without_touching_the_committed_
     assert rows["default"]["ratio_rounds"]["before/after"] == [2.0, 2.2, 2.0]
     assert "**2.00×** (2.00–2.20)" in text and "| 3 |" in text and "native bf16" in text
     assert out.read_text().startswith("# elsewhere\n") and sb.BEGIN in out.read_text()
+
+
+def test_bf16_speed_is_measured_per_round_and_named_in_one_line():
+    C = _common()
+    speed = C.bf16_matmul_speed(rounds=3, shapes=((16, 32, 64),))
+    (r,) = speed
+    assert r["shape"] == [16, 32, 64] and r["rounds"] == 3 and r["fp32_ms"] > 0 and r["bf16_ms"] > 0
+    assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert "16×32×64" in C.bf16_line(speed) and f"{r['ratio']:.2f}×" in C.bf16_line(speed)
+
+
+def test_real_bench_capture_ratios_carry_their_spread_over_calls():
+    rb = _bench("real_bench")
+    calls = lambda *cpu: {"cpu_s": sorted(cpu)[1], "calls": [{"cpu_s": c} for c in cpu]}  # noqa: E731
+    assert rb._call_ratio(calls(1.1, 1.0, 1.2), calls(1.0, 1.0, 1.0)) == "1.100 (1.000–1.200, 3 calls)"
+    assert rb._call_ratio({"cpu_s": 2.0}, {"cpu_s": 1.0}) == "2.000 (one call)"  # a row from before calls were kept
+    assert rb._call_ratio(None, {"cpu_s": 1.0}) == "–"
