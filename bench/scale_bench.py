@@ -240,7 +240,8 @@ def fmt_b(x: float) -> str:
 def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
     s, P = SHAPE, mdl["params"]
     L = [f"# One RAL step of a 7B VLM on {args.gpus} GPUs with FSDP: memory and time\n",
-         f"`{command}` · {info['date']} · {C.machine_line(info)}\n",
+         f"`{command}` · {info['date']} · {C.machine_line(info)} · load average at start {info.get('loadavg', '?')}"
+         + (f", at the end {info['loadavg_after']}" if info.get("loadavg_after") else "") + "\n",
          "Shape: Qwen2-VL-7B / Qwen2.5-VL-7B — language model hidden 3584, 28 layers, 28 query heads, 4 KV heads "
          f"(head dim 128), MLP 18944, vocabulary 152,064 (untied); vision tower 32 blocks of width 1280. From the shapes: "
          f"{P['layer'] / 1e6:.0f} M parameters per decoder layer, language model {P['lm'] / 1e9:.2f} B, vision "
@@ -278,13 +279,19 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
                          f"{act:.3f} GiB | {28 * act:.2f} GiB |")
         L.append("")
         clock = "cpu" if meas["device"] == "cpu" else "wall"
-        L.append(f"Ratios at each length (median {'process CPU time: robust to the neighbours on this shared machine' if clock == 'cpu' else 'wall time'}): "
-                 "capture/sdpa (the p_old pass), capture_bwd/sdpa_bwd (the training pass), eager_bwd/capture_bwd:\n")
+        n_rounds = min(len(xs) for modes in meas["runs"].values() for xs in modes.values())
+        L.append(f"Ratios at each length ({'process CPU time: robust to the neighbours on this shared machine' if clock == 'cpu' else 'wall time'}), "
+                 "taken per round (the modes of one round side by side) and given as median (min–max) over "
+                 f"{n_rounds} round(s): capture/sdpa (the p_old pass), capture_bwd/sdpa_bwd (the training pass), "
+                 "eager_bwd/capture_bwd:\n")
+
+        def per_round(modes, a, b):
+            r = [x[clock] / y[clock] for x, y in zip(modes[a], modes[b])]
+            return (f"{C.median(r):.3f}× ({min(r):.3f}–{max(r):.3f})" if len(r) > 1 else f"{r[0]:.3f}× (one round)")
         for Lk, modes in meas["runs"].items():
-            med = {m: C.median([x[clock] for x in modes[m]]) for m in modes}
             ex = {m: min(x["extra_gib"] for x in modes[m]) for m in modes}
-            L.append(f"- {modes['sdpa'][0]['L']} tokens: time {med['capture'] / med['sdpa']:.3f}×, "
-                     f"{med['capture_bwd'] / med['sdpa_bwd']:.3f}×, {med['eager_bwd'] / med['capture_bwd']:.2f}×; "
+            L.append(f"- {modes['sdpa'][0]['L']} tokens: time {per_round(modes, 'capture', 'sdpa')}, "
+                     f"{per_round(modes, 'capture_bwd', 'sdpa_bwd')}, {per_round(modes, 'eager_bwd', 'capture_bwd')}; "
                      f"peak growth capture_bwd − sdpa_bwd {fmt_b((ex['capture_bwd'] - ex['sdpa_bwd']) * GiB)}, "
                      f"eager_bwd − sdpa_bwd {fmt_b((ex['eager_bwd'] - ex['sdpa_bwd']) * GiB)}")
         worst = min(x["cpu"] / x["wall"] for modes in meas["runs"].values() for xs in modes.values() for x in xs)
@@ -394,7 +401,7 @@ def main(argv=None):
         args.lengths, args.repeats = args.lengths or [128, 256], args.repeats or 1
     else:
         args.lengths = args.lengths or ([256, 512, 1024] if args.device == "cpu" else [1024, 2048, 4096, 8192])
-        args.repeats = args.repeats or (1 if args.device == "cpu" else 3)
+        args.repeats = args.repeats or 3  # every ratio from ≥ 3 interleaved rounds, with its spread
     info = C.machine_info()
     if args.from_json:
         with open(args.from_json) as f:
@@ -402,6 +409,7 @@ def main(argv=None):
         meas, info = dump["measured"], dump.get("info", info)
     else:
         meas = None if args.no_measure else measure(args)
+        info["loadavg_after"] = C.loadavg()
     mdl = model(meas, args)
     command = dump.get("command", _command(argv)) if args.from_json else _command(argv)
     md = report(meas, mdl, info, args, command)
