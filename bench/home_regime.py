@@ -798,7 +798,8 @@ def summarise() -> str:
             f"{acc.min() - b['accuracy']:+.3f}); sampled reward {b['sampled_reward']:.3f} → "
             f"{np.mean([r['eval']['sampled_reward'] for r in g.values()]):.3f}. (b) The RAL term acts on "
             f"{np.mean(acting):.3f} of the response rows (GRPO and RAL runs, mean over all steps; {min(acting):.3f}–"
-            f"{max(acting):.3f} over runs; {sum(a >= 0.5 for a in acting)} of {len(acting)} runs ≥ 0.5). "
+            f"{max(acting):.3f} over runs; {sum(a >= 0.5 for a in acting)} of {len(acting)} runs ≥ 0.5; counted over "
+            "the whole rollout batch" + (G.mb_acting_line(RECORDS) if d == "home" else "") + "). "
             f"‖∇RAL‖/‖∇GRPO‖ per unit λ {np.mean(ratio):.4f} ({min(ratio):.4f}–{max(ratio):.4f}) measured at one "
             f"point a quarter into the step: by that measure the term's push at λ = 100 would be about "
             f"{100 * np.mean(ratio):.0%} of GRPO's" + (G.l100_line(RECORDS) if d == "home" else "") + ".")
@@ -813,7 +814,8 @@ def summarise() -> str:
                      + ("; none of the grounded sweep's arms (RAL, the attention reward, the attention target, "
                         "OPAD with the bundled teacher)" if ground_runs else "")
                      + ") beats or loses to GRPO on greedy accuracy, sampled reward or target mass"
-                     + (" ('where' accuracy included)" if ground_runs else "")) + ".")
+                     + (" ('where' accuracy and the target share of image attention included)" if ground_runs
+                        else "")) + ".")
     acc_c = [c for c in cmp if c["key"] == "accuracy" and c["arm"] in RAL_ARMS]
     if acc_c:
         best, worst = max(acc_c, key=lambda c: c["mean"]), min(acc_c, key=lambda c: c["mean"])
@@ -851,7 +853,7 @@ def summarise() -> str:
     lines.append("")
     for d, runs in sweeps.items():
         lines += [f"## Sweep `{d}`: every arm against GRPO, {_t(runs)}", "",
-                  "| arm | seeds | " + " | ".join(l for _, l, _ in METRICS) + " | acting rows | effective weight | "
+                  "| arm | seeds | " + " | ".join(l for _, l, _ in METRICS) + " | acting rows (whole batch) | effective weight | "
                   "‖∇term‖/‖∇GRPO‖ per unit weight |", "|---|---|" + "---|" * (len(METRICS) + 3)]
         lines.append("| base (no RL) | | " + " | ".join(f"{b.get(k, float('nan')):.3f}" for k, _, _ in METRICS)
                      + " | | | |")
