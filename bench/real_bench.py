@@ -405,6 +405,20 @@ def run_unit(args, twin, unit, params, logdir) -> dict:
     return res
 
 
+def results_json(out: str | None, suffix: str = "", read_only: bool = False) -> str:
+    """The rows file: the committed bench/results/real.json for the committed report (and for --report-only, which
+    only reads it); a run whose report goes elsewhere keeps its rows next to that report, starting from a copy of
+    the committed rows, so a trial run never rewrites the committed measurements."""
+    committed = os.path.join(ROOT, "bench", "results", f"real{suffix}.json")
+    if read_only or not out or os.path.abspath(out) == os.path.join(ROOT, "bench", "results", f"real{suffix}.md"):
+        return committed
+    path = os.path.splitext(os.path.abspath(out))[0] + ".json"
+    if not os.path.exists(path) and os.path.exists(committed):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(committed, path)
+    return path
+
+
 def load_results(path) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -834,9 +848,9 @@ def main(argv=None):
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     if args.quick:
         args.json = args.json or os.path.join(WORK, f"quick{suffix}.json")
-    args.json = args.json or os.path.join(ROOT, "bench", "results", f"real{suffix}.json")
     args.out = None if args.quick and not args.out else (args.out or os.path.join(ROOT, "bench", "results",
                                                                                    f"real{suffix}.md"))
+    args.json = args.json or results_json(args.out, suffix, read_only=args.report_only)
     args.rows = [r.strip() for r in args.rows.split(",")]
     args.twins, args.only_rows = parse_only(args.only)
     photo_path()

@@ -179,3 +179,16 @@ def test_real_bench_capture_ratios_carry_their_spread_over_calls():
     assert rb._call_ratio(calls(1.1, 1.0, 1.2), calls(1.0, 1.0, 1.0)) == "1.100 (1.000–1.200, 3 calls)"
     assert rb._call_ratio({"cpu_s": 2.0}, {"cpu_s": 1.0}) == "2.000 (one call)"  # a row from before calls were kept
     assert rb._call_ratio(None, {"cpu_s": 1.0}) == "–"
+
+
+def test_real_bench_run_with_a_report_elsewhere_keeps_its_rows_elsewhere(tmp_path):
+    """`real_bench.py --out ELSEWHERE` must not rewrite the committed real.json: its rows go next to its report,
+    seeded from the committed ones so a partial rerun still shows the whole table."""
+    rb = _bench("real_bench")
+    committed = ROOT / "bench" / "results" / "real.json"
+    assert rb.results_json(None) == str(committed)
+    assert rb.results_json(str(ROOT / "bench" / "results" / "real.md")) == str(committed)
+    assert rb.results_json(str(tmp_path / "r.md"), read_only=True) == str(committed)
+    path = rb.results_json(str(tmp_path / "r.md"))
+    assert path == str(tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_bytes() == committed.read_bytes()
