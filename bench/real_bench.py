@@ -551,7 +551,7 @@ def report(data: dict, args) -> str:
       "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
       "with the real vocabulary size and special-token ids. Answers are therefore noise; sizes, token counts, memory "
       "and time are the real models'. Weights in "
-      f"{dt}{' (as the checkpoints are published; fp32 would need 4 × parameters bytes: 15 GB for the 3B, more than this shared 23 GB machine can spare)' if dt == 'bfloat16' and not gpu else ''}; "
+      f"{dt}{' (as the checkpoints are published; fp32 would need 4 × parameters bytes: 14 GiB for the 3B, more than this shared 23.5 GiB machine can spare)' if dt == 'bfloat16' and not gpu else ''}; "
       f"{args.threads} torch thread(s) per measuring process; every row in a fresh process.")
     w(f"- Photo: `assets/examples/photos/chelsea.jpg` center-cropped to 4:3 and resized to 1024×768; question "
       f"\"{QUESTION}\".")
@@ -753,7 +753,7 @@ def report(data: dict, args) -> str:
         w("- **Capture vs eager.** What capture adds to a plain SDPA forward is its rows, heads × 16 × L × 4 B per "
           "softmax layer (12–16 MiB per layer at 16k tokens, within the noise of the forward's own activations); eager "
           "`output_attentions` needs 20–40 GiB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
-          "the kept map), so none of these models can return eager maps at 16k on a 24 GB device, and at full depth the "
+          "the kept map), so none of these models can return eager maps at 16k on a 24 GiB device, and at full depth the "
           "kept maps alone are 40–320 GiB." + _longest_ratio_text(twins, get))
         w("- **Checkpointing** cuts the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
           "~75–110 MiB to a few MiB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
@@ -763,7 +763,7 @@ def report(data: dict, args) -> str:
           "1.8–2.4 GiB over resident memory for the Qwen twins (0.27 GiB for SmolVLM), about one bf16 copy of the "
           "LM-head matrix per sequence of the group. A memory profile traced it to generate's prefill: the "
           "last-position slice `hidden[:, -1:, :]` of a batch is not contiguous, so `F.linear` on the CPU went through "
-          "`matmul` → `bmm` with the weight expanded and copied to [4, hidden, vocab] (1.87 GB for Qwen2-VL-2B), which "
+          "`matmul` → `bmm` with the weight expanded and copied to [4, hidden, vocab] (1.74 GiB for Qwen2-VL-2B), which "
           "also made the prefill slow (65 of a rollout's 84 s on the 1-layer Qwen2-VL-2B twin). Every adapter's head "
           "now gets a contiguous input (`ral_core/models/base.contiguous_head`; measured alone: bf16, 151,936 × 1536 "
           "head, batch 8: 25.8 s → 0.06 s). The training rows above are after the fix and on the trainer's own "

@@ -314,7 +314,7 @@ def report(meas: dict | None, mdl: dict, info: dict, args, command: str) -> str:
     upd = st + sum(v for k, v in m.items() if k.startswith(("units", "activations")) or "last layer, micro" in k)
     L += ["", f"Peak per GPU: ≈ {fmt_b(roll)} while sampling (shards + gathered model + KV cache), ≈ {fmt_b(upd)} "
           "in an update (shards + gathered layers + one micro-batch's activations + the last layer's rows) — "
-          "within an 80 GB GPU. A frozen reference model (beta > 0 without LoRA) or an OPAD teacher of the same size "
+          "within an 80 GiB GPU. A frozen reference model (beta > 0 without LoRA) or an OPAD teacher of the same size "
           f"adds its fp32 shards, {fmt_b(4 * P['total'] / args.gpus)} each.\n",
           f"Steady state (shards): {fmt_b(st)}. During rollouts add the gathered model and the KV cache; during "
           "updates the gathered units, the activations of one micro-batch and the capture rows. The gathered model "
