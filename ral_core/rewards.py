@@ -45,6 +45,17 @@ def exact_match(completion: str, sample: dict) -> float:
     return float(normalise(extract_answer(completion)) == normalise(sample["answer"]))
 
 
+@reward("word_match")
+def word_match(completion: str, sample: dict) -> float:
+    """Partial credit: the share of the reference answer's words given at their own position, over the longer of
+    the two answers (so missing and extra words both cost). "7 2 4" for "7 2 1" scores 2/3; "row 2 column 1" for
+    "row 1 column 1" 3/4. Denser than exact match where groups are all wrong or all right."""
+    got, ref = normalise(extract_answer(completion)).split(), normalise(sample["answer"]).split()
+    if not ref:
+        return float(not got)
+    return sum(a == b for a, b in zip(got, ref)) / max(len(got), len(ref))
+
+
 @reward("choice")
 def choice(completion: str, sample: dict) -> float:
     """Multiple-choice letter: the first standalone A–Z letter of the answer matches."""

@@ -145,6 +145,10 @@ def test_rewards_registry_and_user_reward():
     assert RewardModel({"choice": 1})("(B) because", {"answer": "B"})[0] == 1.0
     assert RewardModel({"iou": 1})("[0, 0, 10, 10]", {"answer": "", "boxes": [[0, 0, 10, 20]]})[0] == pytest.approx(0.5)
     assert RewardModel({"test_trainer:_mentions_digit": 1})("a 1", {"answer": ""})[0] == 1.0
+    wm = RewardModel({"word_match": 1})  # partial credit: words at their own position, over the longer answer
+    assert [wm(c, {"answer": "7 2 1"})[0] for c in ("7 2 1", "7 2 4", "7 2", "7 2 1 5", "1 2 7", "")] == \
+        pytest.approx([1, 2 / 3, 2 / 3, 3 / 4, 1 / 3, 0])
+    assert wm("<answer>Row 2 column 1.</answer>", {"answer": "row 1 column 1"})[0] == pytest.approx(3 / 4)
     with pytest.raises(RALError, match="unknown reward"):
         RewardModel({"nope": 1})
     with pytest.raises(RALError, match="cannot import reward"):
