@@ -42,6 +42,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import threading
@@ -144,11 +145,12 @@ def settings(args) -> dict[str, SimpleNamespace]:
     small = SimpleNamespace(
         key="small", model="default", layers=None, prompts=args.prompts, group=args.group,
         new_tokens=args.new_tokens, updates=args.updates, lr=args.lr, lora_r=0, loss=args.loss, dataset="grounding",
-        warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats, budget=args.budget, timeout=600.0)
+        warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats, budget=args.budget, timeout=600.0,
+        order_offset=args.order_offset)
     real = SimpleNamespace(
         key="real", model="twin", layers=args.real_layers, prompts=1, group=8, new_tokens=32, updates=2, lr=1e-4,
         lora_r=8, loss=args.loss, dataset=None, warmup=args.real_warmup, repeats=args.real_rounds,
-        min_repeats=args.real_rounds, budget=math.inf, timeout=3600.0)
+        min_repeats=args.real_rounds, budget=math.inf, timeout=3600.0, order_offset=args.order_offset)
     if args.quick:
         small.prompts, small.group, small.warmup, small.repeats, small.min_repeats = 2, 4, 1, 2, 2
         real.warmup, real.repeats, real.min_repeats = 0, 1, 1
@@ -324,12 +326,14 @@ def check_prompts(trl_trainer, adapter, samples, group) -> str:
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def measure(S) -> dict:
-    """One setting: the three rows built from the same weights, then interleaved rollout batches (JSON-ready)."""
+def measure(S, save=None) -> dict:
+    """One run of one setting: the three rows built from the same weights, then interleaved rollout batches. Returns
+    the run's record (JSON-ready: its set-up and one entry per timed round); `save(record)` after every round, so a
+    run cut short keeps the rounds it finished."""
     n = S.prompts * S.group
     rec = {"ours": [], "off": [], "trl": {"steps": [], "questions": []}}
     res = {"n": n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": C.loadavg(),
-           "busy_before": C.busy_processes(exclude={os.getpid()})}
+           "busy_before": C.busy_processes(exclude={os.getpid()}), "rounds": [], "planned": S.repeats}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base(S, tmp)
@@ -382,65 +386,89 @@ def measure(S) -> dict:
             return out
 
         fns = {"ours": lambda: [ours.step(S.timeout)], "off": lambda: [off.step(S.timeout)], "trl": trl_cycle}
-        timings = {k: [] for k in ROWS}
-        orders = []
+        U, W = S.updates, S.warmup
         try:
             t_warm = time.perf_counter()
-            for r in range(S.warmup):
+            for r in range(W):
                 for name in _order(r):
                     fns[name]()
-            log(f"{S.key}: warm-up ({S.warmup} rollout batches each) took {time.perf_counter() - t_warm:.0f} s")
+            log(f"{S.key}: warm-up ({W} rollout batches each) took {time.perf_counter() - t_warm:.0f} s")
             t0 = time.perf_counter()
             for r in range(S.repeats):
                 # the order rotates (ours TRL off, TRL off ours, off ours TRL, …) so that each row takes each
                 # place in turn and contention that comes and goes hits all rows alike
-                orders.append(_order(r))
-                for name in orders[-1]:
-                    timings[name].append(fns[name]())
-                    log(f"{S.key} round {r + 1} {name}: {sum(x[0] for x in timings[name][-1]):.1f} s wall, "
-                        f"{sum(x[1] for x in timings[name][-1]):.1f} s CPU, load {C.loadavg()}")
+                order, t = _order(r + S.order_offset), {}
+                for name in order:
+                    t[name] = fns[name]()
+                    log(f"{S.key} round {r + 1} {name}: {sum(x[0] for x in t[name]):.1f} s wall, "
+                        f"{sum(x[1] for x in t[name]):.1f} s CPU, load {C.loadavg()}")
+                # this round's records (the warm-up ones come first)
+                o, f = rec["ours"][W + r], rec["off"][W + r]
+                steps = rec["trl"]["steps"][(W + r) * U:(W + r + 1) * U]
+                assert o["updates"] == U and f["updates"] == U
+                res["rounds"].append({
+                    "order": list(order), "load": C.loadavg(),
+                    "cpu": {k: sum(x[1] for x in t[k]) for k in ROWS},
+                    "wall": {k: sum(x[0] for x in t[k]) for k in ROWS},
+                    "trl_steps": [list(x) for x in t["trl"]],  # (wall, CPU) of the generating step, then reuses
+                    "rollout_wall": {"ours": o["rollout_wall"], "off": f["rollout_wall"]},
+                    "len": {"ours": o["resp_len"], "off": f["resp_len"], "trl": steps[0]["resp_len"]},
+                    "reward": {"ours": o["reward"], "off": f["reward"], "trl": steps[0]["reward"]},
+                    "same_prompts": o["questions"] == f["questions"] == rec["trl"]["questions"][W + r]})
+                res["threads"] = {"ours": sorted(ours.threads_seen), "off": sorted(off.threads_seen),
+                                  "trl": sorted(trl_s.threads_seen)}
+                res.update(load_end=C.loadavg(), total_s=time.perf_counter() - t_all)
+                if save is not None:
+                    save(res)
                 if r + 1 >= S.min_repeats and time.perf_counter() - t0 > S.budget:
                     break
-            res["measure_s"] = time.perf_counter() - t0
         finally:
-            for s in (ours, off, trl_s):
-                s.close()
-        res["threads"] = {"ours": sorted(ours.threads_seen), "off": sorted(off.threads_seen),
-                          "trl": sorted(trl_s.threads_seen)}
+            for s_ in (ours, off, trl_s):
+                s_.close()
+    res["busy_after"] = C.busy_processes(exclude={os.getpid()})
+    res.update(load_end=C.loadavg(), total_s=time.perf_counter() - t_all)
+    return res
 
-    k = len(timings["ours"])
-    U, W = S.updates, S.warmup
-    res["rounds"], res["orders"] = k, orders
-    # records of the timed rounds only (the warm-up ones come first)
-    ro, rf = rec["ours"][W:W + k], rec["off"][W:W + k]
-    tq = rec["trl"]["questions"][W:W + k]
-    ts = rec["trl"]["steps"][W * U:(W + k) * U]
-    res["same_prompts"] = [o["questions"] for o in ro] == tq == [o["questions"] for o in rf]
-    assert all(o["updates"] == U for o in ro + rf)
-    wall = {"ours": [t[0][0] for t in timings["ours"]], "off": [t[0][0] for t in timings["off"]],
-            "trl": [sum(s[0] for s in t) for t in timings["trl"]]}
-    cpu = {"ours": [t[0][1] for t in timings["ours"]], "off": [t[0][1] for t in timings["off"]],
-           "trl": [sum(s[1] for s in t) for t in timings["trl"]]}
-    res["wall"], res["cpu"] = wall, cpu
-    res["side"] = {name: _side(wall[name], cpu[name], U, n) for name in ROWS}
-    for name, r in (("ours", ro), ("off", rf)):
-        res["side"][name].update(rollout_wall=C.median([o["rollout_wall"] for o in r]),
-                                 resp_len=_mean([o["resp_len"] for o in r]), reward=_mean([o["reward"] for o in r]),
-                                 lens=[o["resp_len"] for o in r])
-    gen = [t[0] for t in timings["trl"]]
-    reuse = [s for t in timings["trl"] for s in t[1:]]
+
+def summarise(runs: list[dict]) -> dict:
+    """The figures of one setting from its runs' records (the rounds of all runs, in run order): medians per row,
+    per-round ratios with their spread."""
+    first = runs[0]
+    rounds = [r for run in runs for r in run["rounds"]]
+    res = {k: v for k, v in first.items() if k != "rounds"}
+    n, U = first["n"], first["updates"]
+    cpu = {k: [r["cpu"][k] for r in rounds] for k in ROWS}
+    wall = {k: [r["wall"][k] for r in rounds] for k in ROWS}
+    res.update(rounds=len(rounds), cpu=cpu, wall=wall, orders=[r["order"] for r in rounds],
+               same_prompts=all(r["same_prompts"] for r in rounds), n_runs=len(runs),
+               run_of=[i for i, run in enumerate(runs) for _ in run["rounds"]],
+               argvs=[_without_note(run.get("argv", "")) for run in runs],
+               notes=list(dict.fromkeys(run["note"] for run in runs if run.get("note"))),
+               runs_text="; ".join(f"{run['date']}, {len(run['rounds'])} round(s), load {run['load_start']} → "
+                                   f"{run['load_end']}, {run['total_s'] / 60:.0f} min" for run in runs),
+               total_s=sum(run["total_s"] for run in runs), load_end=runs[-1]["load_end"],
+               threads={k: sorted({t for run in runs for t in run.get("threads", {}).get(k, [])}) for k in ROWS})
+    res["side"] = {k: _side(wall[k], cpu[k], U, n) for k in ROWS}
+    for k in ROWS:
+        res["side"][k].update(resp_len=_mean([r["len"][k] for r in rounds]), lens=[r["len"][k] for r in rounds],
+                              reward=_mean([r["reward"][k] for r in rounds]))
+        if k != "trl":
+            res["side"][k]["rollout_wall"] = C.median([r["rollout_wall"][k] for r in rounds])
+    gen = [r["trl_steps"][0] for r in rounds]
+    reuse = [s for r in rounds for s in r["trl_steps"][1:]]
     res["side"]["trl"].update(
         gen_wall=C.median([g[0] for g in gen]), gen_cpu=C.median([g[1] for g in gen]),
         reuse_wall=C.median([s[0] for s in reuse]) if reuse else float("nan"),
-        reuse_cpu=C.median([s[1] for s in reuse]) if reuse else float("nan"),
-        resp_len=_mean([s["resp_len"] for s in ts[::U]]), reward=_mean([s["reward"] for s in ts[::U]]),
-        lens=[s["resp_len"] for s in ts[::U]])
-    # per-round ratios (each round's rows ran back to back) and their spread
+        reuse_cpu=C.median([s[1] for s in reuse]) if reuse else float("nan"))
     res["ratios"] = round_ratios(cpu, wall)
-    res["load_end"] = C.loadavg()
-    res["busy_after"] = C.busy_processes(exclude={os.getpid()})
-    res["total_s"] = time.perf_counter() - t_all
     return res
+
+
+def _without_note(argv: str) -> str:
+    """A run's arguments without its --note (shown on its own)."""
+    a = shlex.split(argv)
+    i = a.index("--note") if "--note" in a else None
+    return " ".join(shlex.quote(x) for x in (a if i is None else a[:i] + a[i + 2:]))
 
 
 def round_ratios(cpu: dict, wall: dict) -> dict:
@@ -542,15 +570,21 @@ def section(key: str, res: dict) -> list[str]:
     sd, n, U = res["side"], res["n"], res["updates"]
     real = key == "real"
     L = [f"## {res['title']}\n",
-         f"Run: {res['date']} · {res['machine']}, datasets {res['datasets']} · one torch thread per trainer "
-         f"(seen at step ends: ours {res['threads']['ours']}, TRL {res['threads']['trl']}, sharing off "
-         f"{res['threads']['off']}) · fp32 · {res['rounds']} timed rounds after {res['warmup']} untimed rollout "
-         f"batch{'es' if res['warmup'] != 1 else ''} per row · total {res['total_s'] / 60:.1f} min · load average "
-         f"{res['load_start']} at start, {res['load_end']} at the end\n",
+         f"{res['machine']}, datasets {res['datasets']} · one torch thread per trainer (seen at step ends: ours "
+         f"{res['threads']['ours']}, TRL {res['threads']['trl']}, sharing off {res['threads']['off']}) · fp32 · "
+         f"{res['rounds']} timed rounds after {res['warmup']} untimed rollout batch{'es' if res['warmup'] != 1 else ''}"
+         f" per row and run · run{'s' if res['n_runs'] > 1 else ''} (UTC start, rounds, load average at start → "
+         f"end, duration): {res['runs_text']}"
+         + (" (runs added with `--add-run`, each its own process with its three rows interleaved; runs whose "
+            "times overlap ran as two processes at once)" if res["n_runs"] > 1 else "")
+         + " · measured with `.venv/bin/python bench/trl_bench.py " + " · ".join(sorted(set(res["argvs"]))) + "`\n",
          res["what"] + f" Prompts fed to the model: {res['prompt_check']}; same prompts in the same order in every "
          f"timed round on all three rows: {'yes' if res['same_prompts'] else 'NO'}. Sharing as resolved by our "
-         f"trainer: ours vision cache {res['sharing']['ours'][0]}, share_prompt {res['sharing']['ours'][1]}; "
+         f"trainer: ours vision cache {res['sharing']['ours'][0]}, share_prompt {res['sharing']['ours'][1]}"
+         + (" (on here: the prompt is at least as long as the answer budget)" if res["sharing"]["ours"][1] == "auto"
+            and res["prompt_tokens"] >= res["new_tokens"] else "") + "; "
          f"sharing-off row {res['sharing']['off'][0]}, {res['sharing']['off'][1]}.\n"]
+    L += [f"Note: {x}\n" for x in res["notes"]]
     L.append(f"| row | CPU s / optimizer step | CPU s / rollout batch ({U} updates) | wall s / rollout batch | "
              "rollouts / CPU-s | mean completion tokens | mean reward | CPU/wall |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -597,12 +631,12 @@ def section(key: str, res: dict) -> list[str]:
              f"{res['img_proc_ms']:.0f} ms, which TRL runs twice per rollout batch; the {res['distinct']} distinct "
              f"image(s) {res['img_distinct_ms']:.0f} ms, which both our rows run once per rollout batch.\n")
     L.append("<details><summary>Per round, in run order: process CPU s (wall s) per rollout batch</summary>\n")
-    L.append("| round | order | ours | TRL | ours, sharing off | ours / TRL (CPU) | off / TRL (CPU) | "
+    L.append("| round | run | order | ours | TRL | ours, sharing off | ours / TRL (CPU) | off / TRL (CPU) | "
              "completion tokens ours / TRL / off |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     c, w = res["cpu"], res["wall"]
     for i in range(res["rounds"]):
-        L.append(f"| {i + 1} | {' → '.join(res['orders'][i])} | {c['ours'][i]:.2f} ({w['ours'][i]:.2f}) | "
+        L.append(f"| {i + 1} | {res['run_of'][i] + 1} | {' → '.join(res['orders'][i])} | {c['ours'][i]:.2f} ({w['ours'][i]:.2f}) | "
                  f"{c['trl'][i]:.2f} ({w['trl'][i]:.2f}) | {c['off'][i]:.2f} ({w['off'][i]:.2f}) | "
                  f"{c['ours'][i] / c['trl'][i]:.3f} | {c['off'][i] / c['trl'][i]:.3f} | "
                  f"{o['lens'][i]:.2f} / {t['lens'][i]:.2f} / {f['lens'][i]:.2f} |")
@@ -613,8 +647,8 @@ def section(key: str, res: dict) -> list[str]:
     L += [f"| {a} | {b} | {c_} |" for a, b, c_ in res["settings_rows"]]
     L.append("\n</details>\n")
     worst = min(sd[k]["cpu_wall"] for k in ROWS)
-    L.append(f"Contention: the machine was shared with other people's runs throughout (load average {res['load_start']}"
-             f" at start, {res['load_end']} at the end on {res['nproc']} CPUs); median CPU/wall per rollout batch "
+    L.append(f"Contention: the machine was shared with other people's runs throughout (load averages above, on "
+             f"{res['nproc']} CPUs); median CPU/wall per rollout batch "
              + ", ".join(f"{k} {sd[k]['cpu_wall']:.2f}" for k in ROWS)
              + (" (1.00 = the process had its core to itself): wall times are inflated by about 1/(CPU/wall), so "
                 "the CPU-time figures and ratios are the ones to read, and the rounds were interleaved so that "
@@ -635,14 +669,17 @@ def lead_text(results: dict) -> list[str]:
         T = r["new_tokens"]
         ours_head = n * (T + 1)
         trl_head = n * (r["prompt_tokens"] + T)
+        lead, share = 1 / ra["ours/trl"]["cpu"]["median"], 1 / ra["ours/off"]["cpu"]["median"]
+        part = math.log(share) / math.log(lead) if lead > 1 else float("nan")
         L.append(f"- **{r['short']}**: with our sharing off we take {ra['off/trl']['cpu']['median']:.3f}× TRL's CPU "
                  f"time per step, with it on {ra['ours/trl']['cpu']['median']:.3f}×: the vision cache and the shared "
-                 f"prompt make the step {1 / ra['ours/off']['cpu']['median']:.2f}× faster "
-                 f"(ours / sharing off {ra['ours/off']['cpu']['median']:.3f}×), the rest of the lead "
+                 f"prompt make the step {share:.2f}× faster (ours / sharing off {ra['ours/off']['cpu']['median']:.3f}×)"
+                 f", {'most' if part > 0.5 else 'part'} of our {lead:.2f}× lead ({100 * part:.0f} % of it on a log "
+                 "scale); the rest "
                  f"({1 / ra['off/trl']['cpu']['median']:.2f}×) is what both our rows have: the LM head "
                  f"({r['vocab']:,} × {r['hidden']}) runs on the {T + 1} answer positions of each sequence in every "
                  f"scoring and training forward ({ours_head:,} rows per pass) where TRL 1.16's fused head projects "
-                 f"all {r['prompt_tokens'] + T} positions ({trl_head:,} rows, {trl_head / ours_head:.0f}× more) and "
+                 f"all {'≈' if key == 'small' else ''}{r['prompt_tokens'] + T} positions ({trl_head:,} rows, {trl_head / ours_head:.0f}× more) and "
                  "also computes their entropy; each distinct image is preprocessed once per rollout batch (TRL: "
                  f"all {n} rows, twice); and no `datasets` collation or completion gathering per optimizer step.")
     L.append("- **The vision cache** (`ral_core/vision_cache.py`): each distinct image goes through the frozen vision "
@@ -712,12 +749,14 @@ Not the same, and part of what is measured:
 COMMAND = "make bench-trl"  # = .venv/bin/python bench/trl_bench.py --out bench/results/trl.md
 
 
-def render(results: dict, command: str) -> str:
+def render(stored: dict, command: str) -> str:
     """The whole results file from the stored comparisons (a rerun of one setting keeps the other)."""
+    results = {k: summarise([v["runs"][i] for i in sorted(v["runs"])]) for k, v in stored.items()
+               if isinstance(v, dict) and v.get("runs")}
     L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n",
          f"Command: `{command}` (`.venv/bin/python bench/trl_bench.py --out bench/results/trl.md`; the comparisons "
          "are kept in `bench/results/trl.json`, `--settings real` or `small` reruns one, `--report-only` rewrites "
-         "this file from them). Three rows, interleaved round by round in one process (one rollout batch each per round, the order "
+         "this file from them). Three rows, interleaved round by round in one process per run (one rollout batch each per round, the order "
          "rotating): ours with its defaults, TRL's `GRPOTrainer`, and ours with its sharing off (`vision_cache=false "
          "share_prompt=false`), so the file says what the sharing buys and what the rest of our trainer does. "
          "Ratios are of process CPU time per optimizer step (the machine is shared, see each section), with their "
@@ -766,9 +805,10 @@ def describe(S, res) -> None:
                        "trainable, the rest frozen. Task: one 1024×768 photo (`bench/step_bench.py`'s, "
                        f"{res['prompt_tokens']}-token prompt), exact-match reward. Rollout batch: {S.prompts} prompt "
                        f"× G = {S.group}, {S.new_tokens} new tokens, temperature 1.0, then {S.updates} optimizer "
-                       "updates on the whole batch. At full depth each pass would run 14× the language layers and "
-                       "16× the vision blocks while the embedding and LM head stay the same, so the cut weighs the "
-                       "head (where TRL spends the most extra) more than the real model does.")
+                       "updates on the whole batch. At full depth each pass would run {28 / S.layers:.0f}× the language "
+                       f"layers and {32 / S.layers:.0f}× the vision blocks while the embedding and LM head stay the "
+                       "same, so the cut weighs the head (where TRL spends the most extra) more than the real model "
+                       "does.")
     res.update(updates=S.updates, warmup=S.warmup, new_tokens=S.new_tokens)
 
 
@@ -805,6 +845,12 @@ def main():
     ap.add_argument("--real-layers", type=int, default=2, help="real: decoder layers and vision blocks of the twin")
     ap.add_argument("--real-rounds", type=int, default=3, help="real: interleaved rounds")
     ap.add_argument("--real-warmup", type=int, default=0, help="real: untimed rollout batches per row first")
+    ap.add_argument("--add-run", action="store_true", help="keep the setting's stored runs and add this one (a "
+                    "second process measuring more rounds at the same time; the report pools the rounds of all runs)")
+    ap.add_argument("--order-offset", type=int, default=0, help="start the rotation of the row order here (0: ours "
+                    "first, 1: TRL first, 2: sharing off first): a run added beside another starts where it does not")
+    ap.add_argument("--note", default="", help="a sentence stored with this run and shown in its section (why a "
+                    "setting was cut, what else ran)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from its stored comparisons without "
                     "measuring")
     args = ap.parse_args()
@@ -837,28 +883,40 @@ def main():
     versions = {"trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__}
     S_all = settings(args)
     rows = records_path(args)
-    results = json.load(open(rows)) if (args.out and not args.quick and os.path.exists(rows)) else {}
-    failed = False
+    keep = bool(args.out) and not args.quick
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+    results, failed = {}, False
     for key in keys:
-        S = S_all[key]
-        meta = C.machine_info()
-        res = measure(S)
-        res.update(machine=C.machine_line(meta), nproc=meta["nproc"], versions=versions,
-                   datasets=versions["datasets"], distinct=S.prompts)
-        describe(S, res)
+        S, meta, fresh = S_all[key], C.machine_info(), [not args.add_run]
+
+        def save(raw, S=S, meta=meta, key=key, fresh=fresh):
+            """This run's record into the comparisons file, over what other runs stored meanwhile; a run without
+            --add-run replaces the setting's earlier runs at its first save."""
+            rec = {**raw, "argv": " ".join(shlex.quote(a) for a in sys.argv[1:]), "note": args.note, "machine": C.machine_line(meta), "nproc": meta["nproc"], "versions": versions,
+                   "datasets": versions["datasets"], "distinct": S.prompts}
+            describe(S, rec)
+            results.setdefault(key, {"runs": {}})["runs"][run_id] = C.round_floats(rec)
+            if not keep:
+                return
+            stored = json.load(open(rows)) if os.path.exists(rows) else {}
+            if fresh[0] or key not in stored:
+                stored[key] = {"runs": {}}
+                fresh[0] = False
+            stored[key]["runs"][run_id] = results[key]["runs"][run_id]
+            with open(rows, "w") as f:
+                json.dump(stored, f, indent=1, sort_keys=True, ensure_ascii=False)
+            results.update(stored)
+
+        save(measure(S, save))
+        res = summarise(list(results[key]["runs"].values()))
         sd = res["side"]
         log(f"{key}: CPU s/step ours {sd['ours']['step_cpu']:.3f}, TRL {sd['trl']['step_cpu']:.3f}, sharing off "
             f"{sd['off']['step_cpu']:.3f}; ours/TRL {res['ratios']['ours/trl']['cpu']['median']:.3f} CPU, "
-            f"n={res['rounds']}")
+            f"{res['rounds']} rounds over {res['n_runs']} run(s)")
         failed |= not res["same_prompts"] or math.isnan(res["ratios"]["ours/trl"]["cpu"]["median"])
-        results[key] = C.round_floats(res)
-        if args.out and not args.quick:  # kept as soon as it is measured, over what another run stored meanwhile
-            stored = json.load(open(rows)) if os.path.exists(rows) else {}
-            results = {**stored, key: results[key]}
-            with open(rows, "w") as f:
-                json.dump(results, f, indent=1, sort_keys=True, ensure_ascii=False)
-    md = render(results, COMMAND)
-    C.write_report(md, args.out, args.quick, log)
+    if keep:
+        results = json.load(open(rows))
+    C.write_report(render(results, COMMAND), args.out, args.quick, log)
     if failed:
         sys.exit(1)
 

@@ -12,23 +12,23 @@ def _tb():
     return bench_module("trl_bench")
 
 
-def _result(tb, key, cpu):
-    """A stored comparison as measure() + describe() leave it, from per-round CPU seconds per rollout batch."""
-    wall = {k: [2 * x for x in v] for k, v in cpu.items()}
+def _stored(tb, cpu, runs=1):
+    """A setting's stored runs as the bench saves them, from per-round CPU seconds per rollout batch (split over
+    `runs` runs)."""
     k = len(cpu["ours"])
-    side = {name: {**tb._side(wall[name], cpu[name], 2, 8), "rollout_wall": 0.5, "resp_len": 32.0, "reward": 0.0,
-                   "lens": [32.0] * k} for name in tb.ROWS}
-    side["trl"].update(gen_wall=3.0, reuse_wall=1.0, gen_cpu=1.5, reuse_cpu=0.5)
-    return {"title": f"{key} title", "short": f"{key} short", "what": "what.", "date": "2026-12-07 05:00 UTC",
-            "machine": "2 CPUs, test CPU (flags: avx2; native bf16: no) · python 3.11", "datasets": "5.2.0",
-            "threads": {r: [1] for r in tb.ROWS}, "rounds": k, "warmup": 0, "total_s": 60.0, "load_start": "1 1 1",
-            "load_end": "2 2 2", "prompt_check": "identical", "same_prompts": True,
-            "sharing": {"ours": [True, "auto"], "off": [False, "false"]}, "updates": 2, "n": 8,
-            "img_processor": "P", "img_proc_ms": 10.0, "distinct": 1, "img_distinct_ms": 2.0, "cpu": cpu,
-            "wall": wall, "orders": [list(tb._order(r)) for r in range(k)], "settings_rows": [["a", "b", "c"]],
-            "nproc": "2", "busy_before": [], "versions": {"trl": "1.16.0"}, "new_tokens": 32,
-            "prompt_tokens": 1020, "vocab": 151936, "hidden": 1536, "side": side,
-            "ratios": tb.round_ratios(cpu, wall)}
+    rounds = [{"order": list(tb._order(r)), "load": "1 1 1", "cpu": {x: cpu[x][r] for x in tb.ROWS},
+               "wall": {x: 2 * cpu[x][r] for x in tb.ROWS}, "trl_steps": [[3.0, 1.5], [1.0, 0.5]],
+               "rollout_wall": {"ours": 0.5, "off": 0.6}, "len": {x: 32.0 for x in tb.ROWS},
+               "reward": {x: 0.0 for x in tb.ROWS}, "same_prompts": True} for r in range(k)]
+    run = {"title": "T", "short": "S", "what": "what.", "date": "2026-12-07 05:00 UTC", "load_start": "1 1 1",
+           "load_end": "2 2 2", "total_s": 60.0, "machine": "2 CPUs, test CPU (flags: avx2; native bf16: no) · "
+           "python 3.11", "datasets": "5.2.0", "threads": {x: [1] for x in tb.ROWS}, "warmup": 0, "updates": 2,
+           "n": 8, "prompt_check": "identical", "sharing": {"ours": [True, "auto"], "off": [False, "false"]},
+           "img_processor": "P", "img_proc_ms": 10.0, "distinct": 1, "img_distinct_ms": 2.0,
+           "settings_rows": [["a", "b", "c"]], "nproc": "2", "busy_before": [], "versions": {"trl": "1.16.0"},
+           "new_tokens": 32, "prompt_tokens": 1020, "vocab": 151936, "hidden": 1536}
+    cut = [round(i * k / runs) for i in range(runs + 1)]
+    return {"runs": {f"r{i}": {**run, "rounds": rounds[cut[i]:cut[i + 1]]} for i in range(runs)}}
 
 
 def test_ratios_are_taken_round_by_round_with_their_spread():
@@ -44,16 +44,17 @@ def test_ratios_are_taken_round_by_round_with_their_spread():
 
 def test_report_has_all_rows_the_spread_and_an_honest_verdict_on_the_goal():
     tb = _tb()
-    met = _result(tb, "real", {"ours": [1.0, 1.1, 0.9], "trl": [4.0, 4.0, 4.5], "off": [3.0, 3.0, 3.2]})
-    missed = _result(tb, "real", {"ours": [1.0, 1.5, 1.0], "trl": [4.0, 4.0, 2.0], "off": [3.0, 3.0, 3.2]})
-    small = _result(tb, "small", {"ours": [0.4, 0.4, 0.4], "trl": [1.0, 1.0, 1.0], "off": [0.8, 0.9, 0.8]})
+    met = _stored(tb, {"ours": [1.0, 1.1, 0.9], "trl": [4.0, 4.0, 4.5], "off": [3.0, 3.0, 3.2]}, runs=2)
+    missed = _stored(tb, {"ours": [1.0, 1.5, 1.0], "trl": [4.0, 4.0, 2.0], "off": [3.0, 3.0, 3.2]})
+    small = _stored(tb, {"ours": [0.4, 0.4, 0.4], "trl": [1.0, 1.0, 1.0], "off": [0.8, 0.9, 0.8]})
+    small["runs"]["r0"]["title"] = "small title"
     md = tb.render({"real": met, "small": small}, "cmd")
-    assert "| **ours / TRL** | **0.250×** (0.200–0.275) |" in md
+    assert "| **ours / TRL** | **0.250×** (0.200–0.275) |" in md  # the three rounds of both runs pooled
     assert "ours with sharing off / TRL | 0.750× (0.711–0.750)" in md
     assert "is **met**" in md and "TRL 1.16's fused head projects all 1052 positions" in md
-    assert md.index("## real title") < md.index("## small title")
+    assert md.index("## T") < md.index("## small title")
     assert md.count("| ours, sharing off (`vision_cache=false share_prompt=false`) |") == 2  # a row per comparison
-    assert "native bf16: no" in md and "shared with other people's runs" in md
+    assert "native bf16: no" in md and "shared with other people's runs" in md and "two processes at once" in md
     md2 = tb.render({"real": missed}, "cmd")
     assert "is **not met**" in md2 and "worst round 0.500" in md2
 
