@@ -753,6 +753,8 @@ def render(stored: dict, command: str) -> str:
     """The whole results file from the stored comparisons (a rerun of one setting keeps the other)."""
     results = {k: summarise([v["runs"][i] for i in sorted(v["runs"])]) for k, v in stored.items()
                if isinstance(v, dict) and v.get("runs")}
+    for k, r in results.items():
+        r["notes"] += stored[k].get("notes", [])
     L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n",
          f"Command: `{command}` (`.venv/bin/python bench/trl_bench.py --out bench/results/trl.md`; the comparisons "
          "are kept in `bench/results/trl.json`, `--settings real` or `small` reruns one, `--report-only` rewrites "
@@ -850,7 +852,7 @@ def main():
     ap.add_argument("--order-offset", type=int, default=0, help="start the rotation of the row order here (0: ours "
                     "first, 1: TRL first, 2: sharing off first): a run added beside another starts where it does not")
     ap.add_argument("--note", default="", help="a sentence stored with this run and shown in its section (why a "
-                    "setting was cut, what else ran)")
+                    "setting was cut, what else ran); with --report-only, added to the stored --settings")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from its stored comparisons without "
                     "measuring")
     args = ap.parse_args()
@@ -858,7 +860,13 @@ def main():
         rows = records_path(args)
         if not (args.out and os.path.exists(rows)):
             ap.error(f"--report-only needs --out and its stored comparisons ({rows} does not exist)")
-        C.write_report(render(json.load(open(rows)), COMMAND), args.out, False, log)
+        stored = json.load(open(rows))
+        if args.note:  # an afterword on a stored comparison (something its runs could not know)
+            for key in [k.strip() for k in args.settings.split(",") if k.strip() in stored]:
+                stored[key]["notes"] = list(dict.fromkeys(stored[key].get("notes", []) + [args.note]))
+            with open(rows, "w") as f:
+                json.dump(stored, f, indent=1, sort_keys=True, ensure_ascii=False)
+        C.write_report(render(stored, COMMAND), args.out, False, log)
         return
     keys = [k.strip() for k in args.settings.split(",") if k.strip()]
     if not keys or any(k not in ("small", "real") for k in keys):

@@ -48,12 +48,14 @@ def test_report_has_all_rows_the_spread_and_an_honest_verdict_on_the_goal():
     missed = _stored(tb, {"ours": [1.0, 1.5, 1.0], "trl": [4.0, 4.0, 2.0], "off": [3.0, 3.0, 3.2]})
     small = _stored(tb, {"ours": [0.4, 0.4, 0.4], "trl": [1.0, 1.0, 1.0], "off": [0.8, 0.9, 0.8]})
     small["runs"]["r0"]["title"] = "small title"
+    met["runs"]["r1"]["note"], met["notes"] = "Cut for time.", ["Paused once."]  # a run's note, an afterword
     md = tb.render({"real": met, "small": small}, "cmd")
     assert "| **ours / TRL** | **0.250×** (0.200–0.275) |" in md  # the three rounds of both runs pooled
     assert "ours with sharing off / TRL | 0.750× (0.711–0.750)" in md
     assert "is **met**" in md and "TRL 1.16's fused head projects all 1052 positions" in md
     assert md.index("## T") < md.index("## small title")
     assert md.count("| ours, sharing off (`vision_cache=false share_prompt=false`) |") == 2  # a row per comparison
+    assert "Note: Cut for time." in md and "Note: Paused once." in md
     assert "native bf16: no" in md and "shared with other people's runs" in md and "two processes at once" in md
     md2 = tb.render({"real": missed}, "cmd")
     assert "is **not met**" in md2 and "worst round 0.500" in md2
