@@ -477,6 +477,10 @@ def mb_acting_line(records: Path) -> str:
             "the whole batch in the same runs")
 
 
+def _f(key: str, v: float) -> str:
+    return f"{v:+.4f}" if key.startswith("target") else f"{v:+.3f}"
+
+
 def summary_lines(records: Path, cmp: list, detectable, ci95) -> list[str]:
     """The summary's bullets for the grounded sweep, what each comparison could detect, and the gradient replay."""
     out = []
@@ -490,16 +494,17 @@ def summary_lines(records: Path, cmp: list, detectable, ci95) -> list[str]:
             cs = [c for c in gc if c["arm"] == a]
             if cs:
                 parts.append(f"`{a}` " + ", ".join(
-                    f"{c['label']} {c['mean']:+.3f} [{ci95(c)[0]:+.3f}, {ci95(c)[1]:+.3f}]" for c in cs))
+                    f"{c['label']} {_f(c['key'], c['mean'])} [{_f(c['key'], ci95(c)[0])}, {_f(c['key'], ci95(c)[1])}]"
+                    for c in cs))
         sig = [c for c in gc if c["p_holm"] < 0.05]
         out.append(f"- `ground` (the default model's own task and the default recipe's settings, ≥ {n} seeds per arm): "
                    f"GRPO moved greedy accuracy {b['accuracy']:.3f} → "
                    f"{np.mean([r['eval']['accuracy'] for r in g]):.3f} and 'where' {b['per_kind']['where']:.3f} → "
                    f"{np.mean([r['eval']['per_kind']['where'] for r in g]):.3f} in {g[0]['config']['steps']} steps. "
-                   "Each arm − GRPO, mean [95 % CI]: " + "; ".join(parts) + ". "
+                   "Each arm − GRPO, mean [95 % CI, not adjusted for multiplicity]: " + "; ".join(parts) + ". "
                    + (f"{len(sig)} of {len(gc)} survive Holm: " + ", ".join(
                        f"`{c['arm']}` {c['label']} {c['mean']:+.4f} (p_Holm {fmt_p(c['p_holm'])})" for c in sig)
-                      if sig else f"None of these {len(gc)} survives Holm.") + " Seed 0's checkpoint against "
+                      + "." if sig else f"None of these {len(gc)} survives Holm.") + " Seed 0's checkpoint against "
                    "`default` on the bundled example, largest last-layer head JSD: " + ", ".join(
                        f"`{a}` {runs[a][0]['example']['head_jsd']:.4f}" for a in ARMS if 0 in runs.get(a, {})) + ".")
     acc = [c for c in cmp if c["key"] in ("accuracy", "where") and c["n"] > 1]
@@ -509,12 +514,17 @@ def summary_lines(records: Path, cmp: list, detectable, ci95) -> list[str]:
         for c in acc:
             by.setdefault((c["sweep"], c["label"], c["n"]), []).append(c)
         out.append("- **What the comparisons could detect** (80 % power, from each comparison's own SD of per-seed "
-                   f"differences; α 0.05 / α 0.05/{m}, Holm's first step): " + "; ".join(
+                   f"differences; α 0.05 / α 0.05/{m}, Holm's first step; range over the arms): " + "; ".join(
                        f"`{sw}` {lab} (n {n}) ±{min(detectable(c) for c in cs):.3f}–{max(detectable(c) for c in cs):.3f}"
                        f" / ±{min(detectable(c, 0.05 / m) for c in cs):.3f}–{max(detectable(c, 0.05 / m) for c in cs):.3f}"
                        for (sw, lab, n), cs in by.items())
-                   + ". Differences smaller than these (the published gains of 2.5–3 points among them) could not "
-                   "have been seen here; 'not distinguishable from GRPO' means no more than that.")
+                   + ". 'Not distinguishable from GRPO' means no more than that: differences below these could not "
+                   "have been seen. Every arm's comparison would detect a gain of 3 points (the published RAL and EASE "
+                   "gains are 2.5–3) at Holm's level in: " + (", ".join(
+                       f"`{sw}` {lab}" for (sw, lab, n), cs in by.items()
+                       if max(detectable(c, 0.05 / m) for c in cs) <= 0.03) or "none of these") + "; at α 0.05 in: "
+                   + (", ".join(f"`{sw}` {lab}" for (sw, lab, n), cs in by.items()
+                                if max(detectable(c) for c in cs) <= 0.03) or "none of these") + ".")
     us, lam = _l100(records)
     if us:
         late = [u for u in us if u["update"] > 1]
@@ -524,8 +534,9 @@ def summary_lines(records: Path, cmp: list, detectable, ci95) -> list[str]:
                    f"every update): λ·‖∇RAL‖/‖∇GRPO‖ is 0 at update 1 and "
                    + ", ".join(f"{lam * _ratio(us, 'ral_attn', k):.2f} at update {k}" for k in
                                sorted({u['update'] for u in late}))
-                   + f" ({lam * _ratio(us, 'ral_attn'):.2f} over the step). Its direction is "
-                   + ("nearly orthogonal to" if abs(_mean(cos)) < 0.1 else "at an angle to")
+                   + f" ({lam * _ratio(late, 'ral_attn'):.2f} over updates 2–4, {lam * _ratio(us, 'ral_attn'):.2f} over "
+                   "the whole step with update 1). Its direction is "
+                   + ("on average orthogonal to" if abs(_mean(cos)) < 0.1 else "at an angle to")
                    + f" GRPO's (cos {_mean(cos):+.3f}, {_rng(cos, '{:+.3f}')} over updates) and "
                    f"{share:.0%} of its squared norm sits in the last layer's query/key projections (the rest reaches "
                    "the earlier layers and the embeddings through the queries and keys that layer reads). Why "
@@ -551,27 +562,39 @@ def grad_lines(records: Path, home_runs: dict) -> list[str]:
     ups = cfg["epochs"] * -(-cfg["prompts_per_step"] * cfg["group_size"] // cfg["minibatch_size"])
     lam = {a: next(iter(rs.values()))["config"].get("lambda_attn", 0.0) for a, rs in runs.items()}
     engines = sorted({r["engine_commit"] for r in recs})
+    pairs = [(r, home_runs.get(r["arm"], {}).get(r["seed"])) for r in recs]
+    same = [o is not None and all(abs(r["eval"][k] - o["eval"][k]) < 1e-4 for k in ("accuracy", "sampled_reward",
+                                                                                  "target_mass")) for r, o in pairs]
+    old_engines = ", ".join(sorted({f"`{o['engine_commit']}`" for _, o in pairs if o}))
     out = ["## The RAL gradient across the whole step (`home`, every update)", "",
            f"`python bench/ground_regime.py --grad-across` replays `home`'s {', '.join(f'`{a}`' for a in runs)} "
            f"({', '.join(str(len(rs)) for rs in runs.values())} seeds) with the settings above on engine "
-           f"{', '.join(f'`{e}`' for e in engines)} (the `home` records come from `826ed9eac2c6`; a later engine "
-           "samples other tokens, so these are new trajectories of the same arms, not the records' runs), records in "
-           f"`bench/records/{GRAD_DOC}/`. At step 1 and every {PROBE_EVERY}th step, before each of the step's {ups} "
+           f"{', '.join(f'`{e}`' for e in engines)} (the `home` records come from "
+           f"{old_engines}); "
+           + (f"all {len(recs)} replays end with their record's greedy accuracy, sampled reward and target mass "
+              "(within 1e-4), so the probe measured the records' own trajectories" if all(same) else
+              f"{sum(same)} of {len(recs)} replays end with their record's greedy accuracy, sampled reward and "
+              "target mass (within 1e-4); the others took other trajectories on this engine")
+           + f"; records in `bench/records/{GRAD_DOC}/`. At step 1 and every {PROBE_EVERY}th step, before each of the step's {ups} "
            "updates, at that update's own parameters and on the mini-batch it steps on: ‖∇GRPO‖, ‖∇RAL‖ at λ = 1, "
            "their cosine, where each gradient lands, and ‖∇ of the run's whole loss‖ (the trainer clips it to "
            f"{cfg.get('max_grad_norm', 1.0):g}). The summary's earlier figure came from one point per step (a quarter "
            "into the step, on the full batch).", "",
-           "| arm | λ | update 1 | update 2 | update 3 | update 4 | whole step | λ × whole step | cos(∇RAL, ∇GRPO) | "
-           "updates clipped |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| arm | λ | update 1 | update 2 | update 3 | update 4 | updates 2–4 | whole step | λ × updates 2–4 | "
+           "λ × whole step | cos(∇RAL, ∇GRPO) | updates clipped |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, rs in runs.items():
         us = [u for r in rs.values() for u in r["updates"]]
-        cos = [u.get("cos_ral_attn") for u in us]
+        late = [u for u in us if u["update"] > 1]
+        cos = [u.get("cos_ral_attn") for u in late]
         clipped = [u["grad_total"] > 1.0 for u in us]
         out.append(f"| {a} | {lam[a]:g} | " + " | ".join(f"{_ratio(us, 'ral_attn', k):.4f}" for k in range(1, ups + 1))
-                   + f" | {_ratio(us, 'ral_attn'):.4f} | {lam[a] * _ratio(us, 'ral_attn'):.3f} | {_mean(cos):+.3f} "
+                   + f" | {_ratio(late, 'ral_attn'):.4f} | {_ratio(us, 'ral_attn'):.4f} | "
+                   f"{lam[a] * _ratio(late, 'ral_attn'):.3f} | {lam[a] * _ratio(us, 'ral_attn'):.3f} | {_mean(cos):+.3f} "
                    f"({_rng(cos, '{:+.3f}')}) | {sum(clipped)} of {len(clipped)} |")
     out += ["", "(‖∇RAL‖/‖∇GRPO‖ at λ = 1: Σ over seeds and probed steps of ‖∇RAL‖ over Σ‖∇GRPO‖ at each update "
-            "index. Update 1 is exactly 0: p_θ = p_old there.)", ""]
+            "index; 'whole step' includes update 1, where the term is exactly 0 (p_θ = p_old there); the cosine over "
+            "updates 2–4. Updates clipped: the whole loss's gradient norm above "
+            "the trainer's max_grad_norm, at every probed update.)", ""]
     # where the gradients land
     big = [a for a in runs if lam[a] > 0]
     if big:
@@ -595,8 +618,9 @@ def grad_lines(records: Path, home_runs: dict) -> list[str]:
                 f"would be without the term ({_rng(scale)}; the loss's window weight, ≈ 1, left out).", "",
                 f"Why greedy accuracy does not move even at λ = {lam_a:g}, from these measurements: the term's gradient "
                 f"is {lam_a * _ratio(us, 'ral_attn'):.2f} × GRPO's at updates 2–4 but "
-                + (f"nearly orthogonal to it (cos {_mean(cos):+.3f}), so it neither adds to nor takes from GRPO's "
-                   f"direction beyond the clip's {1 - _mean(scale):.0%}" if abs(_mean(cos)) < 0.1 else
+                + (f"on average orthogonal to it (mean cos {_mean(cos):+.3f}; single updates {_rng(cos, '{:+.2f}')}), "
+                   "so over a step it neither adds to nor takes from GRPO's direction beyond the clip's "
+                   f"{1 - _mean(scale):.0%}" if abs(_mean(cos)) < 0.1 else
                    f"at cos {_mean(cos):+.3f} to it") + "; what it changes is where the last layer looks "
                 f"({_mean([u['where_ral_attn'].get('last q/k', 0.0) for u in us]):.0%} of its squared norm on that "
                 "layer's query/key weights, against "
@@ -626,8 +650,8 @@ def grad_lines(records: Path, home_runs: dict) -> list[str]:
         s = sorted(set(runs["grpo"]) & set(runs[big[-1]]))
         d = [runs[big[-1]][i]["eval"]["accuracy"] - runs["grpo"][i]["eval"]["accuracy"] for i in s]
         out += ["", f"Replay `{big[-1]}` − `grpo` per seed: " + ", ".join(f"{x:+.3f}" for x in d)
-                + f" (mean {np.mean(d):+.3f}; descriptive only, not tested: the same contrast is tested on the records "
-                "above).", ""]
+                + f" (mean {np.mean(d):+.3f}; " + ("the records' own numbers, " if all(same) else "")
+                + "not tested again: the contrast is tested on the records above).", ""]
     return out
 
 

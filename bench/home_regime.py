@@ -509,7 +509,7 @@ def comparisons(sweeps: dict, extra: list | None = None) -> list[dict]:
 def paired_table(cs: list, m: int) -> list[str]:
     """The paired-differences table of one sweep: mean ± SE, per seed, 95 % CI, t, p, Holm p, the smallest difference
     the comparison could detect (80 % power) at α 0.05 and at Holm's first-step level α/m, verdict."""
-    out = [f"Paired differences against GRPO (mean ± SE over seeds; 95 % CI; two-sided paired t-test; Holm over all {m} "
+    out = [f"Paired differences against GRPO (mean ± SE over seeds; 95 % CI, not adjusted for multiplicity; two-sided paired t-test; Holm over all {m} "
            "comparisons of the document; detectable: the smallest true difference found with 80 % power at this n "
            f"and this SD of differences, at α 0.05 / at α 0.05/{m}, Holm's first step):", "",
            "| arm | metric | Δ vs GRPO | per seed | 95 % CI | t | p | p (Holm) | detectable (α 0.05 / Holm) | verdict |",
@@ -528,11 +528,18 @@ def _t(sweep_runs: dict) -> str:
     return f"T = {r['config']['temperature']:g}"
 
 
+def _direction(c: dict) -> str:
+    """'better'/'worse' for accuracy and reward; 'higher'/'lower' for where attention goes (more is not better)."""
+    if c["key"] in ("accuracy", "where", "sampled_reward"):
+        return "better" if c["mean"] > 0 else "worse"
+    return "higher" if c["mean"] > 0 else "lower"
+
+
 def _verdict(c: dict, alpha: float = 0.05) -> str:
     if len(c["d"]) and np.all(c["d"] == 0):
         return "identical to GRPO on every seed"
     if c["p_holm"] < alpha:
-        return "better than GRPO" if c["mean"] > 0 else "worse than GRPO"
+        return f"{_direction(c)} than GRPO"
     return "not distinguishable from GRPO"
 
 
@@ -766,7 +773,7 @@ def summarise() -> str:
             "first rollout batch), two-sided paired t-test (exact t distribution), Holm correction over all "
             f"{len(cmp)} comparisons of this document (both `home` sweeps and the grounded sweep `ground`); "
             "'better/worse than GRPO' only where the Holm-adjusted p < 0.05. Each difference also gets its 95 % "
-            "confidence interval, mean ± t(0.975, n − 1)·SE, and the smallest true difference the comparison could "
+            "confidence interval, mean ± t(0.975, n − 1)·SE (per comparison, not adjusted for multiplicity), and the smallest true difference the comparison could "
             "detect with 80 % power, (t(1 − α/2, n − 1) + t(0.8, n − 1))·s_d/√n with s_d the observed SD of the "
             f"per-seed differences, at α 0.05 and at α 0.05/{len(cmp)} (the level Holm asks of the smallest p; "
             "Holm raises what a comparison can detect, more the more comparisons the document makes).",
@@ -807,7 +814,7 @@ def summarise() -> str:
     lines.append("- **What wins, where, by how much** (differences from GRPO with Holm-adjusted p < 0.05 over all "
                  f"{len(cmp)} comparisons): " + ("; ".join(
                      f"`{c['arm']}` in `{c['sweep']}`: {c['label']} {c['mean']:+.3f} "
-                     f"({'better' if c['mean'] > 0 else 'worse'} than GRPO; p {fmt_p(c['p'])}, p_Holm "
+                     f"({_direction(c)} than GRPO; p {fmt_p(c['p'])}, p_Holm "
                      f"{fmt_p(c['p_holm'])})" for c in sig) if sig else
                      "**nothing** — no arm (no λ of RAL" + "".join(f", not {ARM_DOC[a]}" for a in TEACHER_ARMS
                                                             if any(a in runs for runs in sweeps.values()))
