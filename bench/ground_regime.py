@@ -141,6 +141,20 @@ class UpdateProbe:
         return out
 
 
+def engine_now() -> str:
+    """The engine the runs load: the last commit that changed ral_core/, plus '+dirty' when the shared working tree
+    has uncommitted ral_core/ changes. Taken once, before the workers import ral_core; a record written later names
+    this, not whatever was committed while it ran."""
+    import subprocess
+    c = H.engine_commit()
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ral_core"], capture_output=True, text=True,
+                               cwd=ROOT).stdout.strip()
+    except OSError:
+        dirty = ""
+    return c + ("+dirty" if dirty else "")
+
+
 def _task():
     from ral_core.data import GroundingTask
     return GroundingTask(TASK["grid_rows"], TASK["grid_cols"], kinds=tuple(TASK["task_kinds"]), split="test")
@@ -219,9 +233,11 @@ def run_one(job: dict) -> dict:
     tr, probe, wall, cpu = _train(ov, steps)
     a = tr.adapter_for_inference()
     ev = evaluate_adapter(a)
-    fig = ROOT / "docs" / f"evidence_ground_compare_{job['arm']}.png" if job["seed"] == 0 else None
+    fig = ROOT / "docs" / f"evidence_ground_compare_{job['arm']}.png" if job["seed"] == 0 and job.get(
+        "figure", True) else None
     ex = example_compare(a, f"{job['arm']} seed {job['seed']} ({ov['steps']} steps)", fig)
-    rec = {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"], "engine_commit": H.engine_commit(),
+    rec = {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"],
+           "engine_commit": job.get("engine") or H.engine_commit(),
            "config": {k: ov[k] for k in sorted(ov) if k not in ("output_dir", "threads")}, "eval": ev,
            "n_eval": N_EVAL, "n_sampled": N_SAMPLED, "example": ex,
            "curve": [{"step": m["step"], **{k: m[k] for k in CURVE if k in m}} for m in tr.history],
@@ -246,7 +262,7 @@ def grad_one(job: dict) -> dict:
     tr, probe, wall, cpu = _train(ov, {1, *range(PROBE_EVERY, H.STEPS + 1, PROBE_EVERY)})
     ev = H.evaluate_adapter(tr.adapter_for_inference(), H.N_EVAL, H.N_SAMPLED)
     rec = {"doc": GRAD_DOC, "arm": arm, "seed": seed, "replays": f"home/{arm}_s{seed}.json",
-           "engine_commit": H.engine_commit(), "eval": ev,
+           "engine_commit": job.get("engine") or H.engine_commit(), "eval": ev,
            "config": {k: ov[k] for k in sorted(ov) if k not in ("output_dir", "threads")},
            "curve": [{"step": m["step"], **{k: m[k] for k in CURVE if k in m}} for m in tr.history],
            "updates": probe.rows, "silence_mb": probe.silence,
@@ -345,6 +361,22 @@ def _rng(v, f="{:.3f}") -> str:
     return f"{f.format(min(v))}–{f.format(max(v))}" if v else "n/a"
 
 
+def _check_line(records: Path) -> str:
+    """bench/records/ground_engine_check.json: records rerun on one clean engine, compared with the committed ones."""
+    f = records / "ground_engine_check.json"
+    if not f.exists():
+        return ""
+    c = json.loads(f.read_text())
+    same = [r for r in c["runs"] if all(abs(r["rerun"][k] - r["record_eval"][k]) < 1e-4 for k in r["rerun"])]
+    return (" Those fields were written when each run ended and name the last commit that had changed ral_core/ by "
+            "then; the sweep's workers had loaded ral_core/ once, when the sweep started. Rerun afterwards on a clean "
+            f"tree at `{c['runs'][0]['rerun_engine']}` (`bench/records/ground_engine_check.json`), "
+            + ", ".join(f"`{r['record']}`" for r in c["runs"]) + (
+                " reproduce" if len(same) == len(c["runs"]) else f": {len(same)} of {len(c['runs'])} reproduce")
+            + " their records exactly (greedy accuracy, sampled reward, target mass and share, the example's largest "
+            "head JSD), on the same machine.")
+
+
 def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
     """The grounded sweep's section: settings, every arm, the paired table (CI, detectable difference), the
     per-update gradient of each arm's own term, and the Compare picture per arm."""
@@ -426,6 +458,13 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
             out.append(f"| {a} | `{term}` | {w:g} | " + " | ".join(f"{_ratio(us, term, k):.4f}" for k in range(1, ups + 1))
                        + f" | {_ratio(us, term):.4f} | {w * _ratio(us, term):.4f} | {_mean(cos):+.3f}; "
                        f"{_rng(cos, '{:+.3f}')} |")
+    engines = {}
+    for rs in runs.values():
+        for r in rs.values():
+            engines[r["engine_commit"]] = engines.get(r["engine_commit"], 0) + 1
+    out += ["", "Engine: the records' `engine_commit` fields say " + ", ".join(
+        f"{n} runs on commit `{c}`" for c, n in sorted(engines.items()))
+            + "; every record names its machine (CPU model, flags, native bf16, library versions)." + _check_line(records)]
     loads = [float(r["machine_info"]["loadavg"].split()[0]) for rs in runs.values() for r in rs.values()
              if r.get("machine_info")]
     if loads:
@@ -667,6 +706,9 @@ def main():
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(ARMS)}")
     jobs = plan(args)
+    engine = engine_now()
+    for j in jobs:
+        j["engine"] = engine
     if not args.grad_across:
         base_record(args.rerun)
     fn = grad_one if args.grad_across else run_one

@@ -740,7 +740,8 @@ def summarise() -> str:
         for r in all_recs:
             commits[r.get("engine_commit", "")] = commits.get(r.get("engine_commit", ""), 0) + 1
         lines += [
-            f"- Task: `{task_key(cfg)}`: read a whole row of a {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
+            f"- Task of the `home` sweeps (the grounded sweep `ground` runs on the default task and has its own "
+            f"section below): `{task_key(cfg)}`: read a whole row of a {cfg['grid_rows']}×{cfg['grid_cols']} digit grid "
             "(\"Read row 4.\" → \"9 7 1\"), from `assets/default_model`, which was trained on 3×3 grids only: with "
             "12 cells digits repeat (the 3×3 grids never repeat one) and row 4 is new, so it starts low (it drops "
             "repeated digits: \"1 1 3\" → \"1 3\"). The answer is three digits; rollouts of a group diverge at "
@@ -846,7 +847,7 @@ def summarise() -> str:
         lines.append("- Target mass (the last layer's attention on the target region), arm − GRPO with raw p < 0.05: "
                      + ", ".join(f"`{c['arm']}` ({c['sweep']}) {c['mean']:+.4f} (p {fmt_p(c['p'])}, Holm "
                                  f"{fmt_p(c['p_holm'])})" for c in tm)
-                     + f"; {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
+                     + f"; of these, {sum(c['p_holm'] < 0.05 for c in tm)} survive Holm.")
     acc_all = [c for c in cmp if c["key"] == "accuracy" and c["sweep"] in sweeps]
     mad = {a: np.mean([np.mean(np.abs(c["d"])) for c in acc_all if c["arm"] == a]) for a in ARMS
            if any(c["arm"] == a for c in acc_all)}
