@@ -41,8 +41,10 @@ COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size"
           "attn_layers": "last", "attn_support": "all", "attn_per_head": False, "log_attention": True,
           "save_every": 0, "snapshot_every": 0, "attn_metrics_every": 0, "threads": 1}
 TEACHER = "assets/teacher_model"
-# the target term's settings, pinned (= assets/recipes/grounded.yaml when the sweep ran)
-TARGET = {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "attn_row": "predicts"}
+# the target term's settings, pinned (= assets/recipes/grounded.yaml when the sweep ran; its layers and heads were
+# the engine's defaults then, the policy layer and the head mean, pinned too: the records' runs reproduce with them)
+TARGET = {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "attn_row": "predicts",
+          "ground_layers": "policy", "ground_heads": "mean"}
 ARMS = {"grpo": {}, "ral": {"lambda_attn": 1.0, "attn_row": "own"},
         "reward": {"reward_weights": {"exact_match": 1.0, "attention_box": 0.5}, "attn_row": "predicts"},
         "target": TARGET, "opad": {"gamma_opad": 1.0, "teacher": TEACHER}}
@@ -304,7 +306,9 @@ ARM_TEXT = {"grpo": "GRPO alone", "ral": "+ RAL, λ 1 (the paper's rows, `attn_r
             "reward": "+ SAYO attention reward `attention_box`, weight 0.5, through the advantages (`attn_row` "
                       "predicts)",
             "target": "+ attention-target term: λ_ground {lambda_ground:g}, `ground_div` {ground_div}, `ground_on` "
-                      "{ground_on}, `attn_row` {attn_row}",
+                      "{ground_on}, `attn_row` {attn_row}, the last layer's head mean (pinned in the bench: "
+                      "`assets/recipes/grounded.yaml`'s target when the sweep ran; a later default recipe with other "
+                      "target settings, e.g. one head or a JSD, is not what this arm measures)",
             "opad": "+ OPAD, γ 1, teacher `{teacher}`"}
 TERM = {"ral": "ral_attn", "target": "ground_kl", "opad": "opad_attn"}
 WEIGHT = {"ral": "lambda_attn", "target": "lambda_ground", "opad": "gamma_opad"}
