@@ -474,7 +474,8 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
     if loads:
         out += ["", f"Load: two runs at a time, one thread each, niced; the 1-minute load average when each run ended "
                 f"was {min(loads):.1f}–{max(loads):.1f} (this job alone keeps it near 2): the 2-core machine was shared "
-                "with other jobs, so wall times are inflated; the records' CPU times are closer to the cost."]
+                "with other jobs, so wall times are inflated; the records' CPU times (training only) are closer to the cost. "
+                "The measured `make evidence` times under 'Compute' predate this sweep and the gradient replay."]
     out += ["", "### One Compare picture per arm", "",
             "Seed 0's checkpoint of each arm (B) against `default` (A) on the same bundled example, as the Compare tab "
             "draws it (last layer, mean over heads, the rows that predict each answer token, B − A on the maps' own "
