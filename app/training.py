@@ -33,8 +33,9 @@ ALGORITHMS = {  # value → (label, recipe, extra overrides, what the weight sli
 }
 DEFAULT_ALGORITHM = "grounded"
 ALGO_HELP = {
-    "grounded": "**RAL + attention target** (the default): RAL, plus a term that pulls the answer's attention "
-                "toward the question's target region on answers that earned reward (weight λ_ground). RAL's own "
+    "grounded": "**RAL + attention target** (the default): RAL, plus a term that pulls one attention head of the "
+                "last layer toward the question's target region on answers that earned reward (weight λ_ground; "
+                "the other heads are not pulled). RAL's own "
                 "term compares attention with the sampling policy's, so it is zero on each batch's first update "
                 "and small after it: in a run this short it cannot move attention enough to see. Choose **RAL** "
                 "below for the paper's recipe alone.",
