@@ -665,11 +665,12 @@ def grad_lines(records: Path, home_runs: dict) -> list[str]:
                 + (f"on average orthogonal to it (mean cos {_mean(cos):+.3f}; single updates {_rng(cos, '{:+.2f}')}), "
                    "so over a step it neither adds to nor takes from GRPO's direction beyond the clip's "
                    f"{1 - _mean(scale):.0%}" if abs(_mean(cos)) < 0.1 else
-                   f"at cos {_mean(cos):+.3f} to it") + "; what it changes is where the last layer looks "
-                f"({_mean([u['where_ral_attn'].get('last q/k', 0.0) for u in us]):.0%} of its squared norm on that "
-                "layer's query/key weights, against "
-                f"{_mean([u['where_grpo'].get('last q/k', 0.0) for u in us]):.1%} of GRPO's), and the `home` records "
-                "show that change is small and does not reach the answer: `ral_l100` − `grpo` target mass "
+                   f"at cos {_mean(cos):+.3f} to it") + "; the term is a function of the last layer's attention rows only, so what it can change is where that "
+                f"layer looks ({_mean([u['where_ral_attn'].get('last q/k', 0.0) for u in us]):.0%} of its squared norm "
+                "directly on that layer's query/key weights, against "
+                f"{_mean([u['where_grpo'].get('last q/k', 0.0) for u in us]):.1%} of GRPO's; the rest on the earlier "
+                "layers and embeddings that feed those queries and keys), and the `home` records show that change is "
+                "small and does not reach the answer: `ral_l100` − `grpo` target mass "
                 f"{home_delta(home_runs, a, 'target_mass'):+.4f}, greedy accuracy "
                 f"{home_delta(home_runs, a, 'accuracy'):+.4f} (the paired table above).", ""]
     # acting shares as the updates see them
