@@ -257,8 +257,9 @@ def section(results: dict, args, meta: dict) -> str:
              "prompts from the same weights: **before** = `vision_cache=false share_prompt=false` (every pass "
              "re-encodes every rollout's image and runs its whole prompt), **cache** = each distinct image encoded "
              "once per step, **after** = the cache plus each group's prompt prefilled once for sampling and computed "
-             "once per pass in scoring and updates. Rounds are interleaved over all rows and modes in one process "
-             "(orders reversed every other round), so the machine's load hits each alike. Medians of process CPU "
+             "once per pass in scoring and updates. Rounds are interleaved over the rows and modes of one process "
+             "(orders reversed every other round), and rows measured by separate commands ran at the same time, so "
+             "the machine's load hits each alike. Medians of process CPU "
              "seconds (wall in brackets); each ratio is the median of the per-round ratios (modes of the same round "
              "paired), with their min–max.", "",
              "| model | setting | prompt tokens | before | cache | after | before / cache | **before / after** | "
@@ -328,8 +329,30 @@ def depth_reading(rows: dict) -> list[str]:
             f"{per_left:.1f} s that it leaves (after); extrapolated to zero layers, the 'after' step keeps "
             f"{fixed_lo:.1f} s that does not grow with depth (the LM head, the sampling loop, the optimizer). As "
             f"depth grows the ratio tends to the per-layer before : after, {(per_rm + per_left) / per_left:.1f}×; "
-            f"the fixed part weighs most at shallow depth."
+            f"the fixed part weighs most at shallow depth." + _parts_reading(twins)
             if per_left > 0 else "Depth: the 'after' step did not grow with depth in this run (noise)."]
+
+
+def _parts_reading(twins: list[dict]) -> str:
+    """Which part of the sharing removes what, from the per-module CPU split of each twin row."""
+    out = []
+    for r in twins:
+        P = r.get("parts")
+        if not P:
+            continue
+        get = lambda m, k: P[m].get(k, 0.0)  # noqa: E731
+        removed = r["cpu"]["before"] - r["cpu"]["after"]
+        vis = get("before", "vision") - get("cache", "vision")
+        enc = get("before", "vision") / get("after", "vision") if get("after", "vision") > 0 else float("nan")
+        out.append(f"{r['twin_layers']} + {r['twin_layers']}: {removed:.0f} s removed, {vis:.0f} s ({vis / removed:.0%})"
+                   f" of it the vision tower (about {enc:.0f}× its one encode of the photo)")
+    if not out:
+        return ""
+    head = twins[-1]["parts"]["after"].get("head", 0.0)
+    return (" Which part removes what (CPU s, medians): " + "; ".join(out) + "; the rest is the prompt's decoder "
+            "passes and their backward, removed by the shared prompt. Neither touches the LM head (about "
+            f"{head:.0f} s, the same at every depth: the logits of the sampled and scored answer tokens over the full "
+            "vocabulary) nor the step's one remaining encode of the photo.")
 
 
 def publish(results: dict, args) -> str:
