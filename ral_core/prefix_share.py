@@ -27,8 +27,8 @@ _STATE_DICTS = ("conv_states", "recurrent_states")  # linear-attention layers (Q
 
 
 SHARE_RATIO = 1  # share_prompt=auto shares a prompt at least as long as the answer budget (bench/results/train.md:
-# on the digit model, 29-token prompts and 12 new tokens, a step was 1.12× faster with the image cache alone and
-# 2.09× with shared prompts too)
+# on the digit model, 29-token prompts and 12 new tokens, a step was 1.15× faster with the image cache alone and
+# 2.02× with shared prompts too)
 
 
 def worth_sharing(mode, prompt_len: int, new_tokens: int) -> bool:
