@@ -661,10 +661,8 @@ def section(key: str, res: dict) -> list[str]:
 def lead_text(results: dict) -> list[str]:
     """What buys our lead, with the measured rows and the LM-head arithmetic of each setting."""
     L = ["## What buys the lead\n"]
-    for key in ("real", "small"):
-        if key not in results:
-            continue
-        r = results[key]
+    for r in results.values():
+        key = r["kind"]
         ra, n = r["ratios"], r["n"]
         T = r["new_tokens"]
         ours_head = n * (T + 1)
@@ -686,11 +684,12 @@ def lead_text(results: dict) -> list[str]:
              "tower once per step, and generation, the old-policy pass and every update read those features; TRL "
              "(and our sharing-off row) run the tower on all G copies in every pass: generation, the old log-prob "
              "pass and each update.")
+    real = [r for r in results.values() if r["kind"] == "real"]
     L.append("- **The shared prompt** (`ral_core/prefix_share.py`): each group's prompt is prefilled once for "
              "sampling and computed once per pass in scoring and updates, with the G answers attending to it; "
              "TRL runs the whole prompt for each of the G rollouts in every pass. At real width the prompt is "
-             f"{results['real']['prompt_tokens'] if 'real' in results else '~1,000'} tokens against "
-             f"{results['real']['new_tokens'] if 'real' in results else 32} answer tokens, so nearly all of a "
+             f"{real[0]['prompt_tokens'] if real else '~1,000'} tokens against "
+             f"{real[0]['new_tokens'] if real else 32} answer tokens, so nearly all of a "
              "pass's language-model work is the prompt.")
     L.append("")
     return L
@@ -751,10 +750,18 @@ COMMAND = "make bench-trl"  # = .venv/bin/python bench/trl_bench.py --out bench/
 
 def render(stored: dict, command: str) -> str:
     """The whole results file from the stored comparisons (a rerun of one setting keeps the other)."""
-    results = {k: summarise([v["runs"][i] for i in sorted(v["runs"])]) for k, v in stored.items()
-               if isinstance(v, dict) and v.get("runs")}
-    for k, r in results.items():
-        r["notes"] += stored[k].get("notes", [])
+    results = {}  # one comparison per setting and shape (runs of another depth are never pooled)
+    for k in sorted(stored, key=lambda k: k != "real"):
+        v = stored[k]
+        if not (isinstance(v, dict) and v.get("runs")):
+            continue
+        groups: dict[str, list] = {}
+        for i in sorted(v["runs"]):
+            groups.setdefault(v["runs"][i]["short"], []).append(v["runs"][i])
+        for short in sorted(groups):
+            r = results[f"{k}|{short}"] = summarise(groups[short])
+            r["kind"] = k
+            r["notes"] += v.get("notes", [])
     L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n",
          f"Command: `{command}` (`.venv/bin/python bench/trl_bench.py --out bench/results/trl.md`; the comparisons "
          "are kept in `bench/results/trl.json`, `--settings real` or `small` reruns one, `--report-only` rewrites "
@@ -766,18 +773,15 @@ def render(stored: dict, command: str) -> str:
     L.append("| comparison | ours / TRL (CPU) | sharing off / TRL | ours / sharing off | rounds | CPU s per optimizer "
              "step: ours · TRL · off |")
     L.append("|---|---|---|---|---|---|")
-    for key in ("real", "small"):
-        if key in results:
-            r = results[key]
-            ra, sd = r["ratios"], r["side"]
-            L.append(f"| {r['short']} | {_r(ra['ours/trl']['cpu'], True)} | {_r(ra['off/trl']['cpu'])} | "
-                     f"{_r(ra['ours/off']['cpu'])} | {r['rounds']} | {sd['ours']['step_cpu']:.2f} · "
-                     f"{sd['trl']['step_cpu']:.2f} · {sd['off']['step_cpu']:.2f} |")
+    for r in results.values():
+        ra, sd = r["ratios"], r["side"]
+        L.append(f"| {r['short']} | {_r(ra['ours/trl']['cpu'], True)} | {_r(ra['off/trl']['cpu'])} | "
+                 f"{_r(ra['ours/off']['cpu'])} | {r['rounds']} | {sd['ours']['step_cpu']:.2f} · "
+                 f"{sd['trl']['step_cpu']:.2f} · {sd['off']['step_cpu']:.2f} |")
     L.append("")
     L += lead_text(results)
-    for key in ("real", "small"):
-        if key in results:
-            L += section(key, results[key])
+    for r in results.values():
+        L += section(r["kind"], r)
     L.append(NOTES)
     return "\n".join(L) + "\n"
 

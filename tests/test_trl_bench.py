@@ -57,7 +57,9 @@ def test_report_has_all_rows_the_spread_and_an_honest_verdict_on_the_goal():
     assert md.count("| ours, sharing off (`vision_cache=false share_prompt=false`) |") == 2  # a row per comparison
     assert "Note: Cut for time." in md and "Note: Paused once." in md
     assert "native bf16: no" in md and "shared with other people's runs" in md and "two processes at once" in md
+    missed["runs"]["r9"] = {**met["runs"]["r0"], "short": "deeper"}  # another shape: its own comparison
     md2 = tb.render({"real": missed}, "cmd")
+    assert md2.count("| S | ") == 1 and md2.count("| deeper | ") == 1
     assert "is **not met**" in md2 and "worst round 0.500" in md2
 
 
