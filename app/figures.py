@@ -11,11 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ral_core import render  # noqa: E402
 
 
-def pair_overlay(left, right, left_title: str, right_title: str, layer="mean", boxes=(), diff_title: str = ""):
-    """Two InspectionResults of the same image, each the head mean over its answer tokens at `layer`, on one
-    shared colour scale; with `diff_title` a third panel shows the signed change right − left."""
-    vl = left.visual_map(layer=layer)
-    vr = right.visual_map(layer=layer)
+def pair_overlay(left, right, left_title: str, right_title: str, layer="mean", boxes=(), diff_title: str = "",
+                 head="mean"):
+    """Two InspectionResults of the same image, each the mean over its answer tokens at `layer` of the head mean
+    (or of one `head`), on one shared colour scale; with `diff_title` a third panel shows the signed change
+    right − left."""
+    vl = left.visual_map(layer=layer, head=head)
+    vr = right.visual_map(layer=layer, head=head)
     vmax = float(max(vl.max(), vr.max())) or 1e-9
     n = 3 if diff_title else 2
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.0), dpi=100)

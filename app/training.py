@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import itertools
+import math
 import re
 import shutil
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import gradio as gr
+import numpy as np
 
 from ral_core import render
+from ral_core.compare import jsd
 from ral_core.config import build_config
 from ral_core.errors import RALError
 from ral_core.inspection import InspectionResult
@@ -292,14 +295,22 @@ def _snapshot(run: Run):
     s0, s1 = int(first.name.split("-")[1]), int(last.name.split("-")[1])
     layer = a.layers[-1]
     boxes = [tuple(x) for x in run.probe.get("boxes", [])]
+    # the head that moved most, as Compare ranks them: a run that pulls one head (the default) changes the head
+    # mean by a quarter of that head's change, too little to see
+    moved = jsd(a.head_maps(layer), b.head_maps(layer)) if s1 != s0 else None
+    head = int(np.argmax(moved)) if moved is not None else "mean"
+    which = "mean over heads" if head == "mean" else f"head {head}"
     path = _render(run, "snapshot", last.name, lambda: figures.pair_overlay(
         a, b, f"step {s0}{' (before training)' if s0 == 0 else ''}: answers {a.answer!r}",
-        f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes,
-        diff_title=f"change, step {s1} − step {s0}\n(red: looks more, blue: less)" if s1 != s0 else ""))
+        f"step {s1}: answers {b.answer!r}", layer=layer, boxes=boxes, head=head,
+        diff_title=f"change of {which}, step {s1} − step {s0}\n(red: looks more, blue: less)" if s1 != s0 else ""))
     q = run.probe.get("question", a.question)
     exp = run.probe.get("answer")
+    where = (f"head {head}, the one whose attention over the image moved most (JSD {moved[head]:.3g}, "
+             f"{100 * moved[head] / math.log(2):.1f} % of ln 2; the least-moved head: {moved.min():.3g})"
+             if moved is not None else "mean over heads")
     note = (f"**Probe image** (held out from training): *{md_text(q)}*" + (f" — expected {code(exp)}" if exp else "") +
-            f". Last layer ({layer}), mean over heads and answer tokens; the first two panels share one colour "
+            f". Last layer ({layer}), {where}, mean over answer tokens; the first two panels share one colour "
             "scale, the third shows what training changed" + ("; the cyan box marks where the answer is." if boxes
                                                                else "."))
     run.rendered["snapshot-note"] = (last.name, note)

@@ -135,6 +135,14 @@ def test_run_curves_snapshot_checkpoint_then_compare(env, monkeypatch):
     v = env.t.train_poll(request=req("ta"))
     assert v.status == "" and "done: 4 / 4 steps" in v.progress and "session: ral-1" in v.progress
     assert is_png(v.curves) and is_png(v.snapshot) and "Probe image" in v.note
+    # the probe shows the head that moved most (a run that pulls one head barely changes the head mean)
+    from ral_core.compare import jsd
+    from ral_core.inspection import InspectionResult
+    snaps = sorted((Path(run.cfg.output_dir) / "snapshots").glob("step-*"))
+    a, b = (InspectionResult.load(d / "probe-0") for d in (snaps[0], snaps[-1]))
+    moved = jsd(a.head_maps(a.layers[-1]), b.head_maps(b.layers[-1]))
+    assert len(snaps) >= 2 and f"head {int(moved.argmax())}, the one whose attention over the image moved most " \
+        f"(JSD {moved.max():.3g}" in v.note, v.note
     assert not v.timer.active and v.start["interactive"] is True
     assert "session: ral-1" in v.models["choices"]  # the model lists learn the new checkpoint once
     assert env.t.train_poll(request=req("ta")).models == {"__type__": "update"}
