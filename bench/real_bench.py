@@ -546,7 +546,9 @@ def report(data: dict, args) -> str:
     if meta.get("bf16_speed") and not gpu:
         w(f"- {C.bf16_line(meta['bf16_speed'])}; measured {meta.get('bf16_speed_date', '')}, load "
           f"{meta.get('bf16_speed_load', '?')}. CPU times of the bf16 rows below hold only for a CPU with native bf16 "
-          "(`avx512_bf16` / `amx_bf16`); without it bf16 matmuls run several times slower than fp32.")
+          "(`avx512_bf16` / `amx_bf16`): on another 2-core `AMD EPYC` machine without it, bf16 matmuls ran 2.9× "
+          "slower than fp32 and the Qwen2-VL-2B inspect row took over 6.8 CPU-minutes. Compare CPU times only between "
+          "machines with the same flags.")
     w(f"- Twins (`ral_core/builders/twins.py`, settings and sources in `assets/twins/`): the real transformers class at "
       "the published config, **random weights**, the family's image processor at the published settings, a tokenizer "
       "with the real vocabulary size and special-token ids. Answers are therefore noise; sizes, token counts, memory "
@@ -602,7 +604,9 @@ def report(data: dict, args) -> str:
       "mode, stays small) plus the question padded with text to the length; one warm-up call, then "
       f"{args.capture_repeats} measured calls per length (rows measured before repeats were kept: one call, marked), "
       "each mode in its own process (returning allocator: RSS follows live memory, page faults included in "
-      f"the times). Capture keeps the last {ROWS_CAPTURED} query rows of every layer. Extra = peak over the loaded "
+      f"the times). The s columns are wall-clock medians; the capture/SDPA ratio pairs the modes' i-th calls in "
+      "process CPU time (the processes ran one after another on a shared machine, so wall times drift). Capture "
+      f"keeps the last {ROWS_CAPTURED} query rows of every layer. Extra (median over calls) = peak over the loaded "
       "model. Eager was run where its computed need (heads·L²·(3·b+4) bytes for one layer: scores, their scaled and "
       f"masked copies, the fp32 softmax and the kept maps) was under {args.eager_limit_gb:g} GiB; elsewhere the "
       "column gives that computed need. **Full depth** scales per layer: capture adds its rows per softmax layer "
