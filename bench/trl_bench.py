@@ -757,7 +757,10 @@ def render(stored: dict, command: str) -> str:
             continue
         groups: dict[str, list] = {}
         for i in sorted(v["runs"]):
-            groups.setdefault(v["runs"][i]["short"], []).append(v["runs"][i])
+            run = v["runs"][i]
+            if "argv" in run:  # the words from this code and the run's own arguments (its numbers as stored)
+                describe(settings(parser().parse_args(shlex.split(run["argv"])))[k], run)
+            groups.setdefault(run["short"], []).append(run)
         for short in sorted(groups):
             r = results[f"{k}|{short}"] = summarise(groups[short])
             r["kind"] = k
@@ -804,14 +807,15 @@ def describe(S, res) -> None:
                         f"{S.new_tokens} new tokens, LoRA r {S.lora_r}")
         res["what"] = (f"Model: the Qwen2-VL-2B shape twin (`ral_core/builders/twins.py`: the published config at its "
                        f"real width — hidden {res['hidden']}, vision width 1280, full {res['vocab']:,}-token "
-                       f"embedding and tied head — random weights) cut to {S.layers} decoder layers and {S.layers} "
-                       f"vision blocks of the published 28 and 32 (as `bench/step_bench.py`), "
+                       f"embedding and tied head — random weights) cut to {S.layers} decoder layer(s) and {S.layers} "
+                       f"vision block(s) of the published 28 and 32 (as `bench/step_bench.py`), "
                        f"{res['params'] / 1e6:.0f}M params; LoRA r {S.lora_r} on {res['lora_n_targets']} modules "
                        f"({', '.join(res['lora_targets'])}) on every row, {res['trainable']['ours'] / 1e6:.2f}M "
                        "trainable, the rest frozen. Task: one 1024×768 photo (`bench/step_bench.py`'s, "
                        f"{res['prompt_tokens']}-token prompt), exact-match reward. Rollout batch: {S.prompts} prompt "
                        f"× G = {S.group}, {S.new_tokens} new tokens, temperature 1.0, then {S.updates} optimizer "
-                       "updates on the whole batch. At full depth each pass would run {28 / S.layers:.0f}× the language "
+                       "updates on the whole batch. At full depth each pass would run "
+                       f"{28 / S.layers:.0f}× the language "
                        f"layers and {32 / S.layers:.0f}× the vision blocks while the embedding and LM head stay the "
                        "same, so the cut weighs the head (where TRL spends the most extra) more than the real model "
                        "does.")
@@ -828,7 +832,7 @@ def records_path(args) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="markdown report path (default: print only); its comparisons are kept in a .json "
                     "beside it")
@@ -859,6 +863,11 @@ def main():
                     "setting was cut, what else ran); with --report-only, added to the stored --settings")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from its stored comparisons without "
                     "measuring")
+    return ap
+
+
+def main():
+    ap = parser()
     args = ap.parse_args()
     if args.report_only:
         rows = records_path(args)

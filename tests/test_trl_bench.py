@@ -26,7 +26,8 @@ def _stored(tb, cpu, runs=1):
            "n": 8, "prompt_check": "identical", "sharing": {"ours": [True, "auto"], "off": [False, "false"]},
            "img_processor": "P", "img_proc_ms": 10.0, "distinct": 1, "img_distinct_ms": 2.0,
            "settings_rows": [["a", "b", "c"]], "nproc": "2", "busy_before": [], "versions": {"trl": "1.16.0"},
-           "new_tokens": 32, "prompt_tokens": 1020, "vocab": 151936, "hidden": 1536}
+           "new_tokens": 32, "prompt_tokens": 1020, "vocab": 151936, "hidden": 1536, "params": 880000,
+           "trainable": {x: 640000 for x in tb.ROWS}}
     cut = [round(i * k / runs) for i in range(runs + 1)]
     return {"runs": {f"r{i}": {**run, "rounds": rounds[cut[i]:cut[i + 1]]} for i in range(runs)}}
 
@@ -58,6 +59,8 @@ def test_report_has_all_rows_the_spread_and_an_honest_verdict_on_the_goal():
     assert "Note: Cut for time." in md and "Note: Paused once." in md
     assert "native bf16: no" in md and "shared with other people's runs" in md and "two processes at once" in md
     missed["runs"]["r9"] = {**met["runs"]["r0"], "short": "deeper"}  # another shape: its own comparison
+    small["runs"]["r0"]["argv"] = "--out x.md --settings small --prompts 2 --group 4"
+    assert "| default model, 2 prompts × 4, ≤ 12 new tokens |" in tb.render({"small": small}, "cmd")  # its words
     md2 = tb.render({"real": missed}, "cmd")
     assert md2.count("| S | ") == 1 and md2.count("| deeper | ") == 1
     assert "is **not met**" in md2 and "worst round 0.500" in md2
