@@ -679,7 +679,11 @@ def lead_text(results: dict) -> list[str]:
                  f"scoring and training forward ({ours_head:,} rows per pass) where TRL 1.16's fused head projects "
                  f"all {'≈' if key == 'small' else ''}{r['prompt_tokens'] + T} positions ({trl_head:,} rows, {trl_head / ours_head:.0f}× more) and "
                  "also computes their entropy; each distinct image is preprocessed once per rollout batch (TRL: "
-                 f"all {n} rows, twice); and no `datasets` collation or completion gathering per optimizer step.")
+                 f"all {n} rows, twice); and no `datasets` collation or completion gathering per optimizer step."
+                 + (" The twin is cut in depth: at full depth (28 decoder layers, 32 vision blocks) the layers and "
+                    "the tower weigh far more against the head, so TRL's extra head work matters less and the lead "
+                    "rests on the sharing; the sharing-alone ratio (ours / sharing off) is the better guide there "
+                    "(an expectation, not measured)." if key == "real" else ""))
     L.append("- **The vision cache** (`ral_core/vision_cache.py`): each distinct image goes through the frozen vision "
              "tower once per step, and generation, the old-policy pass and every update read those features; TRL "
              "(and our sharing-off row) run the tower on all G copies in every pass: generation, the old log-prob "
