@@ -1,7 +1,7 @@
 """Benchmark: our GRPO trainer next to TRL's GRPOTrainer, same model, same prompts, same settings (CPU).
 
     make bench-trl                                                      # installs trl==1.16.0 into .venv, then
-    .venv/bin/python bench/trl_bench.py --out bench/results/trl.md    # both comparisons: ≈ 5 min + ≈ 1 h on 2 cores
+    .venv/bin/python bench/trl_bench.py --out bench/results/trl.md    # both: ≈ 5 min + ≈ 45 CPU-min, ~10 GiB RAM
     .venv/bin/python bench/trl_bench.py --out bench/results/trl.md --settings small    # rerun one, keep the other
     .venv/bin/python bench/trl_bench.py --quick --settings small        # smoke run, prints the report
 
