@@ -68,7 +68,8 @@ bench-load: install
 
 # Our GRPO trainer next to TRL's GRPOTrainer, and ours with its sharing off: the default model (≈ 5 min) and the
 # Qwen2-VL-2B twin at real width (3 rounds ≈ 45 CPU-min, hours on shared cores; ~10 GiB RAM). TRL is an optional
-# extra (pyproject `[trl]`, installed by `install` for ral_core/integrations/trl.py and its tests), not in requirements.txt (trl 1.16.0 works with transformers 5.24).
+# extra (pyproject `[trl]`, installed by `install` for ral_core/integrations/trl.py and its tests), not in
+# requirements.txt (trl 1.16.0 works with transformers 5.24).
 bench-trl: install
 	$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/python bench/trl_bench.py --out bench/results/trl.md
