@@ -443,7 +443,7 @@ def summarise(runs: list[dict]) -> dict:
                same_prompts=all(r["same_prompts"] for r in rounds), n_runs=len(runs),
                run_of=[i for i, run in enumerate(runs) for _ in run["rounds"]],
                argvs=[_without_note(run.get("argv", "")) for run in runs],
-               notes=list(dict.fromkeys(run["note"] for run in runs if run.get("note"))),
+               notes=[f"(run {i + 1}) {run['note']}" for i, run in enumerate(runs) if run.get("note")],
                runs_text="; ".join(f"{run['date']}, {len(run['rounds'])} round(s), load {run['load_start']} → "
                                    f"{run['load_end']}, {run['total_s'] / 60:.0f} min" for run in runs),
                total_s=sum(run["total_s"] for run in runs), load_end=runs[-1]["load_end"],
@@ -765,10 +765,10 @@ def render(stored: dict, command: str) -> str:
             if "argv" in run:  # the words from this code and the run's own arguments (its numbers as stored)
                 describe(settings(parser().parse_args(shlex.split(run["argv"])))[k], run)
             groups.setdefault(run["short"], []).append(run)
-        for short in sorted(groups):
+        for j, short in enumerate(sorted(groups)):
             r = results[f"{k}|{short}"] = summarise(groups[short])
             r["kind"] = k
-            r["notes"] += v.get("notes", [])
+            r["notes"] += v.get("notes", []) if j == 0 else []  # afterwords once, in the setting's first section
     L = ["# Our GRPO trainer vs TRL GRPOTrainer (CPU)\n",
          f"Command: `{command}` (`.venv/bin/python bench/trl_bench.py --out bench/results/trl.md`; the comparisons "
          "are kept in `bench/results/trl.json`, `--settings real` or `small` reruns one, `--report-only` rewrites "

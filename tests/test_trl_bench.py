@@ -56,7 +56,7 @@ def test_report_has_all_rows_the_spread_and_an_honest_verdict_on_the_goal():
     assert "is **met**" in md and "TRL 1.16's fused head projects all 1052 positions" in md
     assert md.index("## T") < md.index("## small title")
     assert md.count("| ours, sharing off (`vision_cache=false share_prompt=false`) |") == 2  # a row per comparison
-    assert "Note: Cut for time." in md and "Note: Paused once." in md
+    assert "Note: (run 2) Cut for time." in md and "Note: Paused once." in md
     assert "native bf16: no" in md and "shared with other people's runs" in md and "two processes at once" in md
     missed["runs"]["r9"] = {**met["runs"]["r0"], "short": "deeper"}  # another shape: its own comparison
     small["runs"]["r0"]["argv"] = "--out x.md --settings small --prompts 2 --group 4"
