@@ -577,7 +577,8 @@ def section(key: str, res: dict) -> list[str]:
          f"end, duration): {res['runs_text']}"
          + (" (runs added with `--add-run`, each its own process with its three rows interleaved; runs whose "
             "times overlap ran as two processes at once)" if res["n_runs"] > 1 else "")
-         + " · measured with `.venv/bin/python bench/trl_bench.py " + " · ".join(sorted(set(res["argvs"]))) + "`\n",
+         + " · measured with " + " and ".join(f"`.venv/bin/python bench/trl_bench.py {a}`"
+                                               for a in dict.fromkeys(res["argvs"])) + "\n",
          res["what"] + f" Prompts fed to the model: {res['prompt_check']}; same prompts in the same order in every "
          f"timed round on all three rows: {'yes' if res['same_prompts'] else 'NO'}. Sharing as resolved by our "
          f"trainer: ours vision cache {res['sharing']['ours'][0]}, share_prompt {res['sharing']['ours'][1]}"
