@@ -316,7 +316,8 @@ def performance_section() -> list[str]:
              "(`make bench-capture`)"),
             ("train.md", "## Main table", "RAL step vs GRPO step on the same batch (`make bench-train`)"),
             ("inspect.md", "", "Inspect latency on the default model (`make bench-inspect`)"),
-            ("trl.md", "", "Our GRPO vs TRL's `GRPOTrainer`, same tiny model and settings (`make bench-trl`)")):
+            ("trl.md", "", "Our GRPO vs TRL's `GRPOTrainer`, same model and settings: the default model and the "
+             "Qwen2-VL-2B twin at real width (`make bench-trl`)")):
         f = res / name
         if f.exists():
             out += [f"### {what}", f"From [`bench/results/{name}`](../bench/results/{name}):", "",
