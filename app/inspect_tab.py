@@ -272,11 +272,34 @@ def _cell_view(st, layer, head, token, row, rep: Reporter | None) -> CellOut:
     _, tok, row = selection(res.layers, LAST, token, row)
     if not (d / "result").is_dir():
         raise RALError("this result was cleaned up; run it again")
-    if rep is not None:
-        rep.report("draw", 0.0, f"drawing layer {lay}, head {h}")
-    png = render_pool.call(render_pool.overlay_job, str(d / "result"), st["boxes"], lay, tok, row, str(d), "png", h)
+    job = _cell_job(st, lay, h, tok, row)
+    if REUSE_FIGURES and Path(job[1]).is_file():
+        png = job[1]
+    else:
+        if rep is not None:
+            rep.report("draw", 0.0, f"drawing layer {lay}, head {h}")
+        png = render_pool.call(job[0], *job[2:])
+    render_pool.draw_ahead(_next_cells(st, lay, h, tok, row))
     layers, heads = _cell_choices(res)
     return CellOut("", gr.update(choices=layers, value=str(lay)), gr.update(choices=heads, value=str(h)), png)
+
+
+def _cell_job(st, lay, h, tok, row) -> tuple:
+    """(fn, path it writes, *args) of one head's map."""
+    d = Path(st["dir"])
+    return (render_pool.overlay_job, str(d / render_pool.overlay_name(lay, tok, row, "png", h)), str(d / "result"),
+            st["boxes"], lay, tok, row, str(d), "png", h)
+
+
+def _next_cells(st, lay, h, tok, row) -> list[tuple]:
+    """Head maps a user stepping through heads or layers asks for next: every other head of this layer, nearest
+    first, then this head at the neighbouring layers."""
+    res = st["result"]
+    heads = sorted((x for x in range(res.num_heads) if x != h), key=lambda x: (abs(x - h), x < h))
+    li = res.layers.index(lay)
+    near = sorted((x for x in range(len(res.layers)) if x != li), key=lambda x: (abs(x - li), x < li))[:2]
+    jobs = [_cell_job(st, lay, x, tok, row) for x in heads] + [_cell_job(st, res.layers[x], h, tok, row) for x in near]
+    return jobs[:AHEAD_VIEWS if REUSE_FIGURES else 0]
 
 
 @guard(CellOut)

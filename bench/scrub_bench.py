@@ -107,7 +107,7 @@ def main():
              f"Command: `python {' '.join(sys.argv)}` · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
              f"{C.machine_line()}", "",
              f"Headless Chromium on the served app (tests/test_scrub.py's picks: every answer token, every layer, the "
-             f"per-head colour scale, twice over), {args.settle:g} s after the inspection before the first click. "
+             f"per-head colour scale, every head of the last layer's map under the layer × head summary, twice over), {args.settle:g} s after the inspection before the first click. "
              "Click → the new image loaded in the page; p50 and max over the clicks. Load: 1-min load average "
              "before and after (2 cores; above 2 the machine was shared and the figures are contended).", "",
              "| result | visual tokens | mode | clicks | p50 ms | max ms | load before → after |",

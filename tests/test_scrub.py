@@ -1,5 +1,6 @@
 """Scrubbing: a pick seen before draws nothing, the likely next picks are drawn ahead in the render workers, and in a
-real headless Chromium each pick of an answer token, a layer or the colour scale shows its new picture quickly
+real headless Chromium each pick of an answer token, a layer, the colour scale or a head (the map under the
+layer × head summary) shows its new picture quickly
 (click → new image loaded, measured in the page). The browser bound is loose for a loaded machine;
 bench/scrub_bench.py states the real figure."""
 import os
@@ -38,10 +39,27 @@ def inspect_in_page(page, model="default", image=EXAMPLE, question="Where is the
     page.wait_for_function(LOADED, arg="#i-heads img")
 
 
-def picks(page, n_tokens: int, layers: list[str]):
-    """(what, click, image that must change): every answer token, every layer, the colour scale, twice over (each
-    pick shows a view other than the one on show: 'last layer' is the highest numbered one)."""
+def _choose(page, sel: str, label: str) -> None:
+    """Pick `label` as a user does from the keyboard: type it into the dropdown and press Enter (a list opened
+    near the page's bottom edge is redrawn under a mouse click)."""
+    page.fill(f"{sel} input", label)
+    page.keyboard.press("Enter")
+
+
+def _labels(page, sel: str) -> list[str]:
+    page.locator(sel).scroll_into_view_if_needed()
+    page.click(f"{sel} input")
+    names = page.locator(f"{sel} li").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    page.keyboard.press("Escape")
+    return names
+
+
+def picks(page, n_tokens: int, layers: list[str], heads: list[str] = ()):
+    """(what, click, image that must change): every answer token, every layer, the colour scale, every head of the
+    summary's layer (its map under the layer × head summary), twice over (each pick shows a view other than the one
+    on show: 'last layer' is the highest numbered one)."""
     tok = lambda i: (f"token {i}", lambda: page.locator("#i-tokens label").nth(i).click(), "#i-overlay img")  # noqa: E731
+    head = lambda h: (f"head {h}", lambda: _choose(page, "#i-cell-head", h), "#i-cell img")  # noqa: E731
 
     def layer(name):
         def click():
@@ -52,6 +70,7 @@ def picks(page, n_tokens: int, layers: list[str]):
     scale = ("colour scale", lambda: page.click("#i-head-scale input"), "#i-heads img")
     seq = [tok(i) for i in range(1, n_tokens)] + [tok(0)]
     seq += [layer(x) for x in ["mean over layers"] + layers[:-1] + ["last layer"]] + [scale, scale]
+    seq += [head(h) for h in heads]
     return seq + seq
 
 
@@ -60,12 +79,15 @@ def scrub(page, settle_s: float = 3.0) -> list[float]:
     looking at the first picture (figures of the likely next picks are drawn meanwhile)."""
     time.sleep(settle_s)
     n_tokens = page.locator("#i-tokens label").count()
-    page.click("#i-layer input")
-    names = page.locator("#i-layer li").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
-    page.keyboard.press("Escape")
+    names = _labels(page, "#i-layer")
     layers = sorted((x for x in names if x.startswith("layer ")), key=lambda x: int(x.split()[1]))
+    page.wait_for_function(LOADED, arg="#i-summary img")  # the summary fills the head map's layer and head choices
+    page.wait_for_function("() => document.querySelector('#i-summary-status').innerText.trim() === ''")
+    time.sleep(1.0)  # its choices reach the dropdowns after the image: a list opened before is redrawn under the click
+    _choose(page, "#i-cell-layer", _labels(page, "#i-cell-layer")[-1])  # no head picked yet: no map, nothing timed
+    heads = _labels(page, "#i-cell-head")
     out = []
-    for what, click, sel in picks(page, n_tokens, layers):
+    for what, click, sel in picks(page, n_tokens, layers, heads):
         old = page.evaluate(LOADED, sel)
         t0 = time.perf_counter()
         click()
@@ -109,6 +131,26 @@ def test_a_pick_seen_before_is_served_without_drawing(env, monkeypatch):
     assert (again.overlay, again.heads, again.mass) == (a.overlay, a.heads, a.mass)
     h.inspect_view(out.state, "0", "0", "own", True, request=req("sc1"))  # own colour scale: a new head grid only
     assert jobs == ["heads_job"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_head_map_seen_before_is_served_without_drawing_and_the_next_heads_are_queued(env, monkeypatch):
+    mp, h, render_pool = env
+    mp.setenv("RAL_RENDER_WORKERS", "0")
+    out = h.run_inspect("tiny-a", str(EXAMPLE), "Where is the 2?", 3, request=req("sc3"))
+    assert out.status == "", out.status
+    calls, real = [], render_pool.call
+    monkeypatch.setattr(render_pool, "call", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
+    queued = []
+    monkeypatch.setattr(render_pool, "draw_ahead", lambda jobs: queued.append([Path(j[1]).name for j in jobs]))
+    last = out.state["result"].layers[-1]
+    a = h.inspect_cell(out.state, str(last), "1", request=req("sc3"))
+    assert a.status == "" and is_png(a.cell) and calls == ["overlay_job"]
+    again = h.inspect_cell(out.state, str(last), "1", request=req("sc3"))
+    assert again.cell == a.cell and calls == ["overlay_job"]  # served from the result's folder
+    heads = out.state["result"].num_heads
+    assert queued[0][:2] == [f"attention_L{last}_Tmean_predicts_H{x}.png" for x in (2, 0)][:min(2, heads - 1)]
+    assert len(queued[0]) == heads - 1 + min(2, len(out.state["result"].layers) - 1)
 
 
 def test_next_picks_start_with_the_neighbours(env):
@@ -161,7 +203,7 @@ def page(tmp_path_factory, tiny_model_dir):
 @browser[0]
 @browser[1]
 @browser[2]
-def test_scrubbing_tokens_layers_and_scale_is_quick(page):
+def test_scrubbing_tokens_layers_scale_and_heads_is_quick(page):
     inspect_in_page(page)
     secs = scrub(page)
     p50 = statistics.median(secs)
