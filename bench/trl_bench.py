@@ -934,7 +934,8 @@ def main():
             results.update(stored)
 
         save(measure(S, save))
-        res = summarise(list(results[key]["runs"].values()))
+        mine = results[key]["runs"][run_id]["short"]  # pooled with the runs of this shape only
+        res = summarise([r for _, r in sorted(results[key]["runs"].items()) if r["short"] == mine])
         sd = res["side"]
         log(f"{key}: CPU s/step ours {sd['ours']['step_cpu']:.3f}, TRL {sd['trl']['step_cpu']:.3f}, sharing off "
             f"{sd['off']['step_cpu']:.3f}; ours/TRL {res['ratios']['ours/trl']['cpu']['median']:.3f} CPU, "
