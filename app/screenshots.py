@@ -26,6 +26,16 @@ IMG = """sel => { const i = document.querySelector(sel);
 CHANGED = "sel => {{ const s = ({img})(sel); return s && s !== {old!r} }}"
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+
+
+def ask(pg, tab: str, image: str, question: str) -> None:
+    """A bundled example's image and question into the Inspect (`i`) or Compare (`c`) inputs, as a user uploads
+    and types them (a click on an example row fills them a moment later, racing the Run click)."""
+    pg.set_input_files(f"#{tab}-image input[type=file]", str(EXAMPLES / image))
+    pg.fill(f"#{tab}-question textarea", question)
+
+
 def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
     import tempfile
 
@@ -47,7 +57,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             pg.set_default_timeout(180_000)
             pg.goto(f"http://127.0.0.1:{port}/", wait_until="load")
             pg.wait_for_selector("#i-run")
-            pg.get_by_text("Where is the 2?").first.click()  # an example: fills image + question
+            ask(pg, "i", "grid3_where.png", "Where is the 2?")
             pg.click("#i-run")
             src = pg.wait_for_function(IMG, arg="#i-overlay img").json_value()
             pg.wait_for_function(IMG, arg="#i-heads img")
@@ -58,13 +68,17 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
             pg.screenshot(path=str(out / "inspect.png"), full_page=True)
 
             src = pg.locator("#i-overlay img").get_attribute("src")
-            pg.get_by_text("What animal is in the picture?").first.click()
+            ask(pg, "i", "photos/chelsea.jpg", "What animal is in the picture?")
             pg.click("#i-run")
             pg.wait_for_function(CHANGED.format(img=IMG, old=src), arg="#i-overlay img")
             pg.wait_for_function(IMG, arg="#i-summary img")
             time.sleep(1.0)
             pg.screenshot(path=str(out / "inspect_photo.png"), full_page=True)
 
+            src = pg.locator("#i-overlay img").get_attribute("src")
+            ask(pg, "i", "grid3_where.png", "Where is the 2?")  # the levers of a question the models can read
+            pg.click("#i-run")
+            pg.wait_for_function(CHANGED.format(img=IMG, old=src), arg="#i-overlay img")
             pg.click("#i-levers-section button")  # open both accordions, run them
             pg.click("#i-levers-run")
             pg.wait_for_function(IMG, arg="#i-levers img")
@@ -98,7 +112,7 @@ def main(out="docs/screenshots", chromium="/usr/bin/chromium") -> int:
                                  timeout=1_800_000)
 
             pg.get_by_role("tab", name="Compare").click()
-            pg.get_by_text("What digit is in row 2 column 1?").last.click()
+            ask(pg, "c", "grid3_cell.png", "What digit is in row 2 column 1?")
             pg.click("#c-run")
             pg.wait_for_function(IMG, arg="#c-figure img")
             time.sleep(1.0)
