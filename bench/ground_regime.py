@@ -238,10 +238,16 @@ def run_one(job: dict) -> dict:
     fig = ROOT / "docs" / f"evidence_ground_compare_{job['arm']}.png" if job["seed"] == 0 and job.get(
         "figure", True) else None
     ex = example_compare(a, f"{job['arm']} seed {job['seed']} ({ov['steps']} steps)", fig)
-    rec = {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"],
-           "engine_commit": job.get("engine") or H.engine_commit(),
-           "config": {k: ov[k] for k in sorted(ov) if k not in ("output_dir", "threads")}, "eval": ev,
-           "n_eval": N_EVAL, "n_sampled": N_SAMPLED, "example": ex,
+    return _save(out, {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"]}, job, ov, tr, probe, ev, wall, cpu, load0,
+                 n_eval=N_EVAL, n_sampled=N_SAMPLED, example=ex)
+
+
+def _save(out: Path, head: dict, job: dict, ov: dict, tr, probe, ev: dict, wall: float, cpu: float, load0,
+          **extra) -> dict:
+    """Write one run's record (its settings, curve, per-update probe rows, cost and machine) and drop its run
+    folder."""
+    rec = {**head, "engine_commit": job.get("engine") or H.engine_commit(),
+           "config": {k: ov[k] for k in sorted(ov) if k not in ("output_dir", "threads")}, "eval": ev, **extra,
            "curve": [{"step": m["step"], **{k: m[k] for k in CURVE if k in m}} for m in tr.history],
            "updates": probe.rows, "silence_mb": probe.silence,
            "wall_s": wall, "cpu_s": cpu, "machine": machine_line(), "machine_info": machine_info(), "loadavg_start": load0}
@@ -263,15 +269,8 @@ def grad_one(job: dict) -> dict:
           "output_dir": f"/tmp/ral_ground/home_{arm}_s{seed}"}
     tr, probe, wall, cpu = _train(ov, {1, *range(PROBE_EVERY, H.STEPS + 1, PROBE_EVERY)})
     ev = H.evaluate_adapter(tr.adapter_for_inference(), H.N_EVAL, H.N_SAMPLED)
-    rec = {"doc": GRAD_DOC, "arm": arm, "seed": seed, "replays": f"home/{arm}_s{seed}.json",
-           "engine_commit": job.get("engine") or H.engine_commit(), "eval": ev,
-           "config": {k: ov[k] for k in sorted(ov) if k not in ("output_dir", "threads")},
-           "curve": [{"step": m["step"], **{k: m[k] for k in CURVE if k in m}} for m in tr.history],
-           "updates": probe.rows, "silence_mb": probe.silence,
-           "wall_s": wall, "cpu_s": cpu, "machine": machine_line(), "machine_info": machine_info(), "loadavg_start": load0}
-    dump_record(out, rec)
-    shutil.rmtree(ov["output_dir"], ignore_errors=True)
-    return rec
+    return _save(out, {"doc": GRAD_DOC, "arm": arm, "seed": seed, "replays": f"home/{arm}_s{seed}.json"}, job, ov,
+                 tr, probe, ev, wall, cpu, load0)
 
 
 def base_record(rerun: bool = False) -> dict:
@@ -318,21 +317,12 @@ def _metric(r: dict, key: str) -> float:
     return r["eval"]["per_kind"]["where"] if key == "where" else r["eval"][key]
 
 
-def load(records: Path, doc: str) -> tuple[dict | None, dict]:
-    base, runs = None, {}
-    for f in sorted((records / doc).glob("*.json")):
-        r = json.loads(f.read_text())
-        if r["arm"] == "base":
-            base = r
-        else:
-            runs.setdefault(r["arm"], {})[r["seed"]] = r
-    return base, runs
 
 
 def comparisons(records: Path) -> list[dict]:
     """Each arm − GRPO per seed on each metric of the grounded sweep (Holm-adjusted by the document, with the rest)."""
     from _common import paired_t
-    _, runs = load(records, SWEEP)
+    _, runs = H.load_records(SWEEP, records)
     g, out = runs.get("grpo", {}), []
     for arm in ARMS:
         if arm == "grpo" or arm not in runs:
@@ -384,7 +374,7 @@ def _check_line(records: Path) -> str:
 def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
     """The grounded sweep's section: settings, every arm, the paired table (CI, detectable difference), the
     per-update gradient of each arm's own term, and the Compare picture per arm."""
-    base, runs = load(records, SWEEP)
+    base, runs = H.load_records(SWEEP, records)
     if not runs or base is None:
         return []
     g = runs.get("grpo", {})
@@ -490,7 +480,7 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
 
 def _l100(records: Path):
     """The replayed λ = 100 arm's updates, and its λ."""
-    _, runs = load(records, GRAD_DOC)
+    _, runs = H.load_records(GRAD_DOC, records)
     arms = [a for a in runs if next(iter(runs[a].values()))["config"].get("lambda_attn", 0) > 0]
     if not arms:
         return None, 0.0
@@ -510,7 +500,7 @@ def l100_line(records: Path) -> str:
 
 def mb_acting_line(records: Path) -> str:
     """The `home` replay's acting share as the updates see it (per mini-batch) beside the whole-batch share."""
-    _, runs = load(records, GRAD_DOC)
+    _, runs = H.load_records(GRAD_DOC, records)
     recs = [r for rs in runs.values() for r in rs.values()]
     mb = [x["ral_rows_acting"] for r in recs for x in r["silence_mb"]]
     if not mb:
@@ -528,7 +518,7 @@ def _f(key: str, v: float) -> str:
 def summary_lines(records: Path, cmp: list, detectable, ci95) -> list[str]:
     """The summary's bullets for the grounded sweep, what each comparison could detect, and the gradient replay."""
     out = []
-    base, runs = load(records, SWEEP)
+    base, runs = H.load_records(SWEEP, records)
     gc = [c for c in cmp if c["sweep"] == SWEEP]
     if runs and base and "grpo" in runs:
         b, g = base["eval"], list(runs["grpo"].values())
@@ -598,7 +588,7 @@ def home_delta(home_runs: dict, arm: str, key: str) -> float:
 def grad_lines(records: Path, home_runs: dict) -> list[str]:
     """‖∇RAL‖/‖∇GRPO‖ across the whole step (every update) in the `home` replay, why accuracy does not move even at
     λ = 100, and the acting shares as the updates see them."""
-    _, runs = load(records, GRAD_DOC)
+    _, runs = H.load_records(GRAD_DOC, records)
     if not runs:
         return []
     recs = [r for rs in runs.values() for r in rs.values()]

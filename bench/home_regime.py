@@ -405,9 +405,11 @@ def plan(args) -> list[dict]:
 
 
 # ---- the document (records only) ---------------------------------------------------------------------------
-def load_records(doc: str) -> tuple[dict, dict]:
+def load_records(doc: str, records: Path | None = None) -> tuple[dict, dict]:
+    """(base record or None, {arm: {seed: record}}) of one sweep's folder under `records` (default: the committed
+    bench/records/)."""
     runs, base = {}, None
-    for f in sorted((RECORDS / doc).glob("*.json")):
+    for f in sorted(((records or RECORDS) / doc).glob("*.json")):
         r = json.loads(f.read_text())
         if r["arm"] == "base":
             base = r
@@ -716,8 +718,8 @@ def summarise() -> str:
     cfg = all_recs[0]["config"] if all_recs else {}
     import ground_regime as G  # the grounded sweep and the gradient replay: their sections and comparisons
     cmp = comparisons(sweeps, G.comparisons(RECORDS))
-    _, ground_runs = G.load(RECORDS, G.SWEEP)
-    _, grad_runs = G.load(RECORDS, G.GRAD_DOC)
+    _, ground_runs = load_records(G.SWEEP)
+    _, grad_runs = load_records(G.GRAD_DOC)
     b = base["eval"] if base else {}
     has_teacher = any(a in runs for runs in sweeps.values() for a in TEACHER_ARMS)
     lines = ["# Evidence: GRPO, RAL, grounded attention objectives, OPAD and token distillation", "",
@@ -896,7 +898,7 @@ def summarise() -> str:
                   "(dots) and its mean (bar), both sweeps; OPAD and distill use the teacher, the RAL arms do not.", ""]
         lines += G.section_lines(RECORDS, cmp, len(cmp), paired_table)
         lines += G.grad_lines(RECORDS, sweeps.get("home", {}))
-        g_base, _ = G.load(RECORDS, G.SWEEP)
+        g_base, _ = load_records(G.SWEEP)
         lines += compute_lines(sweeps, pilot_recs, bases + ([g_base] if g_base else []),
                                teacher if has_teacher else None,
                                [("`ground` (5 arms; CPU: training only)", [r for rs in ground_runs.values() for r in rs.values()]),
