@@ -157,12 +157,7 @@ def save_figure(fig, path: Path) -> str:
     app.sessions only: a folder swept while a figure was being drawn ahead into it is never made again."""
     from ral_core import render
 
-    try:
-        return str(_atomic(lambda p: render.save_figure(fig, p, make_dirs=False), Path(path)))
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    return str(_atomic(lambda p: render.save_figure(fig, p, make_dirs=False), Path(path)))
 
 
 def save_both(fig, stem: Path) -> list[str]:

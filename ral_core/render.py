@@ -289,13 +289,15 @@ def save_figure(fig, path, make_dirs: bool = True) -> Path:
     """Save as PNG or SVG by suffix and close the figure; `make_dirs=False` fails (FileNotFoundError) where the
     folder is gone instead of making it again."""
     path = Path(path)
-    if make_dirs:
-        path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
     # fast zlib level: a third less drawing time per figure for a somewhat larger file (served per request)
     kw = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
-    fig.savefig(path, bbox_inches="tight", format=fmt, **kw)
-    plt.close(fig)
+    try:
+        if make_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight", format=fmt, **kw)
+    finally:  # closed on failure too: pyplot's registry would keep a figure nobody can reach
+        plt.close(fig)
     return path
 
 
