@@ -37,6 +37,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def shutdown() -> None:
+    """End the process group (after a barrier) if one is running. Without it, gloo's worker threads can still be
+    alive while the interpreter exits, and a process then dies with SIGABRT ("terminate called without an active
+    exception") after its work is done, failing the whole launch at random."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def use_fsdp(setting: str, accelerator) -> bool:
     """`dist` of the config → whether to shard: fsdp, or auto under an accelerate launch with an FSDP config; never
     with one process (nothing to shard over)."""

@@ -5,6 +5,7 @@ import sys
 import torch
 
 from ral_core.config import build_config
+from ral_core.distributed import shutdown
 from ral_core.rewards import reward
 from ral_core.trainer import Trainer
 
@@ -26,3 +27,4 @@ rank = t.acc.process_index
 params = {n: p.detach().cpu() for n, p in t.acc.unwrap_model(t.model).named_parameters()}
 torch.save({"params": params, "world": t.acc.num_processes, "rewards": [m["reward"] for m in t.history],
             "prompts": [s["question"] for s in t._prompts(0)]}, os.path.join(out, f"rank{rank}.pt"))
+shutdown()

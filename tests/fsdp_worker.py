@@ -125,6 +125,8 @@ def main():
         torch.save(res, out / "fsdp.pt")
     else:
         torch.save({k: v.get("shards") for k, v in res.items() if isinstance(v, dict)}, out / f"shards{rank}.pt")
+    from ral_core.distributed import shutdown
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Two-process CPU data parallel (gloo) through torchrun: ranks see different prompts, stay identical."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ import torch
 @pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as sock:  # a free port: another test run on this machine may hold a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(Path(__file__).parent / "dist_worker.py"), str(tiny_model_dir), str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -35,6 +35,7 @@ def cmd_train(a) -> int:
 def _train(a) -> int:
     from tqdm import tqdm
 
+    from ral_core import distributed
     from ral_core.config import build_config
     from ral_core.trainer import Trainer
 
@@ -79,6 +80,7 @@ def _train(a) -> int:
             print(f"warning: {w}", file=sys.stderr)
         if a.figures and trainer.history:
             _train_figures(trainer)
+    distributed.shutdown()  # under torchrun / accelerate launch: every process ends its group (a clean exit)
     return 0
 
 
