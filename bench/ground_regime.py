@@ -41,6 +41,19 @@ COMMON = {"prompts_per_step": 16, "group_size": 8, "epochs": 2, "minibatch_size"
           "attn_layers": "last", "attn_support": "all", "attn_per_head": False, "log_attention": True,
           "save_every": 0, "snapshot_every": 0, "attn_metrics_every": 0, "threads": 1}
 TEACHER = "assets/teacher_model"
+
+
+def teacher_sha() -> str:
+    """The bundled teacher's weights, by content: a record of an OPAD run names the teacher it ran with, because the
+    folder name stays when scripts/build_teacher_model.py replaces the teacher."""
+    import hashlib
+    return hashlib.sha256((ROOT / TEACHER / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _stale(rec: dict, arm: str) -> bool:
+    """A record whose teacher is not the bundled one today (or unnamed) no longer measures this arm."""
+    uses = "teacher" in ARMS.get(arm, {}) or arm == "base"
+    return uses and rec.get("teacher_sha256") != teacher_sha()
 # the target term's settings, pinned (= assets/recipes/grounded.yaml when the sweep ran; its layers and heads were
 # the engine's defaults then, the policy layer and the head mean, pinned too: the records' runs reproduce with them)
 TARGET = {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "attn_row": "predicts",
@@ -226,7 +239,7 @@ def run_one(job: dict) -> dict:
     on the bundled example (seed 0 also draws the figure), write the record."""
     start(threads=False)
     out = Path(job["record"])
-    if out.exists() and not job.get("rerun"):
+    if out.exists() and not job.get("rerun") and not _stale(json.loads(out.read_text()), job["arm"]):
         return json.loads(out.read_text())
     load0 = loadavg()
     ov = {**COMMON, **TASK, **ARMS[job["arm"]], "seed": job["seed"],
@@ -238,8 +251,10 @@ def run_one(job: dict) -> dict:
     fig = ROOT / "docs" / f"evidence_ground_compare_{job['arm']}.png" if job["seed"] == 0 and job.get(
         "figure", True) else None
     ex = example_compare(a, f"{job['arm']} seed {job['seed']} ({ov['steps']} steps)", fig)
-    return _save(out, {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"]}, job, ov, tr, probe, ev, wall, cpu, load0,
-                 n_eval=N_EVAL, n_sampled=N_SAMPLED, example=ex)
+    head = {"doc": SWEEP, "arm": job["arm"], "seed": job["seed"]}
+    if "teacher" in ARMS[job["arm"]]:
+        head["teacher_sha256"] = teacher_sha()
+    return _save(out, head, job, ov, tr, probe, ev, wall, cpu, load0, n_eval=N_EVAL, n_sampled=N_SAMPLED, example=ex)
 
 
 def _save(out: Path, head: dict, job: dict, ov: dict, tr, probe, ev: dict, wall: float, cpu: float, load0,
@@ -275,7 +290,7 @@ def grad_one(job: dict) -> dict:
 
 def base_record(rerun: bool = False) -> dict:
     out = RECORDS / SWEEP / "base.json"
-    if out.exists() and not rerun:
+    if out.exists() and not rerun and not _stale(json.loads(out.read_text()), "base"):
         return json.loads(out.read_text())
     start(threads=False)
     import torch
@@ -283,7 +298,7 @@ def base_record(rerun: bool = False) -> dict:
     from ral_core.models import load_adapter
     t0 = time.time()
     ev = {m: evaluate_adapter(load_adapter(p)) for m, p in (("default", "default"), ("teacher", TEACHER))}
-    rec = {"doc": SWEEP, "arm": "base", "eval": ev["default"], "teacher_eval": ev["teacher"],
+    rec = {"doc": SWEEP, "arm": "base", "eval": ev["default"], "teacher_eval": ev["teacher"], "teacher_sha256": teacher_sha(),
            "n_eval": N_EVAL, "n_sampled": N_SAMPLED, "engine_commit": H.engine_commit(), "wall_s": time.time() - t0,
            "machine": machine_line(), "machine_info": machine_info()}
     dump_record(out, rec)
@@ -371,6 +386,21 @@ def _check_line(records: Path) -> str:
             "head JSD), on the same machine.")
 
 
+def teacher_text(base: dict) -> str:
+    """How the teacher the records ran with was built (its training_info.json, when its weights are still the bundled
+    ones) and its weights' hash."""
+    sha = base.get("teacher_sha256", "")
+    info_f = ROOT / TEACHER / "training_info.json"
+    info = json.loads(info_f.read_text()) if info_f.exists() else {}
+    if not sha or info.get("weights_sha256") != sha:
+        return f"weights sha256 `{sha[:12] or 'not recorded'}`"
+    a = info.get("args", {})
+    how = (f"`{a['init']}` continued" if a.get("init") else "trained from scratch") + (
+        f", {a.get('layers')} decoder layers" if a.get("layers") else "")
+    return (f"{how}, {info['steps']} supervised steps on this task by `{info.get('command', '')}`; weights sha256 "
+            f"`{sha[:12]}`")
+
+
 def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
     """The grounded sweep's section: settings, every arm, the paired table (CI, detectable difference), the
     per-update gradient of each arm's own term, and the Compare picture per arm."""
@@ -382,6 +412,11 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
     ups = cfg["epochs"] * -(-cfg["prompts_per_step"] * cfg["group_size"] // cfg["minibatch_size"])
     b, t = base["eval"], base["teacher_eval"]
     arm_cfg = {a: next(iter(rs.values()))["config"] for a, rs in runs.items()}
+    mixed = sorted({f"{a}_s{sd}" for a, rs in runs.items() if "teacher" in ARMS.get(a, {}) for sd, r in rs.items()
+                    if r.get("teacher_sha256") != base.get("teacher_sha256")})
+    if mixed:  # the teacher's folder name is reused when it is rebuilt: never put two teachers' runs in one row
+        raise SystemExit(f"records {mixed} ran with another teacher than the base record's; rerun them "
+                         "(python bench/ground_regime.py --arms opad)")
     out = ["## Sweep `ground`: grounded attention on the default model's own task", "",
            f"`python bench/ground_regime.py` (records in `bench/records/{SWEEP}/`). The default recipe's task and "
            f"settings (`assets/recipes/grounded.yaml`): `{H.task_key(cfg)}`, the boxes the task gives for each question "
@@ -402,7 +437,7 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
             f"reward = exact match of {base['n_sampled']} items × 4 samples at T 1. The starting checkpoint "
             f"`default`: accuracy {b['accuracy']:.3f}, 'where' {b['per_kind']['where']:.3f}, sampled reward "
             f"{b['sampled_reward']:.3f}, target mass {b['target_mass']:.4f}. The bundled OPAD teacher "
-            f"(`{TEACHER}`, the default model continued with supervised steps) on the same items: accuracy "
+            f"(`{TEACHER}`, {teacher_text(base)}) on the same items: accuracy "
             f"{t['accuracy']:.3f}, 'where' {t['per_kind']['where']:.3f}, target mass {t['target_mass']:.4f} — "
             + ("**it knows barely more than the student**, so OPAD here distils the attention of a near-equal "
                "model." if t["accuracy"] - b["accuracy"] < 0.05 else "it knows the task better than the student."),

@@ -218,6 +218,27 @@ def test_ground_plan_runs_five_arms_on_eight_seeds_with_pinned_target_settings()
     assert {(j["arm"], j["seed"]) for j in grad} == {(a, s) for a in ("grpo", "ral_l100") for s in range(5)}
 
 
+def test_ground_records_name_their_teacher_by_content(tmp_path):
+    """The teacher's folder is reused when it is rebuilt: an OPAD (or base) record counts only with the bundled
+    teacher's weights hash, and the document refuses to put another teacher's runs beside the base record."""
+    import json
+    import shutil
+    g = _bench("ground_regime")
+    sha = g.teacher_sha()
+    assert len(sha) == 64
+    assert g._stale({}, "opad") and g._stale({"teacher_sha256": "0" * 64}, "base")
+    assert not g._stale({"teacher_sha256": sha}, "opad") and not g._stale({}, "grpo")
+    src = ROOT / "bench" / "records" / g.SWEEP
+    shutil.copytree(src, tmp_path / g.SWEEP)
+    f = tmp_path / g.SWEEP / "opad_s3.json"
+    r = json.loads(f.read_text())
+    assert r["teacher_sha256"] == json.loads((src / "base.json").read_text())["teacher_sha256"]
+    r["teacher_sha256"] = "f" * 64
+    f.write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match="opad_s3"):
+        g.section_lines(tmp_path, [], 1, lambda c, m: [])
+
+
 def test_update_probe_measures_each_update_where_it_happens_and_leaves_the_run_unchanged(tmp_path):
     """Before every update of the probed steps: ‖∇RAL‖ is exactly 0 at update 1 (p_θ = p_old) and not after;
     every update gets its mini-batch's silence shares; the run's weights equal a run without the probe."""
