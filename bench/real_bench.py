@@ -49,7 +49,16 @@ SHOT_TWIN = "qwen2_vl_2b"
 TWIN_ORDER = ["qwen2_vl_2b", "smolvlm_256m", "qwen3_5_0_8b", "qwen3_vl_2b", "qwen2_5_vl_3b"]
 CAPTURE_MODES = ["sdpa", "capture", "eager"]
 TRAIN_UNITS = [(1, False), (1, True), (2, False), (2, True)]
+DEFAULT_ROWS = "static,inspect,capture,train"
 ROWS_CAPTURED = 16  # query rows capture keeps (the last ones), as in bench/capture_bench.py
+# rows measured in rounds (one fresh process each, rounds of different twins interleaved) and the figures that get a
+# median (min–max) over them; capture rows repeat their calls inside one process instead, static rows time nothing
+ROUND_FIELDS = {
+    "inspect": ("build_s", "wall_s", "cpu_s", "inspect_s", "figures_s", "peak_mb", "build_peak_mb", "model_mb",
+                "unit_s"),
+    "train": ("rollout_s", "update_s", "rollout_cpu_s", "update_cpu_s", "step_s", "cpu_s", "extra_mb",
+              "update_extra_mb", "base_mb", "unit_s"),
+}
 
 
 log = C.logger("real_bench")
@@ -387,6 +396,7 @@ def run_unit(args, twin, unit, params, logdir) -> dict:
     if args.nice and args.device == "cpu":
         cmd = ["nice", "-n", str(args.nice)] + cmd
     logf = os.path.join(logdir, f"{twin}-{unit.replace(':', '-')}.log")
+    load_before = C.loadavg()
     t0 = time.perf_counter()
     with open(logf, "w") as lf:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=ROOT, env=env,
@@ -399,10 +409,73 @@ def run_unit(args, twin, unit, params, logdir) -> dict:
         tail = open(logf).read()[-2500:]
         raise RuntimeError(f"{twin} {unit} failed (rc {p.returncode}); log {logf}:\n{tail}")
     res["unit_s"] = time.perf_counter() - t0
-    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res["loadavg"] = C.loadavg()
-    res["machine"] = C.machine_line()
+    return stamp(res, load_before)
+
+
+def stamp(res: dict, load_before: str) -> dict:
+    """What a row needs beside its figures: when, the load before and after, the machine line (CPU model, speed
+    flags incl. native bf16, library versions) and the code it measured."""
+    res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), loadavg_before=load_before,
+               loadavg=C.loadavg(), machine=C.machine_line(), code=C.code_version())
     return res
+
+
+def row_kind(unit: str) -> str:
+    return unit.split(":")[0]
+
+
+def rounds_of(row: dict | None) -> list[dict]:
+    """The measured rounds of a row; a row from before rounds were kept has none (it is a single measurement)."""
+    return (row or {}).get("rounds") or []
+
+
+def add_round(row: dict | None, res: dict, unit: str) -> dict:
+    """The row with one more round: every round kept (its figures, date, load before/after, machine, code), the row's
+    own figures the medians over the rounds, the rest from the latest round. A row without rounds (a single
+    measurement from before) is replaced, never merged into."""
+    fields = ROUND_FIELDS[row_kind(unit)]
+    meta = ("date", "loadavg_before", "loadavg", "machine", "code")
+    rounds = rounds_of(row) + [{k: res[k] for k in fields + meta if k in res}]
+    out = {k: v for k, v in res.items() if k not in meta}
+    for k in fields:
+        vals = [r[k] for r in rounds if r.get(k) is not None]
+        if vals:
+            out[k] = C.median(vals)
+    machines = {r.get("machine") for r in rounds}
+    out.update(rounds=rounds, date=f"{rounds[0]['date']} – {rounds[-1]['date']}" if len(rounds) > 1 else res["date"],
+               loadavg=res["loadavg"],
+               machine=machines.pop() if len(machines) == 1 else "; ".join(sorted(str(m) for m in machines)))
+    return out
+
+
+def spread(row: dict | None, field: str, fmt=lambda x: f"{x:.0f}") -> str:
+    """A row's figure as 'median (min–max)' over its rounds; one round, or a row from before rounds, as is."""
+    if not row or row.get(field) is None:
+        return "–"
+    vals = [r[field] for r in rounds_of(row) if r.get(field) is not None]
+    if len(vals) > 1:
+        return f"{fmt(C.median(vals))} ({fmt(min(vals))}–{fmt(max(vals))})"
+    return fmt(row[field])
+
+
+def schedule(todo: list, rounds: int) -> list[tuple[str, str, dict, int]]:
+    """(twin, unit, params, round): rows without rounds once, in plan order; rounded rows in interleaved rounds
+    (round 1 of every row of a group, then round 2, …) so that contention falls on the rows of a group alike. Groups:
+    every twin's inspect row, then Qwen2-VL-2B's training rows, then the other twins' training rows."""
+    def group(t, u):
+        k = row_kind(u)
+        return None if k not in ROUND_FIELDS else (k, k == "train" and t != SHOT_TWIN)
+
+    out, seen = [], []
+    for t, u, p in todo:
+        g = group(t, u)
+        if g is None:
+            out.append((t, u, p, 0))
+        elif g not in seen:
+            seen.append(g)
+            members = [x for x in todo if group(x[0], x[1]) == g]
+            out += [(mt, mu, mp, r) for r in range(1, rounds + 1) for mt, mu, mp in members]
+    return out
 
 
 def results_json(out: str | None, suffix: str = "", read_only: bool = False) -> str:
@@ -440,9 +513,10 @@ def copy_screenshots(res: dict) -> list[str]:
     out = []
     for name in ("overlay", "heads", "layers_heads"):
         src = os.path.join(ROOT, res["out"], f"{name}.png")
-        if os.path.exists(src):
-            dst = os.path.join(SHOTS, f"real_{SHOT_TWIN}_{name}.png")
+        dst = os.path.join(SHOTS, f"real_{SHOT_TWIN}_{name}.png")
+        if os.path.exists(src) and not os.path.exists(dst):  # every round draws the same; the first copy stays
             shutil.copyfile(src, dst)
+        if os.path.exists(dst):
             out.append(os.path.relpath(dst, ROOT))
     ans = os.path.join(ROOT, res["out"], "answer.txt")
     if os.path.exists(ans):
@@ -518,6 +592,49 @@ def _call_ratio_list(r) -> str:
     return f"{r[0]:.2f}×" if len(r) == 1 else f"{C.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
 
 
+def _load1(load: str | None) -> str:
+    return (load or "?").split()[0]
+
+
+def _load_range(r: dict) -> str:
+    """The 1-minute load over a row's rounds (before and after each), or at the end of a single measurement."""
+    xs = [float(x[k].split()[0]) for x in rounds_of(r) for k in ("loadavg_before", "loadavg") if x.get(k)]
+    return f"{min(xs):.1f}–{max(xs):.1f}" if xs else _load1(r.get("loadavg"))
+
+
+def _n_rounds(r: dict | None) -> str:
+    if not r:
+        return "–"
+    return str(len(rounds_of(r))) if rounds_of(r) else "single, machine not recorded" if not r.get("machine") \
+        else "single"
+
+
+def _pair(a: str, b: str) -> str:
+    return a if a == b else f"{a} / {b}"
+
+
+def rounds_summary(rows: dict, dev: str, dt: str) -> str:
+    """Which rows have how many rounds, e.g. 'inspect rows: 3 rounds (qwen2_vl_2b, …); train rows: …'."""
+    parts = []
+    for kind in ROUND_FIELDS:
+        labels = {}  # twin → {label: [units]}
+        for k, v in rows.items():
+            _, _, twin, unit = k.split("/", 3)
+            if k.startswith(f"{dev}/{dt}/") and row_kind(unit) == kind:
+                n = len(rounds_of(v))
+                label = (f"{n} rounds" if n > 1 else "1 round" if n else
+                         "a single measurement, machine not recorded" if not v.get("machine") else "a single measurement")
+                labels.setdefault(twin, {}).setdefault(label, []).append(unit)
+        by_label = {}
+        for twin, ls in labels.items():
+            for label, units in ls.items():
+                # a twin whose rows of this kind all share the label is named alone
+                by_label.setdefault(label, []).append(twin if len(ls) == 1 else f"{twin} {', '.join(units)}")
+        if by_label:
+            parts.append(f"{kind} rows: " + "; ".join(f"{lab} ({', '.join(names)})" for lab, names in by_label.items()))
+    return "; ".join(parts) or "none"
+
+
 def report(data: dict, args) -> str:
     rows, meta = data["rows"], data.get("meta", {})
     dev, dt = args.device, args.dtype
@@ -543,6 +660,10 @@ def report(data: dict, args) -> str:
         w("- Rows by the machine that measured them: " + "; ".join(
             f"{m or unrecorded}: {len(v)} row(s)" + (f" ({', '.join(v)})" if m else "")
             for m, v in sorted(by_machine.items(), key=lambda kv: kv[0] is None)))
+    w("- Rounds: " + rounds_summary(rows, dev, dt) + ". The machine was **shared** while these ran: 2 cores, with "
+      "other engineers' benchmarks and test suites on the other core (at times on both); every measuring process ran "
+      "one torch thread (under nice 5 where the command says so). Wall times carry that contention; compare CPU "
+      "times. Per-round dates and 1-minute load before → after: the last section.")
     if meta.get("bf16_speed") and not gpu:
         w(f"- {C.bf16_line(meta['bf16_speed'])}; measured {meta.get('bf16_speed_date', '')}, load "
           f"{meta.get('bf16_speed_load', '?')}. CPU times of the bf16 rows below hold only for a CPU with native bf16 "
@@ -578,13 +699,18 @@ def report(data: dict, args) -> str:
     # ---- inspect
     w("## `ral inspect` on the full-depth twins (16 new tokens, capture of every layer, 3 figures)")
     w("")
-    w("| twin | inspect wall (inspect() / figures) | CPU time | model build (not in wall) | peak "
+    w("| twin | rounds | inspect wall s (inspect() / figures) | CPU time s | model build (not in wall) | peak "
       + ("GPU memory" if gpu else "RSS") + " | weights in memory | answer tokens | visual tokens | layers captured |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    _twin_rows(w, twins, get, "inspect", 9, lambda t, r: (
-        f"| {t} | **{r['wall_s']:.0f} s** ({_f(r.get('inspect_s'), 0)} s / {_f(r.get('figures_s'), 1)} s) | "
-        f"{r['cpu_s']:.0f} s | {r['build_s']:.0f} s | **{_gb(r['peak_mb'])}** | {_gb(r['model_mb'])} | "
-        f"{_f(r.get('answer_tokens'))} | {_f(r.get('visual_tokens'))} | {_f(r.get('layers_captured'))} |"))
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    _twin_rows(w, twins, get, "inspect", 10, lambda t, r: (
+        f"| {t} | {_n_rounds(r)} | **{spread(r, 'wall_s')}** ({_f(r.get('inspect_s'), 0)} / "
+        f"{_f(r.get('figures_s'), 1)}) | {spread(r, 'cpu_s')} | {r['build_s']:.0f} s | **{spread(r, 'peak_mb', _gb)}** | "
+        f"{_gb(r['model_mb'])} | {_f(r.get('answer_tokens'))} | {_f(r.get('visual_tokens'))} | "
+        f"{_f(r.get('layers_captured'))} |"))
+    w("")
+    w("Wall, CPU time and peak: median (min–max) over the rounds, each round a fresh process, the twins' rounds "
+      "interleaved (round 1 of every twin, then round 2, …); inspect() / figures and the build: medians. 'single': "
+      "one measurement from before rounds were kept.")
     w("")
     w("Wall = `ral_core.cli.main(['inspect', …])` from argument parsing to the last figure written: image processing, "
       "greedy generation of 16 tokens (a random model never stops early), the capture pass over prompt + answer with "
@@ -674,20 +800,27 @@ def report(data: dict, args) -> str:
       "fixed cost and the noise of this shared machine); the vision tower's remaining blocks are not included. "
       "Extra peak = the highest RSS over the step minus the RSS with model, LoRA and optimizer resident.")
     w("")
-    w("| twin | checkpointing | tokens / sequence: prompt (visual) + new | 1 layer: step s (rollout + update; CPU) / "
-      "extra peak (update phase) | 2 layers: same | full depth (layers): update phase s (CPU s) / its extra peak | "
-      "full depth: rollout s (CPU s) |")
-    w("|---|---|---:|---:|---:|---:|---:|")
+    w("Step s, its CPU s and the extra peak: median (min–max) over the rounds (each a fresh process; the rounds of a "
+      "twin's four rows, and of the other twins' rows, interleaved); rollout + update and the update phase's peak: "
+      "medians; the full-depth columns extrapolate the medians. 'single': one measurement from before rounds were "
+      "kept; one figure in the rounds column: both layer counts have it.")
+    w("")
+    w("| twin | checkpointing | rounds (1 / 2 layers) | tokens / sequence: prompt (visual) + new | 1 layer: step s "
+      "(rollout + update; CPU s) / extra peak (update phase) | 2 layers: same | full depth (layers): update phase s "
+      "(CPU s) / its extra peak | full depth: rollout s (CPU s) |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|")
     for t in twins:
         s = get(t, "static")
         for ck in ("plain", "ckpt"):
             r1, r2 = get(t, f"train:1:{ck}"), get(t, f"train:2:{ck}")
             if not (r1 or r2):
                 if ck == "plain":
-                    w(f"| {t} | not measured yet | | | | | |")
+                    w(f"| {t} | not measured yet | | | | | | |")
                 continue
-            cell = lambda r: (f"{r['step_s']:.1f} ({r['rollout_s']:.1f} + {r['update_s']:.1f}; CPU {r['cpu_s']:.0f}) / {_gb(r['extra_mb'])} "  # noqa: E731
-                              f"({_gb(r['update_extra_mb'])})" if r else "–")
+            f1 = lambda x: f"{x:.1f}"  # noqa: E731
+            cell = lambda r: (f"{spread(r, 'step_s', f1)} ({r['rollout_s']:.1f} + {r['update_s']:.1f}; CPU "  # noqa: E731
+                              f"{spread(r, 'cpu_s', f1)}) / {spread(r, 'extra_mb', _gb)} ({_gb(r['update_extra_mb'])})"
+                              if r else "–")
             full_u = full_r = "–"
             if r1 and r2 and s:
                 n = s["layers"]
@@ -708,7 +841,8 @@ def report(data: dict, args) -> str:
                 else:
                     full_r = "– (1→2 layers within the noise)"
             rr = r1 or r2
-            w(f"| {t} | {'on (non-reentrant)' if ck == 'ckpt' else 'off'} | {rr['P']:,} ({rr.get('visual', '?')}) + {rr['T']} | "
+            w(f"| {t} | {'on (non-reentrant)' if ck == 'ckpt' else 'off'} | {_pair(_n_rounds(r1), _n_rounds(r2))} | "
+              f"{rr['P']:,} ({rr.get('visual', '?')}) + {rr['T']} | "
               f"{cell(r1)} | {cell(r2)} | {full_u} | {full_r} |")
     w("")
 
@@ -717,8 +851,9 @@ def report(data: dict, args) -> str:
     w("")
     r = get(SHOT_TWIN, "inspect")
     if r:
-        w(f"- `ral inspect` on the Qwen2-VL-2B twin with a 1024×768 photo **completes**: {r['wall_s']:.0f} s, peak "
-          f"{_gb(r['peak_mb'])}, {_f(r.get('visual_tokens'))} visual tokens.")
+        w(f"- `ral inspect` on the Qwen2-VL-2B twin with a 1024×768 photo **completes**: {spread(r, 'wall_s')} s "
+          f"wall ({spread(r, 'cpu_s')} s CPU; rounds: {_n_rounds(r)}), peak {spread(r, 'peak_mb', _gb)}, "
+          f"{_f(r.get('visual_tokens'))} visual tokens.")
     else:
         w("- `ral inspect` on the Qwen2-VL-2B twin: not measured yet.")
     if goal:
@@ -774,17 +909,26 @@ def report(data: dict, args) -> str:
           "rollout path (image cache, shared prompts): rollout peaks 0.16–0.72 GiB.")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
-          + "; ".join(f"{t} {r['wall_s']:.0f} s wall / {r['cpu_s']:.0f} s CPU (load average {r.get('loadavg', '?').split()[0]})"
-                      for t, r in ins)
+          + "; ".join(f"{t} {spread(r, 'wall_s')} s wall / {spread(r, 'cpu_s')} s CPU (1-minute load "
+                      f"{_load_range(r)})" for t, r in ins)
           + ". Compare CPU times across rows, not wall times.")
         w("")
-    w("## Contention")
+    w("## Contention: rounds and load")
     w("")
-    w("This 2-core machine was shared with other work during the run; wall times are inflated accordingly (CPU time "
-      "next to wall where it matters). Load average when each row finished: "
-      + "; ".join(f"{k.split('/', 2)[2]} {v.get('loadavg', '?')}" for k, v in rows.items()
-                  if k.startswith(f"{dev}/{dt}/")) + ".")
+    w("This 2-core machine was shared with other work during the runs (other engineers' benchmarks and test "
+      "suites); wall times are inflated accordingly (CPU time next to wall where it matters). Rows measured in rounds: "
+      "each round's finish time and the 1-minute load average before → after it:")
     w("")
+    mine = [(k.split("/", 2)[2], v) for k, v in rows.items() if k.startswith(f"{dev}/{dt}/")]
+    for name, v in mine:
+        if rounds_of(v):
+            w(f"- {name}: " + "; ".join(f"{x.get('date', '?')} {_load1(x.get('loadavg_before'))} → "
+                                        f"{_load1(x.get('loadavg'))}" for x in rounds_of(v)))
+    w("")
+    once = [f"{name} {v.get('loadavg', '?')}" for name, v in mine if not rounds_of(v)]
+    if once:
+        w("Rows measured once (load average, 1/5/15 minutes, when the row finished): " + "; ".join(once) + ".")
+        w("")
     return "\n".join(L) + "\n"
 
 
@@ -815,7 +959,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--only", default=None, help="twins and rows to run: TWIN or TWIN:ROW, comma separated "
                     "(rows: static, inspect, capture, train)")
-    ap.add_argument("--rows", default="static,inspect,capture,train")
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the inspect and train rows, each a fresh process, "
+                    "interleaved across twins; figures are median (min–max) over rounds; a rerun adds the missing "
+                    "rounds")
     ap.add_argument("--quick", action="store_true", help="smoke test: cut twins, 512/1024 tokens, 4 new tokens; "
                     "results in bench/_work/real/quick.json, report printed")
     ap.add_argument("--force", action="store_true", help="rerun rows that are already in the results file")
@@ -843,6 +990,8 @@ def main(argv=None):
         args.eager_limit_gb = 6.5 if args.device == "cpu" else 24.0
     if args.lengths is None:
         args.lengths = [512, 1024] if args.quick else [2048, 8192, 16384]
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: give 1 or more rounds")
     if args.worker:
         return worker_main(args)
     if args.device.startswith("cuda"):
@@ -868,7 +1017,8 @@ def main(argv=None):
         return 0
     cmd = "HF_HUB_OFFLINE=1 .venv/bin/python bench/real_bench.py " + " ".join(argv or sys.argv[1:])
     reruns = data.get("meta", {}).get("reruns", [])
-    if args.only:  # a partial rerun keeps the full run's command and is listed apart
+    if args.only or args.force or args.rows != DEFAULT_ROWS.split(","):
+        # a partial rerun keeps the full run's command and is listed apart
         reruns = reruns + [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {cmd}"]
         cmd = data.get("meta", {}).get("command", cmd)
     data["meta"] = {"command": cmd, "reruns": reruns,
@@ -879,11 +1029,12 @@ def main(argv=None):
                     "bf16_speed_load": C.loadavg()}
     logdir = os.path.join(WORK, "logs")
     os.makedirs(logdir, exist_ok=True)
-    todo = plan(args)
-    failed = []
-    for twin, unit, params in todo:
+    todo = schedule(plan(args), args.rounds)
+    failed, started, dead = [], set(), set()
+    for twin, unit, params, rnd in todo:
         key = f"{args.device}/{args.dtype}/{twin}/{unit}"
-        if key in data["rows"] and not args.force:
+        row = None if args.force and key not in started else data["rows"].get(key)
+        if key in dead or (row is not None and (rnd == 0 or len(rounds_of(row)) >= rnd)):
             continue
         if args.deadline:
             hh, mm = map(int, args.deadline.split(":"))
@@ -891,22 +1042,25 @@ def main(argv=None):
             if (now.tm_hour, now.tm_min) >= (hh, mm):
                 log(f"deadline {args.deadline} UTC reached; stopping before {twin} {unit}")
                 break
-        log(f"{twin} {unit} …")
+        tag = f" round {rnd}/{args.rounds}" if rnd else ""
+        log(f"{twin} {unit}{tag} …")
         try:
             res = run_unit(args, twin, unit, params, logdir)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log(f"FAILED: {e}")
-            failed.append(f"{twin} {unit}")
+            failed.append(f"{twin} {unit}{tag}")
+            dead.add(key)  # its later rounds would fail alike; the row keeps what it had
             continue
+        started.add(key)
         if unit == "inspect" and twin == SHOT_TWIN and args.device == "cpu" and not args.quick:
             res["screenshots"] = copy_screenshots(res)
-        data["rows"][key] = res
+        data["rows"][key] = add_round(row, res, unit) if rnd else res
         save_results(args.json, data)
         md = report(data, args)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(md)
-        log(f"{twin} {unit} done in {res['unit_s']:.0f} s")
+        log(f"{twin} {unit}{tag} done in {res['unit_s']:.0f} s")
     md = report(data, args)
     if args.out:
         with open(args.out, "w") as f:
