@@ -88,6 +88,9 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     freeze_vision: bool = True           # vision tower and projector
+    train_layers: typing.Any = "all"     # what full fine-tuning trains of the language model: all | layers (the
+                                         # decoder layers; embeddings and final norm frozen) | last | a decoder-layer
+                                         # index (−1: the last) or a list: only those layers
     # speed (vision_cache.py, prefix_share.py): exact reuse of work the G rollouts of a step share
     vision_cache: bool = True            # each distinct image encoded once per step (only while the vision is frozen)
     share_prompt: str = "auto"           # each group's prompt prefilled once and computed once per pass: auto (when
@@ -168,6 +171,7 @@ class TrainConfig:
         need(self.ground_on in ("rewarded", "advantage"), "ground_on must be rewarded or advantage")
         need(self.ground_div in ("kl", "jsd", "mass", "auto"), "ground_div must be kl, jsd, mass or auto")
         _check_ground_selection(self)
+        _check_train_layers(self)
         if self.teacher and (self.gamma_opad > 0 or self.lambda_token_kl > 0) and _same_model(self.teacher, self.model):
             raise RALError(f"the teacher is the student itself ({self.teacher!r}): OPAD would distil the model into "
                            "itself and move nothing — use teacher=teacher (the bundled task-trained teacher) or "
@@ -200,6 +204,20 @@ def _check_ground_selection(cfg: "TrainConfig"):
         raise RALError(f"ground_heads must be mean or a head index ≥ 0 or a list of them, e.g. [0, 2] (got {gh!r})")
     if gh != "mean" and len(set(_index_list(gh))) != len(_index_list(gh)):
         raise RALError(f"ground_heads lists a head twice (got {gh!r})")
+
+
+def _check_train_layers(cfg: "TrainConfig"):
+    """train_layers: its form here; the layer range against the model when it is loaded (train_state)."""
+    tl = cfg.train_layers
+    items = None if tl in ("all", "layers", "last") else _index_list(tl, None)
+    if tl not in ("all", "layers", "last") and items is None:
+        raise RALError(f"train_layers must be all, layers, last, a decoder-layer index (−1: the last) or a list of "
+                       f"them, e.g. [2, 3] (got {tl!r})")
+    if items is not None and len(set(items)) != len(items):
+        raise RALError(f"train_layers lists a layer twice (got {tl!r})")
+    if tl != "all" and cfg.lora_r > 0:
+        raise RALError(f"train_layers={tl!r} selects what full fine-tuning trains; with LoRA (lora_r > 0) the "
+                       "adapters are what trains: leave train_layers at all")
 
 
 def _same_model(a: str, b: str) -> bool:
