@@ -440,7 +440,11 @@ def section_lines(records: Path, cmp: list, m: int, paired_table) -> list[str]:
             f"(`{TEACHER}`, {teacher_text(base)}) on the same items: accuracy "
             f"{t['accuracy']:.3f}, 'where' {t['per_kind']['where']:.3f}, target mass {t['target_mass']:.4f} — "
             + ("**it knows barely more than the student**, so OPAD here distils the attention of a near-equal "
-               "model." if t["accuracy"] - b["accuracy"] < 0.05 else "it knows the task better than the student."),
+               "model." if t["accuracy"] - b["accuracy"] < 0.05 else "it knows the task better than the student"
+               + ("." if t["target_mass"] >= b["target_mass"] else
+                  f", yet its last layer puts less of its attention on the target box than the student's "
+                  f"({t['target_mass']:.4f} vs {b['target_mass']:.4f}): what it knows is not where its last layer "
+                  "looks, and OPAD pulls the student's last layer (read at the same relative depth) toward that map.")),
             "", "| arm | seeds | greedy acc | 'where' acc | sampled reward | target mass | target share | acting rows (per update) "
             "| acting rows (whole batch) | example: largest head JSD | example: target mass A → B | training CPU s per run |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
