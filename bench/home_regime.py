@@ -901,7 +901,7 @@ def summarise() -> str:
         g_base, _ = load_records(G.SWEEP)
         lines += compute_lines(sweeps, pilot_recs, bases + ([g_base] if g_base else []),
                                teacher if has_teacher else None,
-                               [("`ground` (5 arms; CPU: training only)", [r for rs in ground_runs.values() for r in rs.values()]),
+                               [(f"`ground` ({len(ground_runs)} arms; CPU: training only)", [r for rs in ground_runs.values() for r in rs.values()]),
                                 ("`ground_grad` replay (CPU: training only)", [r for rs in grad_runs.values() for r in rs.values()])])
     lines += pilot_lines()
     return "\n".join(lines) + "\n"
