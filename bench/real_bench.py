@@ -635,6 +635,31 @@ def rounds_summary(rows: dict, dev: str, dt: str) -> str:
     return "; ".join(parts) or "none"
 
 
+def _ckpt_text(twins, get) -> str:
+    """What checkpointing does to the update phase of the 2B–3B Qwen twins, from the rows' medians."""
+    grow, cost = [], []
+    for t in twins:
+        if not t.startswith("qwen") or t == "qwen3_5_0_8b":
+            continue
+        r = {(k, c): get(t, f"train:{k}:{c}") for k in (1, 2) for c in ("plain", "ckpt")}
+        if all(r.values()):
+            grow.append((r[2, "plain"]["update_extra_mb"] - r[1, "plain"]["update_extra_mb"],
+                         r[2, "ckpt"]["update_extra_mb"] - r[1, "ckpt"]["update_extra_mb"]))
+            cost += [r[k, "ckpt"]["update_cpu_s"] / r[k, "plain"]["update_cpu_s"] for k in (1, 2)]
+    if not grow:
+        return "(its rows are not measured yet)."
+    rng = lambda xs, nd=0: f"{min(xs):.{nd}f}–{max(xs):.{nd}f}"  # noqa: E731
+    return (f"changes the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
+            f"{rng([g[0] for g in grow])} MiB to {rng([g[1] for g in grow])} MiB at these sequence lengths "
+            f"(4 × 170–250 tokens), for {rng(cost, 2)}× the update phase's CPU time (medians over the rounds).")
+
+
+def _step_peak_text(twins, get) -> str:
+    xs = [get(t, f"train:{k}:{c}")["extra_mb"] for t in twins for k in (1, 2) for c in ("plain", "ckpt")
+          if get(t, f"train:{k}:{c}")]
+    return f"a step's extra peak is {_gb(min(xs))}–{_gb(max(xs))}" if xs else "not measured yet"
+
+
 def report(data: dict, args) -> str:
     rows, meta = data["rows"], data.get("meta", {})
     dev, dt = args.device, args.dtype
@@ -894,10 +919,9 @@ def report(data: dict, args) -> str:
           "`output_attentions` needs 20–40 GiB for *one* layer at 16k tokens (scores, their copies, the fp32 softmax and "
           "the kept map), so none of these models can return eager maps at 16k on a 24 GiB device, and at full depth the "
           "kept maps alone are 40–320 GiB." + _longest_ratio_text(twins, get))
-        w("- **Checkpointing** cuts the update phase's memory growth per decoder layer of the 2B–3B Qwen twins from "
-          "~75–110 MiB to a few MiB at these sequence lengths (4 × ~250 tokens), for ~1.2–2.5× the update time; with one or two layers measured, "
-          "per-layer differences of a few MiB (and of Qwen3.5's linear-attention layer) are within the noise, so read "
-          "the extrapolations as sizes, not exact values.")
+        w("- **Checkpointing** " + _ckpt_text(twins, get) + " With one or two layers measured, per-layer "
+          "differences of a few MiB (and of Qwen3.5's linear-attention layer) are within the noise, so read the "
+          "extrapolations as sizes, not exact values.")
         w("- **The rollout's LM-head peak, found here and fixed**: the first run of these rows peaked in the rollout at "
           "1.8–2.4 GiB over resident memory for the Qwen twins (0.27 GiB for SmolVLM), about one bf16 copy of the "
           "LM-head matrix per sequence of the group. A memory profile traced it to generate's prefill: the "
@@ -906,7 +930,7 @@ def report(data: dict, args) -> str:
           "also made the prefill slow (65 of a rollout's 84 s on the 1-layer Qwen2-VL-2B twin). Every adapter's head "
           "now gets a contiguous input (`ral_core/models/base.contiguous_head`; measured alone: bf16, 151,936 × 1536 "
           "head, batch 8: 25.8 s → 0.06 s). The training rows above are after the fix and on the trainer's own "
-          "rollout path (image cache, shared prompts): rollout peaks 0.16–0.72 GiB.")
+          "rollout path (image cache, shared prompts): " + _step_peak_text(twins, get) + ".")
         ins = [(t, get(t, "inspect")) for t in twins if get(t, "inspect")]
         w("- **Contention**: wall time depends on what else ran; the inspect rows took "
           + "; ".join(f"{t} {spread(r, 'wall_s')} s wall / {spread(r, 'cpu_s')} s CPU (1-minute load "
