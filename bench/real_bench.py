@@ -23,6 +23,10 @@ Rows per twin, each measured in a fresh subprocess (one torch thread on the CPU)
             with and without gradient checkpointing; time and peak memory, extrapolated per layer to full depth.
 Results go to a JSON file row by row (bench/results/real.json; the GPU run: real_cuda.json) and the markdown is
 rewritten after every row, so a partial run gives a valid partial table and a rerun skips rows already done.
+The inspect and train rows are measured in --rounds rounds (3 on the CPU), each a fresh process, round 1 of every twin
+before round 2 so that a shared machine's load falls on all twins alike; the tables give median (min–max) over rounds,
+and each round keeps its machine line (CPU model, speed flags incl. native bf16, library versions) and the load
+before and after it. A rerun adds missing rounds; a row measured before rounds were kept is replaced, never merged.
 """
 from __future__ import annotations
 
@@ -984,9 +988,10 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="twins and rows to run: TWIN or TWIN:ROW, comma separated "
                     "(rows: static, inspect, capture, train)")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the inspect and train rows, each a fresh process, "
-                    "interleaved across twins; figures are median (min–max) over rounds; a rerun adds the missing "
-                    "rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of the inspect and train rows, each a fresh "
+                    "process, interleaved across twins; figures are median (min–max) over rounds; a rerun adds the "
+                    "missing rounds (default: 3 on the CPU; 1 on CUDA, where scripts/gpu_check.sh runs within a "
+                    "fixed time budget)")
     ap.add_argument("--quick", action="store_true", help="smoke test: cut twins, 512/1024 tokens, 4 new tokens; "
                     "results in bench/_work/real/quick.json, report printed")
     ap.add_argument("--force", action="store_true", help="rerun rows that are already in the results file")
@@ -1014,6 +1019,8 @@ def main(argv=None):
         args.eager_limit_gb = 6.5 if args.device == "cpu" else 24.0
     if args.lengths is None:
         args.lengths = [512, 1024] if args.quick else [2048, 8192, 16384]
+    if args.rounds is None:
+        args.rounds = 3 if args.device == "cpu" else 1
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: give 1 or more rounds")
     if args.worker:
