@@ -91,6 +91,8 @@ class TrainConfig:
     train_layers: typing.Any = "all"     # what full fine-tuning trains of the language model: all | layers (the
                                          # decoder layers; embeddings and final norm frozen) | last | a decoder-layer
                                          # index (−1: the last) or a list: only those layers
+    train_modules: str = "all"           # of those layers: all | attention (the attention block) | qk (the query and
+                                         # key projections: where the layer looks, not what it reads)
     # speed (vision_cache.py, prefix_share.py): exact reuse of work the G rollouts of a step share
     vision_cache: bool = True            # each distinct image encoded once per step (only while the vision is frozen)
     share_prompt: str = "auto"           # each group's prompt prefilled once and computed once per pass: auto (when
@@ -207,7 +209,8 @@ def _check_ground_selection(cfg: "TrainConfig"):
 
 
 def _check_train_layers(cfg: "TrainConfig"):
-    """train_layers: its form here; the layer range against the model when it is loaded (train_state)."""
+    """train_layers / train_modules: their form here; the layer range against the model when it is loaded
+    (train_state)."""
     tl = cfg.train_layers
     items = None if tl in ("all", "layers", "last") else _index_list(tl, None)
     if tl not in ("all", "layers", "last") and items is None:
@@ -215,9 +218,12 @@ def _check_train_layers(cfg: "TrainConfig"):
                        f"them, e.g. [2, 3] (got {tl!r})")
     if items is not None and len(set(items)) != len(items):
         raise RALError(f"train_layers lists a layer twice (got {tl!r})")
-    if tl != "all" and cfg.lora_r > 0:
-        raise RALError(f"train_layers={tl!r} selects what full fine-tuning trains; with LoRA (lora_r > 0) the "
-                       "adapters are what trains: leave train_layers at all")
+    if cfg.train_modules not in ("all", "attention", "qk"):
+        raise RALError(f"train_modules must be all, attention or qk (got {cfg.train_modules!r})")
+    for k, v in (("train_layers", tl), ("train_modules", cfg.train_modules)):
+        if v != "all" and cfg.lora_r > 0:
+            raise RALError(f"{k}={v!r} selects what full fine-tuning trains; with LoRA (lora_r > 0) the adapters "
+                           f"are what trains: leave {k} at all")
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -135,8 +135,8 @@ def prepare_student(model, cfg, device):
     saved_dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # what checkpoints write back
     for n, p in model.named_parameters():
         p.requires_grad_(not (cfg.freeze_vision and is_vision_param(n)))
-    if cfg.train_layers != "all":
-        train_only_layers(model, cfg.train_layers)
+    if cfg.train_layers != "all" or cfg.train_modules != "all":
+        restrict_training(model, cfg.train_layers, cfg.train_modules)
     if cfg.lora_r > 0:
         model = add_lora(model, cfg)
     apply_precision(model, precision)  # after LoRA, so its adapters are fp32 like every trainable weight
@@ -149,28 +149,39 @@ def prepare_student(model, cfg, device):
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# train_modules → the name parts (HF naming) of the weights it keeps trainable; q/k norms shape the logits too
+_MODULE_PARTS = {"attention": {"self_attn"}, "qk": {"q_proj", "k_proj", "q_norm", "k_norm"}}
 
 
-def train_only_layers(model, spec) -> None:
-    """train_layers: freeze every language-model parameter outside the chosen decoder layers (embeddings, final norm
-    and output head too); the vision path keeps freeze_vision's setting. Adam moves every trained weight by about
-    lr per update whatever its gradient's size: this bounds which weights a short run can drift."""
+def restrict_training(model, layers, modules: str = "all") -> None:
+    """train_layers / train_modules: freeze every language-model parameter outside the chosen decoder layers
+    (embeddings, final norm and output head too) and, within them, outside the chosen modules; the vision path
+    keeps freeze_vision's setting. Adam moves every trained weight by about lr per update whatever its gradient's
+    size: this bounds which weights a short run can drift."""
     from ral_core.config import _index_list
     lm = {n: p for n, p in model.named_parameters() if not is_vision_param(n)}
     layer = {n: int(m.group(1)) for n in lm if (m := _LAYER_INDEX.search(n))}
     n_layers = max(layer.values(), default=-1) + 1
     if not n_layers:
-        raise RALError(f"train_layers={spec!r}: this model's language-model parameters name no decoder layers "
-                       "(no 'layers.N.'); use train_layers=all")
-    items = list(range(n_layers)) if spec == "layers" else [-1] if spec == "last" else _index_list(spec, None)
-    bad = [i for i in items if not -n_layers <= i < n_layers]
-    if bad:
-        raise RALError(f"train_layers: layer {bad[0]} does not exist; the model has {n_layers} decoder layers "
-                       f"(0–{n_layers - 1}, or −1 for the last)")
-    keep = {i % n_layers for i in items}
+        raise RALError(f"train_layers={layers!r}: this model's language-model parameters name no decoder layers "
+                       "(no 'layers.N.'); use train_layers=all and train_modules=all")
+    if layers == "all":
+        keep = None
+    else:
+        items = list(range(n_layers)) if layers == "layers" else [-1] if layers == "last" else _index_list(layers, None)
+        bad = [i for i in items if not -n_layers <= i < n_layers]
+        if bad:
+            raise RALError(f"train_layers: layer {bad[0]} does not exist; the model has {n_layers} decoder layers "
+                           f"(0–{n_layers - 1}, or −1 for the last)")
+        keep = {i % n_layers for i in items}
+    parts = _MODULE_PARTS.get(modules)
     for n, p in lm.items():
-        if layer.get(n) not in keep:
+        if (keep is not None and layer.get(n) not in keep) or (parts and not parts & set(n.split("."))):
             p.requires_grad_(False)
+    if not any(p.requires_grad for p in lm.values()):
+        raise RALError(f"train_layers={layers!r} with train_modules={modules!r} leaves no weight of this model's "
+                       "language model to train (its layers there have no such module); choose other layers or "
+                       "train_modules=all")
 
 
 def load_teacher(cfg, student, device, precision: Precision):

@@ -1,5 +1,5 @@
-"""train_layers: full fine-tuning of only some decoder layers of the language model (the rest frozen, unchanged by
-training), and one-line refusals of bad values."""
+"""train_layers / train_modules: full fine-tuning of only some decoder layers of the language model, and of only
+some modules of them (the rest frozen, unchanged by training), and one-line refusals of bad values."""
 import pytest
 import torch
 
@@ -44,6 +44,23 @@ def test_only_the_chosen_layers_change(tmp_path, tiny_model_dir):
     assert not [n for n, v in changed.items() if v and _layer(n) != 0]
 
 
+def test_qk_trains_only_the_query_and_key_projections_of_the_chosen_layer(tmp_path, tiny_model_dir):
+    changed = _trained(tmp_path, tiny_model_dir, "qk", "train_layers=last", "train_modules=qk")
+    last = max(_layer(n) for n in changed if _layer(n) is not None)
+    qk = {n for n in changed if _layer(n) == last and n.split(".")[-2] in ("q_proj", "k_proj")}
+    assert qk and all(changed[n] for n in qk if n.endswith("weight"))
+    assert not [n for n, v in changed.items() if v and n not in qk]  # v, o, MLP, norms, other layers: unchanged
+
+
+def test_attention_keeps_every_layers_attention_block_trainable(tiny_qwen):
+    import copy
+    model, *_ = prepare_student(copy.deepcopy(tiny_qwen.model), build_config(None, ["train_modules=attention"]), "cpu")
+    grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert {_layer(n) for n in grad if grad[n]} == {0, 1, 2}
+    assert all(".self_attn." in n for n in grad if grad[n])
+    assert all(grad[n] for n in grad if ".self_attn." in n and not is_vision_param(n))
+
+
 def test_layers_trains_every_decoder_layer_and_freezes_the_embeddings(tiny_qwen):
     import copy
     model, *_ = prepare_student(copy.deepcopy(tiny_qwen.model), build_config(None, ["train_layers=layers"]), "cpu")
@@ -65,9 +82,13 @@ def test_bad_values_are_refused_in_one_line(value, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_with_lora_it_is_refused():
+def test_bad_modules_and_lora_are_refused_in_one_line():
+    with pytest.raises(RALError, match="train_modules must be all, attention or qk"):
+        build_config(None, ["train_modules=mlp"])
     with pytest.raises(RALError, match="leave train_layers at all"):
         build_config(None, ["train_layers=last", "lora_r=4"])
+    with pytest.raises(RALError, match="leave train_modules at all"):
+        build_config(None, ["train_modules=qk", "lora_r=4"])
 
 
 def test_a_layer_the_model_lacks_is_refused(tiny_qwen):
