@@ -639,6 +639,20 @@ def rounds_summary(rows: dict, dev: str, dt: str) -> str:
     return "; ".join(parts) or "none"
 
 
+def _full(r1: dict, r2: dict, field: str, n: int, fmt, what: str) -> str:
+    """A figure extrapolated from 1 and 2 layers to n (the rows' medians); a second layer that measured no dearer
+    than the first is noise, not a negative per-layer cost; † where the two rows' ranges over rounds overlap."""
+    a, b = r1.get(field), r2.get(field)
+    if a is None or b is None:
+        return "–"
+    if b <= a:
+        return f"– ({what}: 1→2 layers within the noise)"
+    ra = [x[field] for x in rounds_of(r1) if x.get(field) is not None]
+    rb = [x[field] for x in rounds_of(r2) if x.get(field) is not None]
+    overlap = len(ra) > 1 and len(rb) > 1 and min(rb) <= max(ra)
+    return fmt(_fit(a, b, n)) + (" †" if overlap else "")
+
+
 def _ckpt_text(twins, get) -> str:
     """What checkpointing does to the update phase of the 2B–3B Qwen twins, from the rows' medians."""
     grow, cost = [], []
@@ -824,19 +838,22 @@ def report(data: dict, args) -> str:
       "trainer's update phase (`Trainer.update_phase`, via bench/train_bench.py's helpers; synthetic group-centred "
       "advantages because a random model earns no reward, as in train_bench). Measured at 1 and 2 decoder layers "
       "(real width, one-block vision tower) in fresh processes, one step each (no warm-up); **full depth** = linear "
-      "extrapolation per decoder layer of the update phase (time, CPU time, its peak over the trainer's resident "
+      "extrapolation per decoder layer of the update phase (CPU time, its peak over the trainer's resident "
       "memory) and of the rollout (where 2 layers cost more than 1; its per-layer cost is small next to generation's "
       "fixed cost and the noise of this shared machine); the vision tower's remaining blocks are not included. "
       "Extra peak = the highest RSS over the step minus the RSS with model, LoRA and optimizer resident.")
     w("")
     w("Step s, its CPU s and the extra peak: median (min–max) over the rounds (each a fresh process; the rounds of a "
       "twin's four rows, and of the other twins' rows, interleaved); rollout + update and the update phase's peak: "
-      "medians; the full-depth columns extrapolate the medians. 'single': one measurement from before rounds were "
-      "kept; one figure in the rounds column: both layer counts have it.")
+      "medians. The full-depth columns extrapolate the medians, in CPU time (wall time on this shared machine carries "
+      "the other processes' load); † marks a figure whose 1- and 2-layer rows' ranges over rounds overlap: one "
+      "layer's cost is within the round-to-round noise of a single cold step (no warm-up), so read it as a rough "
+      "size. 'single': one measurement from before rounds were kept; one figure in the rounds column: both layer "
+      "counts have it.")
     w("")
     w("| twin | checkpointing | rounds (1 / 2 layers) | tokens / sequence: prompt (visual) + new | 1 layer: step s "
-      "(rollout + update; CPU s) / extra peak (update phase) | 2 layers: same | full depth (layers): update phase s "
-      "(CPU s) / its extra peak | full depth: rollout s (CPU s) |")
+      "(rollout + update; CPU s) / extra peak (update phase) | 2 layers: same | full depth (layers): update phase "
+      "CPU s / its extra peak | full depth: rollout CPU s |")
     w("|---|---|---:|---:|---:|---:|---:|---:|")
     for t in twins:
         s = get(t, "static")
@@ -853,22 +870,9 @@ def report(data: dict, args) -> str:
             full_u = full_r = "–"
             if r1 and r2 and s:
                 n = s["layers"]
-                cu1, cu2 = r1.get("update_cpu_s"), r2.get("update_cpu_s")
-                # a second layer that measured cheaper than the first is noise, not a negative per-layer cost
-                t_ok = r2["update_s"] > r1["update_s"] and (cu1 is None or cu2 is None or cu2 > cu1)
-                m_ok = r2["update_extra_mb"] > r1["update_extra_mb"]
-                full_u = ((f"{_fit(r1['update_s'], r2['update_s'], n):.0f}"
-                           + (f" ({_fit(cu1, cu2, n):.0f})" if cu1 is not None and cu2 is not None else ""))
-                          if t_ok else "– (time: 1→2 layers within the noise)")
-                full_u += (f" / {_gb(_fit(r1['update_extra_mb'], r2['update_extra_mb'], n))} ({n})" if m_ok
-                           else f" / – (memory: 1→2 layers within the noise) ({n})")
-                rc1, rc2 = r1.get("rollout_cpu_s"), r2.get("rollout_cpu_s")
-                if rc1 is not None and rc2 is not None and rc2 > rc1:
-                    full_r = f"{_fit(r1['rollout_s'], r2['rollout_s'], n):.0f} ({_fit(rc1, rc2, n):.0f})"
-                elif r2["rollout_s"] > r1["rollout_s"]:
-                    full_r = f"{_fit(r1['rollout_s'], r2['rollout_s'], n):.0f}"
-                else:
-                    full_r = "– (1→2 layers within the noise)"
+                full_u = (_full(r1, r2, "update_cpu_s", n, lambda x: f"{x:.0f}", "time") + " / "
+                          + _full(r1, r2, "update_extra_mb", n, _gb, "memory") + f" ({n})")
+                full_r = _full(r1, r2, "rollout_cpu_s", n, lambda x: f"{x:.0f}", "time")
             rr = r1 or r2
             w(f"| {t} | {'on (non-reentrant)' if ck == 'ckpt' else 'off'} | {_pair(_n_rounds(r1), _n_rounds(r2))} | "
               f"{rr['P']:,} ({rr.get('visual', '?')}) + {rr['T']} | "

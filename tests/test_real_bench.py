@@ -74,3 +74,14 @@ def test_every_measured_row_is_stamped_with_the_machine_line_and_the_load_around
     assert res["machine"] == rb.C.machine_line() and rb.C.cpu_model() in res["machine"]
     assert "native bf16:" in res["machine"] and "torch " in res["machine"]
     assert res["loadavg_before"] == "1.25 1.00 1.00" and len(res["loadavg"].split()) == 3 and "UTC" in res["date"]
+
+
+def test_full_depth_extrapolates_cpu_medians_and_flags_overlapping_rounds():
+    rb = bench_module("real_bench")
+    row = lambda *cpu: {"update_cpu_s": sorted(cpu)[1], "rounds": [{"update_cpu_s": c} for c in cpu]}  # noqa: E731
+    fmt = lambda x: f"{x:.0f}"  # noqa: E731
+    assert rb._full(row(5, 6, 7), row(9, 10, 11), "update_cpu_s", 28, fmt, "time") == "114"  # 6 + 4 × 27
+    assert rb._full(row(5, 6, 7), row(6.5, 7, 9), "update_cpu_s", 28, fmt, "time") == "33 †"  # ranges overlap
+    assert rb._full(row(5, 6, 7), row(5, 5.5, 9), "update_cpu_s", 28, fmt, "time") == \
+        "– (time: 1→2 layers within the noise)"
+    assert rb._full({"update_cpu_s": 6.0}, {"update_cpu_s": 10.0}, "update_cpu_s", 28, fmt, "time") == "114"
