@@ -471,6 +471,21 @@ def candidate_section(recs: list[dict], base: dict) -> list[str]:
                + "; today's default on the same seeds: "
                + ", ".join(f"{k} {_items([g[r['seed']] for r in c if r['seed'] in g], base, k):+.1f}"
                            for k in base["heldout"]["per_kind"]) + ".")
+    gs = [g[r["seed"]] for r in c if r["seed"] in g]
+
+    def per_example(rs):
+        return ", ".join(f"{e['example'].removesuffix('.png')} {mean(r['examples'][i]['head_jsd'] for r in rs):.3f}"
+                         for i, e in enumerate(rs[0]["examples"]))
+
+    def changed(rs):
+        return sum(e["answer_a"] != e["answer_b"] for r in rs for e in r["examples"])
+    out.append(f"- On every bundled example (largest last-layer head JSD, mean over seeds): {per_example(c)}; the head "
+               f"that moves most on the first: " + ", ".join(sorted({f"layer {r['examples'][0]['layer']} head "
+                                                                     f"{r['examples'][0]['head']}" for r in c}))
+               + f". Answers on the bundled examples that differ from `default`'s: {changed(c)} of "
+               f"{sum(len(r['examples']) for r in c)}"
+               + (f" (today's default on the same seeds: {per_example(gs)}; {changed(gs)} answers differ)." if gs
+                  else "."))
     w = _weights()
     rq = by_arm(recs, "ral_qk_last_2e4")
     if rq:
@@ -483,13 +498,17 @@ def candidate_section(recs: list[dict], base: dict) -> list[str]:
     out += [f"- Training: {s['cpu']:.0f} s of CPU (one thread) on the mean, wall at most {s['wall']:.0f} s with the "
             f"machine shared; it trains {w['last qk']:,} of the model's {w['all']:,} weights (the last layer's query "
             "and key projections), so the backward pass and the optimizer do less.",
-            f"- Why it helps (see 'Where the cost comes from'): the default's cost is drift spread over every weight "
-            "RL updates; here only the weights that set where the last layer looks can move, and at lr 2e-4 they move "
-            "the head visibly (JSD about 3× the criterion; lr 1e-4: just at it, `g_qk_last_1e4`; lr 5e-4 costs more, "
-            "`g_qk_last_5e4`), while the values, output projections, MLPs and embeddings, the weights that turn what "
-            "a layer attends to into an answer, stay as they were. Restricting less (the whole last layer's "
-            "attention block, `g_attn_last_2e4`; q/k of every layer at the default lr, `g_qk_all`) or freezing only "
-            "the embeddings (`g_tl_layers`) kept more of the cost.",
+            f"- Why it helps (see 'Where the cost comes from'): the default's cost is drift over all the weights RL "
+            "updates, taken together; here only the weights that set where the last layer looks can move, and at lr "
+            "2e-4 they move the head visibly (JSD about 3× the criterion), while the values, output projections, "
+            "MLPs and embeddings, the weights that turn what a layer attends to into an answer, stay as they were. "
+            "Around it: " + "; ".join(f"{words} (`{a}`, {sa['n']} seeds): {sa['d_mean']:+.2f} pt, JSD ≥ "
+                                       f"{sa['jsd_min']:.3f}" for a, words in (
+                                           ("g_qk_last_1e4", "lr 1e-4"), ("g_qk_last_5e4", "lr 5e-4"),
+                                           ("g_attn_last_2e4", "the last layer's whole attention block"),
+                                           ("g_qk_all", "q/k of every layer at the default lr"),
+                                           ("g_tl_layers", "every layer, only the embeddings frozen"))
+                                       if by_arm(recs, a) and (sa := summary(by_arm(recs, a), base))) + ".",
             "- Not settled by these runs: other models (the restriction names the HF `q_proj`/`k_proj`/`q_norm`/"
             "`k_norm` weights; a model without them is refused with a message), longer runs, and whether the "
             "Compare picture a person sees is the same kind of change (the head that moves is still head 3 of the "
