@@ -701,12 +701,12 @@ def report(data: dict, args) -> str:
                   "unknown)")
     if set(by_machine) != {meta.get("machine")}:
         w("- Rows by the machine that measured them: " + "; ".join(
-            f"{m or unrecorded}: {len(v)} row(s)" + (f" ({', '.join(v)})" if m else "")
+            f"{m or unrecorded}: {len(v)} row(s) ({', '.join(v)})"
             for m, v in sorted(by_machine.items(), key=lambda kv: kv[0] is None)))
     w("- Rounds: " + rounds_summary(rows, dev, dt) + ". The machine was **shared** while these ran: 2 cores, with "
       "other engineers' benchmarks and test suites on the other core (at times on both); every measuring process ran "
       "one torch thread (under nice 5 where the command says so). Wall times carry that contention; compare CPU "
-      "times. Per-round dates and 1-minute load before → after: the last section.")
+      "times. Each round's finish time and 1-minute load before → after: the last section.")
     if meta.get("bf16_speed") and not gpu:
         w(f"- {C.bf16_line(meta['bf16_speed'])}; measured {meta.get('bf16_speed_date', '')}, load "
           f"{meta.get('bf16_speed_load', '?')}. CPU times of the bf16 rows below hold only for a CPU with native bf16 "
@@ -959,7 +959,8 @@ def report(data: dict, args) -> str:
     w("")
     once = [f"{name} {v.get('loadavg', '?')}" for name, v in mine if not rounds_of(v)]
     if once:
-        w("Rows measured once (load average, 1/5/15 minutes, when the row finished): " + "; ".join(once) + ".")
+        w("Rows measured in one process (static rows time nothing; capture rows repeat their calls inside it), load "
+          "average (1/5/15 minutes) when the row finished: " + "; ".join(once) + ".")
         w("")
     return "\n".join(L) + "\n"
 
