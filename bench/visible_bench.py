@@ -486,6 +486,7 @@ def candidate_section(recs: list[dict], base: dict) -> list[str]:
                f"{sum(len(r['examples']) for r in c)}"
                + (f" (today's default on the same seeds: {per_example(gs)}; {changed(gs)} answers differ)." if gs
                   else "."))
+    out += wide_lines(base, recs)
     w = _weights()
     rq = by_arm(recs, "ral_qk_last_2e4")
     if rq:
@@ -794,11 +795,75 @@ def diagnose(log) -> None:
     _common.dump_record(RECORDS / "diagnostics.json", rec)
 
 
+WIDE_N = 2000  # test-split questions of --wide: five times `ral eval --n 400`'s, its 400 among them
+
+
+def wide(arms: list[str], seeds: list[int], log) -> None:
+    """Held-out accuracy on WIDE_N test questions of each arm's run (trained as run_arm trains it, so the same
+    weights): whether a difference on the 400 holds on questions the choice never saw."""
+    import torch
+    from ral_core.config import build_config
+    from ral_core.data import GroundingTask
+    from ral_core.evaluate import accuracy
+    from ral_core.models import load_adapter
+    from ral_core.trainer import Trainer
+    torch.set_num_threads(1)
+    task = GroundingTask(kinds=("cell", "row", "where"), split="test")
+    path = RECORDS / "wide.json"
+    rec = json.loads(path.read_text()) if path.exists() else {"doc": "visible", "arm": "wide", "n": WIDE_N, "runs": []}
+    if "default" not in rec:
+        rec["default"] = accuracy(load_adapter("default"), task, WIDE_N)
+    for arm in arms:
+        for seed in seeds:
+            recipe, overrides = ARMS[arm]
+            out = WORK / f"wide_{arm}_s{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = build_config(recipe, overrides + [f"seed={seed}", f"output_dir={out}", "threads=1"])
+            tr = Trainer(cfg)
+            tr.train()
+            acc = accuracy(load_adapter(str(tr.latest_checkpoint())), task, WIDE_N)
+            rec["runs"] = [r for r in rec["runs"] if (r["arm"], r["seed"]) != (arm, seed)] + [
+                {"arm": arm, "seed": seed, "heldout": acc}]
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"wide {arm} seed {seed}: {acc['accuracy']:.4f} ({100 * (acc['accuracy'] - rec['default']['accuracy']):+.2f} "
+                f"pt at n {WIDE_N})")
+    rec.update(machine=_common.machine_info(), code=_common.code_version())
+    _common.dump_record(path, rec)
+
+
+def wide_lines(base: dict, recs: list[dict]) -> list[str]:
+    """The candidate and today's default on WIDE_N held-out questions (wide.json), beside their n 400 figures."""
+    from statistics import mean
+    path = RECORDS / "wide.json"
+    if not path.exists():
+        return []
+    w = json.loads(path.read_text())
+    d0 = w["default"]["accuracy"]
+    by = {}
+    for r in w["runs"]:
+        by.setdefault(r["arm"], {})[r["seed"]] = 100 * (r["heldout"]["accuracy"] - d0)
+    seeds = sorted(set(by.get(CANDIDATE, {})) & set(by.get("grounded", {})))
+    if not seeds:
+        return []
+    paired = [by[CANDIDATE][s] - by["grounded"][s] for s in seeds]
+    t = _common.paired_t(paired)
+    kinds = w["default"]["per_kind_n"]
+    return [f"- On {w['n']} held-out questions (test split, the 400 among them; `default` {d0:.4f}; "
+            f"{', '.join(f'{k} {v}' for k, v in kinds.items())}), seeds {', '.join(str(s) for s in seeds)}: the "
+            f"candidate {mean(by[CANDIDATE][s] for s in seeds):+.2f} pt ("
+            + " / ".join(f"{by[CANDIDATE][s]:+.2f}" for s in seeds) + f"), today's default "
+            f"{mean(by['grounded'][s] for s in seeds):+.2f} pt (" + " / ".join(f"{by['grounded'][s]:+.2f}" for s in seeds)
+            + f"); paired by seed {t['mean']:+.2f} ± {t['se']:.2f} pt (p = {_common.fmt_p(t['p'])}). The difference "
+            "is not a property of the 400 questions the choice was made on."]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--collect", action="store_true", help="write the document from the records only")
+    p.add_argument("--wide", action="store_true", help=f"held-out accuracy of --arms × --seeds on {WIDE_N} test "
+                   "questions (wide.json)")
     p.add_argument("--diagnose", action="store_true", help="where the held-out cost comes from: accuracy along runs, "
                    "flipped questions, parameter groups put back, random perturbations (diagnostics.json)")
     p.add_argument("--out", default=str(OUT))
@@ -807,6 +872,8 @@ def main():
     base = base_record()
     if a.diagnose:
         diagnose(log)
+    elif a.wide:
+        wide(a.arms, a.seeds, log)
     elif not a.collect:
         for arm in a.arms:
             for s in a.seeds:
