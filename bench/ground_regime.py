@@ -7,8 +7,8 @@ where, the boxes the task gives, 20 steps of 16 prompts × 8 rollouts, 2 epochs 
 T 1, exact-match reward. Arms (each GRPO plus one thing):
 `grpo`; `ral` (λ 1, the paper's rows, as assets/recipes/ral.yaml); `reward` (SAYO's attention reward through the
 advantages, weight 0.5); `target` (the attention-target term, settings pinned here: they equal grounded.yaml's when
-this sweep was run, and the recipe may change later); `grounded` (the default recipe's RAL + one-head JSD target, pinned
-likewise); `opad` (γ 1, teacher assets/teacher_model, its weights' hash in each record).
+this sweep was run, and the recipe may change later); `grounded` (the previous default recipe's RAL + one-head JSD target, full
+fine-tuning, pinned likewise); `grounded_qk` (the default recipe: the same terms, only the last layer's q/k trained); `opad` (γ 1, teacher assets/teacher_model, its weights' hash in each record).
 
     python bench/ground_regime.py                    # the sweep (8 seeds; runs with a record are skipped)
     python bench/ground_regime.py --grad-across      # replay `home` grpo and ral_l100 with the per-update probe
@@ -63,9 +63,12 @@ TARGET = {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "at
 # one head of the last layer), pinned here too, so the sweep measures the default a user gets beside the older target
 GROUNDED = {"lambda_attn": 1.0, "lambda_ground": 0.4, "ground_div": "jsd", "ground_on": "rewarded",
             "attn_row": "predicts", "ground_layers": "policy", "ground_heads": 3}
+# the default since then: the same terms, training only the last layer's query and key projections at lr 2e-4
+GROUNDED_QK = {**GROUNDED, "train_layers": "last", "train_modules": "qk", "lr": 2e-4}
 ARMS = {"grpo": {}, "ral": {"lambda_attn": 1.0, "attn_row": "own"},
         "reward": {"reward_weights": {"exact_match": 1.0, "attention_box": 0.5}, "attn_row": "predicts"},
-        "target": TARGET, "grounded": GROUNDED, "opad": {"gamma_opad": 1.0, "teacher": TEACHER}}
+        "target": TARGET, "grounded": GROUNDED, "grounded_qk": GROUNDED_QK,
+        "opad": {"gamma_opad": 1.0, "teacher": TEACHER}}
 SEEDS, N_EVAL, N_SAMPLED = 8, 400, 100
 PROBE_EVERY = 5            # the gradient probe runs at step 1 and every 5th step, at each of the step's updates
 # the bundled example every arm's seed-0 checkpoint is compared on against `default` (assets/examples/)
@@ -328,12 +331,17 @@ ARM_TEXT = {"grpo": "GRPO alone", "ral": "+ RAL, λ 1 (the paper's rows, `attn_r
                       "{ground_on}, `attn_row` {attn_row}, the last layer's head mean (pinned in the bench: "
                       "`assets/recipes/grounded.yaml`'s target when the sweep ran; a later default recipe with other "
                       "target settings, e.g. one head or a JSD, is not what this arm measures)",
-            "grounded": "+ RAL λ {lambda_attn:g} and the default recipe's target term (`assets/recipes/grounded.yaml` "
-                        "when this arm ran, pinned in the bench): λ_ground {lambda_ground:g}, `ground_div` {ground_div}, "
-                        "`ground_on` {ground_on}, head {ground_heads} of the last layer",
+            "grounded": "+ RAL λ {lambda_attn:g} and the previous default recipe's target term (pinned in the bench): "
+                        "λ_ground {lambda_ground:g}, `ground_div` {ground_div}, `ground_on` {ground_on}, head "
+                        "{ground_heads} of the last layer; full fine-tuning of the language model at lr {lr:g}",
+            "grounded_qk": "+ the default recipe (`assets/recipes/grounded.yaml`, pinned in the bench): `grounded`'s terms, "
+                           "training only the last layer's query and key projections (`train_layers` "
+                           "{train_layers}, `train_modules` {train_modules}) at lr {lr:g}",
             "opad": "+ OPAD, γ 1, teacher `{teacher}`"}
-TERM = {"ral": "ral_attn", "target": "ground_kl", "grounded": "ground_jsd", "opad": "opad_attn"}
-WEIGHT = {"ral": "lambda_attn", "target": "lambda_ground", "grounded": "lambda_ground", "opad": "gamma_opad"}
+TERM = {"ral": "ral_attn", "target": "ground_kl", "grounded": "ground_jsd", "grounded_qk": "ground_jsd",
+        "opad": "opad_attn"}
+WEIGHT = {"ral": "lambda_attn", "target": "lambda_ground", "grounded": "lambda_ground", "grounded_qk": "lambda_ground",
+          "opad": "gamma_opad"}
 
 
 def _metric(r: dict, key: str) -> float:

@@ -206,7 +206,7 @@ def test_ground_plan_runs_five_arms_on_eight_seeds_with_pinned_target_settings()
     for j in jobs:
         seeds.setdefault(j["arm"], set()).add(j["seed"])
         assert j["record"].endswith(f"ground/{j['arm']}_s{j['seed']}.json")
-    assert seeds == {a: set(range(8)) for a in ("grpo", "ral", "reward", "target", "grounded", "opad")}
+    assert seeds == {a: set(range(8)) for a in ("grpo", "ral", "reward", "target", "grounded", "grounded_qk", "opad")}
     assert [j["seed"] for j in jobs] == sorted(j["seed"] for j in jobs)  # seed-major
     # the target arm's settings live in the bench, not in a recipe that may change
     assert g.ARMS["target"] == {"lambda_ground": 0.3, "ground_div": "kl", "ground_on": "rewarded", "attn_row": "predicts",
@@ -215,6 +215,7 @@ def test_ground_plan_runs_five_arms_on_eight_seeds_with_pinned_target_settings()
     assert g.ARMS["grounded"] == {"lambda_attn": 1.0, "lambda_ground": 0.4, "ground_div": "jsd",
                                   "ground_on": "rewarded", "attn_row": "predicts", "ground_layers": "policy",
                                   "ground_heads": 3}
+    assert g.ARMS["grounded_qk"] == {**g.ARMS["grounded"], "train_layers": "last", "train_modules": "qk", "lr": 2e-4}
     assert g.ARMS["opad"]["teacher"] == "assets/teacher_model" and (ROOT / "assets/teacher_model/config.json").exists()
     assert g.ARMS["reward"]["reward_weights"] == {"exact_match": 1.0, "attention_box": 0.5}
     assert g.COMMON["snapshot_every"] == 0 and g.COMMON["steps"] == 20
