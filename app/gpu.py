@@ -130,8 +130,9 @@ HOSTS = [  # (key, host, models, runs, expected RAL step time)
      "as ZeroGPU's computed figures, without the per-call load"),
     ("own", "**Own machine**", "anything transformers loads (hub ids, local folders)",
      "`ral train` with resume, `accelerate launch` / `torchrun` on N GPUs (DDP, FSDP2; see *On N GPUs*)",
-     "CPU: Qwen2-VL-2B LoRA ≈ **177 s** per step on 1 thread (measured per layer and extrapolated to 28 layers, "
-     "`bench/results/real.md`); GPU: `scripts/gpu_check.sh` measures it"),
+     "CPU: Qwen2-VL-2B LoRA with gradient checkpointing ≈ **80 s of CPU** per step on 1 thread (update phase 59 s + "
+     "rollout 21 s: medians of 3 rounds at 1 and 2 layers, extrapolated to 28 layers, `bench/results/real.md`; the "
+     "rollout's per-layer cost is within the noise); GPU: `scripts/gpu_check.sh` measures it"),
 ]
 
 
