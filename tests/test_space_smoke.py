@@ -2,9 +2,11 @@
 GPU call in a forked worker, pickled in and out) and the sign-in button, driven by a real headless Chromium: sign
 in, inspect, a 4-step training run in 2 GPU calls, then Compare `default` against the run's checkpoint.
 
-The browser part has a 60 s budget (every wait gets what is left of it; the run is kept light: 4 questions × 4
+The browser part has a 90 s budget (every wait gets what is left of it; the run is kept light: 4 questions × 4
 answers per step); the server's start-up, mostly imports, is bounded apart. On this repo's shared 2-core machine at a
-load average of ≈ 10 the browser part took 50-60 s and once ran past the budget; the start-up took 40-80 s."""
+load average of ≈ 10 the browser part took 50-60 s; the start-up took 40-80 s. At a load average of 4, 3 of about 12
+runs came back from the sign-in redirect still signed out (still so after a reload; the cause, inside Gradio's mocked
+sign-in, is not found): the test then clicks "Sign in" once more, as a visitor would, and says so in its stages."""
 import os
 import signal
 import subprocess
@@ -25,7 +27,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IMG_LOADED = """sel => { const i = document.querySelector(sel);
     return i && i.complete && i.naturalWidth > 100 ? i.getAttribute('src') : null }"""
-BROWSER_BUDGET_S = 60
+BROWSER_BUDGET_S = 90
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make chromium`"),
@@ -66,6 +68,7 @@ def space(tmp_path):
 
 
 def test_space_sign_in_inspect_chunked_run_compare(space, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     url, log = space
@@ -89,7 +92,14 @@ def test_space_sign_in_inspect_chunked_run_compare(space, tmp_path):
             pg.goto(url, wait_until="load", timeout=left())
             pg.wait_for_selector("#i-run", timeout=left())
             pg.get_by_role("button", name="Sign in with Hugging Face").click(timeout=left())
-            pg.get_by_role("button", name="Logout (smoke)").wait_for(timeout=left())
+            try:
+                pg.get_by_role("button", name="Logout (smoke)").wait_for(timeout=min(left(), 15_000))
+            except PlaywrightTimeout:
+                # On a loaded machine the page sometimes comes back from the sign-in redirect still showing
+                # "Sign in" (Gradio's mocked sign-in, outside this app); a visitor clicks it again, and so does this
+                lap("sign-in clicked again")
+                pg.get_by_role("button", name="Sign in with Hugging Face").click(timeout=left())
+                pg.get_by_role("button", name="Logout (smoke)").wait_for(timeout=left())
             lap("signed in")
 
             pg.set_input_files("#i-image input[type=file]", str(EXAMPLE), timeout=left())
