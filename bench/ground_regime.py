@@ -51,6 +51,14 @@ def teacher_sha() -> str:
     return hashlib.sha256((ROOT / TEACHER / "model.safetensors").read_bytes()).hexdigest()
 
 
+def _kept(out: Path, arm: str, rerun) -> dict | None:
+    """The record at `out` when it stands (exists, no rerun asked, its teacher still the bundled one), else None."""
+    if not out.exists() or rerun:
+        return None
+    rec = json.loads(out.read_text())
+    return None if _stale(rec, arm) else rec
+
+
 def _stale(rec: dict, arm: str) -> bool:
     """A record whose teacher is not the bundled one today (or unnamed) no longer measures this arm."""
     uses = "teacher" in ARMS.get(arm, {}) or arm == "base"
@@ -247,8 +255,8 @@ def run_one(job: dict) -> dict:
     on the bundled example (seed 0 also draws the figure), write the record."""
     start(threads=False)
     out = Path(job["record"])
-    if out.exists() and not job.get("rerun") and not _stale(json.loads(out.read_text()), job["arm"]):
-        return json.loads(out.read_text())
+    if (kept := _kept(out, job["arm"], job.get("rerun"))) is not None:
+        return kept
     load0 = loadavg()
     ov = {**COMMON, **TASK, **ARMS[job["arm"]], "seed": job["seed"],
           "output_dir": f"/tmp/ral_ground/{job['arm']}_s{job['seed']}"}
@@ -298,8 +306,8 @@ def grad_one(job: dict) -> dict:
 
 def base_record(rerun: bool = False) -> dict:
     out = RECORDS / SWEEP / "base.json"
-    if out.exists() and not rerun and not _stale(json.loads(out.read_text()), "base"):
-        return json.loads(out.read_text())
+    if (kept := _kept(out, "base", rerun)) is not None:
+        return kept
     start(threads=False)
     import torch
     torch.set_num_threads(1)
