@@ -6,6 +6,7 @@ ZeroGPU does (nothing the worker changes comes back; only CPU tensors may cross;
 import importlib
 import importlib.util
 import pickle
+import re
 import sys
 import time
 import types
@@ -148,7 +149,10 @@ def test_platform_abort_ends_the_run_with_one_line(zero_gpu_fork):
     run, view = _wait(training, bob)
     assert run.status == "failed" and run.step == 2
     assert view.status.startswith("⚠️ the platform aborted GPU call 2 after its declared") and "\n" not in view.status
-    assert "the last good checkpoint (step 2) is kept" in view.status and run.checkpoint
+    # the kept checkpoint is the newest complete one on disk: step 2's, or step 4's when the killed call had already
+    # written it before the platform's kill (a race the stand-in reproduces, as the real platform can)
+    kept = re.search(r"the last good checkpoint \(step (\d+)\) is kept", view.status)
+    assert kept and int(kept.group(1)) in (2, 4) and run.checkpoint, view.status
 
 
 def test_a_model_too_large_to_carry_trains_lora_and_lists_it(zero_gpu_fork, monkeypatch):
